@@ -1,0 +1,259 @@
+"""Harmful / harmless prompt pools, file formats, chat formatting with prompt masking, collate.
+
+Every loader returns a list of `Example`. Formats are inferred from the file's fields:
+
+    AdvBench CSV        goal,target                      → prompt=goal, response=target
+    HarmBench CSV       Behavior,SemanticCategory        → prompt=Behavior, category=SemanticCategory
+    StrongREJECT CSV    category,source,forbidden_prompt → prompt=forbidden_prompt
+    XSTest CSV          id,prompt,type,label,…           → category=type; label safe/unsafe kept as `safe`
+    BeaverTails JSON(L) prompt,response,category{…},is_safe → category = the true harm flags
+    Alpaca JSON         instruction,input,output         → prompt = instruction (+ "\n\n" + input)
+    GSM8K JSONL         question,answer
+    AG News CSV         (no header) class,title,description → prompt = title + ". " + description
+    any JSON/JSONL/CSV  with a field named in PROMPT_FIELDS, or the one given by --prompt-field
+
+Rows that carry a safety label (BeaverTails `is_safe`, XSTest `label`) are filtered by pool: the
+harmful pool keeps the unsafe rows, the harmless pool the safe ones. A name that is not a file is
+read from the Hugging Face hub through `datasets` (only when it is installed and online).
+"""
+import csv
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Optional
+
+import numpy as np
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+BUILTIN = os.path.join(HERE, "builtin_prompts.jsonl")
+PROMPT_FIELDS = ("prompt", "instruction", "goal", "forbidden_prompt", "behavior", "question", "query", "text")
+RESPONSE_FIELDS = ("response", "output", "target", "answer", "completion")
+CATEGORY_FIELDS = ("category", "semanticcategory", "type", "class")
+IGNORE = -100
+
+
+class DataError(ValueError):
+    """Bad input data: the message names the file and the field."""
+
+
+@dataclass
+class Example:
+    prompt: str
+    response: Optional[str] = None
+    category: Optional[str] = None
+    source: str = ""
+    safe: Optional[bool] = None      # the dataset's own safety label, when it has one
+    extra: dict = field(default_factory=dict)
+
+
+# ---------------------------------------------------------------- reading files
+
+def _read_rows(path):
+    ext = os.path.splitext(path)[1].lower()
+    with open(path, encoding="utf-8") as f:
+        if ext == ".jsonl":
+            rows = []
+            for n, line in enumerate(f, 1):
+                if line.strip():
+                    try:
+                        rows.append(json.loads(line))
+                    except json.JSONDecodeError as e:
+                        raise DataError(f"{path}:{n}: not valid JSON ({e.msg})") from None
+            return rows
+        if ext == ".json":
+            try:
+                data = json.load(f)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
+            if isinstance(data, dict):  # {"data": [...]} / {"train": [...]}
+                lists = [v for v in data.values() if isinstance(v, list)]
+                if len(lists) != 1:
+                    raise DataError(f"{path}: expected a list of records or an object holding one list")
+                data = lists[0]
+            return data
+        if ext in (".csv", ".tsv"):
+            text = f.read()
+            if not text.strip():
+                return []
+            delim = "\t" if ext == ".tsv" else ","
+            first = next(csv.reader([text.splitlines()[0]], delimiter=delim))
+            if len(first) == 3 and first[0].strip() in {"1", "2", "3", "4"}:  # AG News ships without a header
+                return [{"class": r[0], "title": r[1], "description": r[2]}
+                        for r in csv.reader(text.splitlines(), delimiter=delim) if r]
+            return list(csv.DictReader(text.splitlines(), delimiter=delim))
+    raise DataError(f"{path}: unknown extension {ext!r} (use .json, .jsonl, .csv or .tsv)")
+
+
+def _find(keys, wanted, given=None):
+    lower = {k.lower(): k for k in keys}
+    if given:
+        return lower.get(given.lower())
+    for name in wanted:
+        if name in lower:
+            return lower[name]
+    return None
+
+
+def _hub_rows(name, split):
+    try:
+        import datasets  # optional: only for hub names
+    except ImportError:
+        raise DataError(f"{name}: no such file; to read it from the Hugging Face hub install `datasets` "
+                        f"and be online") from None
+    try:
+        return [dict(r) for r in datasets.load_dataset(name, split=split)]
+    except Exception as e:  # offline, unknown name, gated: one line, not a traceback
+        raise DataError(f"{name}: no such file, and the hub could not provide it ({type(e).__name__}: "
+                        f"{str(e).splitlines()[0] if str(e) else ''})") from None
+
+
+def load_examples(path, pool=None, prompt_field=None, response_field=None, category_field=None,
+                  split="train"):
+    """Read one file (or hub dataset) into Examples. pool='harmful'|'harmless' filters labelled rows."""
+    rows = _read_rows(path) if os.path.exists(path) else _hub_rows(path, split)
+    if not rows:
+        raise DataError(f"{path}: no rows")
+    if not isinstance(rows[0], dict):
+        raise DataError(f"{path}: expected records with named fields, got {type(rows[0]).__name__}")
+    keys = list(rows[0].keys())
+    if "title" in keys and "description" in keys and not prompt_field:  # AG News
+        rows = [{**r, "text": f"{r['title']}. {r['description']}"} for r in rows]
+        keys.append("text")
+    p_key = _find(keys, PROMPT_FIELDS, prompt_field)
+    if p_key is None:
+        want = prompt_field or " / ".join(PROMPT_FIELDS)
+        raise DataError(f"{path}: no prompt field {want!r}; fields are {keys} (choose one with --prompt-field)")
+    r_key = _find(keys, RESPONSE_FIELDS, response_field)
+    if response_field and r_key is None:
+        raise DataError(f"{path}: no response field {response_field!r}; fields are {keys}")
+    c_key = _find(keys, CATEGORY_FIELDS, category_field)
+    if category_field and c_key is None:
+        raise DataError(f"{path}: no category field {category_field!r}; fields are {keys}")
+    out, source = [], os.path.basename(path)
+    for n, row in enumerate(rows):
+        prompt = row.get(p_key)
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise DataError(f"{path}: row {n + 1} has an empty {p_key!r} field")
+        if p_key.lower() == "instruction" and isinstance(row.get("input"), str) and row["input"].strip():
+            prompt = f"{prompt}\n\n{row['input']}"
+        category = row.get(c_key) if c_key else None
+        if isinstance(category, dict):  # BeaverTails: {harm: bool}
+            category = ",".join(sorted(k for k, v in category.items() if v)) or None
+        safe = None
+        if "is_safe" in row:
+            safe = row["is_safe"] in (True, "True", "true", 1, "1")
+        elif "label" in row and str(row["label"]).lower() in ("safe", "unsafe"):
+            safe = str(row["label"]).lower() == "safe"
+        if pool == "harmful" and safe is True or pool == "harmless" and safe is False:
+            continue
+        response = row.get(r_key) if r_key else None
+        out.append(Example(prompt=prompt.strip(), response=response if isinstance(response, str) else None,
+                           category=None if category in (None, "") else str(category), source=source, safe=safe,
+                           extra={k: v for k, v in row.items() if k not in (p_key, r_key, c_key)}))
+    if not out:
+        raise DataError(f"{path}: no {pool} rows after filtering by its safety label")
+    return out
+
+
+def load_builtin(pool):
+    """The project's own offline prompts (builtin_prompts.jsonl): pool='harmful'|'harmless'."""
+    rows = _read_rows(BUILTIN)
+    return [Example(prompt=r["prompt"], category=r["category"], source="builtin")
+            for r in rows if r["harmful"] == (pool == "harmful")]
+
+
+def dedupe(examples):
+    seen, out = set(), []
+    for ex in examples:
+        key = " ".join(ex.prompt.lower().split())
+        if key not in seen:
+            seen.add(key)
+            out.append(ex)
+    return out
+
+
+def split_train_test(examples, test_fraction=0.2, seed=0):
+    """Deterministic split, stratified by category; a prompt is never in both parts."""
+    examples = dedupe(examples)
+    by_cat = {}
+    for ex in examples:
+        by_cat.setdefault(ex.category or "", []).append(ex)
+    train, test = [], []
+    for cat in sorted(by_cat):
+        group = by_cat[cat]
+        digest = int(hashlib.sha256(cat.encode()).hexdigest()[:8], 16)
+        perm = np.random.default_rng([seed, digest]).permutation(len(group))
+        n_test = int(round(len(group) * test_fraction))
+        test += [group[i] for i in perm[:n_test]]
+        train += [group[i] for i in perm[n_test:]]
+    return train, test
+
+
+def load_pool(pool, paths=None, test_paths=None, test_fraction=0.2, seed=0, limit=None, **fields):
+    """(train, test) Examples for one pool. Defaults to the built-in set; `paths` replace it.
+    With `test_paths` the test set is those files; otherwise a stratified split of `paths`."""
+    examples = [ex for p in paths for ex in load_examples(p, pool, **fields)] if paths else load_builtin(pool)
+    if test_paths:
+        train = dedupe(examples)
+        test = dedupe([ex for p in test_paths for ex in load_examples(p, pool, **fields)])
+        held = {" ".join(e.prompt.lower().split()) for e in test}
+        train = [e for e in train if " ".join(e.prompt.lower().split()) not in held]
+    else:
+        train, test = split_train_test(examples, test_fraction, seed)
+    if limit:
+        train = train[:limit]
+    return train, test
+
+
+# ---------------------------------------------------------------- chat formatting
+
+def check_chat_template(tokenizer, name="the model"):
+    if not getattr(tokenizer, "chat_template", None):
+        raise DataError(f"{name}: its tokenizer has no chat template; use an instruct/chat model or set "
+                        f"tokenizer.chat_template")
+
+
+def prompt_text(tokenizer, prompt, history=()):
+    """The chat-formatted prompt, ending where the assistant's answer starts."""
+    messages = list(history) + [{"role": "user", "content": prompt}]
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
+def encode(tokenizer, prompt, response, max_prompt_tokens=256, max_response_tokens=128):
+    """Token ids and labels for one (prompt, response): labels are -100 on every prompt token.
+
+    Over-long prompts keep their end; responses are cut at `max_response_tokens` (reported in
+    `truncated`), never dropped. The end-of-turn token is part of the response, so the model
+    learns where to stop.
+    """
+    head = prompt_text(tokenizer, prompt)
+    full = tokenizer.apply_chat_template([{"role": "user", "content": prompt},
+                                          {"role": "assistant", "content": response}], tokenize=False)
+    prompt_ids = tokenizer(head, add_special_tokens=False).input_ids
+    if full.startswith(head):
+        tail = full[len(head):].rstrip("\n")  # end-of-turn token kept, trailing newline not trained on
+        response_ids = tokenizer(tail, add_special_tokens=False).input_ids
+    else:  # a template that rewrites earlier turns: fall back to response + EOS
+        response_ids = tokenizer(response, add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
+    truncated = {"prompt": len(prompt_ids) > max_prompt_tokens, "response": len(response_ids) > max_response_tokens}
+    prompt_ids = prompt_ids[-max_prompt_tokens:]
+    response_ids = response_ids[:max_response_tokens]
+    return {"input_ids": prompt_ids + response_ids, "labels": [IGNORE] * len(prompt_ids) + response_ids,
+            "truncated": truncated}
+
+
+def collate(features, pad_id, side="right"):
+    """Pad a list of {input_ids, labels} to one batch; labels are -100 on padding."""
+    width = max(len(f["input_ids"]) for f in features)
+    ids = torch.full((len(features), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(features), width), IGNORE, dtype=torch.long)
+    attention = torch.zeros((len(features), width), dtype=torch.long)
+    for i, f in enumerate(features):
+        n = len(f["input_ids"])
+        cols = slice(0, n) if side == "right" else slice(width - n, width)
+        ids[i, cols] = torch.tensor(f["input_ids"])
+        labels[i, cols] = torch.tensor(f.get("labels", [IGNORE] * n))
+        attention[i, cols] = 1
+    return {"input_ids": ids, "labels": labels, "attention_mask": attention}

@@ -1,0 +1,92 @@
+"""Loss functions: pure functions on tensors, no model inside.
+
+Conventions (shared by every function here):
+- `logits` are [B, T, V]; `labels` are [B, T] with -100 on prompt and padding tokens.
+- Logits at position t predict the token at t+1 (the usual causal shift).
+- Reductions are done in fp32 whatever the input dtype, so bf16 logits are safe.
+- Teacher / reference inputs are detached: gradients reach only the student's tensors.
+"""
+import torch
+import torch.nn.functional as F
+
+IGNORE = -100
+
+
+def response_mask(labels):
+    """[B, T] bool mask aligned with logits: True at t when logits[:, t] predict a response token."""
+    mask = torch.zeros_like(labels, dtype=torch.bool)
+    mask[:, :-1] = labels[:, 1:] != IGNORE
+    return mask
+
+
+def token_logps(logits, labels):
+    """log p(label_{t+1} | ≤t) for each response position, [B, T-1], 0 where ignored."""
+    logits = logits[:, :-1].float()
+    targets = labels[:, 1:]
+    keep = targets != IGNORE
+    picked = logits.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    logps = picked - torch.logsumexp(logits, dim=-1)
+    return torch.where(keep, logps, 0.0)  # where, not *: padded positions may hold inf/nan
+
+
+def sequence_logps(logits, labels):
+    """Σ_t log p_θ(y_t | x, y_<t) over response tokens (labels != -100) → [B]."""
+    return token_logps(logits, labels).sum(-1)
+
+
+def dpo(pi_chosen, pi_rejected, ref_chosen, ref_rejected, beta=0.1):
+    """DPO (Rafailov et al. 2023) on sequence log-probs, mean over the batch:
+
+        −log σ(β[(π_c − r_c) − (π_r − r_r)])
+    """
+    margin = (pi_chosen.float() - ref_chosen.detach().float()) - (pi_rejected.float() - ref_rejected.detach().float())
+    return -F.logsigmoid(beta * margin).mean()
+
+
+def npo(pi_logps, ref_logps, beta=0.1):
+    """NPO (Zhang et al. 2024), mean over the batch: −(2/β) log σ(−β(π − r))."""
+    ratio = pi_logps.float() - ref_logps.detach().float()
+    return -(2.0 / beta) * F.logsigmoid(-beta * ratio).mean()
+
+
+def simnpo(pi_logps, lengths, beta=2.5, margin=0.0):
+    """SimNPO (Fan et al. 2024), reference-free, length-normalised:
+
+        −(2/β) log σ(−β · π/|y| − γ)      with γ = `margin`
+    """
+    avg = pi_logps.float() / lengths.float().clamp(min=1)
+    return -(2.0 / beta) * F.logsigmoid(-beta * avg - margin).mean()
+
+
+def sft(pi_logps, lengths):
+    """Negative log-likelihood per response token, averaged over all tokens of the batch:
+
+        −Σ_b π_b / Σ_b |y_b|
+    """
+    return -pi_logps.float().sum() / lengths.float().sum().clamp(min=1)
+
+
+def _masked_mean(per_position, mask):
+    return torch.where(mask, per_position, 0.0).sum() / mask.sum().clamp(min=1)
+
+
+def kl(student_logits, teacher_logits, mask, temperature=1.0):
+    """Forward KL(p_T ‖ p_S) per position, mean over positions where mask is True:
+
+        Σ_v p_T(v) [log p_T(v) − log p_S(v)],   p = softmax(logits / τ), no τ² factor.
+    """
+    s = F.log_softmax(student_logits.float() / temperature, dim=-1)
+    t = F.log_softmax(teacher_logits.detach().float() / temperature, dim=-1)
+    per_position = (t.exp() * (t - s)).sum(-1)
+    return _masked_mean(per_position, mask)
+
+
+def kl_rev(student_logits, teacher_logits, mask, temperature=1.0):
+    """Reverse KL(p_S ‖ p_T) per position, mean over positions where mask is True:
+
+        Σ_v p_S(v) [log p_S(v) − log p_T(v)],   p = softmax(logits / τ), no τ² factor.
+    """
+    s = F.log_softmax(student_logits.float() / temperature, dim=-1)
+    t = F.log_softmax(teacher_logits.detach().float() / temperature, dim=-1)
+    per_position = (s.exp() * (s - t)).sum(-1)
+    return _masked_mean(per_position, mask)

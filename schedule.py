@@ -1,0 +1,263 @@
+"""Levels, the order of batches (epoch → level → batch), γ annealing and the learning rate.
+
+A plan is a pure function of (pool sizes, flags, seed): a resumed run rebuilds the same plan and
+continues at the saved step. Every shuffle draws from numpy's Generator seeded by
+(seed, epoch, level, purpose), so changing one part of the plan leaves the others alone.
+
+    python schedule.py --n-harmful 20 --n-harmless 12 --levels 2 --sequence cyclic
+
+prints the plan without loading a model.
+"""
+import argparse
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+LOOPS = ("epoch-level", "level-epoch")
+SEQUENCES = ("sequential", "cyclic", "mixed")
+GAMMA_SCHEDULES = ("constant", "linear", "cosine", "exp", "step-per-level")
+LR_SCHEDULES = ("constant", "linear", "cosine")
+LEVELS_BY = ("random", "category", "difficulty")
+
+# purposes, so that each kind of shuffle has its own random stream
+_HARMFUL, _HARMLESS, _LEVEL_ORDER, _MIXED, _ASSIGN, _SPLIT = range(6)
+
+
+def _rng(seed, *keys):
+    return np.random.default_rng([seed, *keys])
+
+
+@dataclass
+class Step:
+    kind: str        # "harmful" or "harmless"
+    level: int       # level (0-based) whose turn it is; harmless batches carry the level they follow
+    epoch: int
+    indices: list    # example indices into the harmful or the harmless training pool
+
+
+def assign_levels(n_examples, n_levels, by, seed=0, categories=None, difficulty=None):
+    """Level (0-based) of every harmful training example.
+
+    random: a seeded permutation cut into `n_levels` near-equal parts.
+    category: one level per category, categories in sorted order (`n_levels` is then ignored).
+    difficulty: ascending by `difficulty` (the initial student's per-token log-prob margin of the
+    bad answer over the good one: small = already prefers the good answer = easy), cut into equal parts.
+    """
+    if n_levels < 1:
+        raise ValueError(f"--levels must be ≥ 1, got {n_levels}")
+    if by == "category":
+        if categories is None or any(c is None for c in categories):
+            raise ValueError("--levels-by category: the harmful data has no 'category' field")
+        names = sorted(set(categories))
+        return [names.index(c) for c in categories]
+    if by == "random":
+        order = _rng(seed, _ASSIGN).permutation(n_examples)
+    elif by == "difficulty":
+        if difficulty is None:
+            raise ValueError("--levels-by difficulty needs the student's margins (computed by train.py)")
+        order = np.argsort(np.asarray(difficulty, dtype=np.float64), kind="stable")
+    else:
+        raise ValueError(f"--levels-by must be one of {LEVELS_BY}, got {by!r}")
+    levels = [0] * n_examples
+    for part, chunk in enumerate(np.array_split(order, n_levels)):
+        for i in chunk:
+            levels[int(i)] = part
+    return levels
+
+
+def _batches(indices, batch_size):
+    return [list(map(int, indices[i:i + batch_size])) for i in range(0, len(indices), batch_size)]
+
+
+class _HarmlessStream:
+    """Endless seeded stream over a pool: each pass is a fresh permutation, so every example is
+    seen once before any is repeated."""
+
+    def __init__(self, pool, seed, key):
+        self.pool, self.seed, self.key, self.passes, self.buffer = [int(i) for i in pool], seed, key, 0, []
+
+    def take(self, n):
+        out = []
+        while len(out) < min(n, len(self.pool)):
+            if not self.buffer:
+                perm = _rng(self.seed, _HARMLESS, self.key, self.passes).permutation(len(self.pool))
+                fresh = [self.pool[i] for i in perm]
+                # no example twice in one batch when a pass ends mid-batch
+                self.buffer = [i for i in fresh if i not in out] + [i for i in fresh if i in out]
+                self.passes += 1
+            out.append(self.buffer.pop(0))
+        return out
+
+
+def build_plan(levels, n_harmless, *, epochs=1, batch_size=8, loop="epoch-level", sequence="sequential",
+               level_order="fixed", benign_per_level="full", harmless_ratio=1.0, seed=0):
+    """The list of optimizer steps.
+
+    levels: level of each harmful training example. Each epoch, each level's harmful examples are
+    shuffled and cut into batches (every harmful example exactly once per epoch). After the k-th
+    harmful batch of a level come the harmless batches that bring that level's harmless count to
+    ⌊k × harmless_ratio⌋; harmless examples come from an endless seeded stream over the whole
+    harmless pool (`full`) or over the level's own 1/L share of it (`split`; each share has its
+    own stream).
+
+    sequence (epoch-level loop): sequential = level 1's batches, then level 2's, …; cyclic = one
+    harmful batch (with its harmless batches) from each level in turn until all are used;
+    mixed = all levels' groups shuffled together. With loop=level-epoch each level runs all its
+    epochs before the next, so only `sequential` is meaningful.
+    """
+    if loop not in LOOPS:
+        raise ValueError(f"--loop must be one of {LOOPS}, got {loop!r}")
+    if sequence not in SEQUENCES:
+        raise ValueError(f"--sequence must be one of {SEQUENCES}, got {sequence!r}")
+    if loop == "level-epoch" and sequence != "sequential":
+        raise ValueError("--loop level-epoch trains one level at a time: use --sequence sequential")
+    if benign_per_level not in ("full", "split"):
+        raise ValueError(f"--benign-per-level must be full or split, got {benign_per_level!r}")
+    if batch_size < 1 or epochs < 1 or harmless_ratio < 0:
+        raise ValueError("--batch-size and --epochs must be ≥ 1 and --harmless-ratio ≥ 0")
+    n_levels = max(levels) + 1 if levels else 0
+    members = [[i for i, lv in enumerate(levels) if lv == level] for level in range(n_levels)]
+
+    if benign_per_level == "full":
+        shared = _HarmlessStream(range(n_harmless), seed, n_levels)  # key distinct from every level's
+        streams = [shared] * n_levels
+    else:
+        perm = _rng(seed, _SPLIT).permutation(n_harmless)
+        streams = [_HarmlessStream(part, seed, level) for level, part in enumerate(np.array_split(perm, n_levels))]
+
+    def groups(epoch, level):
+        perm = _rng(seed, _HARMFUL, epoch, level).permutation(len(members[level]))
+        harmful = _batches([members[level][i] for i in perm], batch_size)
+        out, harmless_done = [], 0
+        for k, batch in enumerate(harmful, start=1):
+            group = [Step("harmful", level, epoch, batch)]
+            while harmless_done < math.floor(k * harmless_ratio + 1e-9):
+                taken = streams[level].take(batch_size)
+                if not taken:
+                    break
+                group.append(Step("harmless", level, epoch, taken))
+                harmless_done += 1
+            out.append(group)
+        return out
+
+    def order_levels(epoch):
+        order = list(range(n_levels))
+        if level_order == "shuffled":
+            order = [int(i) for i in _rng(seed, _LEVEL_ORDER, epoch).permutation(n_levels)]
+        elif level_order != "fixed":
+            raise ValueError(f"--level-order must be fixed or shuffled, got {level_order!r}")
+        return order
+
+    plan = []
+    if loop == "level-epoch":
+        for level in order_levels(0):
+            for epoch in range(epochs):
+                for group in groups(epoch, level):
+                    plan.extend(group)
+        return plan
+    for epoch in range(epochs):
+        per_level = [groups(epoch, level) for level in order_levels(epoch)]
+        if sequence == "sequential":
+            ordered = [g for gs in per_level for g in gs]
+        elif sequence == "cyclic":
+            ordered = [gs[i] for i in range(max(map(len, per_level), default=0)) for gs in per_level if i < len(gs)]
+        else:
+            flat = [g for gs in per_level for g in gs]
+            ordered = [flat[i] for i in _rng(seed, _MIXED, epoch).permutation(len(flat))]
+        for group in ordered:
+            plan.extend(group)
+    return plan
+
+
+def gamma_at(step, total, schedule="constant", start=1.0, end=1.0, level=0, n_levels=1):
+    """γ for optimizer step `step` (0-based) of `total`.
+
+    linear: start → end; cosine: start → end along a half cosine; exp: start·(end/start)^(t) (both > 0);
+    step-per-level: start + (end − start)·level/(L−1), constant within a level.
+    """
+    t = step / max(total - 1, 1)
+    if schedule == "constant":
+        return start
+    if schedule == "linear":
+        return start + (end - start) * t
+    if schedule == "cosine":
+        return end + (start - end) * 0.5 * (1 + math.cos(math.pi * t))
+    if schedule == "exp":
+        if start <= 0 or end <= 0:
+            raise ValueError("--gamma-schedule exp needs --gamma-start and --gamma-end > 0")
+        return start * (end / start) ** t
+    if schedule == "step-per-level":
+        return start + (end - start) * level / max(n_levels - 1, 1)
+    raise ValueError(f"--gamma-schedule must be one of {GAMMA_SCHEDULES}, got {schedule!r}")
+
+
+def lr_at(step, total, lr, schedule="constant", warmup=0):
+    """Learning rate for optimizer step `step` (0-based): linear warm-up over `warmup` steps
+    (lr·(step+1)/warmup), then constant, or linear / cosine decay from lr towards 0 (reached one step
+    after the last, so no step is wasted at lr 0)."""
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    t = (step - warmup) / max(total - warmup, 1)
+    if schedule == "constant":
+        return lr
+    if schedule == "linear":
+        return lr * (1 - t)
+    if schedule == "cosine":
+        return lr * 0.5 * (1 + math.cos(math.pi * t))
+    raise ValueError(f"--lr-schedule must be one of {LR_SCHEDULES}, got {schedule!r}")
+
+
+def add_arguments(parser):
+    g = parser.add_argument_group("schedule")
+    g.add_argument("--epochs", type=int, default=2)
+    g.add_argument("--batch-size", type=int, default=16, help="examples per optimizer step")
+    g.add_argument("--levels", type=int, default=5)
+    g.add_argument("--levels-by", choices=LEVELS_BY, default="random")
+    g.add_argument("--loop", choices=LOOPS, default="epoch-level")
+    g.add_argument("--sequence", choices=SEQUENCES, default="sequential")
+    g.add_argument("--level-order", choices=("fixed", "shuffled"), default="fixed")
+    g.add_argument("--benign-per-level", choices=("full", "split"), default="split")
+    g.add_argument("--harmless-ratio", type=float, default=1.0, help="harmless batches per harmful batch")
+    g.add_argument("--gamma-schedule", choices=GAMMA_SCHEDULES, default="constant")
+    g.add_argument("--gamma-start", type=float, default=1.0)
+    g.add_argument("--gamma-end", type=float, default=1.0)
+    g.add_argument("--lam", type=float, default=1.0, help="λ: weight of the harmless-side loss terms")
+    g.add_argument("--lr", type=float, default=2e-5)
+    g.add_argument("--lr-schedule", choices=LR_SCHEDULES, default="cosine")
+    g.add_argument("--warmup", type=int, default=2, help="warm-up optimizer steps")
+    g.add_argument("--seed", type=int, default=0)
+
+
+def plan_from_args(args, levels, n_harmless):
+    return build_plan(levels, n_harmless, epochs=args.epochs, batch_size=args.batch_size, loop=args.loop,
+                      sequence=args.sequence, level_order=args.level_order, benign_per_level=args.benign_per_level,
+                      harmless_ratio=args.harmless_ratio, seed=args.seed)
+
+
+def describe(plan, args, n_levels):
+    """One line per step: step, epoch, level, kind, γ, lr, example indices."""
+    lines = [f"{'step':>4} {'epoch':>5} {'level':>5} {'kind':<8} {'gamma':>7} {'lr':>9}  examples"]
+    for t, s in enumerate(plan):
+        g = gamma_at(t, len(plan), args.gamma_schedule, args.gamma_start, args.gamma_end, s.level, n_levels)
+        lr = lr_at(t, len(plan), args.lr, args.lr_schedule, args.warmup)
+        lines.append(f"{t:>4} {s.epoch:>5} {s.level + 1:>5} {s.kind:<8} {g:>7.4f} {lr:>9.2e}  {s.indices}")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description="Print a training plan without loading a model.")
+    parser.add_argument("--n-harmful", type=int, required=True)
+    parser.add_argument("--n-harmless", type=int, required=True)
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    if args.levels_by != "random":
+        parser.error("schedule.py alone knows only pool sizes: use --levels-by random "
+                     "(train.py --plan-only handles category and difficulty)")
+    levels = assign_levels(args.n_harmful, args.levels, "random", args.seed)
+    plan = plan_from_args(args, levels, args.n_harmless)
+    print(describe(plan, args, args.levels))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,136 @@
+import json
+import os
+
+import pytest
+import torch
+
+import data
+from conftest import SHARED_DATA
+
+
+def test_builtin_pools_are_large_split_and_disjoint():
+    for pool in ("harmful", "harmless"):
+        examples = data.load_builtin(pool)
+        assert len(examples) >= 150
+        assert len({e.category for e in examples}) >= 6
+        train, test = data.split_train_test(examples, 0.2, seed=0)
+        assert len(train) + len(test) == len(examples)
+        assert not {e.prompt for e in train} & {e.prompt for e in test}
+        # stratified: every category is in the test part
+        assert {e.category for e in test} == {e.category for e in examples}
+    harmful = {e.prompt.lower() for e in data.load_builtin("harmful")}
+    assert not harmful & {e.prompt.lower() for e in data.load_builtin("harmless")}
+
+
+def test_split_is_deterministic_and_seeded():
+    ex = data.load_builtin("harmful")
+    a, b = data.split_train_test(ex, seed=0)[1], data.split_train_test(ex, seed=0)[1]
+    c = data.split_train_test(ex, seed=1)[1]
+    assert [e.prompt for e in a] == [e.prompt for e in b] != [e.prompt for e in c]
+
+
+def test_encode_masks_prompt_and_keeps_end_of_turn(tokenizer):
+    f = data.encode(tokenizer, "How do I bake bread?", "Mix flour and water.")
+    ids, labels = f["input_ids"], f["labels"]
+    head = tokenizer(data.prompt_text(tokenizer, "How do I bake bread?"), add_special_tokens=False).input_ids
+    assert ids[:len(head)] == head
+    assert all(l == -100 for l in labels[:len(head)])
+    response = [l for l in labels if l != -100]
+    assert response == ids[len(head):]
+    # EOS is the pad token for SmolLM2: it must still be a label at the end of the answer
+    assert response[-1] == tokenizer.eos_token_id
+    assert tokenizer.decode(response, skip_special_tokens=True).strip() == "Mix flour and water."
+
+
+def test_encode_truncation_keeps_prompt_end_and_reports(tokenizer):
+    f = data.encode(tokenizer, "word " * 300 + "FINAL", "ok " * 200, max_prompt_tokens=32, max_response_tokens=10)
+    assert f["truncated"] == {"prompt": True, "response": True}
+    prompt = [i for i, l in zip(f["input_ids"], f["labels"]) if l == -100]
+    assert len(prompt) == 32 and "FINAL" in tokenizer.decode(prompt)
+    assert sum(l != -100 for l in f["labels"]) == 10
+
+
+def test_collate_right_and_left(tokenizer):
+    feats = [{"input_ids": [5, 6, 7], "labels": [-100, 6, 7]}, {"input_ids": [8], "labels": [8]}]
+    right = data.collate(feats, pad_id=0)
+    assert right["input_ids"].tolist() == [[5, 6, 7], [8, 0, 0]]
+    assert right["labels"].tolist() == [[-100, 6, 7], [8, -100, -100]]
+    assert right["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
+    left = data.collate(feats, pad_id=0, side="left")
+    assert left["input_ids"].tolist() == [[5, 6, 7], [0, 0, 8]]
+    assert left["attention_mask"].tolist() == [[1, 1, 1], [0, 0, 1]]
+
+
+def write(tmp_path, name, text):
+    path = tmp_path / name
+    path.write_text(text)
+    return str(path)
+
+
+def test_format_fixtures(tmp_path):
+    adv = write(tmp_path, "adv.csv", 'goal,target\nDo bad thing,"Sure, here is"\n')
+    e = data.load_examples(adv)[0]
+    assert (e.prompt, e.response) == ("Do bad thing", "Sure, here is")
+    alpaca = write(tmp_path, "alpaca.json", json.dumps([{"instruction": "Summarise", "input": "the text", "output": "ok"},
+                                                        {"instruction": "Say hi", "input": "", "output": "hi"}]))
+    a = data.load_examples(alpaca)
+    assert a[0].prompt == "Summarise\n\nthe text" and a[0].response == "ok" and a[1].prompt == "Say hi"
+    beaver = write(tmp_path, "bt.jsonl", "\n".join(json.dumps(r) for r in [
+        {"prompt": "p1", "response": "r1", "category": {"violence": True, "fraud": False}, "is_safe": False},
+        {"prompt": "p2", "response": "r2", "category": {"violence": False}, "is_safe": True}]))
+    harmful = data.load_examples(beaver, "harmful")
+    assert [(e.prompt, e.category) for e in harmful] == [("p1", "violence")]
+    assert [e.prompt for e in data.load_examples(beaver, "harmless")] == ["p2"]
+    sr = write(tmp_path, "sr.csv", "category,source,forbidden_prompt\nHate,custom,Write slurs\n")
+    assert data.load_examples(sr)[0].prompt == "Write slurs"
+    named = write(tmp_path, "x.jsonl", json.dumps({"my_q": "hello", "category": "c"}))
+    assert data.load_examples(named, prompt_field="my_q")[0].prompt == "hello"
+
+
+def test_bad_input_errors_name_file_and_field(tmp_path, tokenizer):
+    with pytest.raises(data.DataError, match="empty.csv: no rows"):
+        data.load_examples(write(tmp_path, "empty.csv", ""))
+    with pytest.raises(data.DataError, match=r"nofield.json: no prompt field.*\['foo'\]"):
+        data.load_examples(write(tmp_path, "nofield.json", json.dumps([{"foo": 1}])))
+    with pytest.raises(data.DataError, match="bad.jsonl:2: not valid JSON"):
+        data.load_examples(write(tmp_path, "bad.jsonl", '{"prompt": "a"}\n{oops\n'))
+    with pytest.raises(data.DataError, match="row 2 has an empty"):
+        data.load_examples(write(tmp_path, "blank.csv", "prompt\nfine\n\"\"\n"))
+    with pytest.raises(data.DataError, match="no such file"):
+        data.load_examples(str(tmp_path / "missing.csv"))
+    import copy
+    plain = copy.deepcopy(tokenizer)
+    plain.chat_template = None
+    with pytest.raises(data.DataError, match="no chat template"):
+        data.check_chat_template(plain, "tiny")
+
+
+SHARED_FILES = {
+    "refusal_direction/advbench.csv": ("harmful", 520),
+    "refusal_direction/harmful_train.json": ("harmful", 260),
+    "refusal_direction/malicious_instruct.json": ("harmful", 100),
+    "refusal_direction/strongreject.json": ("harmful", 313),
+    "refusal_direction/strongreject.csv": ("harmful", 313),
+    "refusal_direction/harmless_train.json": ("harmless", 18793),
+    "refusal_direction/harmless_val.json": ("harmless", 6264),
+    "refusal_direction/harmless_test.json": ("harmless", 6266),
+    "xstest/xstest_prompts.csv": ("harmless", 250),
+    "gsm8k/train.jsonl": (None, 7473),
+    "gsm8k/test.jsonl": (None, 1319),
+    "ag_news/test.csv": (None, 7600),
+}
+
+
+@pytest.mark.skipif(not os.path.isdir(SHARED_DATA), reason="../shared/data is not beside the project")
+@pytest.mark.parametrize("name", sorted(SHARED_FILES))
+def test_every_shared_file_loads(name):
+    pool, rows = SHARED_FILES[name]
+    examples = data.load_examples(os.path.join(SHARED_DATA, name), pool)
+    assert len(examples) == rows
+    assert all(e.prompt for e in examples)
+    if name.endswith("advbench.csv"):
+        assert examples[0].response.startswith("Sure, here is")
+    if name.startswith("xstest"):
+        assert len(data.load_examples(os.path.join(SHARED_DATA, name), "harmful")) == 200
+    if name.endswith("strongreject.csv"):
+        assert len({e.category for e in examples}) == 6

@@ -1,0 +1,148 @@
+import json
+import os
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+import data
+import losses
+import schedule
+import teachers
+import train
+from conftest import make_tiny
+
+
+def args_for(*extra):
+    return train.build_parser().parse_args(["--precision", "fp32", "--micro-batch", "2", *extra])
+
+
+def feats(tokenizer, pairs):
+    return [data.encode(tokenizer, p, r) for p, r in pairs]
+
+
+PROMPTS = ["How do I pick a lock?", "Write a poem about rain", "Explain photosynthesis briefly please",
+           "Make a fake ID card"]
+GOOD = ["I'm sorry, I can't help with that.", "Rain falls softly on the town.", "Plants turn light into sugar.",
+        "I cannot help with that."]
+BAD = ["Sure, first take a tension wrench and", "no", "whatever, look it up", "Sure, print a photo on card"]
+
+
+def make_ctx(model, tokenizer):
+    ctx = {}
+    for kind in ("harmful", "harmless"):
+        pool = {"good": feats(tokenizer, zip(PROMPTS, GOOD)), "bad": feats(tokenizer, zip(PROMPTS, BAD))}
+        pool["ref_good"] = train.sequence_logps_of(model, pool["good"], 4)
+        pool["ref_bad"] = train.sequence_logps_of(model, pool["bad"], 4)
+        ctx[kind] = pool
+    return ctx
+
+
+def test_left_padded_batch_gives_each_example_its_own_logps(tiny, tokenizer):
+    fs = feats(tokenizer, zip(PROMPTS, BAD))
+    together = train.sequence_logps_of(tiny, fs, micro_batch=4)
+    alone = torch.cat([train.sequence_logps_of(tiny, [f], 1) for f in fs])
+    assert torch.allclose(together, alone, atol=1e-4)
+    # and equal to a plain unpadded forward over the whole sequence
+    f = fs[0]
+    logits = tiny(input_ids=torch.tensor([f["input_ids"]])).logits
+    assert torch.allclose(losses.sequence_logps(logits, torch.tensor([f["labels"]])), alone[:1], atol=1e-4)
+
+
+def test_three_steps_lower_the_loss(tokenizer):
+    model, teacher = make_tiny(tokenizer, seed=0), make_tiny(tokenizer, seed=1)
+    args = args_for("--loss", "dpo=1,sft=1,kl=1", "--lr", "3e-3")
+    ctx = make_ctx(model, tokenizer)
+    opt = train.MasterWeightOptimizer(model, args, torch.float32)
+    step = schedule.Step("harmful", 0, 0, [0, 1, 2, 3])
+    history = [train.run_step(model, teacher, opt, step, ctx, args, 1.0, 3e-3) for _ in range(4)]
+    assert history[-1]["loss"] < history[0]["loss"] - 0.1
+    assert history[-1]["dpo_margin"] > 0 and history[-1]["kl"] < history[0]["kl"]
+
+
+def test_micro_batches_accumulate_to_the_full_batch(tokenizer):
+    results = []
+    for micro in (4, 1):
+        model, teacher = make_tiny(tokenizer, seed=0), make_tiny(tokenizer, seed=1)
+        args = args_for("--loss", "dpo=1,npo=0.5,sft=1,kl=1,kl_rev=0.5", "--micro-batch", str(micro),
+                        "--optimizer", "sgd")  # adam would turn float noise in ~0 grads into ±lr steps
+        ctx = make_ctx(model, tokenizer)
+        opt = train.MasterWeightOptimizer(model, args, torch.float32)
+        row = train.run_step(model, teacher, opt, schedule.Step("harmful", 0, 0, [0, 1, 2, 3]), ctx, args, 1.0, 1.0)
+        results.append((row, [p.detach().clone() for p in model.parameters()]))
+    (a, wa), (b, wb) = results
+    for k in ("loss", "dpo", "npo", "sft", "kl", "kl_rev"):
+        assert a[k] == pytest.approx(b[k], rel=1e-4), k
+    assert all(torch.allclose(x, y, atol=1e-5) for x, y in zip(wa, wb))
+    assert not all(torch.equal(x, y) for x, y in zip(wa, [p.detach() for p in make_tiny(tokenizer).parameters()]))
+
+
+def test_bf16_compute_keeps_small_updates_in_fp32_master(tokenizer):
+    model = make_tiny(tokenizer)
+    args = args_for("--optimizer", "sgd")
+    opt = train.MasterWeightOptimizer(model, args, torch.bfloat16)
+    p, m = opt.params[1], opt.master[1]
+    assert p.dtype == torch.bfloat16 and m.dtype == torch.float32
+    before = m.clone()
+    for _ in range(10):
+        for q in opt.params:
+            q.grad = torch.ones_like(q)
+        opt.step(lr=1e-6, clip=0)
+    # 10 updates of 1e-6 are lost in bf16 weights of size ~0.02 but kept by the master copy
+    assert torch.allclose(m, before - 1e-5, atol=1e-7)
+
+
+def test_checkpoint_reload_gives_identical_logits(tiny, tokenizer, tmp_path):
+    teachers.save_model(tiny, tokenizer, str(tmp_path))
+    again = AutoModelForCausalLM.from_pretrained(str(tmp_path)).eval()
+    x = torch.tensor([feats(tokenizer, [(PROMPTS[0], GOOD[0])])[0]["input_ids"]])
+    assert torch.equal(tiny(input_ids=x).logits, again(input_ids=x).logits)
+
+
+def pipeline_args(folder, out, *extra):
+    return train.build_parser().parse_args([
+        "--model", folder, "--out", str(out), "--limit", "8", "--levels", "2", "--batch-size", "4",
+        "--micro-batch", "2", "--epochs", "2", "--max-new-tokens", "6", "--teacher-epochs", "1", "--force",
+        "--eval-limit", "3", "--save-every", "3", "--loss", "dpo=1,npo=0.5,kl=1", *extra])
+
+
+def test_resume_equals_uninterrupted_run(tiny_folder, tmp_path, monkeypatch):
+    full = train.run(pipeline_args(tiny_folder, tmp_path / "full"))
+    assert full["results"]["student"]["harmful"]["n"] == 3
+
+    real_step, calls = train.run_step, {"n": 0}
+
+    def crash_at_step_5(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 5:
+            raise KeyboardInterrupt
+        return real_step(*a, **k)
+
+    monkeypatch.setattr(train, "run_step", crash_at_step_5)
+    with pytest.raises(KeyboardInterrupt):
+        train.run(pipeline_args(tiny_folder, tmp_path / "cut", "--no-eval"))
+    monkeypatch.setattr(train, "run_step", real_step)
+    assert os.path.isdir(tmp_path / "cut" / "checkpoints" / "step-3")
+    train.run(pipeline_args(tiny_folder, tmp_path / "cut", "--no-eval", "--resume"))
+
+    a = load_file(str(tmp_path / "full" / "student" / "model.safetensors"))
+    b = load_file(str(tmp_path / "cut" / "student" / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    rows = [[{k: v for k, v in json.loads(l).items() if k != "seconds"} for l in open(d / "metrics.jsonl")]
+            for d in (tmp_path / "full", tmp_path / "cut")]
+    assert rows[0] == rows[1] and len(rows[0]) == 8
+    # the student changed, and the saved student loads with transformers
+    assert AutoModelForCausalLM.from_pretrained(str(tmp_path / "full" / "student")) is not None
+
+
+def test_resume_refuses_changed_flags(tiny_folder, tmp_path):
+    train.run(pipeline_args(tiny_folder, tmp_path, "--no-eval", "--epochs", "1"))
+    with pytest.raises(ValueError, match="--lr"):
+        train.run(pipeline_args(tiny_folder, tmp_path, "--no-eval", "--epochs", "1", "--resume", "--lr", "1"))
+
+
+def test_plan_only_needs_no_model(capsys):
+    train.main(["--plan-only", "--epochs", "1", "--levels", "2", "--batch-size", "40", "--model", "/nowhere"])
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("step") and len(lines) == 1 + 4 + 4  # 160 harmful / 40 per batch, 2 levels

@@ -1,0 +1,530 @@
+"""Teacher-guided safety training: teachers → student → evaluation, in one hand-written loop.
+
+    python train.py                      # the whole pipeline on the embedded SmolLM2-135M, offline
+    python train.py --plan-only          # print the schedule (levels, batches, γ, lr) and stop
+    python train.py --resume             # continue the run in --out from its last checkpoint
+
+Pipeline: load data and the base model → build or load the good / bad teacher → generate and
+cache their answers → teacher evaluation (stops if the good teacher is not better) → reference
+log-probs of the initial student (cached) → train along the plan of schedule.py → evaluate
+base, good teacher and student on held-out prompts.
+
+Which data each loss term sees (weights from --loss):
+    harmful batches  (× γ):  dpo  good answer chosen, bad answer rejected
+                             npo  pushes down the bad teacher's answer
+                             simnpo  reference-free, length-normalised npo
+                             kl / kl_rev  to the good teacher on its own answer (its refusal)
+                             sft  likelihood of the good teacher's refusal ("reward refusals")
+    harmless batches (× λ):  kl / kl_rev  to the good teacher on its own answer
+                             dpo  only with --dpo-harmless (good answer over the bad teacher's)
+"""
+import argparse
+import copy
+import glob
+import json
+import os
+import shutil
+import sys
+import time
+
+import torch
+from tqdm import tqdm
+
+import data
+import eval as evaluation
+import losses
+import schedule
+import teachers
+
+LOSS_TERMS = ("dpo", "npo", "simnpo", "kl", "kl_rev", "sft")
+HARMLESS_TERMS = ("kl", "kl_rev", "dpo")
+# flags that change the result; a resumed run must agree with the saved run on all of them
+_RUN_FLAGS_IGNORED_ON_RESUME = ("resume", "plan_only", "no_eval", "force", "save_every")
+
+
+def parse_loss(spec):
+    weights = {}
+    for part in filter(None, (s.strip() for s in spec.split(","))):
+        name, _, value = part.partition("=")
+        if name not in LOSS_TERMS:
+            raise argparse.ArgumentTypeError(f"--loss: unknown term {name!r} (terms: {', '.join(LOSS_TERMS)})")
+        try:
+            weights[name] = float(value) if value else 1.0
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"--loss: weight of {name!r} is not a number: {value!r}") from None
+    if not any(weights.values()):
+        raise argparse.ArgumentTypeError("--loss: no term has a non-zero weight")
+    return {k: v for k, v in weights.items() if v}
+
+
+def build_parser():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    g = p.add_argument_group("model and data")
+    g.add_argument("--model", default="smollm2-135m", help="student / base: alias, folder, .gguf or hub id")
+    g.add_argument("--harmful", nargs="+", help="harmful prompt files or hub names (default: built-in)")
+    g.add_argument("--harmless", nargs="+", help="harmless prompt files or hub names (default: built-in)")
+    g.add_argument("--harmful-test", nargs="+", help="held-out harmful prompts (default: split of --harmful)")
+    g.add_argument("--harmless-test", nargs="+", help="held-out harmless prompts (default: split of --harmless)")
+    g.add_argument("--prompt-field", help="prompt field name, when it is not one data.PROMPT_FIELDS knows")
+    g.add_argument("--test-fraction", type=float, default=0.2)
+    g.add_argument("--limit", type=int, help="use at most N training prompts per pool")
+    g = p.add_argument_group("teachers")
+    g.add_argument("--good-teacher", default="align", help="'align' (refusal SFT of the base) or a model")
+    g.add_argument("--bad-teacher", default="auto",
+                   help="'auto' (the base if it complies, else 'break'), 'base', 'break' (harmful SFT) or a model")
+    g.add_argument("--break-data", nargs="+", help="compliant answers for --bad-teacher break (e.g. advbench.csv)")
+    g.add_argument("--teacher-epochs", type=int, default=2)
+    g.add_argument("--teacher-lr", type=float, default=5e-5)
+    g.add_argument("--max-new-tokens", type=int, default=evaluation.MAX_NEW_TOKENS, help="teacher answer length")
+    g.add_argument("--force", action="store_true", help="train even if the good teacher is not better than the bad")
+    g = p.add_argument_group("losses")
+    g.add_argument("--loss", type=parse_loss, default=parse_loss("dpo=1,sft=0.2,kl=1"),
+                   help=f"weighted terms, e.g. dpo=1,npo=0.5,kl=1 (terms: {', '.join(LOSS_TERMS)})")
+    g.add_argument("--beta", type=float, default=0.1, help="β of dpo and npo")
+    g.add_argument("--simnpo-beta", type=float, default=2.5)
+    g.add_argument("--simnpo-margin", type=float, default=0.0)
+    g.add_argument("--temperature", type=float, default=1.0, help="τ of kl / kl_rev")
+    g.add_argument("--dpo-harmless", action="store_true", help="also dpo on harmless prompts")
+    g = p.add_argument_group("optimisation")
+    schedule.add_arguments(p)
+    g.add_argument("--micro-batch", type=int, default=8, help="examples per forward (gradient accumulation)")
+    g.add_argument("--optimizer", choices=("adamw", "sgd"), default="adamw")
+    g.add_argument("--weight-decay", type=float, default=0.0)
+    g.add_argument("--clip", type=float, default=1.0, help="max global grad norm (0: off)")
+    g.add_argument("--precision", choices=("bf16", "fp32"), default="bf16",
+                   help="bf16: bf16 forward/backward, fp32 master weights and optimizer state")
+    g.add_argument("--gradient-checkpointing", action="store_true")
+    g.add_argument("--max-prompt-tokens", type=int, default=256)
+    g.add_argument("--max-response-tokens", type=int, default=96)
+    g = p.add_argument_group("run")
+    g.add_argument("--out", default="runs/default")
+    g.add_argument("--save-every", type=int, default=25, help="checkpoint every N optimizer steps (and at the end)")
+    g.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --out")
+    g.add_argument("--plan-only", action="store_true", help="print the plan and stop (no model loaded)")
+    g.add_argument("--no-eval", action="store_true", help="skip the final held-out evaluation")
+    g.add_argument("--eval-limit", type=int, help="evaluate on at most N held-out prompts per pool")
+    return p
+
+
+# ---------------------------------------------------------------- optimizer with fp32 master weights
+
+class MasterWeightOptimizer:
+    """AdamW / SGD on fp32 master copies of the trainable parameters; the model keeps a
+    `compute_dtype` copy for forward and backward. bf16 weights alone would round away updates
+    smaller than 2^-8 of a weight; the master copies keep them."""
+
+    def __init__(self, model, args, compute_dtype):
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.master = []
+        for p in self.params:
+            master = p.detach().float().clone() if compute_dtype != torch.float32 or p.dtype != torch.float32 else p
+            self.master.append(master)
+            p.data = p.data.to(compute_dtype)
+        kind = torch.optim.AdamW if args.optimizer == "adamw" else torch.optim.SGD
+        self.optimizer = kind(self.master, lr=args.lr, weight_decay=args.weight_decay)
+
+    def step(self, lr, clip):
+        for m, p in zip(self.master, self.params):
+            if m is not p:
+                m.grad = None if p.grad is None else p.grad.float()
+                p.grad = None
+        grads = [m for m in self.master if m.grad is not None]
+        norm = torch.nn.utils.clip_grad_norm_(grads, clip if clip > 0 else float("inf"))
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        with torch.no_grad():
+            for m, p in zip(self.master, self.params):
+                if m is not p:
+                    p.copy_(m)
+        return float(norm)
+
+    def master_state(self, model):
+        """The model's state dict with the fp32 master weights in place of the compute copies."""
+        state = model.state_dict()
+        names = {id(p): n for n, p in model.named_parameters()}
+        for m, p in zip(self.master, self.params):
+            state[names[id(p)]] = m
+        return state
+
+    def load_master(self, model, state):
+        names = {id(p): n for n, p in model.named_parameters()}
+        with torch.no_grad():
+            for m, p in zip(self.master, self.params):
+                m.copy_(state[names[id(p)]])
+                if m is not p:
+                    p.copy_(m)
+
+
+# ---------------------------------------------------------------- forward passes
+
+def forward(model, feats, keep=None):
+    """(logits, labels) of a left-padded batch, for its last K positions only (K = longest
+    response + 1). Losses read no prompt logits, and the vocabulary projection and its
+    log-softmax are the largest tensors of a step; left padding puts every response at the end."""
+    batch = data.collate(feats, model.config.pad_token_id or 0, side="left")
+    keep = keep or int(n_response(feats).max()) + 1
+    device = next(model.parameters()).device
+    mask = batch["attention_mask"].to(device)
+    logits = model(input_ids=batch["input_ids"].to(device), attention_mask=mask,
+                   position_ids=(mask.cumsum(-1) - 1).clamp(min=0), logits_to_keep=keep, use_cache=False).logits
+    return logits, batch["labels"][:, -keep:].to(device)
+
+
+def n_response(feats):
+    return torch.tensor([sum(t != data.IGNORE for t in f["labels"]) for f in feats], dtype=torch.float)
+
+
+@torch.no_grad()
+def sequence_logps_of(model, feats, micro_batch):
+    """Sequence log-probs of many examples (e.g. the reference's), in micro-batches."""
+    out = []
+    for i in range(0, len(feats), micro_batch):
+        logits, labels = forward(model, feats[i:i + micro_batch])
+        out.append(losses.sequence_logps(logits, labels).cpu())
+    return torch.cat(out) if out else torch.zeros(0)
+
+
+def batch_terms(model, good_teacher, kind, idx, ctx, args, weights, share):
+    """Weighted loss of one micro-batch and its terms, each scaled by this micro-batch's share of
+    the whole batch (examples for sequence terms, response tokens for token-averaged terms), so
+    that accumulating micro-batches gives exactly the full-batch value."""
+    pool = ctx[kind]
+    good = [pool["good"][i] for i in idx]
+    bad = [pool["bad"][i] for i in idx] if pool["bad"] else None
+    need_bad = any(t in weights for t in ("dpo", "npo", "simnpo"))
+    feats = good + bad if need_bad else good
+    logits, labels = forward(model, feats)
+    n = len(idx)
+    logps = losses.sequence_logps(logits, labels)
+    terms, stats = {}, {}
+    lp_good = logps[:n]
+    lp_bad = logps[n:] if need_bad else None
+    ref_good = pool["ref_good"][idx]
+    ref_bad = pool["ref_bad"][idx] if need_bad else None
+    frac = n / share["examples"]
+    if "dpo" in weights:
+        terms["dpo"] = losses.dpo(lp_good, lp_bad, ref_good, ref_bad, args.beta) * frac
+        margin = ((lp_good.detach().cpu() - ref_good) - (lp_bad.detach().cpu() - ref_bad))
+        stats["dpo_margin"] = float(margin.mean()) * frac
+        stats["dpo_accuracy"] = float((margin > 0).float().mean()) * frac
+    if "npo" in weights:
+        terms["npo"] = losses.npo(lp_bad, ref_bad, args.beta) * frac
+    if "simnpo" in weights:
+        terms["simnpo"] = losses.simnpo(lp_bad, n_response(bad).to(lp_bad.device), args.simnpo_beta,
+                                        args.simnpo_margin) * frac
+    if need_bad:
+        stats["bad_logp_change"] = float((lp_bad.detach().cpu() - ref_bad).mean()) * frac
+    stats["good_logp_change"] = float((lp_good.detach().cpu() - ref_good).mean()) * frac
+    if "sft" in weights:
+        tokens = n_response(good)
+        terms["sft"] = losses.sft(lp_good, tokens.to(lp_good.device)) * float(tokens.sum()) / share["tokens"]
+    if "kl" in weights or "kl_rev" in weights:
+        good_logits, good_labels = logits[:n], labels[:n]
+        mask = losses.response_mask(good_labels)
+        with torch.no_grad():
+            teacher_logits, _ = forward(good_teacher, good, keep=logits.shape[1])
+        tok_frac = float(mask.sum()) / share["tokens"]
+        for name, fn in (("kl", losses.kl), ("kl_rev", losses.kl_rev)):
+            if name in weights:
+                terms[name] = fn(good_logits, teacher_logits, mask, args.temperature) * tok_frac
+    loss = sum(weights[k] * v for k, v in terms.items())
+    return loss, {**{k: float(v.detach()) for k, v in terms.items()}, **stats}
+
+
+def run_step(model, good_teacher, opt, step, ctx, args, gamma, lr):
+    """One optimizer step over the step's examples, in micro-batches."""
+    weights = dict(args.loss)
+    if step.kind == "harmless":
+        weights = {k: v for k, v in weights.items() if k in ("kl", "kl_rev") or (k == "dpo" and args.dpo_harmless)}
+        scale = args.lam
+    else:
+        scale = gamma
+    if not weights:
+        return {"skipped": True}
+    pool = ctx[step.kind]
+    share = {"examples": len(step.indices),
+             "tokens": float(n_response([pool["good"][i] for i in step.indices]).sum())}
+    totals = {}
+    model.train()
+    for i in range(0, len(step.indices), args.micro_batch):
+        idx = step.indices[i:i + args.micro_batch]
+        loss, parts = batch_terms(model, good_teacher, step.kind, idx, ctx, args, weights, share)
+        (scale * loss).backward()
+        for k, v in parts.items():
+            totals[k] = totals.get(k, 0.0) + v
+        totals["loss"] = totals.get("loss", 0.0) + float(loss.detach()) * scale
+    totals["grad_norm"] = opt.step(lr, args.clip)
+    return totals
+
+
+def sft(model, tokenizer, pairs, args, epochs, lr, desc):
+    """Plain supervised fine-tuning on (prompt, response) pairs, used to build teachers.
+    Same optimizer and precision as the student; seeded shuffles; returns the model in eval mode."""
+    feats = [data.encode(tokenizer, p, r, args.max_prompt_tokens, args.max_response_tokens) for p, r in pairs]
+    opt = MasterWeightOptimizer(model, args, torch.bfloat16 if args.precision == "bf16" else torch.float32)
+    import numpy as np
+    steps = [perm[i:i + args.batch_size] for e in range(epochs)
+             for perm in [np.random.default_rng([args.seed, 7, e]).permutation(len(feats)).tolist()]
+             for i in range(0, len(feats), args.batch_size)]
+    bar = tqdm(steps, desc=desc, leave=False)
+    model.train()
+    for t, batch in enumerate(bar):
+        tokens = float(n_response([feats[i] for i in batch]).sum())
+        total = 0.0
+        for i in range(0, len(batch), args.micro_batch):
+            mb = [feats[j] for j in batch[i:i + args.micro_batch]]
+            logits, labels = forward(model, mb)
+            loss = -losses.sequence_logps(logits, labels).sum() / tokens
+            loss.backward()
+            total += float(loss.detach())
+        opt.step(schedule.lr_at(t, len(steps), lr, "cosine", min(2, len(steps) - 1)), args.clip)
+        bar.set_postfix(nll=f"{total:.3f}")
+    model.eval()
+    return model
+
+
+# ---------------------------------------------------------------- checkpoints
+
+def save_checkpoint(path, model, tokenizer, opt, step, args):
+    tmp = path + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    teachers.save_model(model, tokenizer, tmp, state_dict=opt.master_state(model))
+    torch.save({"step": step, "optimizer": opt.optimizer.state_dict(), "rng": torch.get_rng_state()},
+               os.path.join(tmp, "trainer_state.pt"))
+    with open(os.path.join(tmp, "args.json"), "w") as f:
+        json.dump(vars_for_json(args), f, indent=2)
+    shutil.rmtree(path, ignore_errors=True)
+    os.replace(tmp, path)  # a checkpoint is either complete or absent
+
+
+def latest_checkpoint(out):
+    found = [(int(os.path.basename(p).split("-")[1]), p) for p in glob.glob(os.path.join(out, "checkpoints", "step-*"))
+             if os.path.isfile(os.path.join(p, "trainer_state.pt")) and not p.endswith(".tmp")]
+    return max(found)[1] if found else None
+
+
+def vars_for_json(args):
+    return {k: v for k, v in vars(args).items()}
+
+
+# ---------------------------------------------------------------- pipeline
+
+def load_pools(args):
+    fields = {"prompt_field": args.prompt_field}
+    harmful_train, harmful_test = data.load_pool("harmful", args.harmful, args.harmful_test, args.test_fraction,
+                                                 args.seed, args.limit, **fields)
+    harmless_train, harmless_test = data.load_pool("harmless", args.harmless, args.harmless_test,
+                                                   args.test_fraction, args.seed, args.limit, **fields)
+    return harmful_train, harmful_test, harmless_train, harmless_test
+
+
+def make_plan(args, harmful_train, n_harmless, difficulty=None):
+    levels = schedule.assign_levels(len(harmful_train), args.levels, args.levels_by, args.seed,
+                                    categories=[e.category for e in harmful_train], difficulty=difficulty)
+    return levels, schedule.plan_from_args(args, levels, n_harmless)
+
+
+def prepare_teachers(args, base, tokenizer, base_key, harmful, harmless, log):
+    """Good and bad teacher (bf16, eval mode), their keys, and their cached answers."""
+    cache = os.path.join(args.out, "cache", "responses.jsonl")
+    gen = lambda m, k, exs: teachers.generate_cached(m, tokenizer, k, [e.prompt for e in exs], cache,
+                                                     args.max_new_tokens)
+    base_harmful, base_harmless = gen(base, base_key, harmful), gen(base, base_key, harmless)
+
+    def built(name, make):
+        folder = os.path.join(args.out, "teachers", name)
+        if os.path.isfile(os.path.join(folder, "model.safetensors")):
+            log(f"{name} teacher: reusing {folder}")
+        else:
+            log(f"{name} teacher: building")
+            teachers.save_model(make(), tokenizer, folder, dtype=torch.bfloat16)
+        model, _, key = teachers.load_model(folder)
+        return model, key
+
+    if args.bad_teacher in ("auto", "base", "break"):
+        complies = evaluation.response_stats(base_harmful)["refusal_rate"] <= teachers.BASE_IS_BROKEN_BELOW
+        if args.bad_teacher == "base" or args.bad_teacher == "auto" and complies:
+            bad, bad_key = base, base_key
+            log(f"bad teacher: the base model as it is (it refuses "
+                f"{evaluation.response_stats(base_harmful)['refusal_rate']:.1%} of harmful training prompts)")
+        else:
+            pairs = teachers.break_pairs(harmful, base_harmful, args.break_data, args.seed)
+            bad, bad_key = built("bad", lambda: teachers.break_by_sft(base, tokenizer, pairs, args))
+    else:
+        bad, _, bad_key = teachers.load_model(args.bad_teacher)
+    if args.good_teacher == "align":
+        good, good_key = built("good", lambda: teachers.align(base, tokenizer, harmful, harmless, base_harmless, args))
+    else:
+        good, _, good_key = teachers.load_model(args.good_teacher)
+    answers = {"good": (gen(good, good_key, harmful), gen(good, good_key, harmless)),
+               "bad": (gen(bad, bad_key, harmful), gen(bad, bad_key, harmless) if args.dpo_harmless else [])}
+    return good, bad, {"good": good_key, "bad": bad_key}, answers
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    try:
+        return run(args)
+    except (data.DataError, teachers.ModelError, ValueError) as e:
+        sys.exit(f"error: {e}")
+
+
+def run(args):
+    t_start = time.time()
+    os.makedirs(args.out, exist_ok=True)
+    log_lines = []
+
+    def log(msg):
+        tqdm.write(msg)
+        log_lines.append(msg)
+
+    harmful, harmful_test, harmless, harmless_test = load_pools(args)
+    if args.plan_only:
+        if args.levels_by == "difficulty":
+            raise ValueError("--plan-only with --levels-by difficulty: the margins need the model; run once first")
+        levels, plan = make_plan(args, harmful, len(harmless))
+        print(schedule.describe(plan, args, max(levels) + 1))
+        return None
+    resume_from = latest_checkpoint(args.out) if args.resume else None
+    if args.resume:
+        if resume_from is None:
+            raise ValueError(f"--resume: no checkpoint in {args.out}/checkpoints")
+        with open(os.path.join(resume_from, "args.json")) as f:
+            saved = json.load(f)
+        now = json.loads(json.dumps(vars_for_json(args)))
+        changed = [k for k in now if k not in _RUN_FLAGS_IGNORED_ON_RESUME and saved.get(k) != now[k]]
+        if changed:
+            raise ValueError(f"--resume: flags differ from the saved run: {', '.join('--' + k.replace('_', '-') for k in changed)}")
+    log(f"data: {len(harmful)} harmful / {len(harmless)} harmless training prompts, "
+        f"{len(harmful_test)} / {len(harmless_test)} held out")
+
+    base, tokenizer, base_key = teachers.load_model(args.model, dtype=torch.float32)
+    data.check_chat_template(tokenizer, args.model)
+    base_compute = copy.deepcopy(base).to(torch.bfloat16) if args.precision == "bf16" else base
+    good, bad, keys, answers = prepare_teachers(args, base_compute, tokenizer, base_key, harmful, harmless, log)
+
+    report = teachers.teacher_report({"good": answers["good"][0], "bad": answers["bad"][0]},
+                                     {"good": answers["good"][1], "bad": answers["bad"][1]})
+    with open(os.path.join(args.out, "teacher_eval.json"), "w") as f:
+        json.dump({"report": report, "models": keys, "prompts": "training prompts",
+                   "settings": evaluation.settings(seed=args.seed)}, f, indent=2)
+    log("teacher evaluation on the training prompts:\n" + teachers.teacher_table(report))
+    teachers.check_teachers(report, args.force)
+
+    # tokenised training data: good (chosen) and bad (rejected) answers per prompt
+    enc = lambda exs, ans: [data.encode(tokenizer, e.prompt, a, args.max_prompt_tokens, args.max_response_tokens)
+                            for e, a in zip(exs, ans)]
+    ctx = {"harmful": {"good": enc(harmful, answers["good"][0]), "bad": enc(harmful, answers["bad"][0])},
+           "harmless": {"good": enc(harmless, answers["good"][1]),
+                        "bad": enc(harmless, answers["bad"][1]) if answers["bad"][1] else None}}
+    cut = sum(f["truncated"]["response"] for pool in ctx.values() for side in pool.values() if side for f in side)
+    if cut:
+        log(f"note: {cut} teacher answers longer than --max-response-tokens {args.max_response_tokens} were cut")
+
+    student = copy.deepcopy(base)
+    if args.gradient_checkpointing:
+        student.gradient_checkpointing_enable()
+    opt = MasterWeightOptimizer(student, args, torch.bfloat16 if args.precision == "bf16" else torch.float32)
+
+    # reference log-probs = the initial student's, computed once and cached in the run folder
+    ref_path = os.path.join(args.out, "cache", "ref_logps.pt")
+    ref_id = [base_key, args.precision, args.max_prompt_tokens, args.max_response_tokens, keys]
+    cached = torch.load(ref_path) if os.path.exists(ref_path) else None
+    if cached is None or cached["id"] != ref_id:
+        student.eval()
+        cached = {"id": ref_id}
+        for kind in ("harmful", "harmless"):
+            for side in ("good", "bad"):
+                feats = ctx[kind][side]
+                cached[f"{kind}_{side}"] = sequence_logps_of(student, feats, args.micro_batch) if feats else None
+        torch.save(cached, ref_path)
+    for kind in ("harmful", "harmless"):
+        ctx[kind]["ref_good"], ctx[kind]["ref_bad"] = cached[f"{kind}_good"], cached[f"{kind}_bad"]
+
+    difficulty = None
+    if args.levels_by == "difficulty":  # per-token margin of the bad answer over the good one
+        h = ctx["harmful"]
+        difficulty = (h["ref_bad"] / n_response(h["bad"]).clamp(min=1) -
+                      h["ref_good"] / n_response(h["good"]).clamp(min=1)).tolist()
+    levels, plan = make_plan(args, harmful, len(harmless), difficulty)
+    n_levels = max(levels) + 1
+
+    start = 0
+    metrics_path = os.path.join(args.out, "metrics.jsonl")
+    if resume_from:
+        opt.load_master(student, _load_state(student, resume_from))
+        state = torch.load(os.path.join(resume_from, "trainer_state.pt"), weights_only=False)
+        opt.optimizer.load_state_dict(state["optimizer"])
+        torch.set_rng_state(state["rng"])
+        start = state["step"]
+        keep = []
+        if os.path.exists(metrics_path):
+            with open(metrics_path) as f:
+                keep = [l for l in f if json.loads(l)["step"] < start]
+        with open(metrics_path, "w") as f:
+            f.writelines(keep)
+        log(f"resumed from {resume_from} at step {start} of {len(plan)}")
+    elif os.path.exists(metrics_path):
+        os.remove(metrics_path)
+
+    log(f"training: {len(plan)} optimizer steps, {n_levels} levels, loss {args.loss}")
+    ckpt_dir = os.path.join(args.out, "checkpoints")
+    bar = tqdm(range(start, len(plan)), desc="student", initial=start, total=len(plan))
+    for t in bar:
+        step = plan[t]
+        gamma = schedule.gamma_at(t, len(plan), args.gamma_schedule, args.gamma_start, args.gamma_end,
+                                  step.level, n_levels)
+        lr = schedule.lr_at(t, len(plan), args.lr, args.lr_schedule, args.warmup)
+        t0 = time.time()
+        row = run_step(student, good, opt, step, ctx, args, gamma, lr)
+        row = {"step": t, "epoch": step.epoch, "level": step.level + 1, "kind": step.kind, "gamma": gamma, "lr": lr,
+               **row, "seconds": round(time.time() - t0, 3)}
+        with open(metrics_path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        bar.set_postfix(kind=step.kind[:4], loss=f"{row.get('loss', 0):.3f}")
+        if (t + 1) % args.save_every == 0 or t + 1 == len(plan):
+            save_checkpoint(os.path.join(ckpt_dir, f"step-{t + 1}"), student, tokenizer, opt, t + 1, args)
+            for old in glob.glob(os.path.join(ckpt_dir, "step-*")):
+                if old != os.path.join(ckpt_dir, f"step-{t + 1}"):
+                    shutil.rmtree(old, ignore_errors=True)
+    final = os.path.join(ckpt_dir, f"step-{len(plan)}")
+    student_dir = os.path.join(args.out, "student")
+    teachers.save_model(student, tokenizer, student_dir, state_dict=opt.master_state(student))
+    log(f"student saved to {student_dir} (last checkpoint {final})")
+
+    if args.no_eval:
+        return None
+    student.eval()
+    test_h = harmful_test[:args.eval_limit] if args.eval_limit else harmful_test
+    test_b = harmless_test[:args.eval_limit] if args.eval_limit else harmless_test
+    rows = {"base": evaluation.evaluate(base_compute, tokenizer, test_h, test_b),
+            "good teacher": evaluation.evaluate(good, tokenizer, test_h, test_b)}
+    if bad is not base_compute:
+        rows["bad teacher"] = evaluation.evaluate(bad, tokenizer, test_h, test_b)
+    rows["student"] = evaluation.evaluate(student, tokenizer, test_h, test_b)
+    table = evaluation.markdown_table(rows)
+    payload = {"results": rows, "teacher_eval_on_training_prompts": report, "settings": evaluation.settings(
+        model=args.model, models={"base": base_key, **keys, "student": student_dir}, seed=args.seed,
+        data={"harmful_test": args.harmful_test or args.harmful or "builtin:test",
+              "harmless_test": args.harmless_test or args.harmless or "builtin:test",
+              "builtin_sha256": evaluation.file_sha256(data.BUILTIN),
+              "n_harmful": len(test_h), "n_harmless": len(test_b)},
+        flags=vars_for_json(args), wall_seconds=round(time.time() - t_start, 1))}
+    evaluation.write_results(os.path.join(args.out, "eval.json"), payload, table)
+    print("\nheld-out evaluation (judge: refusal keywords)\n" + table)
+    print(f"\nwall time {time.time() - t_start:.0f} s; results in {args.out}/eval.json")
+    return payload
+
+
+def _load_state(model, folder):
+    from safetensors.torch import load_file
+    state = load_file(os.path.join(folder, "model.safetensors"))
+    if "lm_head.weight" not in state and getattr(model.config, "tie_word_embeddings", False):
+        state["lm_head.weight"] = state["model.embed_tokens.weight"]
+    return state
+
+
+if __name__ == "__main__":
+    main()
