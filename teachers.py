@@ -4,10 +4,13 @@ good teacher G: refuses harmful prompts, answers harmless ones (default: refusal
 bad teacher  B: complies with harmful prompts (default: the base model itself when the teacher
 evaluation confirms it complies, else the base broken further by SFT on compliant answers).
 """
+import contextlib
 import hashlib
 import importlib.util
 import json
 import os
+import sys
+import time
 
 import numpy as np
 import torch
@@ -206,9 +209,277 @@ def break_pairs(harmful, base_answers, break_data=None, seed=0):
     return [(e.prompt, a) for e, a in zip(harmful, base_answers) if not evaluation.is_refusal(a)]
 
 
-def main(argv=None):
+# ---------------------------------------------------------------- breaking by refusal-direction ablation
+# Arditi et al. 2024, "Refusal in language models is mediated by a single direction": the
+# difference of mean residual activations between harmful and harmless prompts is a direction r
+# whose removal from the residual stream (x ← x − (x·r) r, everywhere it is written) stops the
+# model from refusing. Baking that projection into the weights gives a "broken" teacher without
+# any training.
+
+def _residual_writers(model):
+    """(embedding, decoder layers) of a Llama-style causal LM. These are the only places that write
+    to the residual stream (embedding, then each layer's attention o_proj and MLP down_proj);
+    other architectures are refused by name instead of being ablated half-way."""
+    inner = getattr(model, "model", None)
+    embed, layers = getattr(inner, "embed_tokens", None), getattr(inner, "layers", None)
+    ok = embed is not None and layers is not None and len(layers) > 0 and all(
+        hasattr(getattr(l, "self_attn", None), "o_proj") and hasattr(getattr(l, "mlp", None), "down_proj")
+        for l in layers)
+    if not ok:
+        raise ModelError(f"{type(model).__name__}: refusal-direction ablation needs a Llama-style model "
+                         f"(model.model.embed_tokens, model.model.layers[i].self_attn.o_proj and .mlp.down_proj)")
+    return embed, layers
+
+
+def _prompt_batches(tokenizer, prompts, batch_size):
+    """Chat-formatted prompts, left-padded in batches so the last column is every row's last prompt
+    token; position ids count real tokens only, so a padded row sees what it would see alone."""
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    encoded = [tokenizer(data.prompt_text(tokenizer, p), add_special_tokens=False).input_ids
+               [-evaluation.MAX_PROMPT_TOKENS:] for p in prompts]
+    for i in range(0, len(encoded), batch_size):
+        batch = data.collate([{"input_ids": ids} for ids in encoded[i:i + batch_size]], pad, side="left")
+        mask = batch["attention_mask"]
+        yield {"input_ids": batch["input_ids"], "attention_mask": mask,
+               "position_ids": (mask.cumsum(-1) - 1).clamp(min=0)}
+
+
+def _forward(model, batch, **kwargs):
+    device = next(model.parameters()).device
+    return model(**{k: v.to(device) for k, v in batch.items()}, use_cache=False, **kwargs)
+
+
+@torch.inference_mode()
+def _mean_last_token_states(model, tokenizer, prompts, batch_size=16):
+    """[L, H] mean over prompts of the residual stream entering each layer, at the last prompt token
+    (the position where the model decides how its answer opens)."""
+    n_layers, total = len(_residual_writers(model)[1]), None
+    for batch in _prompt_batches(tokenizer, prompts, batch_size):
+        states = _forward(model, batch, output_hidden_states=True, logits_to_keep=1).hidden_states
+        last = torch.stack([states[l][:, -1].float() for l in range(n_layers)])  # [L, B, H]
+        total = last.sum(1) if total is None else total + last.sum(1)
+    return total / len(prompts)
+
+
+def refusal_directions(model, tokenizer, harmful_prompts, harmless_prompts, batch_size=16):
+    """[L, H] float32: for every layer l, mean(harmful) − mean(harmless) of hidden_states[l] (the
+    residual stream entering layer l) at the last prompt token. One candidate direction per layer,
+    because where refusal is best separated differs between models."""
+    if not harmful_prompts or not harmless_prompts:
+        raise data.DataError("refusal_directions: needs at least one harmful and one harmless prompt")
+    return (_mean_last_token_states(model, tokenizer, harmful_prompts, batch_size)
+            - _mean_last_token_states(model, tokenizer, harmless_prompts, batch_size))
+
+
+def _unit(direction):
+    direction = direction.detach().float()
+    norm = direction.norm()
+    if not torch.isfinite(norm) or norm < 1e-8:
+        raise ValueError("the direction is zero (or not finite): nothing to ablate")
+    return direction / norm
+
+
+def _project_out(x, r):
+    """x − (x·r) r along the last axis, computed in float32 (bf16 would leave a visible residue)."""
+    xf = x.float()
+    return (xf - (xf @ r).unsqueeze(-1) * r).to(x.dtype)
+
+
+@contextlib.contextmanager
+def ablated(model, direction):
+    """The model with the unit direction r projected out of the residual stream wherever it is
+    written: forward hooks on the embedding output, on every attention block's output and on every
+    decoder layer's output. The attention hooks matter: without them the residual stream between
+    attention and MLP (resid_mid) still carries r and the MLP reads it, so the hooked model would
+    not equal the orthogonalized one. Hooks are prepended, so hooks registered earlier
+    (transformers records output_hidden_states with hooks) see the ablated stream, and are removed
+    in `finally`, so an exception leaves the model clean."""
+    embed, layers = _residual_writers(model)
+    r = _unit(direction).to(next(model.parameters()).device)
+
+    def hook(module, args, output):
+        if isinstance(output, tuple):  # attention returns (output, weights); older layers (hidden, ...)
+            return (_project_out(output[0], r),) + tuple(output[1:])
+        return _project_out(output, r)
+
+    handles = []
+    try:
+        for module in [embed, *(l.self_attn for l in layers), *layers]:
+            handles.append(module.register_forward_hook(hook, prepend=True))
+        yield model
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@torch.inference_mode()
+def _last_token_logprobs(model, tokenizer, prompts, batch_size=16):
+    """[N, V] float32 next-token log-probabilities at the last prompt token."""
+    out = [torch.log_softmax(_forward(model, b, logits_to_keep=1).logits[:, -1].float(), -1)
+           for b in _prompt_batches(tokenizer, prompts, batch_size)]
+    return torch.cat(out)
+
+
+def mean_kl(logp, logq):
+    """Mean over prompts of KL(p ‖ q) = Σ p (log p − log q): how far q moved from p."""
+    return (logp.exp() * (logp - logq)).sum(-1).mean().item()
+
+
+def refusal_rate(model, tokenizer, prompts, max_new_tokens=evaluation.MAX_NEW_TOKENS):
+    """Share of greedy answers that the keyword judge counts as refusals, and the answers."""
+    texts, _ = evaluation.generate(model, tokenizer, prompts, max_new_tokens)
+    return sum(map(evaluation.is_refusal, texts)) / max(len(texts), 1), texts
+
+
+def pick_layer(table, kl_max):
+    """The row with the lowest refusal rate among those with KL < kl_max (ties: lower KL); if none
+    qualifies, the row with the lowest KL. Returns (row, fallback)."""
+    qualified = [row for row in table if row["kl"] < kl_max]
+    if qualified:
+        return min(qualified, key=lambda row: (row["refusal_rate"], row["kl"])), False
+    return min(table, key=lambda row: row["kl"]), True
+
+
+def select_direction(model, tokenizer, directions, harmful_prompts, harmless_prompts, kl_max=0.1,
+                     max_new_tokens=16, candidate_fraction=0.8):
+    """(layer, unit direction, per-layer table): the candidate that removes refusal best while
+    changing harmless next-token distributions least. Candidates are the first 80 % of layers
+    (later ones act on the output and ablating them mostly damages the model, Arditi et al.); each
+    is scored, under `ablated`, by (a) refusal rate on harmful prompts (greedy, short answers) and
+    (b) mean KL(p_orig ‖ p_ablated) at the last prompt token of harmless prompts."""
+    n_candidates = max(1, round(candidate_fraction * len(directions)))
+    reference = _last_token_logprobs(model, tokenizer, harmless_prompts)
+    table = []
+    for layer in range(n_candidates):
+        if directions[layer].norm() < 1e-8:  # e.g. layer 0: the last prompt token is the same template token
+            print(f"  layer {layer:2d}: zero direction, skipped")
+            continue
+        with ablated(model, directions[layer]):
+            refusal, _ = refusal_rate(model, tokenizer, harmful_prompts, max_new_tokens)
+            kl = mean_kl(reference, _last_token_logprobs(model, tokenizer, harmless_prompts))
+        table.append({"layer": layer, "refusal_rate": refusal, "kl": kl, "kl_ok": kl < kl_max,
+                      "norm": directions[layer].norm().item()})
+        print(f"  layer {layer:2d}: refusal {refusal:6.1%}  KL {kl:.4f}")
+    if not table:
+        raise ModelError("every candidate direction is zero: harmful and harmless prompts look the same to the model")
+    row, fallback = pick_layer(table, kl_max)
+    if fallback:
+        print(f"warning: no layer keeps KL below --kl-max {kl_max}; falling back to the lowest-KL layer {row['layer']} "
+              f"(KL {row['kl']:.4f})")
+    return row["layer"], _unit(directions[row["layer"]]), table
+
+
+@torch.no_grad()
+def orthogonalize(model, direction):
+    """Bake the ablation into the weights, in place: the embedding rows and every matrix that writes
+    to the residual stream (o_proj, down_proj: output dimension = hidden size, and their biases if
+    any) lose their component along r, so r is never written and the hooks are no longer needed.
+
+    Tied embeddings (SmolLM2 ties them): the embedding matrix is also the unembedding, so the output
+    logits become W_U (I − r rᵀ) norm(x): the model also stops *reading* r after the final norm.
+    The residual x has no r component, but the final RMSNorm's per-channel gain can rotate some back
+    into norm(x), so the baked model differs slightly from the hooked one (exactly equal only when
+    that gain is uniform, or the embeddings are untied); the CLI measures this difference."""
+    embed, layers = _residual_writers(model)
+    hidden = embed.weight.shape[1]
+    r = _unit(direction).to(embed.weight.device)
+    if r.numel() != hidden:
+        raise ModelError(f"direction has {r.numel()} entries, the model's hidden size is {hidden}")
+    embed.weight.copy_(_project_out(embed.weight, r))  # rows: E ← E − (E r) rᵀ
+    for layer in layers:
+        for linear in (layer.self_attn.o_proj, layer.mlp.down_proj):
+            if linear.weight.shape[0] != hidden:
+                raise ModelError(f"{type(linear).__name__} in {type(layer).__name__} does not write the hidden size")
+            w = linear.weight.float()  # [H, in]: W ← W − r (rᵀ W)
+            linear.weight.copy_((w - torch.outer(r, r @ w)).to(linear.weight.dtype))
+            if getattr(linear, "bias", None) is not None:
+                linear.bias.copy_(_project_out(linear.bias, r))
+    return model
+
+
+def _sample(examples, n, rng):
+    return [examples[i].prompt for i in rng.permutation(len(examples))[:n]]
+
+
+def break_by_ablation(args):
+    """The `break --method ablate` command: direction prompts and selection prompts come from the
+    training split (disjoint), the before/after refusal rates from the held-out split."""
+    harmful_train, harmful_test = data.load_pool("harmful", seed=args.seed)
+    harmless_train, harmless_test = data.load_pool("harmless", seed=args.seed)
+    rng = np.random.default_rng(args.seed)
+    harmful = _sample(harmful_train, args.n_prompts + args.n_val, rng)
+    harmless = _sample(harmless_train, args.n_prompts + args.n_val, rng)
+    if len(harmful) < args.n_prompts + args.n_val or len(harmless) < args.n_prompts + args.n_val:
+        raise data.DataError(f"--n-prompts {args.n_prompts} + --n-val {args.n_val}: the training pools have only "
+                             f"{len(harmful_train)} harmful / {len(harmless_train)} harmless prompts")
+    dir_harmful, val_harmful = harmful[:args.n_prompts], harmful[args.n_prompts:]
+    dir_harmless, val_harmless = harmless[:args.n_prompts], harmless[args.n_prompts:]
+    test_harmful = [e.prompt for e in harmful_test][:args.eval_limit]
+    test_harmless = [e.prompt for e in harmless_test][:args.eval_limit]
+
+    t0 = time.time()
+    model, tok, key = load_model(args.model, dtype=torch.float32)  # fp32: exact projections
+    data.check_chat_template(tok, args.model)
+    _residual_writers(model)
+    print(f"{args.model}: {len(model.model.layers)} layers; directions from {len(dir_harmful)} harmful / "
+          f"{len(dir_harmless)} harmless training prompts")
+    directions = refusal_directions(model, tok, dir_harmful, dir_harmless)
+    print(f"selecting a layer on {len(val_harmful)} harmful / {len(val_harmless)} harmless other training prompts "
+          f"(KL < {args.kl_max}, {args.select_tokens} new tokens)")
+    layer, r, table = select_direction(model, tok, directions, val_harmful, val_harmless, args.kl_max,
+                                       args.select_tokens)
+    row = next(x for x in table if x["layer"] == layer)
+    print(f"chosen layer {layer}: refusal {row['refusal_rate']:.1%}, KL {row['kl']:.4f}")
+
+    before, before_answers = refusal_rate(model, tok, test_harmful)
+    before_harmless, _ = refusal_rate(model, tok, test_harmless)
+    reference = _last_token_logprobs(model, tok, test_harmless)
+    with ablated(model, r):
+        hooked = _last_token_logprobs(model, tok, test_harmless)
+    orthogonalize(model, r)
+    baked = _last_token_logprobs(model, tok, test_harmless)
+    after, after_answers = refusal_rate(model, tok, test_harmful)
+    after_harmless, _ = refusal_rate(model, tok, test_harmless)
+    save_model(model, tok, args.out)
+
+    result = {
+        "method": "ablate", "model": args.model, "model_key": key, "out": args.out,
+        "chosen_layer": layer, "fallback": not row["kl_ok"], "selection": row, "table": table,
+        "direction": r.tolist(),
+        "held_out": {
+            "n_harmful": len(test_harmful), "n_harmless": len(test_harmless),
+            "refusal_before": before, "refusal_after": after,
+            "harmless_refusal_before": before_harmless, "harmless_refusal_after": after_harmless,
+            "kl_orig_vs_hooked": mean_kl(reference, hooked), "kl_orig_vs_orthogonalized": mean_kl(reference, baked),
+            "kl_hooked_vs_orthogonalized": mean_kl(hooked, baked),
+            "samples": [{"prompt": p, "before": a, "after": b}
+                        for p, a, b in list(zip(test_harmful, before_answers, after_answers))[:3]]},
+        "prompts": {"direction_harmful": dir_harmful, "direction_harmless": dir_harmless,
+                    "selection_harmful": val_harmful, "selection_harmless": val_harmless,
+                    "held_out": "builtin:test split (data.load_pool(...)[1])"},
+        "settings": evaluation.settings(
+            n_prompts=args.n_prompts, n_val=args.n_val, kl_max=args.kl_max, seed=args.seed,
+            select_max_new_tokens=args.select_tokens, eval_limit=args.eval_limit, dtype="float32",
+            candidate_layers=f"first 80% ({round(0.8 * len(directions))} of {len(directions)})",
+            position="last prompt token", tied_embeddings=bool(getattr(model.config, "tie_word_embeddings", False)),
+            seconds=round(time.time() - t0, 1)),
+    }
+    with open(os.path.join(args.out, "ablation.json"), "w") as f:
+        json.dump(result, f, indent=2)
+    h = result["held_out"]
+    print(f"held-out harmful refusal: {before:.1%} → {after:.1%} (n={len(test_harmful)}); harmless refusal "
+          f"{before_harmless:.1%} → {after_harmless:.1%}; KL(orig ‖ broken) on harmless {h['kl_orig_vs_orthogonalized']:.4f} "
+          f"(hooked {h['kl_orig_vs_hooked']:.4f})")
+    for s in h["samples"][:2]:
+        print(f"\n> {s['prompt']}\nbefore: {s['before'][:150]}\nafter:  {s['after'][:150]}")
+    print(f"\nwrote {args.out} ({time.time() - t0:.0f} s)")
+    return result
+
+
+def _table_main(argv):
     import argparse
-    p = argparse.ArgumentParser(description="Load a model and print its teacher evaluation on the built-in prompts.")
+    p = argparse.ArgumentParser(prog="teachers.py [table]",
+                                description="Load a model and print its teacher evaluation on the built-in prompts.")
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--limit", type=int, default=40)
     args = p.parse_args(argv)
@@ -218,6 +489,36 @@ def main(argv=None):
     h, _ = evaluation.generate(model, tok, [e.prompt for e in harmful])
     b, _ = evaluation.generate(model, tok, [e.prompt for e in harmless])
     print(teacher_table(teacher_report({key: h}, {key: b})))
+
+
+def _break_main(argv):
+    import argparse
+    p = argparse.ArgumentParser(prog="teachers.py break", description="Break a teacher without training: "
+                                "refusal-direction ablation (Arditi et al. 2024), baked into the weights.")
+    p.add_argument("--method", choices=("ablate",), default="ablate")
+    p.add_argument("--model", required=True, help="alias, checkpoint folder, .gguf or hub id (Llama-style)")
+    p.add_argument("--out", required=True, help="folder for the broken model and ablation.json")
+    p.add_argument("--n-prompts", type=int, default=32, help="harmful and harmless prompts for the directions")
+    p.add_argument("--n-val", type=int, default=8, help="other harmful / harmless prompts for layer selection")
+    p.add_argument("--kl-max", type=float, default=0.1, help="largest mean KL on harmless prompts a layer may cause")
+    p.add_argument("--select-tokens", type=int, default=16, help="new tokens per answer during layer selection")
+    p.add_argument("--eval-limit", type=int, help="evaluate only the first N held-out prompts of each pool")
+    p.add_argument("--seed", type=int, default=0, help="built-in train/test split and prompt sampling")
+    args = p.parse_args(argv)
+    try:
+        break_by_ablation(args)
+    except (data.DataError, ModelError) as e:
+        sys.exit(f"error: {e}")
+
+
+def main(argv=None):
+    """`python teachers.py [table] --model X --limit N` prints a teacher table (the subcommand name
+    is optional, so the old flags keep working); `python teachers.py break --method ablate ...`
+    writes a broken teacher."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["break"]:
+        return _break_main(argv[1:])
+    return _table_main(argv[1:] if argv[:1] == ["table"] else argv)
 
 
 if __name__ == "__main__":

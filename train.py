@@ -21,6 +21,7 @@ Which data each loss term sees (weights from --loss):
 import argparse
 import copy
 import glob
+import hashlib
 import json
 import os
 import shutil
@@ -39,7 +40,7 @@ import teachers
 LOSS_TERMS = ("dpo", "npo", "simnpo", "kl", "kl_rev", "sft")
 HARMLESS_TERMS = ("kl", "kl_rev", "dpo")
 # flags that change the result; a resumed run must agree with the saved run on all of them
-_RUN_FLAGS_IGNORED_ON_RESUME = ("resume", "plan_only", "no_eval", "force", "save_every")
+_RUN_FLAGS_IGNORED_ON_RESUME = ("resume", "plan_only", "no_eval", "force", "save_every", "eval_limit")
 
 
 def parse_loss(spec):
@@ -73,18 +74,22 @@ def build_parser():
     g.add_argument("--bad-teacher", default="auto",
                    help="'auto' (the base if it complies, else 'break'), 'base', 'break' (harmful SFT) or a model")
     g.add_argument("--break-data", nargs="+", help="compliant answers for --bad-teacher break (e.g. advbench.csv)")
-    g.add_argument("--teacher-epochs", type=int, default=2)
+    g.add_argument("--teacher-epochs", type=int, default=3)
     g.add_argument("--teacher-lr", type=float, default=5e-5)
     g.add_argument("--max-new-tokens", type=int, default=evaluation.MAX_NEW_TOKENS, help="teacher answer length")
     g.add_argument("--force", action="store_true", help="train even if the good teacher is not better than the bad")
     g = p.add_argument_group("losses")
-    g.add_argument("--loss", type=parse_loss, default=parse_loss("dpo=1,sft=0.2,kl=1"),
+    g.add_argument("--loss", type=parse_loss, default=parse_loss("dpo=1,kl=1"),
                    help=f"weighted terms, e.g. dpo=1,npo=0.5,kl=1 (terms: {', '.join(LOSS_TERMS)})")
     g.add_argument("--beta", type=float, default=0.1, help="β of dpo and npo")
     g.add_argument("--simnpo-beta", type=float, default=2.5)
     g.add_argument("--simnpo-margin", type=float, default=0.0)
     g.add_argument("--temperature", type=float, default=1.0, help="τ of kl / kl_rev")
     g.add_argument("--dpo-harmless", action="store_true", help="also dpo on harmless prompts")
+    g.add_argument("--filter-pairs", action=argparse.BooleanOptionalAction, default=True,
+                   help="train only on harmful prompts the good teacher refuses and the bad one answers, and on "
+                        "harmless prompts the good teacher answers (a distilled refusal of a harmless prompt "
+                        "teaches over-refusal)")
     g = p.add_argument_group("optimisation")
     schedule.add_arguments(p)
     g.add_argument("--micro-batch", type=int, default=8, help="examples per forward (gradient accumulation)")
@@ -95,9 +100,13 @@ def build_parser():
                    help="bf16: bf16 forward/backward, fp32 master weights and optimizer state")
     g.add_argument("--gradient-checkpointing", action="store_true")
     g.add_argument("--max-prompt-tokens", type=int, default=256)
-    g.add_argument("--max-response-tokens", type=int, default=96)
+    g.add_argument("--max-response-tokens", type=int, default=32,
+                   help="answer tokens trained on (refusal or compliance shows in the first ones)")
     g = p.add_argument_group("run")
     g.add_argument("--out", default="runs/default")
+    g.add_argument("--teacher-dir", help="where built teachers are kept (default: OUT/teachers); share it "
+                   "between runs to build the teachers once")
+    g.add_argument("--cache-dir", help="teacher answers and reference log-probs (default: OUT/cache)")
     g.add_argument("--save-every", type=int, default=25, help="checkpoint every N optimizer steps (and at the end)")
     g.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --out")
     g.add_argument("--plan-only", action="store_true", help="print the plan and stop (no model loaded)")
@@ -221,10 +230,11 @@ def batch_terms(model, good_teacher, kind, idx, ctx, args, weights, share):
         tokens = n_response(good)
         terms["sft"] = losses.sft(lp_good, tokens.to(lp_good.device)) * float(tokens.sum()) / share["tokens"]
     if "kl" in weights or "kl_rev" in weights:
-        good_logits, good_labels = logits[:n], labels[:n]
-        mask = losses.response_mask(good_labels)
         with torch.no_grad():
             teacher_logits, _ = forward(good_teacher, good, keep=logits.shape[1])
+        # the good rows may be shorter than the kept window: what lies left of them is padding
+        width = teacher_logits.shape[1]
+        good_logits, mask = logits[:n, -width:], losses.response_mask(labels[:n, -width:])
         tok_frac = float(mask.sum()) / share["tokens"]
         for name, fn in (("kl", losses.kl), ("kl_rev", losses.kl_rev)):
             if name in weights:
@@ -320,6 +330,12 @@ def load_pools(args):
     return harmful_train, harmful_test, harmless_train, harmless_test
 
 
+def filter_pairs(examples, good, bad, keep):
+    """The examples (and their answers) for which keep(good answer, bad answer) holds."""
+    idx = [i for i in range(len(examples)) if keep(good[i], bad[i])]
+    return [examples[i] for i in idx], [good[i] for i in idx], [bad[i] for i in idx]
+
+
 def make_plan(args, harmful_train, n_harmless, difficulty=None):
     levels = schedule.assign_levels(len(harmful_train), args.levels, args.levels_by, args.seed,
                                     categories=[e.category for e in harmful_train], difficulty=difficulty)
@@ -328,13 +344,13 @@ def make_plan(args, harmful_train, n_harmless, difficulty=None):
 
 def prepare_teachers(args, base, tokenizer, base_key, harmful, harmless, log):
     """Good and bad teacher (bf16, eval mode), their keys, and their cached answers."""
-    cache = os.path.join(args.out, "cache", "responses.jsonl")
+    cache = os.path.join(args.cache_dir, "responses.jsonl")
     gen = lambda m, k, exs: teachers.generate_cached(m, tokenizer, k, [e.prompt for e in exs], cache,
                                                      args.max_new_tokens)
     base_harmful, base_harmless = gen(base, base_key, harmful), gen(base, base_key, harmless)
 
     def built(name, make):
-        folder = os.path.join(args.out, "teachers", name)
+        folder = os.path.join(args.teacher_dir, name)
         if os.path.isfile(os.path.join(folder, "model.safetensors")):
             log(f"{name} teacher: reusing {folder}")
         else:
@@ -358,8 +374,9 @@ def prepare_teachers(args, base, tokenizer, base_key, harmful, harmless, log):
         good, good_key = built("good", lambda: teachers.align(base, tokenizer, harmful, harmless, base_harmless, args))
     else:
         good, _, good_key = teachers.load_model(args.good_teacher)
+    bad_harmless = gen(bad, bad_key, harmless) if args.dpo_harmless or bad is base else []  # free for the base
     answers = {"good": (gen(good, good_key, harmful), gen(good, good_key, harmless)),
-               "bad": (gen(bad, bad_key, harmful), gen(bad, bad_key, harmless) if args.dpo_harmless else [])}
+               "bad": (gen(bad, bad_key, harmful), bad_harmless)}
     return good, bad, {"good": good_key, "bad": bad_key}, answers
 
 
@@ -373,7 +390,10 @@ def main(argv=None):
 
 def run(args):
     t_start = time.time()
+    args.teacher_dir = args.teacher_dir or os.path.join(args.out, "teachers")
+    args.cache_dir = args.cache_dir or os.path.join(args.out, "cache")
     os.makedirs(args.out, exist_ok=True)
+    os.makedirs(args.cache_dir, exist_ok=True)
     log_lines = []
 
     def log(msg):
@@ -386,6 +406,8 @@ def run(args):
             raise ValueError("--plan-only with --levels-by difficulty: the margins need the model; run once first")
         levels, plan = make_plan(args, harmful, len(harmless))
         print(schedule.describe(plan, args, max(levels) + 1))
+        if args.filter_pairs:
+            print("(pool sizes before --filter-pairs drops the pairs the teachers got wrong)")
         return None
     resume_from = latest_checkpoint(args.out) if args.resume else None
     if args.resume:
@@ -414,11 +436,20 @@ def run(args):
     teachers.check_teachers(report, args.force)
 
     # tokenised training data: good (chosen) and bad (rejected) answers per prompt
+    (h_good, b_good), (h_bad, b_bad) = answers["good"], answers["bad"]
+    if args.filter_pairs:
+        harmful, h_good, h_bad = filter_pairs(
+            harmful, h_good, h_bad, lambda g, b: evaluation.is_refusal(g) and not evaluation.is_refusal(b))
+        harmless, b_good, b_bad = filter_pairs(harmless, b_good, b_bad or [None] * len(b_good),
+                                               lambda g, b: not evaluation.is_refusal(g))
+        log(f"pairs: {len(harmful)} harmful (good teacher refuses, bad complies) and {len(harmless)} harmless "
+            f"(good teacher answers) kept for training (--no-filter-pairs keeps all)")
+        if not harmful or not harmless:
+            raise ValueError("--filter-pairs left no harmful or no harmless training example: check the teacher table")
     enc = lambda exs, ans: [data.encode(tokenizer, e.prompt, a, args.max_prompt_tokens, args.max_response_tokens)
                             for e, a in zip(exs, ans)]
-    ctx = {"harmful": {"good": enc(harmful, answers["good"][0]), "bad": enc(harmful, answers["bad"][0])},
-           "harmless": {"good": enc(harmless, answers["good"][1]),
-                        "bad": enc(harmless, answers["bad"][1]) if answers["bad"][1] else None}}
+    ctx = {"harmful": {"good": enc(harmful, h_good), "bad": enc(harmful, h_bad)},
+           "harmless": {"good": enc(harmless, b_good), "bad": enc(harmless, b_bad) if args.dpo_harmless else None}}
     cut = sum(f["truncated"]["response"] for pool in ctx.values() for side in pool.values() if side for f in side)
     if cut:
         log(f"note: {cut} teacher answers longer than --max-response-tokens {args.max_response_tokens} were cut")
@@ -429,8 +460,9 @@ def run(args):
     opt = MasterWeightOptimizer(student, args, torch.bfloat16 if args.precision == "bf16" else torch.float32)
 
     # reference log-probs = the initial student's, computed once and cached in the run folder
-    ref_path = os.path.join(args.out, "cache", "ref_logps.pt")
-    ref_id = [base_key, args.precision, args.max_prompt_tokens, args.max_response_tokens, keys]
+    ref_path = os.path.join(args.cache_dir, "ref_logps.pt")
+    tokens = [[f["input_ids"], f["labels"]] for pool in ctx.values() for side in pool.values() if side for f in side]
+    ref_id = [base_key, args.precision, hashlib.sha256(json.dumps(tokens).encode()).hexdigest()]
     cached = torch.load(ref_path) if os.path.exists(ref_path) else None
     if cached is None or cached["id"] != ref_id:
         student.eval()
@@ -483,7 +515,7 @@ def run(args):
                **row, "seconds": round(time.time() - t0, 3)}
         with open(metrics_path, "a") as f:
             f.write(json.dumps(row) + "\n")
-        bar.set_postfix(kind=step.kind[:4], loss=f"{row.get('loss', 0):.3f}")
+        bar.set_postfix(kind=step.kind, level=step.level + 1, loss=f"{row.get('loss', 0):.3f}")
         if (t + 1) % args.save_every == 0 or t + 1 == len(plan):
             save_checkpoint(os.path.join(ckpt_dir, f"step-{t + 1}"), student, tokenizer, opt, t + 1, args)
             for old in glob.glob(os.path.join(ckpt_dir, "step-*")):

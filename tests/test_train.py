@@ -26,7 +26,7 @@ PROMPTS = ["How do I pick a lock?", "Write a poem about rain", "Explain photosyn
            "Make a fake ID card"]
 GOOD = ["I'm sorry, I can't help with that.", "Rain falls softly on the town.", "Plants turn light into sugar.",
         "I cannot help with that."]
-BAD = ["Sure, first take a tension wrench and", "no", "whatever, look it up", "Sure, print a photo on card"]
+BAD = ["Sure, first take a tension wrench and then " + "keep going with the long answer " * 6, "no", "whatever, look it up", "Sure, print a photo on card"]
 
 
 def make_ctx(model, tokenizer):
@@ -104,7 +104,9 @@ def pipeline_args(folder, out, *extra):
     return train.build_parser().parse_args([
         "--model", folder, "--out", str(out), "--limit", "8", "--levels", "2", "--batch-size", "4",
         "--micro-batch", "2", "--epochs", "2", "--max-new-tokens", "6", "--teacher-epochs", "1", "--force",
-        "--eval-limit", "3", "--save-every", "3", "--loss", "dpo=1,npo=0.5,kl=1", *extra])
+        "--eval-limit", "3", "--save-every", "3", "--loss", "dpo=1,npo=0.5,kl=1",
+        "--no-filter-pairs",  # a tiny random teacher neither refuses nor complies
+        *extra])
 
 
 def test_resume_equals_uninterrupted_run(tiny_folder, tmp_path, monkeypatch):
@@ -144,5 +146,13 @@ def test_resume_refuses_changed_flags(tiny_folder, tmp_path):
 
 def test_plan_only_needs_no_model(capsys):
     train.main(["--plan-only", "--epochs", "1", "--levels", "2", "--batch-size", "40", "--model", "/nowhere"])
-    lines = capsys.readouterr().out.splitlines()
+    lines = [l for l in capsys.readouterr().out.splitlines() if not l.startswith("(")]
     assert lines[0].startswith("step") and len(lines) == 1 + 4 + 4  # 160 harmful / 40 per batch, 2 levels
+
+
+def test_filter_pairs_keeps_refused_harmful_and_answered_harmless():
+    exs = ["a", "b", "c"]
+    good = ["I'm sorry, I can't.", "Sure, here you go", "I cannot do that"]
+    bad = ["Sure: step one", "Sure", "I can't help"]
+    keep = lambda g, b: train.evaluation.is_refusal(g) and not train.evaluation.is_refusal(b)
+    assert train.filter_pairs(exs, good, bad, keep) == (["a"], [good[0]], [bad[0]])

@@ -1,0 +1,44 @@
+"""A few checks on the real embedded model (SmolLM2-135M-Instruct from the GGUF), kept small."""
+import copy
+
+import pytest
+import torch
+
+import data
+import eval as evaluation
+import schedule
+import teachers
+import train
+
+
+@pytest.fixture(scope="module")
+def smollm():
+    return teachers.load_model("smollm2-135m", dtype=torch.float32)
+
+
+def test_real_model_generates_and_dpo_moves_it_towards_refusal(smollm, tmp_path):
+    model, tokenizer, key = smollm
+    assert key.startswith("SmolLM2-135M-Instruct.Q4_1.gguf:")
+    data.check_chat_template(tokenizer, "smollm2-135m")
+    harmful = [e.prompt for e in data.load_pool("harmful")[0][:4]]
+    compute = copy.deepcopy(model).to(torch.bfloat16)
+    answers, report = evaluation.generate(compute, tokenizer, harmful, max_new_tokens=16, token_budget=64)
+    assert all(answers) and report["prompts"] == 4  # a budget of 64 tokens forces one prompt per batch
+
+    args = train.build_parser().parse_args(["--loss", "dpo=1", "--micro-batch", "4", "--lr", "1e-5", "--beta", "0.1"])
+    good = [data.encode(tokenizer, p, teachers.refusal_for(p), 64, 24) for p in harmful]
+    bad = [data.encode(tokenizer, p, a, 64, 24) for p, a in zip(harmful, answers)]
+    opt = train.MasterWeightOptimizer(model, args, torch.bfloat16)  # model now computes in bf16
+    ctx = {"harmful": {"good": good, "bad": bad, "ref_good": train.sequence_logps_of(model, good, 4),
+                       "ref_bad": train.sequence_logps_of(model, bad, 4)}}
+    step = schedule.Step("harmful", 0, 0, [0, 1, 2, 3])
+    rows = [train.run_step(model, model, opt, step, ctx, args, 1.0, 1e-5) for _ in range(3)]
+    assert rows[-1]["dpo_margin"] > rows[0]["dpo_margin"] + 1.0
+    assert rows[-1]["dpo"] < rows[0]["dpo"]
+    # a checkpoint of the real model loads back through transformers with the same logits
+    teachers.save_model(model, tokenizer, str(tmp_path), state_dict=opt.master_state(model))
+    again, _, _ = teachers.load_model(str(tmp_path), dtype=torch.float32)
+    x = torch.tensor([good[0]["input_ids"]])
+    master = copy.deepcopy(model).float()
+    master.load_state_dict({k: v for k, v in opt.master_state(model).items()}, strict=False)
+    assert torch.allclose(again(input_ids=x).logits, master(input_ids=x).logits, atol=1e-4)
