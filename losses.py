@@ -90,3 +90,19 @@ def kl_rev(student_logits, teacher_logits, mask, temperature=1.0):
     t = F.log_softmax(teacher_logits.detach().float() / temperature, dim=-1)
     per_position = (s.exp() * (s - t)).sum(-1)
     return _masked_mean(per_position, mask)
+
+
+def cb_reroute(student_hidden, ref_hidden, mask):
+    """Circuit-breaker rerouting (Zou et al. 2024): mean over layers and masked positions of
+    ReLU(cos(h_S, h_ref)); pushes the student's representation of harmful answers off the
+    reference's. Hidden states are lists (one [B, T, H] tensor per chosen layer)."""
+    values = [torch.where(mask, F.relu(F.cosine_similarity(s.float(), r.detach().float(), dim=-1)), 0.0).sum()
+              for s, r in zip(student_hidden, ref_hidden)]
+    return torch.stack(values).sum() / (mask.sum().clamp(min=1) * len(values))
+
+
+def cb_retain(student_hidden, ref_hidden, mask):
+    """Circuit-breaker retain term: mean over layers and masked positions of ‖h_S − h_ref‖₂."""
+    values = [torch.where(mask, (s.float() - r.detach().float()).norm(dim=-1), 0.0).sum()
+              for s, r in zip(student_hidden, ref_hidden)]
+    return torch.stack(values).sum() / (mask.sum().clamp(min=1) * len(values))

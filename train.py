@@ -16,9 +16,11 @@ Which data each loss term sees (weights from --loss):
                              kl / kl_rev  to the good teacher on its own answer (its refusal)
                              sft  likelihood of the good teacher's refusal ("reward refusals")
     harmless batches (× λ):  kl / kl_rev  to the good teacher on its own answer
-                             dpo  only with --dpo-harmless (good answer over the bad teacher's)
+                             dpo  only with --dpo-harmless: the good teacher's answer chosen over
+                                  the bad teacher's (bad-teacher) or over a refusal (refusal)
 """
 import argparse
+import contextlib
 import copy
 import glob
 import hashlib
@@ -28,7 +30,9 @@ import shutil
 import sys
 import time
 
+import numpy as np
 import torch
+from safetensors.torch import save_file
 from tqdm import tqdm
 
 import data
@@ -85,11 +89,32 @@ def build_parser():
     g.add_argument("--simnpo-beta", type=float, default=2.5)
     g.add_argument("--simnpo-margin", type=float, default=0.0)
     g.add_argument("--temperature", type=float, default=1.0, help="τ of kl / kl_rev")
-    g.add_argument("--dpo-harmless", action="store_true", help="also dpo on harmless prompts")
+    g.add_argument("--dpo-harmless", choices=("none", "bad-teacher", "refusal"), default="none",
+                   help="also dpo on harmless prompts, rejecting the bad teacher's answer or a refusal "
+                        "(the latter directly penalises over-refusal)")
     g.add_argument("--filter-pairs", action=argparse.BooleanOptionalAction, default=True,
                    help="train only on harmful prompts the good teacher refuses and the bad one answers, and on "
                         "harmless prompts the good teacher answers (a distilled refusal of a harmless prompt "
                         "teaches over-refusal)")
+    g = p.add_argument_group("circuit breakers, LAT, canary params (all off by default)")
+    g.add_argument("--cb-alpha", type=float, default=0.0,
+                   help="α of circuit breakers: rerouting weight fades α → α/2, retain weight 0 → α/2 over the "
+                        "optimizer steps (0: off)")
+    g.add_argument("--cb-layers", type=int, nargs="+",
+                   help="residual-stream positions (0 = embeddings, l = output of block l) (default: L/3 and 2L/3)")
+    g.add_argument("--lat-eps", type=float, default=0.0, help="LAT: L2 radius of δ per token (0: off)")
+    g.add_argument("--lat-steps", type=int, default=1, help="LAT: gradient steps K (1 = one normalised step)")
+    g.add_argument("--lat-layers", type=int, nargs="+", default=[0],
+                   help="LAT: residual-stream positions perturbed (0 = embeddings, l = output of block l)")
+    g.add_argument("--canary-mode", choices=("off", "focus", "protect", "monitor"), default="off",
+                   help="focus: only canary entries get the harmful-side update; protect: the harmless-side "
+                        "update may not move them; monitor: only log them")
+    g.add_argument("--canary-every", choices=("epoch", "level", "batch"), default="level",
+                   help="when canary masks are gathered again")
+    g.add_argument("--canary-top", type=float, default=1.0, help="percent of each weight matrix kept as canaries")
+    g.add_argument("--canary-score", choices=("saliency", "wanda"), default="saliency",
+                   help="saliency: |w·∂L/∂w|, L = NLL of the bad answers; wanda: |w|·‖x‖ on the same inputs")
+    g.add_argument("--canary-samples", type=int, default=32, help="harmful examples used to score canaries")
     g = p.add_argument_group("optimisation")
     schedule.add_arguments(p)
     g.add_argument("--micro-batch", type=int, default=8, help="examples per forward (gradient accumulation)")
@@ -132,11 +157,20 @@ class MasterWeightOptimizer:
         kind = torch.optim.AdamW if args.optimizer == "adamw" else torch.optim.SGD
         self.optimizer = kind(self.master, lr=args.lr, weight_decay=args.weight_decay)
 
-    def step(self, lr, clip):
+    def step(self, lr, clip, frozen=None):
+        """frozen: per parameter, None or a bool mask of entries this step may not move (their
+        gradient is zeroed, and their value restored after the step so momentum and weight decay
+        cannot move them either)."""
         for m, p in zip(self.master, self.params):
             if m is not p:
                 m.grad = None if p.grad is None else p.grad.float()
                 p.grad = None
+        saved = []
+        for m, f in zip(self.master, frozen or []):
+            if f is not None:
+                if m.grad is not None:
+                    m.grad[f] = 0
+                saved.append((m, f, m.detach()[f].clone()))
         grads = [m for m in self.master if m.grad is not None]
         norm = torch.nn.utils.clip_grad_norm_(grads, clip if clip > 0 else float("inf"))
         for group in self.optimizer.param_groups:
@@ -144,6 +178,8 @@ class MasterWeightOptimizer:
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         with torch.no_grad():
+            for m, f, values in saved:
+                m[f] = values
             for m, p in zip(self.master, self.params):
                 if m is not p:
                     p.copy_(m)
@@ -168,7 +204,7 @@ class MasterWeightOptimizer:
 
 # ---------------------------------------------------------------- forward passes
 
-def forward(model, feats, keep=None):
+def forward(model, feats, keep=None, hidden=False):
     """(logits, labels) of a left-padded batch, for its last K positions only (K = longest
     response + 1). Losses read no prompt logits, and the vocabulary projection and its
     log-softmax are the largest tensors of a step; left padding puts every response at the end."""
@@ -176,9 +212,11 @@ def forward(model, feats, keep=None):
     keep = keep or int(n_response(feats).max()) + 1
     device = next(model.parameters()).device
     mask = batch["attention_mask"].to(device)
-    logits = model(input_ids=batch["input_ids"].to(device), attention_mask=mask,
-                   position_ids=(mask.cumsum(-1) - 1).clamp(min=0), logits_to_keep=keep, use_cache=False).logits
-    return logits, batch["labels"][:, -keep:].to(device)
+    out = model(input_ids=batch["input_ids"].to(device), attention_mask=mask, output_hidden_states=hidden,
+                position_ids=(mask.cumsum(-1) - 1).clamp(min=0), logits_to_keep=keep, use_cache=False)
+    if hidden:  # all positions: the residual stream at every layer, and which tokens are real
+        return out.logits, batch["labels"][:, -keep:].to(device), out.hidden_states, mask.bool()
+    return out.logits, batch["labels"][:, -keep:].to(device)
 
 
 def n_response(feats):
@@ -195,17 +233,165 @@ def sequence_logps_of(model, feats, micro_batch):
     return torch.cat(out) if out else torch.zeros(0)
 
 
-def batch_terms(model, good_teacher, kind, idx, ctx, args, weights, share):
+# ---------------------------------------------------------------- LAT: perturbing the residual stream
+
+def decoder_layers(model):
+    layers = getattr(getattr(model, "model", None), "layers", None)
+    if layers is None:
+        raise ValueError(f"{type(model).__name__}: LAT / circuit breakers need a decoder with .model.layers")
+    return layers
+
+
+def _add_to_output(delta):
+    def hook(module, inputs, output):
+        if isinstance(output, tuple):
+            return (output[0] + delta.to(output[0].dtype),) + tuple(output[1:])
+        return output + delta.to(output.dtype)
+    return hook
+
+
+@contextlib.contextmanager
+def residual_perturbation(model, deltas):
+    """Adds deltas[l] ([B, T, H]) to the residual stream at position l: 0 = the embeddings,
+    l = the output of block l. The hooks are removed however the block exits."""
+    handles = []
+    try:
+        for l, delta in deltas.items():
+            module = model.get_input_embeddings() if l == 0 else decoder_layers(model)[l - 1]
+            handles.append(module.register_forward_hook(_add_to_output(delta)))
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def lat_search(model, feats, n_good, args):
+    """Latent adversarial perturbation: one δ per token at each of --lat-layers, found by K
+    normalised gradient steps (step ε for K=1, as in Vaccine; 2.5ε/K otherwise, as in PGD) that
+    raise the log-prob of the bad answers (rows n_good:) and lower that of the good ones
+    (rows :n_good), each δ_t projected onto ‖δ_t‖₂ ≤ ε. Gradients are taken with respect to δ
+    only, so the weights are untouched by the search."""
+    width = max(len(f["input_ids"]) for f in feats)
+    embed = model.get_input_embeddings().weight
+    n_blocks = len(decoder_layers(model))
+    if any(not 0 <= l <= n_blocks for l in args.lat_layers):
+        raise ValueError(f"--lat-layers must lie in 0..{n_blocks}, got {args.lat_layers}")
+    deltas = {l: torch.zeros(len(feats), width, embed.shape[1], device=embed.device, requires_grad=True)
+              for l in args.lat_layers}
+    step_size = args.lat_eps if args.lat_steps == 1 else 2.5 * args.lat_eps / args.lat_steps
+    for _ in range(args.lat_steps):
+        with residual_perturbation(model, deltas):
+            logits, labels = forward(model, feats)
+        logps = losses.sequence_logps(logits, labels)
+        objective = logps[:n_good].sum() - logps[n_good:].sum()  # minimised: the attacker's goal
+        grads = torch.autograd.grad(objective, list(deltas.values()))
+        with torch.no_grad():
+            for delta, g in zip(deltas.values(), grads):
+                delta -= step_size * g / g.norm(dim=-1, keepdim=True).clamp(min=1e-12)
+                delta *= (args.lat_eps / delta.norm(dim=-1, keepdim=True).clamp(min=1e-12)).clamp(max=1.0)
+    return {l: d.detach() for l, d in deltas.items()}
+
+
+# ---------------------------------------------------------------- canary params
+
+def canary_scores(model, feats, micro_batch, method="saliency"):
+    """Per-entry score of every weight matrix: saliency |w · ∂L/∂w| with L the NLL of the bad
+    teacher's answers on harmful prompts, or Wanda's |w|·‖x‖ (‖x‖: norm of the input feature over
+    the same tokens; matrices that are not a Linear's weight get no Wanda score)."""
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad and p.ndim >= 2}
+    if method == "saliency":
+        model.zero_grad(set_to_none=True)
+        tokens = float(n_response(feats).sum())
+        for i in range(0, len(feats), micro_batch):
+            logits, labels = forward(model, feats[i:i + micro_batch])
+            (-losses.sequence_logps(logits, labels).sum() / tokens).backward()
+        scores = {n: (p.detach().float() * p.grad.float()).abs() for n, p in params.items() if p.grad is not None}
+        model.zero_grad(set_to_none=True)
+        return scores
+    by_weight = {id(p): n for n, p in params.items()}
+    sq, handles = {}, []
+    for module in model.modules():
+        if isinstance(module, torch.nn.Linear) and id(module.weight) in by_weight:
+            name = by_weight[id(module.weight)]
+
+            def hook(mod, inputs, output, name=name):
+                x = inputs[0].detach().float().reshape(-1, inputs[0].shape[-1])
+                sq[name] = sq.get(name, 0) + (x * x).sum(0)
+            handles.append(module.register_forward_hook(hook))
+    try:
+        with torch.no_grad():
+            for i in range(0, len(feats), micro_batch):
+                batch = data.collate(feats[i:i + micro_batch], model.config.pad_token_id or 0)
+                model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+    return {n: params[n].detach().float().abs() * sq[n].sqrt()[None, :] for n in sq}
+
+
+def canary_masks(scores, fraction):
+    """Per tensor, the top `fraction` of entries by score (at least one) as a bool mask."""
+    masks = {}
+    for name, score in scores.items():
+        k = max(1, round(score.numel() * fraction))
+        flat = torch.zeros(score.numel(), dtype=torch.bool, device=score.device)
+        flat[score.flatten().topk(k).indices] = True
+        masks[name] = flat.view_as(score)
+    return masks
+
+
+def jaccard(a, b):
+    inter = sum(int((a[n] & b[n]).sum()) for n in a if n in b)
+    union = sum(int(m.sum()) for m in a.values()) + sum(int(m.sum()) for m in b.values()) - inter
+    return inter / max(union, 1)
+
+
+def canary_drift(masks, model_state, initial):
+    """Mean |w − w₀| on canary entries and on the rest (w₀: the initial student)."""
+    on = off = n_on = n_off = 0.0
+    for name, w in model_state.items():
+        if name not in initial:
+            continue
+        d = (w.float() - initial[name].float()).abs()
+        m = masks.get(name)
+        if m is not None:
+            on, n_on = on + float(d[m].sum()), n_on + int(m.sum())
+            off, n_off = off + float(d[~m].sum()), n_off + int((~m).sum())
+        else:
+            off, n_off = off + float(d.sum()), n_off + d.numel()
+    return on / max(n_on, 1), off / max(n_off, 1)
+
+
+def frozen_entries(opt, model, masks, mode, kind):
+    """Which entries the step may not move: focus freezes everything but the canaries on harmful
+    steps; protect freezes the canaries on harmless steps; monitor freezes nothing."""
+    if mode == "focus" and kind == "harmful":
+        names = {id(p): n for n, p in model.named_parameters()}
+        return [~masks[names[id(p)]] if names[id(p)] in masks else torch.ones_like(p, dtype=torch.bool)
+                for p in opt.params]
+    if mode == "protect" and kind == "harmless":
+        names = {id(p): n for n, p in model.named_parameters()}
+        return [masks.get(names[id(p)]) for p in opt.params]
+    return None
+
+
+def batch_terms(model, good_teacher, kind, idx, ctx, args, weights, share, cb_coef=(0.0, 0.0)):
     """Weighted loss of one micro-batch and its terms, each scaled by this micro-batch's share of
     the whole batch (examples for sequence terms, response tokens for token-averaged terms), so
     that accumulating micro-batches gives exactly the full-batch value."""
     pool = ctx[kind]
     good = [pool["good"][i] for i in idx]
     bad = [pool["bad"][i] for i in idx] if pool["bad"] else None
-    need_bad = any(t in weights for t in ("dpo", "npo", "simnpo"))
+    harmful = kind == "harmful"
+    lat = harmful and args.lat_eps > 0
+    cb = args.cb_alpha > 0
+    need_bad = any(t in weights for t in ("dpo", "npo", "simnpo")) or (harmful and (lat or cb))
     feats = good + bad if need_bad else good
-    logits, labels = forward(model, feats)
     n = len(idx)
+    deltas = lat_search(model, feats, n, args) if lat else {}
+    with residual_perturbation(model, deltas):  # the harmful-side terms are computed under δ
+        out = forward(model, feats, hidden=cb)
+    logits, labels = out[:2]
     logps = losses.sequence_logps(logits, labels)
     terms, stats = {}, {}
     lp_good = logps[:n]
@@ -239,20 +425,38 @@ def batch_terms(model, good_teacher, kind, idx, ctx, args, weights, share):
         for name, fn in (("kl", losses.kl), ("kl_rev", losses.kl_rev)):
             if name in weights:
                 terms[name] = fn(good_logits, teacher_logits, mask, args.temperature) * tok_frac
-    loss = sum(weights[k] * v for k, v in terms.items())
+    coef = dict(weights)
+    if cb:
+        cb_layers = ctx["cb_layers"]
+        rows = slice(n, 2 * n) if harmful else slice(0, n)
+        with torch.no_grad():  # the frozen reference, on the same rows, without δ
+            _, _, ref_hidden, ref_mask = forward(ctx["ref_model"], bad if harmful else good, hidden=True)
+        width = ref_mask.shape[1]  # those rows may be narrower than the whole batch: the rest is padding
+        student_hidden = [out[2][l][rows, -width:] for l in cb_layers]
+        ref_hidden = [ref_hidden[l] for l in cb_layers]
+        if harmful:  # reroute the bad answer's tokens
+            labels_rows = data.collate(bad, 0, side="left")["labels"].to(ref_mask.device)
+            mask = labels_rows != data.IGNORE
+            terms["cb"], coef["cb"] = losses.cb_reroute(student_hidden, ref_hidden, mask) * frac, cb_coef[0]
+        else:  # retain every real token of the harmless example
+            terms["cb_retain"], coef["cb_retain"] = losses.cb_retain(student_hidden, ref_hidden, ref_mask) * frac, \
+                cb_coef[1]
+    loss = sum(coef[k] * v for k, v in terms.items())
     return loss, {**{k: float(v.detach()) for k, v in terms.items()}, **stats}
 
 
-def run_step(model, good_teacher, opt, step, ctx, args, gamma, lr):
-    """One optimizer step over the step's examples, in micro-batches."""
+def run_step(model, good_teacher, opt, step, ctx, args, gamma, lr, progress=0.0, frozen=None):
+    """One optimizer step over the step's examples, in micro-batches. `progress` (optimizer steps
+    done / total) cross-fades the circuit-breaker weights; `frozen` masks entries that may not move."""
     weights = dict(args.loss)
     if step.kind == "harmless":
-        weights = {k: v for k, v in weights.items() if k in ("kl", "kl_rev") or (k == "dpo" and args.dpo_harmless)}
+        weights = {k: v for k, v in weights.items() if k in ("kl", "kl_rev") or (k == "dpo" and args.dpo_harmless != "none")}
         scale = args.lam
     else:
         scale = gamma
-    if not weights:
+    if not weights and not args.cb_alpha:
         return {"skipped": True}
+    cb_coef = (args.cb_alpha * (1 - progress / 2), args.cb_alpha * progress / 2)
     pool = ctx[step.kind]
     share = {"examples": len(step.indices),
              "tokens": float(n_response([pool["good"][i] for i in step.indices]).sum())}
@@ -260,12 +464,14 @@ def run_step(model, good_teacher, opt, step, ctx, args, gamma, lr):
     model.train()
     for i in range(0, len(step.indices), args.micro_batch):
         idx = step.indices[i:i + args.micro_batch]
-        loss, parts = batch_terms(model, good_teacher, step.kind, idx, ctx, args, weights, share)
+        loss, parts = batch_terms(model, good_teacher, step.kind, idx, ctx, args, weights, share, cb_coef)
         (scale * loss).backward()
         for k, v in parts.items():
             totals[k] = totals.get(k, 0.0) + v
         totals["loss"] = totals.get("loss", 0.0) + float(loss.detach()) * scale
-    totals["grad_norm"] = opt.step(lr, args.clip)
+    totals["grad_norm"] = opt.step(lr, args.clip, frozen)
+    if args.cb_alpha:
+        totals["cb_coef"], totals["cb_retain_coef"] = cb_coef
     return totals
 
 
@@ -274,7 +480,6 @@ def sft(model, tokenizer, pairs, args, epochs, lr, desc):
     Same optimizer and precision as the student; seeded shuffles; returns the model in eval mode."""
     feats = [data.encode(tokenizer, p, r, args.max_prompt_tokens, args.max_response_tokens) for p, r in pairs]
     opt = MasterWeightOptimizer(model, args, torch.bfloat16 if args.precision == "bf16" else torch.float32)
-    import numpy as np
     steps = [perm[i:i + args.batch_size] for e in range(epochs)
              for perm in [np.random.default_rng([args.seed, 7, e]).permutation(len(feats)).tolist()]
              for i in range(0, len(feats), args.batch_size)]
@@ -297,12 +502,43 @@ def sft(model, tokenizer, pairs, args, epochs, lr, desc):
 
 # ---------------------------------------------------------------- checkpoints
 
-def save_checkpoint(path, model, tokenizer, opt, step, args):
+def save_masks(masks, folder):
+    """Canary masks beside the weights, so an evaluation can measure how far an attack moved them."""
+    save_file({k: v.to(torch.uint8).contiguous().cpu() for k, v in masks.items()},
+              os.path.join(folder, "canary_masks.safetensors"))
+
+
+def gather_canaries(model, canary, step, t, ctx, levels, args):
+    """Re-score canaries when a new epoch / level / harmful batch starts (--canary-every), on at
+    most --canary-samples of that scope's harmful examples (their bad answers); returns log fields."""
+    key = {"epoch": step.epoch, "level": (step.epoch, step.level), "batch": t}[args.canary_every]
+    if key == canary["key"] or (args.canary_every == "batch" and step.kind != "harmful"):
+        return {"canary_count": sum(int(m.sum()) for m in canary["masks"].values())} if canary["masks"] else {}
+    scope = {"epoch": range(len(levels)), "level": [i for i, lv in enumerate(levels) if lv == step.level],
+             "batch": step.indices}[args.canary_every]
+    scope = list(scope)
+    if len(scope) > args.canary_samples:
+        pick = np.random.default_rng([args.seed, 11, t]).choice(len(scope), args.canary_samples, replace=False)
+        scope = [scope[i] for i in sorted(pick)]
+    was_training = model.training
+    new = canary_masks(canary_scores(model, [ctx["harmful"]["bad"][i] for i in scope], args.micro_batch,
+                                     args.canary_score), args.canary_top / 100)
+    model.train(was_training)
+    out = {"canary_count": sum(int(m.sum()) for m in new.values()), "canary_gathered": True}
+    if canary["masks"]:
+        out["canary_jaccard"] = jaccard(canary["masks"], new)
+    canary["masks"], canary["key"] = new, key
+    return out
+
+
+def save_checkpoint(path, model, tokenizer, opt, step, args, canary=None):
     tmp = path + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     teachers.save_model(model, tokenizer, tmp, state_dict=opt.master_state(model))
-    torch.save({"step": step, "optimizer": opt.optimizer.state_dict(), "rng": torch.get_rng_state()},
-               os.path.join(tmp, "trainer_state.pt"))
+    torch.save({"step": step, "optimizer": opt.optimizer.state_dict(), "rng": torch.get_rng_state(),
+                "canary_key": canary["key"] if canary else None}, os.path.join(tmp, "trainer_state.pt"))
+    if canary and canary["masks"]:
+        save_masks(canary["masks"], tmp)
     with open(os.path.join(tmp, "args.json"), "w") as f:
         json.dump(vars_for_json(args), f, indent=2)
     shutil.rmtree(path, ignore_errors=True)
@@ -374,7 +610,7 @@ def prepare_teachers(args, base, tokenizer, base_key, harmful, harmless, log):
         good, good_key = built("good", lambda: teachers.align(base, tokenizer, harmful, harmless, base_harmless, args))
     else:
         good, _, good_key = teachers.load_model(args.good_teacher)
-    bad_harmless = gen(bad, bad_key, harmless) if args.dpo_harmless or bad is base else []  # free for the base
+    bad_harmless = gen(bad, bad_key, harmless) if args.dpo_harmless == "bad-teacher" or bad is base else []
     answers = {"good": (gen(good, good_key, harmful), gen(good, good_key, harmless)),
                "bad": (gen(bad, bad_key, harmful), bad_harmless)}
     return good, bad, {"good": good_key, "bad": bad_key}, answers
@@ -449,7 +685,11 @@ def run(args):
     enc = lambda exs, ans: [data.encode(tokenizer, e.prompt, a, args.max_prompt_tokens, args.max_response_tokens)
                             for e, a in zip(exs, ans)]
     ctx = {"harmful": {"good": enc(harmful, h_good), "bad": enc(harmful, h_bad)},
-           "harmless": {"good": enc(harmless, b_good), "bad": enc(harmless, b_bad) if args.dpo_harmless else None}}
+           "harmless": {"good": enc(harmless, b_good), "bad": None}}
+    if args.dpo_harmless != "none":
+        rejected = (b_bad if args.dpo_harmless == "bad-teacher" else
+                    [teachers.refusal_for(e.prompt, args.seed) for e in harmless])
+        ctx["harmless"]["bad"] = enc(harmless, rejected)
     cut = sum(f["truncated"]["response"] for pool in ctx.values() for side in pool.values() if side for f in side)
     if cut:
         log(f"note: {cut} teacher answers longer than --max-response-tokens {args.max_response_tokens} were cut")
@@ -482,6 +722,17 @@ def run(args):
                       h["ref_good"] / n_response(h["good"]).clamp(min=1)).tolist()
     levels, plan = make_plan(args, harmful, len(harmless), difficulty)
     n_levels = max(levels) + 1
+    n_blocks = len(decoder_layers(student)) if (args.cb_alpha or args.lat_eps) else 0
+    if args.cb_alpha:
+        # the frozen reference is the base model already held for evaluation: no extra copy
+        ctx["ref_model"] = base_compute
+        ctx["cb_layers"] = args.cb_layers or [round(n_blocks / 3), round(2 * n_blocks / 3)]
+        if any(not 0 <= l <= n_blocks for l in ctx["cb_layers"]):
+            raise ValueError(f"--cb-layers must lie in 0..{n_blocks}, got {ctx['cb_layers']}")
+        log(f"circuit breakers at residual positions {ctx['cb_layers']} of {n_blocks}")
+    canary = {"masks": None, "key": None}
+    initial = {n: p.detach().float().clone() for n, p in base.named_parameters()} \
+        if args.canary_mode != "off" else None
 
     start = 0
     metrics_path = os.path.join(args.out, "metrics.jsonl")
@@ -491,6 +742,10 @@ def run(args):
         opt.optimizer.load_state_dict(state["optimizer"])
         torch.set_rng_state(state["rng"])
         start = state["step"]
+        masks_path = os.path.join(resume_from, "canary_masks.safetensors")
+        if os.path.exists(masks_path):
+            from safetensors.torch import load_file
+            canary = {"masks": {k: v.bool() for k, v in load_file(masks_path).items()}, "key": state["canary_key"]}
         keep = []
         if os.path.exists(metrics_path):
             with open(metrics_path) as f:
@@ -510,20 +765,26 @@ def run(args):
                                   step.level, n_levels)
         lr = schedule.lr_at(t, len(plan), args.lr, args.lr_schedule, args.warmup)
         t0 = time.time()
-        row = run_step(student, good, opt, step, ctx, args, gamma, lr)
+        extra = gather_canaries(student, canary, step, t, ctx, levels, args) if args.canary_mode != "off" else {}
+        frozen = frozen_entries(opt, student, canary["masks"], args.canary_mode, step.kind) if canary["masks"] else None
+        row = run_step(student, good, opt, step, ctx, args, gamma, lr, progress=t / len(plan), frozen=frozen)
+        if canary["masks"]:
+            extra["canary_dw"], extra["rest_dw"] = canary_drift(canary["masks"], opt.master_state(student), initial)
         row = {"step": t, "epoch": step.epoch, "level": step.level + 1, "kind": step.kind, "gamma": gamma, "lr": lr,
-               **row, "seconds": round(time.time() - t0, 3)}
+               **row, **extra, "seconds": round(time.time() - t0, 3)}
         with open(metrics_path, "a") as f:
             f.write(json.dumps(row) + "\n")
         bar.set_postfix(kind=step.kind, level=step.level + 1, loss=f"{row.get('loss', 0):.3f}")
         if (t + 1) % args.save_every == 0 or t + 1 == len(plan):
-            save_checkpoint(os.path.join(ckpt_dir, f"step-{t + 1}"), student, tokenizer, opt, t + 1, args)
+            save_checkpoint(os.path.join(ckpt_dir, f"step-{t + 1}"), student, tokenizer, opt, t + 1, args, canary)
             for old in glob.glob(os.path.join(ckpt_dir, "step-*")):
                 if old != os.path.join(ckpt_dir, f"step-{t + 1}"):
                     shutil.rmtree(old, ignore_errors=True)
     final = os.path.join(ckpt_dir, f"step-{len(plan)}")
     student_dir = os.path.join(args.out, "student")
     teachers.save_model(student, tokenizer, student_dir, state_dict=opt.master_state(student))
+    if canary["masks"]:
+        save_masks(canary["masks"], student_dir)
     log(f"student saved to {student_dir} (last checkpoint {final})")
 
     if args.no_eval:

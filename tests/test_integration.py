@@ -38,7 +38,6 @@ def test_real_model_generates_and_dpo_moves_it_towards_refusal(smollm, tmp_path)
     # a checkpoint of the real model loads back through transformers with the same logits
     teachers.save_model(model, tokenizer, str(tmp_path), state_dict=opt.master_state(model))
     again, _, _ = teachers.load_model(str(tmp_path), dtype=torch.float32)
-    x = torch.tensor([good[0]["input_ids"]])
-    master = copy.deepcopy(model).float()
-    master.load_state_dict({k: v for k, v in opt.master_state(model).items()}, strict=False)
-    assert torch.allclose(again(input_ids=x).logits, master(input_ids=x).logits, atol=1e-4)
+    state = opt.master_state(model)
+    for name, p in again.named_parameters():
+        assert torch.equal(p.detach(), state[name]), name
