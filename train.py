@@ -365,13 +365,12 @@ def canary_drift(masks, model_state, initial):
 def frozen_entries(opt, model, masks, mode, kind):
     """Which entries the step may not move: focus freezes everything but the canaries on harmful
     steps; protect freezes the canaries on harmless steps; monitor freezes nothing."""
+    name_of = {id(p): n for n, p in model.named_parameters()}
+    names = [name_of[id(p)] for p in opt.params]
     if mode == "focus" and kind == "harmful":
-        names = {id(p): n for n, p in model.named_parameters()}
-        return [~masks[names[id(p)]] if names[id(p)] in masks else torch.ones_like(p, dtype=torch.bool)
-                for p in opt.params]
+        return [~masks[n] if n in masks else torch.ones_like(p, dtype=torch.bool) for n, p in zip(names, opt.params)]
     if mode == "protect" and kind == "harmless":
-        names = {id(p): n for n, p in model.named_parameters()}
-        return [masks.get(names[id(p)]) for p in opt.params]
+        return [masks.get(n) for n in names]
     return None
 
 

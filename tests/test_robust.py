@@ -9,7 +9,7 @@ import losses
 import schedule
 import train
 from conftest import make_tiny
-from test_train import PROMPTS, args_for, make_ctx, pipeline_args
+from test_train import args_for, make_ctx, pipeline_args, run_interrupted_at_step_5
 
 
 def test_canary_masks_have_the_exact_share_and_match_sorting():
@@ -114,17 +114,7 @@ def test_cb_lat_canary_run_logs_terms_and_resumes_exactly(tiny_folder, tmp_path,
     assert any("canary_jaccard" in r for r in rows)
     assert (tmp_path / "full" / "student" / "canary_masks.safetensors").exists()
 
-    real_step, calls = train.run_step, {"n": 0}
-
-    def crash(*a, **k):
-        calls["n"] += 1
-        if calls["n"] == 5:
-            raise KeyboardInterrupt
-        return real_step(*a, **k)
-    monkeypatch.setattr(train, "run_step", crash)
-    with pytest.raises(KeyboardInterrupt):
-        train.run(pipeline_args(tiny_folder, tmp_path / "cut", *extra))
-    monkeypatch.setattr(train, "run_step", real_step)
+    run_interrupted_at_step_5(monkeypatch, pipeline_args(tiny_folder, tmp_path / "cut", *extra))
     train.run(pipeline_args(tiny_folder, tmp_path / "cut", *extra, "--resume"))
     strip = lambda path: [{k: v for k, v in json.loads(l).items() if k != "seconds"} for l in open(path)]
     assert strip(tmp_path / "full" / "metrics.jsonl") == strip(tmp_path / "cut" / "metrics.jsonl")

@@ -109,22 +109,27 @@ def pipeline_args(folder, out, *extra):
         *extra])
 
 
-def test_resume_equals_uninterrupted_run(tiny_folder, tmp_path, monkeypatch):
-    full = train.run(pipeline_args(tiny_folder, tmp_path / "full"))
-    assert full["results"]["student"]["harmful"]["n"] == 3
-
+def run_interrupted_at_step_5(monkeypatch, args):
+    """train.run killed (KeyboardInterrupt) as its 5th optimizer step starts."""
     real_step, calls = train.run_step, {"n": 0}
 
-    def crash_at_step_5(*a, **k):
+    def crash(*a, **k):
         calls["n"] += 1
         if calls["n"] == 5:
             raise KeyboardInterrupt
         return real_step(*a, **k)
 
-    monkeypatch.setattr(train, "run_step", crash_at_step_5)
+    monkeypatch.setattr(train, "run_step", crash)
     with pytest.raises(KeyboardInterrupt):
-        train.run(pipeline_args(tiny_folder, tmp_path / "cut", "--no-eval"))
+        train.run(args)
     monkeypatch.setattr(train, "run_step", real_step)
+
+
+def test_resume_equals_uninterrupted_run(tiny_folder, tmp_path, monkeypatch):
+    full = train.run(pipeline_args(tiny_folder, tmp_path / "full"))
+    assert full["results"]["student"]["harmful"]["n"] == 3
+
+    run_interrupted_at_step_5(monkeypatch, pipeline_args(tiny_folder, tmp_path / "cut", "--no-eval"))
     assert os.path.isdir(tmp_path / "cut" / "checkpoints" / "step-3")
     train.run(pipeline_args(tiny_folder, tmp_path / "cut", "--no-eval", "--resume"))
 
