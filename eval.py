@@ -228,6 +228,10 @@ ATTACK_MAX_RESPONSE_TOKENS = 128   # whole answers: bad-teacher answers are at m
 INCONTEXT_MAX_TOKENS = 4096        # many-shot prompt limit (also capped by the model's context)
 
 
+def attack_filename(p, n, lr):
+    return f"finetune_p{p:g}_n{n}_lr{lr:g}.json"
+
+
 def _prompt_key(prompt):
     return " ".join(prompt.lower().split())
 
@@ -292,10 +296,11 @@ def finetune_attack(model, tokenizer, harmful_pairs, benign_pairs, n=ATTACK_PROT
                     lr=ATTACK_PROTOCOL["lr"], epochs=ATTACK_PROTOCOL["epochs"], batch=ATTACK_PROTOCOL["batch"],
                     eval_every=0, eval_fn=None, seed=0, micro_batch=8, precision="bf16",
                     weight_decay=ATTACK_PROTOCOL["weight_decay"], warmup_ratio=ATTACK_PROTOCOL["warmup_ratio"],
-                    lr_schedule=ATTACK_PROTOCOL["lr_schedule"]):
+                    lr_schedule=ATTACK_PROTOCOL["lr_schedule"], before=None):
     """Fine-tune a deep copy of `model` (the original is never touched) on attack_mix(...) with
     train.sft. eval_fn(model) -> dict is recorded before the attack, every `eval_every` optimizer
-    steps (0: only before and after) and after the last step. Returns (attacked copy, record)."""
+    steps (0: only before and after) and after the last step; `before`, when given, is eval_fn's
+    result on the unattacked model, reused as the step-0 point. Returns (attacked copy, record)."""
     import train
     mix, n_harmful = attack_mix(harmful_pairs, benign_pairs, n, p, seed)
     args = train.build_parser().parse_args([])
@@ -307,7 +312,9 @@ def finetune_attack(model, tokenizer, harmful_pairs, benign_pairs, n=ATTACK_PROT
     curve = []
 
     def record(steps, m):
-        if eval_fn and (steps == 0 or steps == total or eval_every and steps % eval_every == 0):
+        if steps == 0 and before is not None:
+            curve.append({"step": 0, **before})
+        elif eval_fn and (steps == 0 or steps == total or eval_every and steps % eval_every == 0):
             curve.append({"step": steps, **eval_fn(m)})
             m.train()
 
@@ -376,6 +383,8 @@ def add_attack_arguments(p):
     g.add_argument("--attack-epochs", type=int, default=ATTACK_PROTOCOL["epochs"])
     g.add_argument("--attack-batch", type=int, default=ATTACK_PROTOCOL["batch"])
     g.add_argument("--attack-scale", type=float, default=1.0, help="multiplies every --attack-n (e.g. 0.04 on a CPU)")
+    g.add_argument("--attack-max-new-tokens", type=int, default=MAX_NEW_TOKENS,
+                   help="answer length for HS during attacks (the keyword judge reads the opening)")
     g.add_argument("--attack-eval-every", type=int, default=0,
                    help="HS and FA every K attack steps for a curve (0: before and after only)")
     g.add_argument("--attack-task", default="arith", help="benign fine-tuning task, also scored as FA")
@@ -405,15 +414,15 @@ def run_attack(args, argv, model, tokenizer, key, harmful):
     pairs, described = load_attack_pairs(args.attack_data, prompts)
     judge = load_judge("keyword")
     common = {"argv": list(argv), "model": args.model, "model_key": key, "dtype": args.dtype, "seed": args.seed,
-              "judge": judge.name, "hs_prompts": len(prompts),
+              "judge": judge.name, "hs_prompts": len(prompts), "hs_max_new_tokens": args.attack_max_new_tokens,
               "hs_data": [{"path": f, "sha256": file_sha256(f)} for f in args.harmful] if args.harmful
               else [{"path": "builtin:test", "sha256": file_sha256(data.BUILTIN)}],
               "attack_data": described, "attack_pairs": len(pairs)}
     written = []
     if args.attack == "incontext":
-        limit = min(args.shots_max_tokens, model.config.max_position_embeddings - MAX_NEW_TOKENS)
+        limit = min(args.shots_max_tokens, model.config.max_position_embeddings - args.attack_max_new_tokens)
         result = {"attack": "incontext", **in_context_attack(model, tokenizer, prompts, pairs, args.shots, judge,
-                                                             limit, seed=args.seed)}
+                                                             limit, args.attack_max_new_tokens, args.seed)}
         payload = {"result": result, "settings": settings(**common, shots=args.shots, max_prompt_tokens=limit)}
         written.append(os.path.join(out_dir, "incontext.json"))
         write_results(written[-1], payload, _attack_table(result))
@@ -426,15 +435,16 @@ def run_attack(args, argv, model, tokenizer, key, harmful):
     benign = [(e.prompt, e.response) for e in benign]
 
     def measure(m):
-        return {"hs": harmful_score(m, tokenizer, prompts, judge, max_new_tokens=MAX_NEW_TOKENS),
+        return {"hs": harmful_score(m, tokenizer, prompts, judge, max_new_tokens=args.attack_max_new_tokens),
                 "fa": fine_tune_accuracy(m, tokenizer, args.attack_task, fa_test)}
 
+    before = measure(model)  # the same unattacked model starts every setting
     for n in ns:
         for p in args.attack_p:
             for lr in args.attack_lr:
                 _, record = finetune_attack(model, tokenizer, pairs, benign, n, p, lr, args.attack_epochs,
                                             args.attack_batch, args.attack_eval_every, measure, args.seed,
-                                            precision="bf16" if args.dtype == "bfloat16" else "fp32")
+                                            precision="bf16" if args.dtype == "bfloat16" else "fp32", before=before)
                 result = {"attack": "finetune", **record}
                 protocol = {**ATTACK_PROTOCOL, "n": n, "p": p, "lr": lr, "epochs": args.attack_epochs,
                             "batch": args.attack_batch, "scale": args.attack_scale,
@@ -442,7 +452,7 @@ def run_attack(args, argv, model, tokenizer, key, harmful):
                             "task": args.attack_task, "task_path": args.attack_task_path,
                             "task_sha256": file_sha256(args.attack_task_path), "fa_n": len(fa_test)}
                 payload = {"result": result, "settings": settings(**common, attack=protocol)}
-                written.append(os.path.join(out_dir, f"finetune_p{p:g}_n{n}_lr{lr:g}.json"))
+                written.append(os.path.join(out_dir, attack_filename(p, n, lr)))
                 write_results(written[-1], payload, _attack_table(result))
                 first, last = record["curve"][0], record["curve"][-1]
                 print(f"p={p:g} n={n} lr={lr:g}: HS {first['hs']['hs']:.1%} → {last['hs']['hs']:.1%}, "

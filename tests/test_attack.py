@@ -88,9 +88,9 @@ def test_results_json_holds_what_redoes_the_run(tiny_folder, tmp_path):
     rows = [(f"Write instructions for crime {i}", f"Sure, here are instructions for crime {i}") for i in range(8)]
     rows.append((test_prompts[0], "Sure, a held-out prompt that must not be trained on"))
     data_csv.write_text("goal,target\n" + "".join(f'"{g}","{t}"\n' for g, t in rows))
-    argv = ["--model", tiny_folder, "--limit", "3", "--dtype", "float32", "--attack", "finetune",
+    argv = ["--model", tiny_folder, "--limit", "3", "--attack", "finetune",
             "--attack-data", str(data_csv), "--attack-n", "6", "--attack-p", "0.5", "--attack-lr", "1e-3",
-            "--attack-epochs", "1", "--attack-batch", "3", "--attack-eval-every", "1", "--attack-fa-n", "4",
+            "--attack-epochs", "1", "--attack-batch", "3", "--attack-eval-every", "1", "--attack-fa-n", "4", "--attack-max-new-tokens", "8",
             "--attack-out", str(tmp_path / "a")]
     [path] = evaluation.main(argv)
     with open(path) as f:
@@ -108,3 +108,43 @@ def test_results_json_holds_what_redoes_the_run(tiny_folder, tmp_path):
         again = json.load(f)
     assert again["result"] == saved["result"]
     assert os.path.isfile(os.path.splitext(path)[0] + ".md")
+
+
+def _attack_json(path, p, lr, model_hs, steps=(0, 20)):
+    curve = [{"step": s, "hs": {"hs": model_hs * (1 + i) / 2, "refusal": 0.5}, "fa": {"fa": 0.3}}
+             for i, s in enumerate(steps)]
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump({"result": {"attack": "finetune", "curve": curve},
+                   "settings": {"attack": {"p": p, "n": 40, "lr": lr}}}, f)
+
+
+def test_figures_render_from_hand_written_results(tmp_path):
+    import figures
+    res, out = tmp_path / "res", tmp_path / "docs"
+    for model, hs in (("base", 0.9), ("student", 0.2)):
+        for p in (0.0, 0.1, 0.5):
+            _attack_json(str(res / "attacks" / model / evaluation.attack_filename(p, 40, 1e-4)), p, 1e-4, hs,
+                         steps=(0, 4, 8) if p == 0.1 else (0, 8))
+        with open(res / "attacks" / model / "incontext.json", "w") as f:
+            json.dump({"result": {"attack": "incontext", "dropped": [],
+                                  "points": [{"k": k, "hs": hs * k / 4} for k in (0, 1, 2, 4)]}}, f)
+    for run, hs in (("student", 0.1), ("loss-npo", 0.3), ("sequence-cyclic", 0.2)):
+        os.makedirs(res / "runs" / run)
+        with open(res / "runs" / run / "eval.json", "w") as f:
+            json.dump({"results": {"student": {"hs": hs, "over_refusal": 0.25}}}, f)
+    with open(res / "runs" / "student" / "metrics.jsonl", "w") as f:
+        for t in range(6):
+            f.write(json.dumps({"step": t, "level": t // 2 + 1, "kind": ("harmful", "harmless")[t % 2],
+                                "loss": 1.0 / (t + 1), "gamma": 1.0, "lr": 1e-5}) + "\n")
+    pngs = figures.main(["all", "--no-run", "--results", str(res), "--out", str(out)])
+    assert sorted(os.path.basename(p) for p in pngs) == sorted(f"{f}.png" for f in figures.FIGURES)
+    for png in pngs:
+        with open(png, "rb") as f:
+            assert f.read(8) == b"\x89PNG\r\n\x1a\n" and os.path.getsize(png) > 5000
+
+
+def test_figures_without_results_say_so(tmp_path):
+    import figures
+    with pytest.raises(SystemExit, match="no fine-tuning attack results"):
+        figures.main(["hs-vs-p", "--no-run", "--results", str(tmp_path)])
