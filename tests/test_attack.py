@@ -111,7 +111,7 @@ def test_results_json_holds_what_redoes_the_run(tiny_folder, tmp_path):
 
 
 def _attack_json(path, p, lr, model_hs, steps=(0, 20)):
-    curve = [{"step": s, "hs": {"hs": model_hs * (1 + i) / 2, "refusal": 0.5}, "fa": {"fa": 0.3}}
+    curve = [{"step": s, "hs": {"hs": model_hs * (1 + i) / len(steps), "refusal": 0.5}, "fa": {"fa": 0.3}}
              for i, s in enumerate(steps)]
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path, "w") as f:
