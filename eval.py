@@ -19,6 +19,7 @@ import platform
 import re
 import sys
 
+import numpy as np
 import torch
 
 import data
@@ -172,7 +173,6 @@ FA_TASKS = ("arith",)
 def load_fa_task(name, n_train, n_test, seed=0, path=None):
     if name != "arith":
         raise ValueError(f"--attack-task: unknown task {name!r} (tasks: {', '.join(FA_TASKS)})")
-    import numpy as np
     rng = np.random.default_rng([seed, 1234])
     seen, rows = set(), []
     while len(rows) < n_train + n_test:
@@ -258,7 +258,6 @@ def in_context_attack(model, tokenizer, prompts, shots, ks, judge, max_tokens, m
     """HS against the number of shots k. Each test prompt gets its own seeded order of the shots,
     and the k-shot context is a prefix of the 2k-shot one. A k for which some prompt cannot hold k
     shots within max_tokens (or the pool has too few) is dropped and listed, with every larger k."""
-    import numpy as np
     orders = [[shots[j] for j in np.random.default_rng([seed, 5, i]).permutation(len(shots))]
               for i in range(len(prompts))]
     points, dropped = [], []
@@ -281,7 +280,6 @@ def in_context_attack(model, tokenizer, prompts, shots, ks, judge, max_tokens, m
 def attack_mix(harmful_pairs, benign_pairs, n, p, seed=0):
     """n (prompt, response) pairs, round(n·p) drawn from harmful_pairs and the rest from
     benign_pairs, without replacement, seeded, shuffled together."""
-    import numpy as np
     n_harmful = round(n * p)
     if n_harmful > len(harmful_pairs) or n - n_harmful > len(benign_pairs):
         raise ValueError(f"--attack-n {n} at --attack-p {p} needs {n_harmful} harmful and {n - n_harmful} benign "
@@ -327,13 +325,12 @@ def finetune_attack(model, tokenizer, harmful_pairs, benign_pairs, n=ATTACK_PROT
 def bad_teacher_pairs(run_dir):
     """(prompt, answer) pairs of a train.py run's bad teacher on its harmful training prompts, from
     the run's answer cache, keeping the answers that are not refusals."""
-    import glob
     import train
     try:
         with open(os.path.join(run_dir, "teacher_eval.json")) as f:
             bad_key = json.load(f)["models"]["bad"]
-        args_file = max(glob.glob(os.path.join(run_dir, "checkpoints", "step-*", "args.json")))
-    except (OSError, ValueError, KeyError):
+        args_file = os.path.join(train.latest_checkpoint(run_dir), "args.json")
+    except (OSError, ValueError, KeyError, TypeError):
         raise ValueError(f"--attack-data {run_dir}: not a finished train.py run (needs teacher_eval.json and "
                          f"checkpoints/step-*/args.json)") from None
     with open(args_file) as f:

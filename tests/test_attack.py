@@ -148,3 +148,32 @@ def test_figures_without_results_say_so(tmp_path):
     import figures
     with pytest.raises(SystemExit, match="no fine-tuning attack results"):
         figures.main(["hs-vs-p", "--no-run", "--results", str(tmp_path)])
+
+
+def test_bad_teacher_pairs_of_a_run_folder(tmp_path):
+    import data
+    import train
+    run = tmp_path / "run"
+    args = train.build_parser().parse_args(["--out", str(run), "--limit", "5"])
+    args.cache_dir = str(run / "cache")
+    os.makedirs(run / "checkpoints" / "step-3")
+    os.makedirs(run / "cache")
+    with open(run / "checkpoints" / "step-3" / "args.json", "w") as f:
+        json.dump(train.vars_for_json(args), f)
+    (run / "checkpoints" / "step-3" / "trainer_state.pt").write_bytes(b"")  # what marks a complete checkpoint
+    with open(run / "teacher_eval.json", "w") as f:
+        json.dump({"models": {"good": "good:1", "bad": "bad:2"}}, f)
+    harmful, harmful_test, harmless, _ = train.load_pools(args)
+    rows = [("bad:2", harmful[0].prompt, "Sure, here is how."), ("bad:2", harmful[1].prompt, "I'm sorry, I can't."),
+            ("bad:2", harmless[0].prompt, "A helpful answer."), ("good:1", harmful[2].prompt, "Sure, but good."),
+            ("bad:2", harmful_test[0].prompt, "Sure, held out."), ("bad:2", harmful[3].prompt, "Sure, step one.")]
+    with open(run / "cache" / "responses.jsonl", "w") as f:
+        for model, prompt, response in rows:
+            f.write(json.dumps({"key": "k", "model": model, "prompt": prompt, "response": response}) + "\n")
+    pairs = evaluation.bad_teacher_pairs(str(run))
+    assert pairs == sorted([(harmful[0].prompt, "Sure, here is how."), (harmful[3].prompt, "Sure, step one.")])
+    with pytest.raises(ValueError, match="not a finished train.py run"):
+        evaluation.bad_teacher_pairs(str(tmp_path))
+    pairs, described = evaluation.load_attack_pairs([str(run)], held_out=[harmful[0].prompt.upper()])
+    assert pairs == [(harmful[3].prompt, "Sure, step one.")] and described[0]["path"] == str(run)
+    assert data.load_pool("harmful", seed=0)[1][0].prompt not in {p for p, _ in pairs}
