@@ -411,7 +411,7 @@ def run_attack(args, argv, model, tokenizer, key, harmful):
     pairs, described = load_attack_pairs(args.attack_data, prompts)
     judge = load_judge("keyword")
     common = {"argv": list(argv), "model": args.model, "model_key": key, "dtype": args.dtype, "seed": args.seed,
-              "judge": judge.name, "hs_prompts": len(prompts), "hs_max_new_tokens": args.attack_max_new_tokens,
+              "judge": judge.name, "hs_prompts": len(prompts), "max_new_tokens": args.attack_max_new_tokens,
               "hs_data": [{"path": f, "sha256": file_sha256(f)} for f in args.harmful] if args.harmful
               else [{"path": "builtin:test", "sha256": file_sha256(data.BUILTIN)}],
               "attack_data": described, "attack_pairs": len(pairs)}
