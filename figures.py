@@ -32,13 +32,14 @@ LOSS_RUNS = {"loss-dpo": "dpo=1", "loss-npo": "npo=1", "loss-kl": "kl=1", "loss-
 SEQUENCE_RUNS = {"student": "sequential", "sequence-cyclic": "cyclic", "sequence-mixed": "mixed"}
 CURVE_P = 0.1
 # --quick: the embedded model on a 2-core CPU. Runs: 64 training prompts per pool, 1 epoch, 40 held-out
-# prompts; attacks: n = 40 (p·40 harmful), 5 epochs of batch 10 (20 steps), lr 1e-4 and 1e-5, HS on 40
-# prompts with 32-token answers, FA on 40 items, the p = 0.1 curve every 4 steps.
+# prompts; attacks: n = 40 (p·40 harmful), 4 epochs of batch 10 (16 steps) at lr 1e-4 (1e-5 barely
+# moves a model in 16 steps; hs-vs-p draws one line per lr found, so `eval.py --attack-lr` adds more),
+# HS on 40 prompts with 32-token answers, FA on 40 items, the p = 0.1 curve every 4 steps.
 SIZES = {
     "quick": {"train": ["--limit", "64", "--epochs", "1", "--eval-limit", "40"],
-              "attack": ["--limit", "40", "--attack-n", "40", "--attack-epochs", "5", "--attack-batch", "10",
+              "attack": ["--limit", "40", "--attack-n", "40", "--attack-epochs", "4", "--attack-batch", "10",
                          "--attack-fa-n", "40", "--attack-max-new-tokens", "32"],
-              "n": 40, "lrs": [1e-4, 1e-5], "eval_every": 4, "shots": [0, 1, 2, 4, 8, 16]},
+              "n": 40, "lrs": [1e-4], "eval_every": 4, "shots": [0, 1, 2, 4, 8, 16]},
     "full": {"train": [], "attack": [], "n": evaluation.ATTACK_PROTOCOL["n"], "lrs": [evaluation.ATTACK_PROTOCOL["lr"]],
              "eval_every": 100, "shots": list(evaluation.SHOTS_GRID)},
 }
