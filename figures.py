@@ -126,9 +126,10 @@ def _legend_name(model):
 def hs_vs_p(res, png):
     fig, (ax_hs, ax_fa) = plt.subplots(1, 2, figsize=(10, 4))
     for model, rows in finetune_results(res).items():
-        for lr in sorted({r[2] for r in rows}):
-            pts = sorted((p, saved["result"]["curve"][-1]) for p, _, r_lr, saved in rows if r_lr == lr)
-            label = f"{_legend_name(model)} (lr {lr:g})"
+        for n, lr in sorted({(r[1], r[2]) for r in rows}):
+            pts = sorted(((p, saved["result"]["curve"][-1]) for p, r_n, r_lr, saved in rows if (r_n, r_lr) == (n, lr)),
+                         key=lambda pt: pt[0])
+            label = f"{_legend_name(model)} (n {n}, lr {lr:g})"
             ax_hs.plot([pct(p) for p, _ in pts], [pct(pt["hs"]["hs"]) for _, pt in pts], marker="o", label=label)
             ax_fa.plot([pct(p) for p, _ in pts], [pct(pt["fa"]["fa"]) for _, pt in pts], marker="o", label=label)
     for ax, name in ((ax_hs, "HS after the attack (%) ↓"), (ax_fa, "FA after the attack (%) ↑")):
