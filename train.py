@@ -474,8 +474,9 @@ def run_step(model, good_teacher, opt, step, ctx, args, gamma, lr, progress=0.0,
     return totals
 
 
-def sft(model, tokenizer, pairs, args, epochs, lr, desc):
-    """Plain supervised fine-tuning on (prompt, response) pairs, used to build teachers.
+def sft(model, tokenizer, pairs, args, epochs, lr, desc, lr_schedule="cosine", warmup=None, after_step=None):
+    """Plain supervised fine-tuning on (prompt, response) pairs, used to build teachers and by the
+    fine-tuning attack (eval.py), which passes its own lr schedule and `after_step(steps_done, model)`.
     Same optimizer and precision as the student; seeded shuffles; returns the model in eval mode."""
     feats = [data.encode(tokenizer, p, r, args.max_prompt_tokens, args.max_response_tokens) for p, r in pairs]
     opt = MasterWeightOptimizer(model, args, torch.bfloat16 if args.precision == "bf16" else torch.float32)
@@ -493,8 +494,11 @@ def sft(model, tokenizer, pairs, args, epochs, lr, desc):
             loss = -losses.sequence_logps(logits, labels).sum() / tokens
             loss.backward()
             total += float(loss.detach())
-        opt.step(schedule.lr_at(t, len(steps), lr, "cosine", min(2, len(steps) - 1)), args.clip)
+        opt.step(schedule.lr_at(t, len(steps), lr, lr_schedule, min(2, len(steps) - 1) if warmup is None else warmup),
+                 args.clip)
         bar.set_postfix(nll=f"{total:.3f}")
+        if after_step:
+            after_step(t + 1, model)
     model.eval()
     return model
 

@@ -1,0 +1,276 @@
+"""Figures from saved results, one command per figure; results that are missing are computed first
+(train.py runs and eval.py attacks, into --results), unless --no-run.
+
+    python figures.py hs-vs-p --quick            # HS and FA after the fine-tuning attack against its harmful share p
+    python figures.py hs-vs-steps --quick        # HS and FA along the attack (p = 0.1)
+    python figures.py hs-vs-shots --quick        # HS against the number of in-context shots k
+    python figures.py loss-ablation --quick      # students trained with DPO / NPO / KL / reverse KL alone
+    python figures.py schedule-ablation --quick  # sequential / cyclic / mixed level order
+    python figures.py training-curves --quick    # loss per level, γ and lr of the default student run
+    python figures.py all --quick
+
+The four models of the attack figures: the base, the SFT baseline (`train.py --loss sft=1`: plain
+refusal SFT), the good teacher and the student (default `train.py`). Every run shares one teacher
+folder and one answer cache, so the teachers are built once. PNGs go to --out (docs/).
+"""
+import argparse
+import glob
+import json
+import os
+import sys
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+import eval as evaluation  # noqa: E402
+
+FIGURES = ("hs-vs-p", "hs-vs-steps", "hs-vs-shots", "loss-ablation", "schedule-ablation", "training-curves")
+MODELS = {"base": "base", "sft-baseline": "SFT baseline", "good-teacher": "good teacher", "student": "student"}
+LOSS_RUNS = {"loss-dpo": "dpo=1", "loss-npo": "npo=1", "loss-kl": "kl=1", "loss-kl_rev": "kl_rev=1"}
+SEQUENCE_RUNS = {"student": "sequential", "sequence-cyclic": "cyclic", "sequence-mixed": "mixed"}
+CURVE_P = 0.1
+# --quick: the embedded model on a 2-core CPU. Runs: 64 training prompts per pool, 1 epoch, 40 held-out
+# prompts; attacks: n = 40 (p·40 harmful), 4 epochs of batch 10 (16 steps) at lr 1e-4 (1e-5 barely
+# moves a model in 16 steps; hs-vs-p draws one line per lr found, so `eval.py --attack-lr` adds more),
+# HS on 40 prompts with 32-token answers, FA on 40 items, the p = 0.1 curve every 4 steps.
+SIZES = {
+    "quick": {"train": ["--limit", "64", "--epochs", "1", "--eval-limit", "40"],
+              "attack": ["--limit", "40", "--attack-n", "40", "--attack-epochs", "4", "--attack-batch", "10",
+                         "--attack-fa-n", "40", "--attack-max-new-tokens", "32"],
+              "n": 40, "lrs": [1e-4], "eval_every": 4, "shots": [0, 1, 2, 4, 8, 16]},
+    "full": {"train": [], "attack": [], "n": evaluation.ATTACK_PROTOCOL["n"], "lrs": [evaluation.ATTACK_PROTOCOL["lr"]],
+             "eval_every": 100, "shots": list(evaluation.SHOTS_GRID)},
+}
+
+
+def load_json(path):
+    with open(path) as f:
+        return json.load(f)
+
+
+def pct(x):
+    return 100 * x
+
+
+# ---------------------------------------------------------------- computing missing results
+
+def run_dir(res, name):
+    return os.path.join(res, "runs", name)
+
+
+def ensure_run(res, name, extra, size, base):
+    out = run_dir(res, name)
+    if not os.path.isfile(os.path.join(out, "eval.json")):
+        import train
+        print(f"[figures] train.py run {name}")
+        train.main(["--model", base, "--out", out, "--teacher-dir", os.path.join(res, "teachers"),
+                    "--cache-dir", os.path.join(res, "cache"), *SIZES[size]["train"], *extra])
+    return out
+
+
+def model_specs(res, size, base):
+    student = ensure_run(res, "student", [], size, base)  # also builds the shared good teacher
+    return {"base": base,
+            "sft-baseline": os.path.join(ensure_run(res, "sft-baseline", ["--loss", "sft=1"], size, base), "student"),
+            "good-teacher": os.path.join(res, "teachers", "good"),
+            "student": os.path.join(student, "student")}
+
+
+def attack_dir(res, model):
+    return os.path.join(res, "attacks", model)
+
+
+def ensure_attacks(res, size, base, incontext=False):
+    """Fine-tuning attacks over the p grid (the p = 0.1 one with a curve) or the in-context attack, per model."""
+    sz = SIZES[size]
+    data = run_dir(res, "student")  # the bad teacher's answers of the default run are the harmful pairs
+    for model, spec in model_specs(res, size, base).items():
+        common = ["--model", spec, "--attack-data", data, "--attack-out", attack_dir(res, model),
+                  *sz["attack"]]
+        if incontext:
+            if not os.path.isfile(os.path.join(attack_dir(res, model), "incontext.json")):
+                evaluation.main([*common, "--attack", "incontext", "--shots", *map(str, sz["shots"])])
+            continue
+        for lr in sz["lrs"]:
+            have = lambda p: os.path.isfile(os.path.join(attack_dir(res, model),
+                                                         evaluation.attack_filename(p, sz["n"], lr)))
+            if not have(CURVE_P):
+                evaluation.main([*common, "--attack", "finetune", "--attack-p", str(CURVE_P), "--attack-lr", str(lr),
+                                 "--attack-eval-every", str(sz["eval_every"])])
+            rest = [p for p in evaluation.ATTACK_P_GRID if not have(p)]
+            if rest:
+                evaluation.main([*common, "--attack", "finetune", "--attack-p", *map(str, rest),
+                                 "--attack-lr", str(lr)])
+
+
+# ---------------------------------------------------------------- rendering from saved results
+
+def finetune_results(res):
+    """{model: [(p, n, lr, result JSON)]} of every fine-tuning attack saved under res/attacks."""
+    out = {}
+    for path in sorted(glob.glob(os.path.join(res, "attacks", "*", "finetune_*.json"))):
+        saved = load_json(path)
+        a = saved["settings"]["attack"]
+        out.setdefault(os.path.basename(os.path.dirname(path)), []).append((a["p"], a["n"], a["lr"], saved))
+    if not out:
+        raise FileNotFoundError(f"no fine-tuning attack results in {res}/attacks")
+    return out
+
+
+def _legend_name(model):
+    return MODELS.get(model, model)
+
+
+def hs_vs_p(res, png):
+    fig, (ax_hs, ax_fa) = plt.subplots(1, 2, figsize=(10, 4))
+    for model, rows in finetune_results(res).items():
+        for n, lr in sorted({(r[1], r[2]) for r in rows}):
+            pts = sorted(((p, saved["result"]["curve"][-1]) for p, r_n, r_lr, saved in rows if (r_n, r_lr) == (n, lr)),
+                         key=lambda pt: pt[0])
+            label = f"{_legend_name(model)} (n {n}, lr {lr:g})"
+            ax_hs.plot([pct(p) for p, _ in pts], [pt["hs"]["hs"] for _, pt in pts], marker="o", label=label)
+            ax_fa.plot([pct(p) for p, _ in pts], [pt["fa"]["fa"] for _, pt in pts], marker="o", label=label)
+    for ax, name in ((ax_hs, "HS after the attack (%) ↓"), (ax_fa, "FA after the attack (%) ↑")):
+        ax.set(xlabel="harmful share p of the fine-tuning set (%)", ylabel=name)
+        ax.grid(alpha=0.3)
+    ax_hs.legend(fontsize=7)
+    _save(fig, png)
+
+
+def hs_vs_steps(res, png):
+    fig, (ax_hs, ax_fa) = plt.subplots(1, 2, figsize=(10, 4))
+    for model, rows in finetune_results(res).items():
+        for p, n, lr, saved in rows:
+            curve = saved["result"]["curve"]
+            if p != CURVE_P or len(curve) < 3:
+                continue
+            label = f"{_legend_name(model)} (lr {lr:g})"
+            ax_hs.plot([pt["step"] for pt in curve], [pt["hs"]["hs"] for pt in curve], marker="o", label=label)
+            ax_fa.plot([pt["step"] for pt in curve], [pt["fa"]["fa"] for pt in curve], marker="o", label=label)
+    if not ax_hs.lines:
+        raise FileNotFoundError(f"no attack curve (p = {CURVE_P}, --attack-eval-every) in {res}/attacks")
+    for ax, name in ((ax_hs, "HS (%) ↓"), (ax_fa, "FA (%) ↑")):
+        ax.set(xlabel=f"attack optimizer steps (p = {CURVE_P})", ylabel=name)
+        ax.grid(alpha=0.3)
+    ax_hs.legend(fontsize=7)
+    _save(fig, png)
+
+
+def hs_vs_shots(res, png):
+    fig, ax = plt.subplots(figsize=(5.5, 4))
+    for path in sorted(glob.glob(os.path.join(res, "attacks", "*", "incontext.json"))):
+        points = load_json(path)["result"]["points"]
+        ax.plot([pt["k"] for pt in points], [pt["hs"] for pt in points], marker="o",
+                label=_legend_name(os.path.basename(os.path.dirname(path))))
+    if not ax.lines:
+        raise FileNotFoundError(f"no in-context attack results in {res}/attacks")
+    ax.set_xscale("symlog", linthresh=1)
+    ax.set(xlabel="compliant shots k before the prompt", ylabel="HS (%) ↓")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    _save(fig, png)
+
+
+def ablation(res, runs, png, title):
+    """Grouped bars: the student's HS and over-refusal on held-out prompts, per run."""
+    names, hs, over = [], [], []
+    for name, label in runs.items():
+        path = os.path.join(run_dir(res, name), "eval.json")
+        if os.path.isfile(path):
+            student = load_json(path)["results"]["student"]
+            names.append(label)
+            hs.append(pct(student["hs"]))
+            over.append(pct(student["over_refusal"]))
+    if not names:
+        raise FileNotFoundError(f"no run of {', '.join(runs)} in {res}/runs")
+    fig, ax = plt.subplots(figsize=(1.6 * len(names) + 2, 4))
+    x = range(len(names))
+    ax.bar([i - 0.2 for i in x], hs, 0.4, label="HS (keyword) ↓")
+    ax.bar([i + 0.2 for i in x], over, 0.4, label="over-refusal ↓")
+    ax.set_xticks(list(x), names)
+    ax.set(ylabel="% of held-out prompts", title=title)
+    ax.legend(fontsize=8)
+    _save(fig, png)
+
+
+def training_curves(res, png):
+    path = os.path.join(run_dir(res, "student"), "metrics.jsonl")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no {path}")
+    with open(path) as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    fig, (ax_loss, ax_gamma, ax_lr) = plt.subplots(1, 3, figsize=(13, 3.8))
+    for level in sorted({r["level"] for r in rows}):
+        for kind, marker in (("harmful", "o"), ("harmless", "x")):
+            pts = [r for r in rows if r["level"] == level and r["kind"] == kind and "loss" in r]
+            if pts:
+                ax_loss.plot([r["step"] for r in pts], [r["loss"] for r in pts], marker, color=f"C{level - 1}",
+                             label=f"level {level} {kind}")
+    ax_gamma.plot([r["step"] for r in rows], [r["gamma"] for r in rows])
+    ax_lr.plot([r["step"] for r in rows], [r["lr"] for r in rows])
+    for ax, name in ((ax_loss, "loss (weighted)"), (ax_gamma, "γ"), (ax_lr, "learning rate")):
+        ax.set(xlabel="optimizer step", ylabel=name)
+        ax.grid(alpha=0.3)
+    ax_loss.legend(fontsize=6, ncol=2)
+    _save(fig, png)
+
+
+def _save(fig, png):
+    os.makedirs(os.path.dirname(os.path.abspath(png)), exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(png, dpi=120)
+    plt.close(fig)
+    print(f"wrote {png}")
+
+
+def make(figure, res, out, size, base, run_missing):
+    png = os.path.join(out, f"{figure}.png")
+    if figure in ("hs-vs-p", "hs-vs-steps"):
+        if run_missing:
+            ensure_attacks(res, size, base)
+        (hs_vs_p if figure == "hs-vs-p" else hs_vs_steps)(res, png)
+    elif figure == "hs-vs-shots":
+        if run_missing:
+            ensure_attacks(res, size, base, incontext=True)
+        hs_vs_shots(res, png)
+    elif figure == "loss-ablation":
+        runs = {**LOSS_RUNS, "student": "dpo=1,kl=1 (default)"}
+        if run_missing:
+            for name, loss in LOSS_RUNS.items():
+                ensure_run(res, name, ["--loss", loss], size, base)
+            ensure_run(res, "student", [], size, base)
+        ablation(res, runs, png, "loss ablation (student)")
+    elif figure == "schedule-ablation":
+        if run_missing:
+            for name, sequence in SEQUENCE_RUNS.items():
+                ensure_run(res, name, [] if name == "student" else ["--sequence", sequence], size, base)
+        ablation(res, SEQUENCE_RUNS, png, "level order ablation (student)")
+    else:
+        if run_missing:
+            ensure_run(res, "student", [], size, base)
+        training_curves(res, png)
+    return png
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("figure", choices=(*FIGURES, "all"))
+    p.add_argument("--quick", action="store_true", help="CPU sizes (see SIZES in figures.py)")
+    p.add_argument("--results", help="results folder (default: runs/figures-quick with --quick, else runs/figures)")
+    p.add_argument("--out", default="docs", help="folder of the PNGs")
+    p.add_argument("--model", default="smollm2-135m", help="the base model")
+    p.add_argument("--no-run", action="store_true", help="only render what is saved; never train or attack")
+    args = p.parse_args(argv)
+    size = "quick" if args.quick else "full"
+    res = args.results or os.path.join("runs", "figures-quick" if args.quick else "figures")
+    try:
+        return [make(f, res, args.out, size, args.model, not args.no_run)
+                for f in (FIGURES if args.figure == "all" else [args.figure])]
+    except (FileNotFoundError, KeyError) as e:
+        sys.exit(f"error: {e}")
+
+
+if __name__ == "__main__":
+    main()
