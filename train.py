@@ -224,12 +224,12 @@ class LoRALinear(torch.nn.Module):
     """y = W x + b + (α/r) · B A dropout(x), W and b frozen. A starts Kaiming-uniform (as nn.Linear's
     own init), B at zero, so the adapted model starts exactly equal to the base."""
 
-    def __init__(self, base, r, alpha, dropout=0.0):
+    def __init__(self, base, r, alpha, dropout=0.0, generator=None):
         super().__init__()
         self.base, self.scale = base, alpha / r
         self.lora_A = torch.nn.Parameter(torch.empty(r, base.in_features, device=base.weight.device))
         self.lora_B = torch.nn.Parameter(torch.zeros(base.out_features, r, device=base.weight.device))
-        torch.nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        torch.nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5), generator=generator)
         self.dropout = torch.nn.Dropout(dropout) if dropout else torch.nn.Identity()
 
     def forward(self, x):
@@ -252,9 +252,11 @@ def add_lora(model, args, dtype):
     if not found:
         raise ValueError(f"--lora-targets: no Linear layer named {', '.join(sorted(targets))} in "
                          f"{type(model).__name__}")
+    generator = torch.Generator(model.device).manual_seed(args.seed)  # the same seed gives the same adapters
     for name, module in found:
         parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent), child, LoRALinear(module, args.lora_r, alpha, args.lora_dropout))
+        setattr(model.get_submodule(parent), child,
+                LoRALinear(module, args.lora_r, alpha, args.lora_dropout, generator))
     return len(found)
 
 
