@@ -277,8 +277,8 @@ def student_state(model, opt, original=None):
     if original is not None:
         out = {k: original[k] if k in original else v for k, v in out.items()}
     for n, m in loras.items():
-        out[n + ".weight"] = out[n + ".weight"].float() + m.scale * (state[n + ".lora_B"].float()
-                                                                     @ state[n + ".lora_A"].float())
+        w = out[n + ".weight"].float()
+        out[n + ".weight"] = w + m.scale * (state[n + ".lora_B"].float() @ state[n + ".lora_A"].float()).to(w.device)
     return out
 
 
@@ -297,7 +297,8 @@ def offload_frozen(args, good, bad, ref, device, log):
             seen.add(id(model))
             offloaders.append(teachers.offload(model, device))
     if offloaders:
-        shared = " (the bad teacher is the base, so the base is offloaded too)" if bad is ref and args.offload == "teachers" else ""
+        shared = (" (the bad teacher is the base, so the base is offloaded too)"
+                  if bad is ref and args.offload == "teachers" else "")
         log(f"offloading {len(offloaders)} frozen model(s) layer by layer to {device}{shared}")
     return offloaders
 

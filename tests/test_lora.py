@@ -28,7 +28,8 @@ def test_zero_b_gives_the_base_logits_exactly(tokenizer):
     model, _, n = lora_model(tokenizer)
     assert n == 7 * 2  # every default target in both layers
     with torch.no_grad():
-        assert torch.equal(model(input_ids=ids(tokenizer)).logits, make_tiny(tokenizer)(input_ids=ids(tokenizer)).logits)
+        x = ids(tokenizer)
+        assert torch.equal(model(input_ids=x).logits, make_tiny(tokenizer)(input_ids=x).logits)
 
 
 def test_only_adapters_get_gradients(tokenizer):
