@@ -476,6 +476,133 @@ def break_by_ablation(args):
     return result
 
 
+# ---------------------------------------------------------------- CPU offloading of frozen models
+
+def _offload_layers(model):
+    layers = getattr(model.base_model, "layers", None) or getattr(model.base_model, "h", None)
+    if not isinstance(layers, torch.nn.ModuleList) or not len(layers):
+        raise ModelError(f"{type(model).__name__}: --offload needs a decoder with .layers or .h (a list of blocks)")
+    return layers
+
+
+class Offloader:
+    """Layer-by-layer offloading of a frozen model: every decoder layer's weights live in CPU memory
+    (pinned when the device is CUDA, so copies can overlap compute); a forward pre-hook copies the
+    layer's tensors to `device` just before it runs and a forward hook points them back at the CPU
+    copy right after, so at most two layers (the running one and the prefetched next one) occupy the
+    device. Embeddings, final norm and lm_head stay on `device`. Works under no_grad, in generate
+    (the KV cache holds activations, not weights) and in a backward through the model (gradients to
+    its inputs): weights saved for backward are packed as their CPU copy and copied back when
+    backward needs them. The release hook also runs when the layer raises (always_call), and every
+    pre-hook first releases layers left resident by an interrupted forward. The parameters are
+    frozen (requires_grad False). `remove()` (or leaving a `with` block) restores everything to
+    CPU and removes the hooks.
+
+    On a CPU-only machine device == storage device: the same path runs (a copy per layer), which
+    costs time and saves nothing; it is how the hooks are tested without a GPU."""
+
+    def __init__(self, model, device, prefetch=True):
+        self.model, self.device = model, torch.device(device)
+        self.layers = list(_offload_layers(model))
+        cuda = self.device.type == "cuda"
+        self.stream = torch.cuda.Stream(self.device) if cuda and prefetch else None
+        layer_tensors = set()
+        self.stored = []  # per layer: [(module, "_parameters" | "_buffers", name, CPU tensor)]
+        for layer in self.layers:
+            slots = []
+            for module in layer.modules():
+                for kind in ("_parameters", "_buffers"):
+                    for name, t in getattr(module, kind).items():
+                        if t is None:
+                            continue
+                        cpu = t.detach().to("cpu").contiguous()
+                        cpu = cpu.pin_memory() if cuda else cpu
+                        t.data = cpu
+                        layer_tensors.add(id(t))
+                        slots.append((module, kind, name, cpu))
+            self.stored.append(slots)
+        model.requires_grad_(False)
+        for module in model.modules():  # the rest stays resident on the device
+            for kind in ("_parameters", "_buffers"):
+                for name, t in getattr(module, kind).items():
+                    if t is not None and id(t) not in layer_tensors:
+                        t.data = t.data.to(self.device)
+        self.copies = {}  # layer index → its device tensors (resident or prefetched)
+        self.by_storage = {}  # storage pointer of a device copy → its CPU source, for saved tensors
+        self.saved_hooks = {}
+        self.swapped_in = [0] * len(self.layers)
+        self.released = [0] * len(self.layers)
+        self.handles = []
+        for i, layer in enumerate(self.layers):
+            self.handles.append(layer.register_forward_pre_hook(lambda m, a, i=i: self._swap_in(i)))
+            self.handles.append(layer.register_forward_hook(lambda m, a, o, i=i: self._release(i), always_call=True))
+
+    def _copy(self, i):
+        if i in self.copies:
+            return
+        with torch.cuda.stream(self.stream) if self.stream else contextlib.nullcontext():
+            self.copies[i] = [cpu.to(self.device, non_blocking=True, copy=True) for *_, cpu in self.stored[i]]
+
+    def _swap_in(self, i):
+        for stale in [j for j in self.copies if j != i or j in self.saved_hooks]:  # left by an interrupted forward
+            self._release(stale)
+        self._copy(i)
+        if self.stream:  # the prefetch ran on the side stream: compute waits for it, and owns the copies
+            torch.cuda.current_stream(self.device).wait_stream(self.stream)
+            for t in self.copies[i]:
+                t.record_stream(torch.cuda.current_stream(self.device))
+        for (module, kind, name, cpu), t in zip(self.stored[i], self.copies[i]):
+            getattr(module, kind)[name].data = t
+            self.by_storage[t.untyped_storage().data_ptr()] = cpu
+        if torch.is_grad_enabled():
+            self.saved_hooks[i] = torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack)
+            self.saved_hooks[i].__enter__()
+        self.swapped_in[i] += 1
+        if self.stream and i + 1 < len(self.layers):
+            self._copy(i + 1)
+
+    def _release(self, i):
+        if i in self.saved_hooks:
+            self.saved_hooks.pop(i).__exit__(None, None, None)
+        for (module, kind, name, cpu), t in zip(self.stored[i], self.copies.pop(i, [])):
+            getattr(module, kind)[name].data = cpu
+            self.by_storage.pop(t.untyped_storage().data_ptr(), None)
+        self.released[i] += 1
+
+    def _pack(self, t):
+        cpu = self.by_storage.get(t.untyped_storage().data_ptr())
+        if cpu is None:
+            return t
+        return cpu, t.device, t.size(), t.stride(), t.storage_offset()
+
+    def _unpack(self, packed):
+        if isinstance(packed, torch.Tensor):
+            return packed
+        cpu, device, size, stride, offset = packed
+        return cpu.to(device, non_blocking=True, copy=True).as_strided(size, stride, offset)
+
+    def remove(self):
+        """Undo: hooks removed, every tensor (layers and the rest) back in CPU memory."""
+        for i in list(self.copies):
+            self._release(i)
+        for h in self.handles:
+            h.remove()
+        self.handles = []
+        self.model.to("cpu")
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.remove()
+
+
+def offload(model, device, prefetch=True):
+    """Keep a frozen model's decoder layers in CPU memory, moved to `device` one at a time during
+    its forward; see Offloader. Returns the Offloader (`.remove()` undoes it)."""
+    return Offloader(model, device, prefetch)
+
+
 def _table_main(argv):
     import argparse
     p = argparse.ArgumentParser(prog="teachers.py [table]",

@@ -25,6 +25,7 @@ import copy
 import glob
 import hashlib
 import json
+import math
 import os
 import shutil
 import sys
@@ -44,7 +45,7 @@ import teachers
 LOSS_TERMS = ("dpo", "npo", "simnpo", "kl", "kl_rev", "sft")
 HARMLESS_TERMS = ("kl", "kl_rev", "dpo")
 # flags that change the result; a resumed run must agree with the saved run on all of them
-_RUN_FLAGS_IGNORED_ON_RESUME = ("resume", "plan_only", "no_eval", "force", "save_every", "eval_limit")
+_RUN_FLAGS_IGNORED_ON_RESUME = ("resume", "plan_only", "no_eval", "force", "save_every", "eval_limit", "offload")
 
 
 def parse_loss(spec):
@@ -137,6 +138,19 @@ def build_parser():
     g.add_argument("--plan-only", action="store_true", help="print the plan and stop (no model loaded)")
     g.add_argument("--no-eval", action="store_true", help="skip the final held-out evaluation")
     g.add_argument("--eval-limit", type=int, help="evaluate on at most N held-out prompts per pool")
+    g = p.add_argument_group("memory: offloading, LoRA")
+    g.add_argument("--offload", choices=("none", "teachers", "ref", "all"), default="none",
+                   help="frozen models whose decoder layers stay in CPU memory and visit the compute device one "
+                        "at a time: teachers (good and bad), ref (the frozen base: circuit-breaker reference and "
+                        "evaluation baseline), all")
+    g.add_argument("--lora-r", type=int, default=0, help="LoRA rank of the student (0: full fine-tuning)")
+    g.add_argument("--lora-alpha", type=float, help="LoRA α; the update is scaled by α/r (default 2·r: scale 2)")
+    g.add_argument("--lora-targets", default="q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",
+                   help="comma-separated names of the Linear layers that get adapters")
+    g.add_argument("--lora-dropout", type=float, default=0.0, help="dropout on the adapter's input")
+    g.add_argument("--optim-state-device", choices=("same", "cpu"), default="same",
+                   help="cpu: fp32 master weights and optimizer state in CPU memory when the model is on an "
+                        "accelerator (on a CPU-only machine both are the same)")
     return p
 
 
@@ -151,7 +165,9 @@ class MasterWeightOptimizer:
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.master = []
         for p in self.params:
-            master = p.detach().float().clone() if compute_dtype != torch.float32 or p.dtype != torch.float32 else p
+            device = torch.device("cpu") if args.optim_state_device == "cpu" else p.device
+            separate = compute_dtype != torch.float32 or p.dtype != torch.float32 or device != p.device
+            master = p.detach().to(device, torch.float32, copy=True) if separate else p
             self.master.append(master)
             p.data = p.data.to(compute_dtype)
         kind = torch.optim.AdamW if args.optimizer == "adamw" else torch.optim.SGD
@@ -163,7 +179,7 @@ class MasterWeightOptimizer:
         cannot move them either)."""
         for m, p in zip(self.master, self.params):
             if m is not p:
-                m.grad = None if p.grad is None else p.grad.float()
+                m.grad = None if p.grad is None else p.grad.to(m.device, torch.float32)
                 p.grad = None
         saved = []
         for m, f in zip(self.master, frozen or []):
@@ -200,6 +216,91 @@ class MasterWeightOptimizer:
                 m.copy_(state[names[id(p)]])
                 if m is not p:
                     p.copy_(m)
+
+
+# ---------------------------------------------------------------- LoRA and offloading
+
+class LoRALinear(torch.nn.Module):
+    """y = W x + b + (α/r) · B A dropout(x), W and b frozen. A starts Kaiming-uniform (as nn.Linear's
+    own init), B at zero, so the adapted model starts exactly equal to the base."""
+
+    def __init__(self, base, r, alpha, dropout=0.0, generator=None):
+        super().__init__()
+        self.base, self.scale = base, alpha / r
+        self.lora_A = torch.nn.Parameter(torch.empty(r, base.in_features, device=base.weight.device))
+        self.lora_B = torch.nn.Parameter(torch.zeros(base.out_features, r, device=base.weight.device))
+        torch.nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5), generator=generator)
+        self.dropout = torch.nn.Dropout(dropout) if dropout else torch.nn.Identity()
+
+    def forward(self, x):
+        return self.base(x) + self.scale * torch.nn.functional.linear(
+            torch.nn.functional.linear(self.dropout(x), self.lora_A), self.lora_B)
+
+
+def add_lora(model, args, dtype):
+    """Freeze the model (cast to the compute dtype: no master copies are kept of frozen weights) and
+    wrap every Linear named in --lora-targets in a LoRALinear; only the adapters train."""
+    if args.lora_r < 0 or args.lora_dropout < 0 or args.lora_dropout >= 1:
+        raise ValueError("--lora-r must be >= 0 and --lora-dropout in [0, 1)")
+    targets = {t.strip() for t in args.lora_targets.split(",") if t.strip()}
+    alpha = args.lora_alpha if args.lora_alpha is not None else 2.0 * args.lora_r
+    if "lm_head" in targets and getattr(model.config, "tie_word_embeddings", False):
+        raise ValueError("--lora-targets: lm_head is tied to the embeddings in this model; adapt other layers")
+    model.requires_grad_(False).to(dtype)
+    found = [(name, module) for name, module in model.named_modules()
+             if isinstance(module, torch.nn.Linear) and name.rsplit(".", 1)[-1] in targets]
+    if not found:
+        raise ValueError(f"--lora-targets: no Linear layer named {', '.join(sorted(targets))} in "
+                         f"{type(model).__name__}")
+    generator = torch.Generator(model.device).manual_seed(args.seed)  # the same seed gives the same adapters
+    for name, module in found:
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent), child,
+                LoRALinear(module, args.lora_r, alpha, args.lora_dropout, generator))
+    return len(found)
+
+
+def lora_modules(model):
+    return {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
+
+
+def student_state(model, opt, original=None):
+    """What a checkpoint or student/ stores: the fp32 master weights; with LoRA, every adapted
+    weight merged (W + α/r · B A in fp32) under the plain model's names, and the frozen weights taken
+    from `original` (the fp32 base) when given, since the student holds them only in compute dtype."""
+    state = opt.master_state(model)
+    loras = lora_modules(model)
+    if not loras:
+        return state
+    rename = {f"{n}.base.{s}": f"{n}.{s}" for n in loras for s in ("weight", "bias")}
+    out = {rename.get(k, k): v for k, v in state.items() if k.rsplit(".", 1)[-1] not in ("lora_A", "lora_B")}
+    if original is not None:
+        out = {k: original[k] if k in original else v for k, v in out.items()}
+    for n, m in loras.items():
+        w = out[n + ".weight"].float()
+        out[n + ".weight"] = w + m.scale * (state[n + ".lora_B"].float() @ state[n + ".lora_A"].float()).to(w.device)
+    return out
+
+
+def adapter_state(model, opt):
+    """The fp32 master values of the LoRA adapters, by parameter name: all that exact resume needs."""
+    return {k: v for k, v in opt.master_state(model).items() if k.rsplit(".", 1)[-1] in ("lora_A", "lora_B")}
+
+
+def offload_frozen(args, good, bad, ref, device, log):
+    """--offload: keep the chosen frozen models' layers in CPU memory (teachers.Offloader). The bad
+    teacher may be the ref model itself (the base as it is): it is offloaded once."""
+    chosen = {"none": [], "teachers": [good, bad], "ref": [ref], "all": [good, bad, ref]}[args.offload]
+    offloaders, seen = [], set()
+    for model in chosen:
+        if id(model) not in seen:
+            seen.add(id(model))
+            offloaders.append(teachers.offload(model, device))
+    if offloaders:
+        shared = (" (the bad teacher is the base, so the base is offloaded too)"
+                  if bad is ref and args.offload == "teachers" else "")
+        log(f"offloading {len(offloaders)} frozen model(s) layer by layer to {device}{shared}")
+    return offloaders
 
 
 # ---------------------------------------------------------------- forward passes
@@ -534,10 +635,13 @@ def gather_canaries(model, canary, step, t, ctx, levels, args):
     return out
 
 
-def save_checkpoint(path, model, tokenizer, opt, step, args, canary=None):
+def save_checkpoint(path, model, tokenizer, opt, step, args, canary=None, original=None):
     tmp = path + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    teachers.save_model(model, tokenizer, tmp, state_dict=opt.master_state(model))
+    teachers.save_model(model, tokenizer, tmp, state_dict=student_state(model, opt, original))
+    if lora_modules(model):  # the merged weights above are for transformers; resume reads the adapters
+        save_file({k: v.contiguous().cpu() for k, v in adapter_state(model, opt).items()},
+                  os.path.join(tmp, "adapter.safetensors"))
     torch.save({"step": step, "optimizer": opt.optimizer.state_dict(), "rng": torch.get_rng_state(),
                 "canary_key": canary["key"] if canary else None}, os.path.join(tmp, "trainer_state.pt"))
     if canary and canary["masks"]:
@@ -658,6 +762,9 @@ def run(args):
         changed = [k for k in now if k not in _RUN_FLAGS_IGNORED_ON_RESUME and saved.get(k) != now[k]]
         if changed:
             raise ValueError(f"--resume: flags differ from the saved run: {', '.join('--' + k.replace('_', '-') for k in changed)}")
+    if args.lora_r and args.canary_mode != "off":
+        raise ValueError("--canary-mode with --lora-r: canary params are entries of the full weight matrices, "
+                         "which LoRA freezes; use full fine-tuning (--lora-r 0)")
     log(f"data: {len(harmful)} harmful / {len(harmless)} harmless training prompts, "
         f"{len(harmful_test)} / {len(harmless_test)} held out")
 
@@ -698,6 +805,10 @@ def run(args):
         log(f"note: {cut} teacher answers longer than --max-response-tokens {args.max_response_tokens} were cut")
 
     student = copy.deepcopy(base)
+    compute_dtype = torch.bfloat16 if args.precision == "bf16" else torch.float32
+    if args.lora_r:
+        log(f"LoRA: rank {args.lora_r} adapters on {add_lora(student, args, compute_dtype)} Linear layers")
+    offload_frozen(args, good, bad, base_compute, next(student.parameters()).device, log)
     if args.gradient_checkpointing:
         student.gradient_checkpointing_enable()
     opt = MasterWeightOptimizer(student, args, torch.bfloat16 if args.precision == "bf16" else torch.float32)
@@ -779,13 +890,14 @@ def run(args):
             f.write(json.dumps(row) + "\n")
         bar.set_postfix(kind=step.kind, level=step.level + 1, loss=f"{row.get('loss', 0):.3f}")
         if (t + 1) % args.save_every == 0 or t + 1 == len(plan):
-            save_checkpoint(os.path.join(ckpt_dir, f"step-{t + 1}"), student, tokenizer, opt, t + 1, args, canary)
+            save_checkpoint(os.path.join(ckpt_dir, f"step-{t + 1}"), student, tokenizer, opt, t + 1, args, canary,
+                            base.state_dict())
             for old in glob.glob(os.path.join(ckpt_dir, "step-*")):
                 if old != os.path.join(ckpt_dir, f"step-{t + 1}"):
                     shutil.rmtree(old, ignore_errors=True)
     final = os.path.join(ckpt_dir, f"step-{len(plan)}")
     student_dir = os.path.join(args.out, "student")
-    teachers.save_model(student, tokenizer, student_dir, state_dict=opt.master_state(student))
+    teachers.save_model(student, tokenizer, student_dir, state_dict=student_state(student, opt, base.state_dict()))
     if canary["masks"]:
         save_masks(canary["masks"], student_dir)
     log(f"student saved to {student_dir} (last checkpoint {final})")
@@ -816,6 +928,8 @@ def run(args):
 
 def _load_state(model, folder):
     from safetensors.torch import load_file
+    if lora_modules(model):
+        return load_file(os.path.join(folder, "adapter.safetensors"))
     state = load_file(os.path.join(folder, "model.safetensors"))
     if "lm_head.weight" not in state and getattr(model.config, "tie_word_embeddings", False):
         state["lm_head.weight"] = state["model.embed_tokens.weight"]

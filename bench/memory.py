@@ -1,0 +1,98 @@
+"""Memory and time of --offload and --lora-r on the embedded SmolLM2-135M.
+
+    python bench/memory.py                 # 8 prompts, bf16, offload on the device torch finds
+    python bench/memory.py --batch 4 --lora-r 16
+
+offload: a frozen teacher's forward (no_grad) over a batch of real prompt+answer tokens, plain and
+offloaded; "peak resident" is the largest number of parameter bytes the model held on the compute
+device at any moment of the offloaded forward, read through the hooks (on CUDA also
+torch.cuda.max_memory_allocated). On a CPU-only machine the device is the CPU: the numbers show the
+hook/copy overhead, not a saving.
+lora: trainable parameters, bytes of fp32 master weights + AdamW state (3 × 4 bytes per trainable
+parameter), and the time of one optimizer step (DPO + KL) for full fine-tuning and for LoRA.
+"""
+import argparse
+import copy
+import os
+import sys
+import time
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import schedule  # noqa: E402
+import teachers  # noqa: E402
+import train  # noqa: E402
+
+
+def mib(n):
+    return f"{n / 2**20:.1f} MiB"
+
+
+def timed(fn, repeats):
+    fn()  # warm-up
+    t0 = time.perf_counter()
+    for _ in range(repeats):
+        fn()
+    return (time.perf_counter() - t0) / repeats
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--batch", type=int, default=8, help="examples per forward / optimizer step")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--lora-r", type=int, default=8)
+    a = p.parse_args()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model, tok, _ = teachers.load_model("smollm2-135m", dtype=torch.bfloat16, device=device)
+    prompts = [e.prompt for e in train.data.load_pool("harmful")[0][:a.batch]]
+    feats = [train.data.encode(tok, p, teachers.refusal_for(p)) for p in prompts]  # the good answer
+    compliant = "Sure, here is a detailed answer. First, you need to gather the materials and then"
+    print(f"device {device}, torch {torch.__version__}, {torch.get_num_threads()} threads, batch {a.batch}")
+
+    unique = {t.data_ptr(): t for t in model.state_dict().values()}  # tied embeddings counted once
+    total = sum(t.numel() * t.element_size() for t in unique.values())
+    with torch.no_grad():
+        plain = timed(lambda: train.forward(model, feats), a.repeats)
+        off = teachers.offload(model, device)
+        peak = {"bytes": 0}
+        rest = total - sum(cpu.numel() * cpu.element_size() for slots in off.stored for *_, cpu in slots)
+
+        def watch(module, args):
+            held = sum(t.numel() * t.element_size() for ts in off.copies.values() for t in ts)
+            peak["bytes"] = max(peak["bytes"], rest + held)
+        handles = [layer.register_forward_pre_hook(watch) for layer in off.layers]
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        offloaded = timed(lambda: train.forward(model, feats), a.repeats)
+        for h in handles:
+            h.remove()
+    print(f"offload: parameters {mib(total)}; peak resident during the offloaded forward {mib(peak['bytes'])} "
+          f"(embeddings/norm/lm_head {mib(rest)} + at most two of {len(off.layers)} layers)")
+    if device.type == "cuda":
+        print(f"offload: torch.cuda.max_memory_allocated {mib(torch.cuda.max_memory_allocated())}")
+    print(f"offload: forward {plain * 1000:.0f} ms plain, {offloaded * 1000:.0f} ms offloaded "
+          f"({offloaded / plain:.2f}x)")
+    off.remove()
+
+    for r in (0, a.lora_r):
+        student = copy.deepcopy(model).to(device).requires_grad_(True)
+        args = train.build_parser().parse_args(["--lora-r", str(r), "--micro-batch", str(a.batch)])
+        if r:
+            train.add_lora(student, args, torch.bfloat16)
+        opt = train.MasterWeightOptimizer(student, args, torch.bfloat16)
+        trainable = sum(p.numel() for p in opt.params)
+        pool = {"good": feats, "bad": [train.data.encode(tok, p, compliant) for p in prompts]}
+        pool["ref_good"] = train.sequence_logps_of(student, pool["good"], a.batch)
+        pool["ref_bad"] = train.sequence_logps_of(student, pool["bad"], a.batch)
+        step = schedule.Step("harmful", 0, 0, list(range(a.batch)))
+        seconds = timed(lambda: train.run_step(student, model, opt, step, {"harmful": pool}, args, 1.0, 1e-5),
+                        a.repeats)
+        print(f"{'full fine-tuning' if not r else f'LoRA r={r}'}: {trainable / 1e6:.2f} M trainable parameters, "
+              f"fp32 master + AdamW state {mib(trainable * 12)}, optimizer step {seconds:.2f} s")
+
+
+if __name__ == "__main__":
+    main()
