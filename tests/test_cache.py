@@ -129,12 +129,12 @@ def test_topk_cache_is_keyed_by_teacher_data_k_and_temperature(tokenizer, tmp_pa
     assert cache.ids.shape[1] == 4 and cache.offsets[-1] == sum(float(n) for n in train.n_response(ctx["harmful"]["good"]))
 
 
-def test_pipeline_with_cache_trains_without_the_teacher(tiny_folder, tmp_path, monkeypatch):
+def test_pipeline_with_cache_and_grouping_trains_without_the_teacher(tiny_folder, tmp_path, monkeypatch):
     seen = []
     real_step = train.run_step
     monkeypatch.setattr(train, "run_step", lambda model, good, *a, **k: (seen.append(good), real_step(model, good, *a, **k))[1])
     out = train.run(pipeline_args(tiny_folder, tmp_path, "--teacher-topk", "8", "--epochs", "1",
-                                  "--loss", "dpo=1,kl=1,kl_rev=0.5"))
+                                  "--loss", "dpo=1,kl=1,kl_rev=0.5", "--group-by-length", "2", "--micro-tokens", "300"))
     assert seen and all(g is None for g in seen)  # training never held the good teacher
     assert "good teacher" in out["results"]  # it is reloaded for the evaluation
     rows = [json.loads(l) for l in open(tmp_path / "metrics.jsonl")]
