@@ -199,15 +199,21 @@ class TopkCache:
             np.load(os.path.join(folder, f"{name}.{part}.npy"), mmap_mode="r") for part in TOPK_PARTS)
 
     def window(self, idx, mask):
-        """(ids, logps, tail) of examples `idx` laid out like a student window: [B, W, k], [B, W, k],
-        [B, W], filled where mask [B, W] is True (each row's response positions in order), 0 elsewhere."""
-        rows = [slice(int(self.offsets[i]), int(self.offsets[i + 1])) for i in idx]
-        out = []
-        for array in (self.ids, self.logps, self.tail):
-            full = torch.zeros(*mask.shape, *array.shape[1:], dtype=torch.long if array is self.ids else torch.float)
-            full[mask.cpu()] = torch.from_numpy(np.concatenate([array[r] for r in rows])).to(full.dtype)
-            out.append(full.to(mask.device))
-        return tuple(out)
+        """`topk_window` of examples `idx`, read from disk."""
+        slices = [slice(int(self.offsets[i]), int(self.offsets[i + 1])) for i in idx]
+        return topk_window([torch.from_numpy(np.concatenate([array[r] for r in slices]))
+                            for array in (self.ids, self.logps, self.tail)], mask)
+
+
+def topk_window(rows, mask):
+    """(ids, logps, tail) rows laid out like a student window: [B, W, k] long, [B, W, k] and [B, W]
+    float, filled where mask [B, W] is True (each row's response positions in order), 0 elsewhere."""
+    out = []
+    for values in rows:
+        full = torch.zeros(*mask.shape, *values.shape[1:], dtype=torch.float if values.is_floating_point() else torch.long)
+        full[mask.cpu()] = values.to(full.dtype)
+        out.append(full.to(mask.device))
+    return tuple(out)
 
 
 # ---------------------------------------------------------------- building teachers

@@ -25,11 +25,7 @@ def sample(B=3, T=6, V=40, scale=2.0):
 def windowed(teacher_logits, labels, k, tau):
     """The cached rows laid out like TopkCache.window does."""
     mask = losses.response_mask(labels)
-    ids, logps, tail = teachers.topk_logps(teacher_logits, labels, k, tau)
-    full = [torch.zeros(*mask.shape, k, dtype=torch.long), torch.zeros(*mask.shape, k), torch.zeros(mask.shape)]
-    for f, rows in zip(full, (ids.long(), logps, tail)):
-        f[mask] = rows
-    return full, mask
+    return list(teachers.topk_window(teachers.topk_logps(teacher_logits, labels, k, tau), mask)), mask
 
 
 @pytest.mark.parametrize("tau", [1.0, 2.0])
@@ -44,7 +40,7 @@ def test_topk_with_the_whole_vocabulary_equals_the_full_kl(tau):
 def test_topk_gap_is_the_tail_conditional_kl():
     """Bucketing the ids outside the top-k: kl − kl_topk = p(tail) · KL(p(·|tail) ‖ q(·|tail)) ≥ 0."""
     s, t, labels = sample(V=30)
-    k, mask = 5, None
+    k = 5
     cached, mask = windowed(t, labels, k, 1.0)
     lp_s, lp_t = torch.log_softmax(s, -1), torch.log_softmax(t, -1)
     for fn, topk_fn, p, q in ((losses.kl, losses.kl_topk, lp_t, lp_s), (losses.kl_rev, losses.kl_rev_topk, lp_s, lp_t)):
