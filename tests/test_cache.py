@@ -134,4 +134,4 @@ def test_pipeline_with_cache_and_grouping_trains_without_the_teacher(tiny_folder
     assert seen and all(g is None for g in seen)  # training never held the good teacher
     assert "good teacher" in out["results"]  # it is reloaded for the evaluation
     rows = [json.loads(l) for l in open(tmp_path / "metrics.jsonl")]
-    assert len(rows) == 4 and all(r["kl"] >= 0 and r["kl_rev"] >= 0 for r in rows)  # bucketed KLs are KLs
+    assert len(rows) == 4 and all(r["kl"] > -1e-6 and r["kl_rev"] > -1e-6 for r in rows)  # KLs, up to float error
