@@ -977,8 +977,10 @@ def run(args):
     student.eval()
     test_h = harmful_test[:args.eval_limit] if args.eval_limit else harmful_test
     test_b = harmless_test[:args.eval_limit] if args.eval_limit else harmless_test
-    if good is None:
+    if good is None:  # freed for training by --teacher-topk; reloaded (and offloaded as --offload says)
         good = teachers.load_model(good_teacher_path(args))[0]
+        if args.offload in ("teachers", "all"):
+            teachers.offload(good, next(student.parameters()).device)
     rows = {"base": evaluation.evaluate(base_compute, tokenizer, test_h, test_b),
             "good teacher": evaluation.evaluate(good, tokenizer, test_h, test_b)}
     if bad is not base_compute:
