@@ -7,8 +7,9 @@ AdamW; model(**batch).loss.backward()) and TRL's DPOTrainer, on the same batch o
 
 Each variant runs in its own subprocess, since peak RSS only grows within a process; the peak is
 taken over the steps alone (the high-water mark is reset after loading, where Linux allows it).
-"FLOP limit" is 6 · parameters · tokens at the bf16 matmul rate measured here at start (a large
-torch.matmul); the ratio says how many times slower than that bound a step is.
+"FLOP limit" is 6 · parameters · tokens at the bf16 matmul rate (a large torch.matmul) measured in
+the variant's own process just before its steps; the ratio says how many times slower than that
+bound a step is.
 """
 import argparse
 import json
@@ -123,6 +124,7 @@ def run_one(variant, args):
     else:
         return trl_dpo(model, tokenizer, rows, args, n_params, tokens)
 
+    flops = matmul_flops(args.matmul)  # here, not once at start: other load on the machine changes over the run
     reset = reset_peak()
     times = []
     for i in range(args.warmup + args.steps):
@@ -131,7 +133,7 @@ def run_one(variant, args):
         times.append(time.perf_counter() - t)
     times = times[args.warmup:]
     return {"variant": variant, "seconds": sum(times) / len(times), "tokens": tokens, "params": n_params,
-            "peak_mib": rss_mib("VmHWM"), "peak_is_steps_only": reset}
+            "peak_mib": rss_mib("VmHWM"), "peak_is_steps_only": reset, "flops": flops}
 
 
 def trl_dpo(model, tokenizer, rows, args, n_params, tokens):
@@ -163,11 +165,12 @@ def trl_dpo(model, tokenizer, rows, args, n_params, tokens):
                            dataloader_num_workers=0, beta=0.1)
         trainer = DPOTrainer(model=model, args=config, train_dataset=dataset, processing_class=tokenizer,
                              callbacks=[Timer()])
+        flops = matmul_flops(args.matmul)
         reset = reset_peak()
         trainer.train()
     times = times[args.warmup:]
     return {"variant": "trl-dpo", "seconds": sum(times) / len(times), "tokens": tokens, "params": n_params,
-            "peak_mib": rss_mib("VmHWM"), "peak_is_steps_only": reset,
+            "peak_mib": rss_mib("VmHWM"), "peak_is_steps_only": reset, "flops": flops,
             "note": "reference log-probs precomputed before the timed steps, as ours"}
 
 
@@ -176,28 +179,27 @@ def main():
     if args.one:
         print("RESULT " + json.dumps(run_one(args.one, args)))
         return
-    flops = matmul_flops(args.matmul)
-    print(f"bf16 matmul {args.matmul}^3: {flops / 1e9:.1f} GFLOP/s; threads {torch.get_num_threads()}; "
-          f"batch {args.batch} x {args.seq} tokens, {args.warmup} warm-up + {args.steps} timed steps")
+    print(f"threads {torch.get_num_threads()}; batch {args.batch} x {args.seq} tokens, {args.warmup} warm-up + {args.steps} timed steps")
     results = []
     for v in args.variants:
         cmd = [sys.executable, os.path.abspath(__file__), "--one", v, "--batch", str(args.batch), "--seq",
-               str(args.seq), "--steps", str(args.steps), "--warmup", str(args.warmup)]
+               str(args.seq), "--steps", str(args.steps), "--warmup", str(args.warmup), "--matmul", str(args.matmul)]
         done = subprocess.run(cmd, capture_output=True, text=True)
         line = next((l for l in done.stdout.splitlines() if l.startswith("RESULT ")), None)
         results.append(json.loads(line[7:]) if line else
                        {"variant": v, "skipped": f"failed: {(done.stderr.strip().splitlines() or ['?'])[-1]}"})
     base = next((r["seconds"] for r in results if r["variant"] == "plain-sft" and "seconds" in r), None)
-    print("\n| variant | s / step | tokens / step | tokens / s | × plain-sft time | peak RSS (MiB) | × FLOP limit |")
-    print("| --- | --- | --- | --- | --- | --- | --- |")
+    print("\n| variant | s / step | tokens / step | tokens / s | × plain-sft time | peak RSS (MiB) | bf16 GFLOP/s | × FLOP limit |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in results:
         if "skipped" in r:
-            print(f"| {r['variant']} | skipped: {r['skipped']} | | | | | |")
+            print(f"| {r['variant']} | skipped: {r['skipped']} | | | | | | |")
             continue
-        bound = 6 * r["params"] * r["tokens"] / flops
+        bound = 6 * r["params"] * r["tokens"] / r["flops"]
         rel = f"{r['seconds'] / base:.2f}" if base else "-"
         print(f"| {r['variant']} | {r['seconds']:.2f} | {r['tokens']} | {r['tokens'] / r['seconds']:.0f} | {rel} | "
-              f"{r['peak_mib']:.0f}{'' if r['peak_is_steps_only'] else ' (incl. load)'} | {r['seconds'] / bound:.1f} |")
+              f"{r['peak_mib']:.0f}{'' if r['peak_is_steps_only'] else ' (incl. load)'} | {r['flops'] / 1e9:.0f} | "
+              f"{r['seconds'] / bound:.1f} |")
     for r in results:
         if r.get("note"):
             print(f"{r['variant']}: {r['note']}")
