@@ -22,6 +22,7 @@ Which data each loss term sees (weights from --loss):
 import argparse
 import contextlib
 import copy
+import datetime
 import glob
 import hashlib
 import json
@@ -33,6 +34,7 @@ import time
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from safetensors.torch import save_file
 from tqdm import tqdm
 
@@ -569,10 +571,12 @@ def example_lengths(ctx, kind, args):
 
 
 def split_step(step, ctx, args):
-    """The step's micro-batches: --micro-batch examples each, or at most --micro-tokens padded tokens."""
+    """This process's micro-batches of the step (its shard under torchrun): --micro-batch examples
+    each, or at most --micro-tokens padded tokens."""
+    mine = shard(step.indices)
     if not args.micro_tokens:
-        return [step.indices[i:i + args.micro_batch] for i in range(0, len(step.indices), args.micro_batch)]
-    return schedule.micro_batches(step.indices, example_lengths(ctx, step.kind, args),
+        return [mine[i:i + args.micro_batch] for i in range(0, len(mine), args.micro_batch)]
+    return schedule.micro_batches(mine, example_lengths(ctx, step.kind, args),
                                   2 if uses_bad(step.kind, args) else 1, args.micro_tokens)
 
 
@@ -630,6 +634,8 @@ def run_step(model, good_teacher, opt, step, ctx, args, gamma, lr, progress=0.0,
         for k, v in parts.items():
             totals[k] = totals.get(k, 0.0) + v
         totals["loss"] = totals.get("loss", 0.0) + float(loss.detach()) * scale
+    all_reduce_grads(opt.params)
+    totals = sum_over_ranks(totals)
     totals["grad_norm"] = opt.step(lr, args.clip, frozen)
     if args.cb_alpha:
         totals["cb_coef"], totals["cb_retain_coef"] = cb_coef
@@ -663,6 +669,83 @@ def sft(model, tokenizer, pairs, args, epochs, lr, desc, lr_schedule="cosine", w
             after_step(t + 1, model)
     model.eval()
     return model
+
+
+# ---------------------------------------------------------------- data parallel (torchrun)
+
+# rank 0 may spend long building teachers while the other ranks wait at a barrier
+DIST_TIMEOUT = datetime.timedelta(hours=6)
+
+
+def dist_setup():
+    """Join the process group when started by torchrun (WORLD_SIZE > 1): gloo for CPU tensors,
+    NCCL for CUDA ones. A plain `python train.py` stays a single process."""
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1 or dist.is_initialized():
+        return
+    backend = "gloo"
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        backend = "cpu:gloo,cuda:nccl"
+    dist.init_process_group(backend, timeout=DIST_TIMEOUT)
+
+
+def rank_and_world():
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+
+
+def is_main():
+    return rank_and_world()[0] == 0
+
+
+def shard(indices):
+    """This rank's contiguous slice of a global batch (possibly empty). Contiguous, so when
+    --micro-batch divides the slice the micro-batches are exactly those of one process."""
+    rank, world = rank_and_world()
+    return indices[rank * len(indices) // world:(rank + 1) * len(indices) // world]
+
+
+def all_reduce_grads(params):
+    """Sum the trainable gradients over ranks, once per optimizer step. Each rank's loss is already
+    scaled by its share of the global batch (batch_terms' `share`), so the sum is the one-process
+    gradient. Summed in fp32 and rounded once to the compute dtype, as one process accumulating
+    in bf16 would round. Explicit rather than the DDP wrapper: the student is also run forward and
+    backward outside the update (LAT's δ search, canary scores), which DDP would all-reduce, and the
+    fp32 master copies live outside the module. A parameter no rank has a gradient for keeps None,
+    so AdamW skips it as one process would."""
+    if not dist.is_initialized():
+        return
+    has = torch.tensor([p.grad is not None for p in params], dtype=torch.int32)
+    dist.all_reduce(has)
+    pending = []
+    for p, n in zip(params, has.tolist()):
+        if n:
+            g = p.grad.float() if p.grad is not None else torch.zeros(p.shape, device=p.device)
+            pending.append((p, g, dist.all_reduce(g, async_op=True)))
+    for p, g, work in pending:
+        work.wait()
+        p.grad = g.to(p.dtype)
+
+
+def sum_over_ranks(totals):
+    """Logged values (each already a share of the global batch) summed in rank order, so the
+    metrics are the global batch's, as one process logs them."""
+    if not dist.is_initialized():
+        return totals
+    parts = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, totals)
+    out = {}
+    for part in parts:
+        for k, v in part.items():
+            out[k] = out.get(k, 0.0) + v
+    return out
+
+
+def main_first(phase):
+    """Around work that writes shared files (teachers, answer caches, reference log-probs): the
+    other ranks wait at phase 'before' until rank 0 reaches 'after', then redo the work, finding
+    everything on disk. Without a shared disk each rank computes the same deterministic result."""
+    if dist.is_initialized() and (phase == "before") != is_main():
+        dist.barrier()
 
 
 # ---------------------------------------------------------------- checkpoints
@@ -790,10 +873,14 @@ def main(argv=None):
         return run(args)
     except (data.DataError, teachers.ModelError, ValueError) as e:
         sys.exit(f"error: {e}")
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
 def run(args):
     t_start = time.time()
+    dist_setup()
     args.teacher_dir = args.teacher_dir or os.path.join(args.out, "teachers")
     args.cache_dir = args.cache_dir or os.path.join(args.out, "cache")
     os.makedirs(args.out, exist_ok=True)
@@ -801,7 +888,8 @@ def run(args):
     log_lines = []
 
     def log(msg):
-        tqdm.write(msg)
+        if is_main():
+            tqdm.write(msg)
         log_lines.append(msg)
 
     harmful, harmful_test, harmless, harmless_test = load_pools(args)
@@ -832,13 +920,15 @@ def run(args):
     base, tokenizer, base_key = teachers.load_model(args.model, dtype=torch.float32)
     data.check_chat_template(tokenizer, args.model)
     base_compute = copy.deepcopy(base).to(torch.bfloat16) if args.precision == "bf16" else base
+    main_first("before")
     good, bad, keys, answers = prepare_teachers(args, base_compute, tokenizer, base_key, harmful, harmless, log)
 
     report = teachers.teacher_report({"good": answers["good"][0], "bad": answers["bad"][0]},
                                      {"good": answers["good"][1], "bad": answers["bad"][1]})
-    with open(os.path.join(args.out, "teacher_eval.json"), "w") as f:
-        json.dump({"report": report, "models": keys, "prompts": "training prompts",
-                   "settings": evaluation.settings(seed=args.seed)}, f, indent=2)
+    if is_main():
+        with open(os.path.join(args.out, "teacher_eval.json"), "w") as f:
+            json.dump({"report": report, "models": keys, "prompts": "training prompts",
+                       "settings": evaluation.settings(seed=args.seed)}, f, indent=2)
     log("teacher evaluation on the training prompts:\n" + teachers.teacher_table(report))
     teachers.check_teachers(report, args.force)
 
@@ -887,6 +977,7 @@ def run(args):
                 feats = ctx[kind][side]
                 cached[f"{kind}_{side}"] = sequence_logps_of(student, feats, args.micro_batch) if feats else None
         torch.save(cached, ref_path)
+    main_first("after")
     for kind in ("harmful", "harmless"):
         ctx[kind]["ref_good"], ctx[kind]["ref_bad"] = cached[f"{kind}_good"], cached[f"{kind}_bad"]
 
@@ -931,18 +1022,18 @@ def run(args):
             from safetensors.torch import load_file
             canary = {"masks": {k: v.bool() for k, v in load_file(masks_path).items()}, "key": state["canary_key"]}
         keep = []
-        if os.path.exists(metrics_path):
+        if os.path.exists(metrics_path) and is_main():
             with open(metrics_path) as f:
                 keep = [l for l in f if json.loads(l)["step"] < start]
-        with open(metrics_path, "w") as f:
-            f.writelines(keep)
+            with open(metrics_path, "w") as f:
+                f.writelines(keep)
         log(f"resumed from {resume_from} at step {start} of {len(plan)}")
-    elif os.path.exists(metrics_path):
+    elif os.path.exists(metrics_path) and is_main():
         os.remove(metrics_path)
 
     log(f"training: {len(plan)} optimizer steps, {n_levels} levels, loss {args.loss}")
     ckpt_dir = os.path.join(args.out, "checkpoints")
-    bar = tqdm(range(start, len(plan)), desc="student", initial=start, total=len(plan))
+    bar = tqdm(range(start, len(plan)), desc="student", initial=start, total=len(plan), disable=not is_main())
     for t in bar:
         step = plan[t]
         gamma = schedule.gamma_at(t, len(plan), args.gamma_schedule, args.gamma_start, args.gamma_end,
@@ -956,6 +1047,8 @@ def run(args):
             extra["canary_dw"], extra["rest_dw"] = canary_drift(canary["masks"], opt.master_state(student), initial)
         row = {"step": t, "epoch": step.epoch, "level": step.level + 1, "kind": step.kind, "gamma": gamma, "lr": lr,
                **row, **extra, "seconds": round(time.time() - t0, 3)}
+        if not is_main():  # every rank holds the same weights and metrics; rank 0 writes them
+            continue
         with open(metrics_path, "a") as f:
             f.write(json.dumps(row) + "\n")
         bar.set_postfix(kind=step.kind, level=step.level + 1, loss=f"{row.get('loss', 0):.3f}")
@@ -965,6 +1058,8 @@ def run(args):
             for old in glob.glob(os.path.join(ckpt_dir, "step-*")):
                 if old != os.path.join(ckpt_dir, f"step-{t + 1}"):
                     shutil.rmtree(old, ignore_errors=True)
+    if not is_main():
+        return None
     final = os.path.join(ckpt_dir, f"step-{len(plan)}")
     student_dir = os.path.join(args.out, "student")
     teachers.save_model(student, tokenizer, student_dir, state_dict=student_state(student, opt, base.state_dict()))

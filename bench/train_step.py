@@ -1,0 +1,209 @@
+"""Speed and memory of one training step on the embedded SmolLM2-135M: ours (train.run_step, bf16
+compute / fp32 master weights) against a plain transformers loop (fp32 weights, bf16 autocast,
+AdamW; model(**batch).loss.backward()) and TRL's DPOTrainer, on the same batch of real tokens.
+
+    python bench/train_step.py                         # 8 x 128 tokens, 1 warm-up + 3 timed steps
+    python bench/train_step.py --batch 16 --seq 256 --steps 5 --variants ours-sft plain-sft
+
+Each variant runs in its own subprocess, since peak RSS only grows within a process; the peak is
+taken over the steps alone (the high-water mark is reset after loading, where Linux allows it).
+"FLOP limit" is 6 · parameters · tokens at the bf16 matmul rate (a large torch.matmul) measured in
+the variant's own process just before its steps; the ratio says how many times slower than that
+bound a step is.
+"""
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+VARIANTS = ("ours-sft", "plain-sft", "ours-dpo", "trl-dpo", "ours-dpo+kl")
+
+
+def parse():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--batch", type=int, default=8, help="examples per optimizer step")
+    p.add_argument("--seq", type=int, default=128, help="tokens per example (prompt + answer)")
+    p.add_argument("--steps", type=int, default=3, help="timed steps, after --warmup")
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
+    p.add_argument("--matmul", type=int, default=2048, help="size of the square bf16 matmul timed for FLOP/s")
+    p.add_argument("--one", choices=VARIANTS, help=argparse.SUPPRESS)  # internal: run one variant, print JSON
+    return p.parse_args()
+
+
+def rss_mib(field):
+    with open("/proc/self/status") as f:
+        return next(int(l.split()[1]) for l in f if l.startswith(field + ":")) / 1024
+
+
+def reset_peak():
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # resets VmHWM to the current RSS
+        return True
+    except OSError:
+        return False
+
+
+def matmul_flops(n, reps=10):
+    a, b = torch.randn(n, n, dtype=torch.bfloat16), torch.randn(n, n, dtype=torch.bfloat16)
+    a @ b
+    t = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    return 2 * n ** 3 * reps / (time.perf_counter() - t)
+
+
+def examples(tokenizer, n, seq):
+    """n (prompt, chosen features, rejected features), each exactly `seq` tokens: real harmless
+    prompts, answers cut from this repository's README (a refusal in front of the chosen one)."""
+    import data
+    import teachers
+    prompts = [r["prompt"] for r in map(json.loads, open(data.BUILTIN)) if not r["harmful"]][:n]
+    words = open(os.path.join(ROOT, "README.md")).read().split()
+    rows = []
+    for i, p in enumerate(prompts):
+        chosen = teachers.refusal_for(p) + " " + " ".join(words[40 * i:40 * i + 400])
+        rejected = " ".join(words[40 * i + 400:40 * i + 800])
+        n_prompt = data.encode(tokenizer, p, "")["labels"].count(data.IGNORE)
+        if seq <= n_prompt:
+            raise SystemExit(f"--seq {seq}: the chat-formatted prompt alone takes {n_prompt} tokens")
+        rows.append((p, *(data.encode(tokenizer, p, r, 10 ** 6, seq - n_prompt) for r in (chosen, rejected))))
+    return rows
+
+
+def answer_text(tokenizer, feats):
+    return tokenizer.decode([t for t in feats["labels"] if t != -100], skip_special_tokens=True)
+
+
+def run_one(variant, args):
+    import teachers
+    import train
+    torch.manual_seed(0)
+    model, tokenizer, _ = teachers.load_model("smollm2-135m", dtype=torch.float32)
+    rows = examples(tokenizer, args.batch, args.seq)
+    n_params = sum(p.numel() for p in model.parameters())
+    sequences = 2 if "dpo" in variant else 1
+    tokens = sum(len(f["input_ids"]) for r in rows for f in r[1:1 + sequences])
+
+    if variant.startswith("ours"):
+        import schedule
+        loss = {"ours-sft": "sft=1", "ours-dpo": "dpo=1", "ours-dpo+kl": "dpo=1,kl=1"}[variant]
+        targs = train.build_parser().parse_args(["--loss", loss, "--micro-batch", str(args.batch), "--lr", "1e-6",
+                                                 "--max-response-tokens", str(args.seq)])
+        teacher = None
+        if "kl" in variant:  # a bf16 copy of the base stands in for the good teacher
+            import copy
+            teacher = copy.deepcopy(model).to(torch.bfloat16).eval()
+        opt = train.MasterWeightOptimizer(model, targs, torch.bfloat16)
+        pool = {"good": [r[1] for r in rows], "bad": [r[2] for r in rows]}
+        pool["ref_good"] = train.sequence_logps_of(model, pool["good"], args.batch)
+        pool["ref_bad"] = train.sequence_logps_of(model, pool["bad"], args.batch)
+        ctx = {"harmful": pool}
+        plan_step = schedule.Step("harmful", 0, 0, list(range(len(rows))))
+        step = lambda: train.run_step(model, teacher, opt, plan_step, ctx, targs, 1.0, 1e-6)
+    elif variant == "plain-sft":
+        import data
+        batch = data.collate([r[1] for r in rows], tokenizer.pad_token_id or 0)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-6)
+        model.train()
+
+        def step():
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                out = model(**batch, use_cache=False)
+            out.loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+    else:
+        return trl_dpo(model, tokenizer, rows, args, n_params, tokens)
+
+    flops = matmul_flops(args.matmul)  # here, not once at start: other load on the machine changes over the run
+    reset = reset_peak()
+    times = []
+    for i in range(args.warmup + args.steps):
+        t = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - t)
+    times = times[args.warmup:]
+    return {"variant": variant, "seconds": sum(times) / len(times), "tokens": tokens, "params": n_params,
+            "peak_mib": rss_mib("VmHWM"), "peak_is_steps_only": reset, "flops": flops}
+
+
+def trl_dpo(model, tokenizer, rows, args, n_params, tokens):
+    try:
+        from datasets import Dataset
+        from transformers import TrainerCallback
+        from trl import DPOConfig, DPOTrainer
+    except ImportError as e:
+        return {"variant": "trl-dpo", "skipped": f"trl not importable ({e})"}
+    import tempfile
+    model.is_quantized, model.hf_quantizer = False, None  # GGUF weights are dequantized to plain fp32
+    dataset = Dataset.from_list([{"prompt": [{"role": "user", "content": p}],
+                                  "chosen": [{"role": "assistant", "content": answer_text(tokenizer, c)}],
+                                  "rejected": [{"role": "assistant", "content": answer_text(tokenizer, r)}]}
+                                 for p, c, r in rows])
+    times = []
+
+    class Timer(TrainerCallback):
+        def on_step_begin(self, *a, **k):
+            times.append(time.perf_counter())
+
+        def on_step_end(self, *a, **k):
+            times[-1] = time.perf_counter() - times[-1]
+
+    with tempfile.TemporaryDirectory() as out:
+        config = DPOConfig(output_dir=out, per_device_train_batch_size=args.batch, max_steps=args.warmup + args.steps,
+                           learning_rate=1e-6, bf16=True, use_cpu=True, report_to=[], logging_steps=10 ** 6,
+                           save_strategy="no", precompute_ref_log_probs=True, max_length=args.seq + 16,
+                           dataloader_num_workers=0, beta=0.1)
+        trainer = DPOTrainer(model=model, args=config, train_dataset=dataset, processing_class=tokenizer,
+                             callbacks=[Timer()])
+        flops = matmul_flops(args.matmul)
+        reset = reset_peak()
+        trainer.train()
+    times = times[args.warmup:]
+    return {"variant": "trl-dpo", "seconds": sum(times) / len(times), "tokens": tokens, "params": n_params,
+            "peak_mib": rss_mib("VmHWM"), "peak_is_steps_only": reset, "flops": flops,
+            "note": "reference log-probs precomputed before the timed steps, as ours"}
+
+
+def main():
+    args = parse()
+    if args.one:
+        print("RESULT " + json.dumps(run_one(args.one, args)))
+        return
+    print(f"threads {torch.get_num_threads()}; batch {args.batch} x {args.seq} tokens, {args.warmup} warm-up + {args.steps} timed steps")
+    results = []
+    for v in args.variants:
+        cmd = [sys.executable, os.path.abspath(__file__), "--one", v, "--batch", str(args.batch), "--seq",
+               str(args.seq), "--steps", str(args.steps), "--warmup", str(args.warmup), "--matmul", str(args.matmul)]
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        line = next((l for l in done.stdout.splitlines() if l.startswith("RESULT ")), None)
+        results.append(json.loads(line[7:]) if line else
+                       {"variant": v, "skipped": f"failed: {(done.stderr.strip().splitlines() or ['?'])[-1]}"})
+    base = next((r["seconds"] for r in results if r["variant"] == "plain-sft" and "seconds" in r), None)
+    print("\n| variant | s / step | tokens / step | tokens / s | × plain-sft time | peak RSS (MiB) | bf16 GFLOP/s | × FLOP limit |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    for r in results:
+        if "skipped" in r:
+            print(f"| {r['variant']} | skipped: {r['skipped']} | | | | | | |")
+            continue
+        bound = 6 * r["params"] * r["tokens"] / r["flops"]
+        rel = f"{r['seconds'] / base:.2f}" if base else "-"
+        print(f"| {r['variant']} | {r['seconds']:.2f} | {r['tokens']} | {r['tokens'] / r['seconds']:.0f} | {rel} | "
+              f"{r['peak_mib']:.0f}{'' if r['peak_is_steps_only'] else ' (incl. load)'} | {r['flops'] / 1e9:.0f} | "
+              f"{r['seconds'] / bound:.1f} |")
+    for r in results:
+        if r.get("note"):
+            print(f"{r['variant']}: {r['note']}")
+
+
+if __name__ == "__main__":
+    main()

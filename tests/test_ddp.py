@@ -1,0 +1,69 @@
+"""torchrun data parallel: 2 gloo processes on CPU reproduce one process at the same global batch."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import train
+from conftest import ROOT
+from test_train import run_interrupted_at_step_5
+
+# fp32 so the tolerance measures the reduction, not bf16 rounding. Measured here: bit-identical
+# (bf16 too); the tolerance leaves room for other thread counts (torchrun gives each worker one
+# thread, which may change matmul summation order). Wrong reductions differ by >= 3e-5 in weights.
+FLAGS = ("--no-eval", "--precision", "fp32")
+
+
+def cli(folder, out, *extra):
+    return ["--model", folder, "--out", str(out), "--limit", "8", "--levels", "2", "--batch-size", "4",
+            "--micro-batch", "2", "--epochs", "2", "--max-new-tokens", "6", "--teacher-epochs", "1", "--force",
+            "--save-every", "3", "--loss", "dpo=1,npo=0.5,kl=1", "--no-filter-pairs", *FLAGS, *extra]
+
+
+def torchrun(folder, out, *extra):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           os.path.join(ROOT, "train.py"), *cli(folder, out, *extra)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
+def metrics(out):
+    return [{k: v for k, v in json.loads(l).items() if k != "seconds"} for l in open(out / "metrics.jsonl")]
+
+
+def assert_same_run(a, b):
+    ra, rb = metrics(a), metrics(b)
+    assert len(ra) == len(rb) == 8
+    for x, y in zip(ra, rb):
+        assert x.keys() == y.keys()
+        for k in x:
+            assert y[k] == pytest.approx(x[k], rel=1e-5, abs=1e-7), (x["step"], k)
+    wa = load_file(str(a / "student" / "model.safetensors"))
+    wb = load_file(str(b / "student" / "model.safetensors"))
+    assert wa.keys() == wb.keys()
+    assert max(float((wa[k] - wb[k]).abs().max()) for k in wa) < 1e-5
+
+
+@pytest.fixture(scope="module")
+def one_process(tiny_folder, tmp_path_factory):
+    out = tmp_path_factory.mktemp("one")
+    train.run(train.build_parser().parse_args(cli(tiny_folder, out)))
+    return out
+
+
+def test_two_processes_match_one(one_process, tiny_folder, tmp_path):
+    torchrun(tiny_folder, tmp_path)  # builds its own teachers, caches and reference log-probs
+    assert_same_run(one_process, tmp_path)
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["step-8"]
+
+
+def test_two_processes_resume_a_one_process_run(one_process, tiny_folder, tmp_path, monkeypatch):
+    shared = ["--teacher-dir", str(one_process / "teachers"), "--cache-dir", str(one_process / "cache")]
+    run_interrupted_at_step_5(monkeypatch, train.build_parser().parse_args(cli(tiny_folder, tmp_path, *shared)))
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["step-3"]
+    torchrun(tiny_folder, tmp_path, *shared, "--resume")
+    assert_same_run(one_process, tmp_path)
