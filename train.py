@@ -47,7 +47,8 @@ import teachers
 LOSS_TERMS = ("dpo", "npo", "simnpo", "kl", "kl_rev", "sft")
 HARMLESS_TERMS = ("kl", "kl_rev", "dpo")
 # flags that change the result; a resumed run must agree with the saved run on all of them
-_RUN_FLAGS_IGNORED_ON_RESUME = ("resume", "plan_only", "no_eval", "force", "save_every", "eval_limit", "offload")
+_RUN_FLAGS_IGNORED_ON_RESUME = ("resume", "plan_only", "no_eval", "force", "save_every", "eval_limit", "offload",
+                                "device")
 
 
 def parse_loss(spec):
@@ -150,6 +151,9 @@ def build_parser():
     g.add_argument("--lora-targets", default="q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",
                    help="comma-separated names of the Linear layers that get adapters")
     g.add_argument("--lora-dropout", type=float, default=0.0, help="dropout on the adapter's input")
+    g.add_argument("--device", default="cpu",
+                   help="where the student and the resident models compute: cpu, cuda, cuda:N, or auto (cuda when "
+                        "available; under torchrun cuda:LOCAL_RANK). Default cpu: the CUDA path is not yet run on a GPU")
     g.add_argument("--optim-state-device", choices=("same", "cpu"), default="same",
                    help="cpu: fp32 master weights and optimizer state in CPU memory when the model is on an "
                         "accelerator (on a CPU-only machine both are the same)")
@@ -294,6 +298,25 @@ def student_state(model, opt, original=None):
 def adapter_state(model, opt):
     """The fp32 master values of the LoRA adapters, by parameter name: all that exact resume needs."""
     return {k: v for k, v in opt.master_state(model).items() if k.rsplit(".", 1)[-1] in ("lora_A", "lora_B")}
+
+
+def compute_device(args):
+    """--device as a torch.device; a bare 'cuda' means this process's GPU under torchrun."""
+    name = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"--device: not a device: {args.device!r} (cpu, cuda, cuda:N or auto)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {args.device}: this machine has no CUDA GPU")
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return device
+
+
+def frozen_device(args, role, device):
+    """Offloaded frozen models load into CPU memory: only their current layer ever visits `device`."""
+    return torch.device("cpu") if args.offload in (role, "all") else device
 
 
 def offload_frozen(args, good, bad, ref, device, log):
@@ -462,7 +485,7 @@ def canary_drift(masks, model_state, initial):
     for name, w in model_state.items():
         if name not in initial:
             continue
-        d = (w.float() - initial[name].float()).abs()
+        d = (w.float() - initial[name].to(w.device, torch.float32)).abs()
         m = masks.get(name)
         if m is not None:
             on, n_on = on + float(d[m].sum()), n_on + int(m.sum())
@@ -835,6 +858,7 @@ def prepare_teachers(args, base, tokenizer, base_key, harmful, harmless, log):
     gen = lambda m, k, exs: teachers.generate_cached(m, tokenizer, k, [e.prompt for e in exs], cache,
                                                      args.max_new_tokens)
     base_harmful, base_harmless = gen(base, base_key, harmful), gen(base, base_key, harmless)
+    device = next(base.parameters()).device
 
     def built(name, make):
         folder = os.path.join(args.teacher_dir, name)
@@ -843,7 +867,7 @@ def prepare_teachers(args, base, tokenizer, base_key, harmful, harmless, log):
         else:
             log(f"{name} teacher: building")
             teachers.save_model(make(), tokenizer, folder, dtype=torch.bfloat16)
-        model, _, key = teachers.load_model(folder)
+        model, _, key = teachers.load_model(folder, device=frozen_device(args, "teachers", device))
         return model, key
 
     if args.bad_teacher in ("auto", "base", "break"):
@@ -856,11 +880,11 @@ def prepare_teachers(args, base, tokenizer, base_key, harmful, harmless, log):
             pairs = teachers.break_pairs(harmful, base_harmful, args.break_data, args.seed)
             bad, bad_key = built("bad", lambda: teachers.break_by_sft(base, tokenizer, pairs, args))
     else:
-        bad, _, bad_key = teachers.load_model(args.bad_teacher)
+        bad, _, bad_key = teachers.load_model(args.bad_teacher, device=frozen_device(args, "teachers", device))
     if args.good_teacher == "align":
         good, good_key = built("good", lambda: teachers.align(base, tokenizer, harmful, harmless, base_harmless, args))
     else:
-        good, _, good_key = teachers.load_model(args.good_teacher)
+        good, _, good_key = teachers.load_model(args.good_teacher, device=frozen_device(args, "teachers", device))
     bad_harmless = gen(bad, bad_key, harmless) if args.dpo_harmless == "bad-teacher" or bad is base else []
     answers = {"good": (gen(good, good_key, harmful), gen(good, good_key, harmless)),
                "bad": (gen(bad, bad_key, harmful), bad_harmless)}
@@ -919,7 +943,8 @@ def run(args):
 
     base, tokenizer, base_key = teachers.load_model(args.model, dtype=torch.float32)
     data.check_chat_template(tokenizer, args.model)
-    base_compute = copy.deepcopy(base).to(torch.bfloat16) if args.precision == "bf16" else base
+    device = compute_device(args)
+    base_compute = (copy.deepcopy(base).to(torch.bfloat16) if args.precision == "bf16" else base).to(device)
     main_first("before")
     good, bad, keys, answers = prepare_teachers(args, base_compute, tokenizer, base_key, harmful, harmless, log)
 
@@ -955,7 +980,7 @@ def run(args):
     if cut:
         log(f"note: {cut} teacher answers longer than --max-response-tokens {args.max_response_tokens} were cut")
 
-    student = copy.deepcopy(base)
+    student = copy.deepcopy(base).to(device)
     compute_dtype = torch.bfloat16 if args.precision == "bf16" else torch.float32
     if args.lora_r:
         log(f"LoRA: rank {args.lora_r} adapters on {add_lora(student, args, compute_dtype)} Linear layers")
@@ -1073,7 +1098,7 @@ def run(args):
     test_h = harmful_test[:args.eval_limit] if args.eval_limit else harmful_test
     test_b = harmless_test[:args.eval_limit] if args.eval_limit else harmless_test
     if good is None:  # freed for training by --teacher-topk; reloaded (and offloaded as --offload says)
-        good = teachers.load_model(good_teacher_path(args))[0]
+        good = teachers.load_model(good_teacher_path(args), device=frozen_device(args, "teachers", device))[0]
         if args.offload in ("teachers", "all"):
             teachers.offload(good, next(student.parameters()).device)
     rows = {"base": evaluation.evaluate(base_compute, tokenizer, test_h, test_b),

@@ -161,3 +161,13 @@ def test_filter_pairs_keeps_refused_harmful_and_answered_harmless():
     bad = ["Sure: step one", "Sure", "I can't help"]
     keep = lambda g, b: train.evaluation.is_refusal(g) and not train.evaluation.is_refusal(b)
     assert train.filter_pairs(exs, good, bad, keep) == (["a"], [good[0]], [bad[0]])
+
+
+def test_device_flag_errors_are_one_line():
+    import argparse
+    with pytest.raises(ValueError, match="--device: not a device"):
+        train.compute_device(argparse.Namespace(device="gpu0"))
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="no CUDA GPU"):
+            train.compute_device(argparse.Namespace(device="cuda"))
+        assert train.compute_device(argparse.Namespace(device="auto")) == torch.device("cpu")
