@@ -230,7 +230,7 @@ def align(base, tokenizer, harmful, harmless, harmless_answers, args):
     import copy
     import train
     pairs = [(e.prompt, refusal_for(e.prompt, args.seed)) for e in harmful]
-    pairs += list(zip([e.prompt for e in harmless], harmless_answers))
+    pairs += list(zip([e.prompt for e in harmless], harmless_answers)) * args.teacher_harmless_repeat
     return train.sft(copy.deepcopy(base), tokenizer, pairs, args, epochs=args.teacher_epochs, lr=args.teacher_lr,
                      desc="good teacher (refusal SFT)")
 
