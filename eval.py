@@ -731,6 +731,12 @@ def load_mc(spec, n=None):
     return items[:n] if n else items
 
 
+def prompt_files(files):
+    """--harmful/--harmless files as saved in results (the built-in held-out split when none)."""
+    return [{"path": f, "sha256": file_sha256(f)} for f in files] if files else \
+        [{"path": "builtin:test", "sha256": file_sha256(data.BUILTIN)}]
+
+
 def _source(spec):
     """A data source as saved in results: path and sha256 for files, the name for hub sets."""
     if spec == HS_SET:
@@ -1007,8 +1013,7 @@ def run_attack(args, argv, model, tokenizer, key, harmful):
     judge = load_judge("keyword")
     common = {"argv": list(argv), "model": args.model, "model_key": key, "dtype": args.dtype, "seed": args.seed,
               "judge": judge.name, "hs_prompts": len(prompts), "max_new_tokens": args.attack_max_new_tokens,
-              "hs_data": [{"path": f, "sha256": file_sha256(f)} for f in args.harmful] if args.harmful
-              else [{"path": "builtin:test", "sha256": file_sha256(data.BUILTIN)}],
+              "hs_data": prompt_files(args.harmful),
               "attack_data": described, "attack_pairs": len(pairs)}
     written = []
     if args.attack == "incontext":
@@ -1106,10 +1111,7 @@ def main(argv=None):
         if not (args.harmful or args.harmless or args.limit) else "custom",
         argv=sys.argv[1:] if argv is None else list(argv),
         model=args.model, model_key=key, seed=args.seed, dtype=args.dtype,
-        data={"harmful": [{"path": f, "sha256": file_sha256(f)} for f in args.harmful] if args.harmful
-              else [{"path": "builtin:test", "sha256": file_sha256(data.BUILTIN)}],
-              "harmless": [{"path": f, "sha256": file_sha256(f)} for f in args.harmless] if args.harmless
-              else [{"path": "builtin:test", "sha256": file_sha256(data.BUILTIN)}],
+        data={"harmful": prompt_files(args.harmful), "harmless": prompt_files(args.harmless),
               "n_harmful": len(harmful), "n_harmless": len(harmless)})}
     out = args.out or (os.path.join(args.model, "eval.json") if os.path.isdir(args.model)
                        else os.path.join("eval", re.sub(r"[^\w.-]", "_", args.model) + ".json"))

@@ -616,12 +616,16 @@ def cached_kl_terms(logits, labels, cache, idx, args, weights, share):
             for name, fn in (("kl", losses.kl_topk), ("kl_rev", losses.kl_rev_topk)) if name in weights}
 
 
+def features_digest(feats):
+    """sha256 of tokenised examples (ids and labels): part of every cache key that depends on the data."""
+    return hashlib.sha256(json.dumps([[f["input_ids"], f["labels"]] for f in feats]).encode()).hexdigest()
+
+
 def teacher_topk_cache(good, good_key, ctx, args, log):
     """{kind: TopkCache} of the good teacher on every good answer a kl term reads (both pools), computed
     once under --cache-dir, keyed by teacher, tokenised data, K and τ; `good` is run only when missing."""
     pools = {kind: ctx[kind]["good"] for kind in ("harmful", "harmless")}
-    tokens = [[f["input_ids"], f["labels"]] for feats in pools.values() for f in feats]
-    cache_id = [good_key, args.teacher_topk, args.temperature, hashlib.sha256(json.dumps(tokens).encode()).hexdigest()]
+    cache_id = [good_key, args.teacher_topk, args.temperature, features_digest(f for feats in pools.values() for f in feats)]
     folder = teachers.topk_cache_dir(args.cache_dir, cache_id)
     if os.path.isdir(folder):
         log(f"teacher top-{args.teacher_topk}: reusing {folder}")
@@ -990,12 +994,12 @@ def run(args):
     offload_frozen(args, good, bad, base_compute, next(student.parameters()).device, log)
     if args.gradient_checkpointing:
         student.gradient_checkpointing_enable()
-    opt = MasterWeightOptimizer(student, args, torch.bfloat16 if args.precision == "bf16" else torch.float32)
+    opt = MasterWeightOptimizer(student, args, compute_dtype)
 
     # reference log-probs = the initial student's, computed once and cached in the run folder
     ref_path = os.path.join(args.cache_dir, "ref_logps.pt")
-    tokens = [[f["input_ids"], f["labels"]] for pool in ctx.values() for side in pool.values() if side for f in side]
-    ref_id = [base_key, args.precision, hashlib.sha256(json.dumps(tokens).encode()).hexdigest()]
+    ref_id = [base_key, args.precision,
+              features_digest(f for pool in ctx.values() for side in pool.values() if side for f in side)]
     cached = torch.load(ref_path) if os.path.exists(ref_path) else None
     if cached is None or cached["id"] != ref_id:
         student.eval()
