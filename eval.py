@@ -829,8 +829,8 @@ ATTACK_MAX_RESPONSE_TOKENS = 128   # whole answers: bad-teacher answers are at m
 INCONTEXT_MAX_TOKENS = 4096        # many-shot prompt limit (also capped by the model's context)
 
 
-def attack_filename(p, n, lr):
-    return f"finetune_p{p:g}_n{n}_lr{lr:g}.json"
+def attack_filename(p, n, lr, lora_r=0):
+    return f"finetune_p{p:g}_n{n}_lr{lr:g}{f'_lora{lora_r}' if lora_r else ''}.json"
 
 
 def _prompt_key(prompt):
@@ -895,11 +895,12 @@ def finetune_attack(model, tokenizer, harmful_pairs, benign_pairs, n=ATTACK_PROT
                     lr=ATTACK_PROTOCOL["lr"], epochs=ATTACK_PROTOCOL["epochs"], batch=ATTACK_PROTOCOL["batch"],
                     eval_every=0, eval_fn=None, seed=0, micro_batch=8, precision="bf16",
                     weight_decay=ATTACK_PROTOCOL["weight_decay"], warmup_ratio=ATTACK_PROTOCOL["warmup_ratio"],
-                    lr_schedule=ATTACK_PROTOCOL["lr_schedule"], before=None):
+                    lr_schedule=ATTACK_PROTOCOL["lr_schedule"], before=None, lora_r=0):
     """Fine-tune a deep copy of `model` (the original is never touched) on attack_mix(...) with
     train.sft. eval_fn(model) -> dict is recorded before the attack, every `eval_every` optimizer
     steps (0: only before and after) and after the last step; `before`, when given, is eval_fn's
-    result on the unattacked model, reused as the step-0 point. Returns (attacked copy, record)."""
+    result on the unattacked model, reused as the step-0 point. lora_r > 0 attacks with LoRA adapters
+    of that rank (train.py's --lora-* defaults) instead of all weights. Returns (attacked copy, record)."""
     import train
     mix, n_harmful = attack_mix(harmful_pairs, benign_pairs, n, p, seed)
     args = train.build_parser().parse_args([])
@@ -908,6 +909,9 @@ def finetune_attack(model, tokenizer, harmful_pairs, benign_pairs, n=ATTACK_PROT
     total = epochs * -(-len(mix) // batch)
     warmup = round(warmup_ratio * total)
     attacked = copy.deepcopy(model)
+    if lora_r:
+        args.lora_r = lora_r
+        train.add_lora(attacked, args, torch.bfloat16 if precision == "bf16" else torch.float32)
     curve = []
 
     def record(steps, m):
@@ -980,6 +984,7 @@ def add_attack_arguments(p):
     g.add_argument("--attack-lr", type=float, nargs="+", default=[ATTACK_PROTOCOL["lr"]], help="learning rates (sweep)")
     g.add_argument("--attack-epochs", type=int, default=ATTACK_PROTOCOL["epochs"])
     g.add_argument("--attack-batch", type=int, default=ATTACK_PROTOCOL["batch"])
+    g.add_argument("--attack-lora-r", type=int, default=0, help="attack with LoRA adapters of this rank (0: all weights)")
     g.add_argument("--attack-scale", type=float, default=1.0, help="multiplies every --attack-n (e.g. 0.04 on a CPU)")
     g.add_argument("--attack-max-new-tokens", type=int, default=MAX_NEW_TOKENS,
                    help="answer length for HS during attacks (the keyword judge reads the opening)")
@@ -1010,9 +1015,9 @@ def run_attack(args, argv, model, tokenizer, key, harmful):
         raise data.DataError("--attack needs --attack-data (a train.py run folder or e.g. advbench.csv)")
     prompts = [e.prompt for e in harmful]
     pairs, described = load_attack_pairs(args.attack_data, prompts)
-    judge = load_judge("keyword")
+    judge = load_judge(args.judge or "keyword", threshold=args.threshold)
     common = {"argv": list(argv), "model": args.model, "model_key": key, "dtype": args.dtype, "seed": args.seed,
-              "judge": judge.name, "hs_prompts": len(prompts), "max_new_tokens": args.attack_max_new_tokens,
+              **judge_settings(judge), "hs_prompts": len(prompts), "max_new_tokens": args.attack_max_new_tokens,
               "hs_data": prompt_files(args.harmful),
               "attack_data": described, "attack_pairs": len(pairs)}
     written = []
@@ -1041,15 +1046,16 @@ def run_attack(args, argv, model, tokenizer, key, harmful):
             for lr in args.attack_lr:
                 _, record = finetune_attack(model, tokenizer, pairs, benign, n, p, lr, args.attack_epochs,
                                             args.attack_batch, args.attack_eval_every, measure, args.seed,
-                                            precision="bf16" if args.dtype == "bfloat16" else "fp32", before=before)
+                                            precision="bf16" if args.dtype == "bfloat16" else "fp32", before=before,
+                                            lora_r=args.attack_lora_r)
                 result = {"attack": "finetune", **record}
                 protocol = {**ATTACK_PROTOCOL, "n": n, "p": p, "lr": lr, "epochs": args.attack_epochs,
-                            "batch": args.attack_batch, "scale": args.attack_scale,
+                            "batch": args.attack_batch, "scale": args.attack_scale, "lora_r": args.attack_lora_r,
                             "eval_every": args.attack_eval_every, "max_response_tokens": ATTACK_MAX_RESPONSE_TOKENS,
                             "task": args.attack_task, "task_path": args.attack_task_path,
                             "task_sha256": file_sha256(args.attack_task_path), "fa_n": len(fa_test)}
                 payload = {"result": result, "settings": settings(**common, attack=protocol)}
-                written.append(os.path.join(out_dir, attack_filename(p, n, lr)))
+                written.append(os.path.join(out_dir, attack_filename(p, n, lr, args.attack_lora_r)))
                 write_results(written[-1], payload, _attack_table(result))
                 first, last = record["curve"][0], record["curve"][-1]
                 print(f"p={p:g} n={n} lr={lr:g}: HS {first['hs']['hs']:.1f}% → {last['hs']['hs']:.1f}%, "

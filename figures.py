@@ -113,14 +113,16 @@ def finetune_results(res):
     for path in sorted(glob.glob(os.path.join(res, "attacks", "*", "finetune_*.json"))):
         saved = load_json(path)
         a = saved["settings"]["attack"]
-        out.setdefault(os.path.basename(os.path.dirname(path)), []).append((a["p"], a["n"], a["lr"], saved))
+        model = os.path.basename(os.path.dirname(path)) + (f"+lora{a['lora_r']}" if a.get("lora_r") else "")
+        out.setdefault(model, []).append((a["p"], a["n"], a["lr"], saved))
     if not out:
         raise FileNotFoundError(f"no fine-tuning attack results in {res}/attacks")
     return out
 
 
 def _legend_name(model):
-    return MODELS.get(model, model)
+    name, _, lora = model.partition("+lora")  # attacks with --attack-lora-r are separate lines
+    return MODELS.get(name, name) + (f" (LoRA r {lora} attack)" if lora else "")
 
 
 def hs_vs_p(res, png):

@@ -45,7 +45,8 @@ import schedule
 import teachers
 
 LOSS_TERMS = ("dpo", "npo", "simnpo", "kl", "kl_rev", "sft")
-HARMLESS_TERMS = ("kl", "kl_rev", "dpo")
+# terms computed on harmless steps too (dpo only under --dpo-harmless)
+HARMLESS_TERMS = ("kl", "kl_rev", "sft", "dpo")
 # flags that change the result; a resumed run must agree with the saved run on all of them
 _RUN_FLAGS_IGNORED_ON_RESUME = ("resume", "plan_only", "no_eval", "force", "save_every", "eval_limit", "offload",
                                 "device")
@@ -99,6 +100,8 @@ def build_parser():
     g.add_argument("--dpo-harmless", choices=("none", "bad-teacher", "refusal"), default="none",
                    help="also dpo on harmless prompts, rejecting the bad teacher's answer or a refusal "
                         "(the latter directly penalises over-refusal)")
+    g.add_argument("--dpo-harmless-weight", type=float, metavar="W",
+                   help="weight of that harmless-side dpo term (default: the dpo weight of --loss)")
     g.add_argument("--filter-pairs", action=argparse.BooleanOptionalAction, default=True,
                    help="train only on harmful prompts the good teacher refuses and the bad one answers, and on "
                         "harmless prompts the good teacher answers (a distilled refusal of a harmless prompt "
@@ -646,7 +649,9 @@ def run_step(model, good_teacher, opt, step, ctx, args, gamma, lr, progress=0.0,
     done / total) cross-fades the circuit-breaker weights; `frozen` masks entries that may not move."""
     weights = dict(args.loss)
     if step.kind == "harmless":
-        weights = {k: v for k, v in weights.items() if k in ("kl", "kl_rev") or (k == "dpo" and args.dpo_harmless != "none")}
+        weights = {k: v for k, v in weights.items() if k in HARMLESS_TERMS and (k != "dpo" or args.dpo_harmless != "none")}
+        if "dpo" in weights and args.dpo_harmless_weight is not None:
+            weights["dpo"] = args.dpo_harmless_weight
         scale = args.lam
     else:
         scale = gamma
@@ -945,6 +950,8 @@ def run(args):
     if args.lora_r and args.canary_mode != "off":
         raise ValueError("--canary-mode with --lora-r: canary params are entries of the full weight matrices, "
                          "which LoRA freezes; use full fine-tuning (--lora-r 0)")
+    if args.dpo_harmless_weight is not None and (args.dpo_harmless == "none" or "dpo" not in args.loss):
+        raise ValueError("--dpo-harmless-weight needs --dpo-harmless bad-teacher|refusal and a dpo term in --loss")
     log(f"data: {len(harmful)} harmful / {len(harmless)} harmless training prompts, "
         f"{len(harmful_test)} / {len(harmless_test)} held out")
 

@@ -81,6 +81,21 @@ def test_finetune_attack_changes_the_copy_never_the_original(tiny, tokenizer):
     assert [pt["step"] for pt in record["curve"]] == [0, 1, 2, 3, 4]
 
 
+def test_lora_attack_trains_only_adapters_of_the_copy(tiny, tokenizer):
+    import train
+    before = {k: v.clone() for k, v in tiny.state_dict().items()}
+    benign = [(f"What is {i} + {i}?", str(2 * i)) for i in range(10)]
+    attacked, record = evaluation.finetune_attack(tiny, tokenizer, list(SHOTS), benign, n=6, p=0.5, lr=1e-2,
+                                                  epochs=1, batch=3, precision="fp32", lora_r=2)
+    assert all(torch.equal(before[k], v) for k, v in tiny.state_dict().items())
+    lora = train.lora_modules(attacked)
+    assert len(lora) == 7 * tiny.config.num_hidden_layers
+    q = lora["model.layers.0.self_attn.q_proj"]
+    assert torch.equal(q.base.weight, before["model.layers.0.self_attn.q_proj.weight"])
+    assert q.lora_B.abs().sum() > 0  # B starts at zero: only training moves it
+    assert record["steps"] == 2
+
+
 def test_results_json_holds_what_redoes_the_run(tiny_folder, tmp_path):
     data_csv = tmp_path / "pairs.csv"
     import data

@@ -1,4 +1,5 @@
 import json
+import math
 import os
 
 import pytest
@@ -76,6 +77,27 @@ def test_micro_batches_accumulate_to_the_full_batch(tokenizer):
         assert a[k] == pytest.approx(b[k], rel=1e-4), k
     assert all(torch.allclose(x, y, atol=1e-5) for x, y in zip(wa, wb))
     assert not all(torch.equal(x, y) for x, y in zip(wa, [p.detach() for p in make_tiny(tokenizer).parameters()]))
+
+
+def test_harmless_step_terms_and_harmless_dpo_weight(tokenizer):
+    """sft (the SFT baseline) also imitates the good answers of harmless steps; harmless-side dpo runs
+    only under --dpo-harmless, with its own weight; the step loss is λ times the weighted sum."""
+    step = schedule.Step("harmless", 0, 0, [0, 1, 2, 3])
+
+    def row(*flags):
+        model, teacher = make_tiny(tokenizer, seed=0), make_tiny(tokenizer, seed=1)
+        args = args_for("--optimizer", "sgd", "--lam", "2", *flags)
+        opt = train.MasterWeightOptimizer(model, args, torch.float32)
+        return train.run_step(model, teacher, opt, step, make_ctx(model, tokenizer), args, 1.0, 0.0)
+
+    sft_only = row("--loss", "sft=1")
+    assert not sft_only.get("skipped") and sft_only["sft"] > 0
+    assert sft_only["loss"] == pytest.approx(2 * sft_only["sft"], rel=1e-5)
+    no_dpo = row("--loss", "dpo=1,kl=1")
+    assert "dpo" not in no_dpo and no_dpo["loss"] == pytest.approx(2 * no_dpo["kl"], rel=1e-5)
+    weighted = row("--loss", "dpo=1,kl=1", "--dpo-harmless", "refusal", "--dpo-harmless-weight", "0.25")
+    assert weighted["loss"] == pytest.approx(2 * (0.25 * weighted["dpo"] + weighted["kl"]), rel=1e-5)
+    assert weighted["dpo"] == pytest.approx(math.log(2), rel=1e-5)  # lr 0: policy = reference
 
 
 def test_bf16_compute_keeps_small_updates_in_fp32_master(tokenizer):
