@@ -1,6 +1,8 @@
 """Speed and memory of one training step on the embedded SmolLM2-135M: ours (train.run_step, bf16
 compute / fp32 master weights) against a plain transformers loop (fp32 weights, bf16 autocast,
-AdamW; model(**batch).loss.backward()) and TRL's DPOTrainer, on the same batch of real tokens.
+AdamW; model(**batch).loss.backward()) and TRL's DPOTrainer, on the same batch of real tokens;
+and dpo+kl with the good teacher run on the fly against the same with its top-64 logits read from a
+memory-mapped cache (train.py --teacher-topk 64; the teacher is freed before the timed steps).
 
     python bench/train_step.py                         # 8 x 128 tokens, 1 warm-up + 3 timed steps
     python bench/train_step.py --batch 16 --seq 256 --steps 5 --variants ours-sft plain-sft
@@ -23,7 +25,7 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-VARIANTS = ("ours-sft", "plain-sft", "ours-dpo", "trl-dpo", "ours-dpo+kl")
+VARIANTS = ("ours-sft", "plain-sft", "ours-dpo", "trl-dpo", "ours-dpo+kl", "ours-dpo+kl-cached")
 
 
 def parse():
@@ -95,7 +97,7 @@ def run_one(variant, args):
 
     if variant.startswith("ours"):
         import schedule
-        loss = {"ours-sft": "sft=1", "ours-dpo": "dpo=1", "ours-dpo+kl": "dpo=1,kl=1"}[variant]
+        loss = {"ours-sft": "sft=1", "ours-dpo": "dpo=1"}.get(variant, "dpo=1,kl=1")
         targs = train.build_parser().parse_args(["--loss", loss, "--micro-batch", str(args.batch), "--lr", "1e-6",
                                                  "--max-response-tokens", str(args.seq)])
         teacher = None
@@ -107,6 +109,13 @@ def run_one(variant, args):
         pool["ref_good"] = train.sequence_logps_of(model, pool["good"], args.batch)
         pool["ref_bad"] = train.sequence_logps_of(model, pool["bad"], args.batch)
         ctx = {"harmful": pool}
+        if variant.endswith("-cached"):  # --teacher-topk 64: teacher run once before timing, then freed
+            import tempfile
+            import teachers
+            folder = os.path.join(tempfile.mkdtemp(), "topk")
+            teachers.build_topk_cache(folder, ["bench"], {"harmful": pool["good"]},
+                                      lambda feats: train.forward(teacher, feats), 64, 1.0, args.batch)
+            pool["topk"], teacher = teachers.TopkCache(folder, "harmful"), None
         plan_step = schedule.Step("harmful", 0, 0, list(range(len(rows))))
         step = lambda: train.run_step(model, teacher, opt, plan_step, ctx, targs, 1.0, 1e-6)
     elif variant == "plain-sft":

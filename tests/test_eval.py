@@ -341,3 +341,34 @@ def test_cli_default_still_evaluates_the_builtin_split(tiny_folder, tmp_path):
     assert payload["settings"]["protocol"] == "custom"  # --limit: not the pinned set
     with pytest.raises(SystemExit, match="error: .*no_such"):
         evaluation.main(["--model", tiny_folder, "--fa-task", "gsm8k", "--fa-path", str(tmp_path / "no_such")])
+
+
+# ---------------------------------------------------------------- OOM-safe generation
+
+def test_generation_under_tiny_budget_and_oom_answers_every_prompt(tiny, tokenizer, monkeypatch):
+    """A stand-in generate answers each row with a token naming its real prompt length, so an answer
+    at the wrong position shows; a budget of one token still answers all; an OOM halves the batch."""
+    prompts = ["Hi", "Name a colour", "word " * 300 + "What is two plus two?", "Tell me a joke please", "Why?"]
+    calls, max_rows = [], [len(prompts)]
+
+    def fake_generate(input_ids, attention_mask, max_new_tokens, **kw):
+        calls.append(input_ids.shape[0])
+        if input_ids.shape[0] > max_rows[0]:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        new = (1000 + attention_mask.sum(1, keepdim=True)).repeat(1, max_new_tokens)
+        return torch.cat([input_ids, new], 1)
+
+    monkeypatch.setattr(tiny, "generate", fake_generate)
+    gen = lambda ps, **kw: evaluation.generate(tiny, tokenizer, ps, max_new_tokens=2, max_prompt_tokens=40, **kw)
+    alone = [gen([p])[0][0] for p in prompts]
+    assert len(set(alone)) == 5 and all(alone)
+    texts, report = gen(prompts, token_budget=1)
+    assert texts == alone  # one row per batch, each answer back at its prompt's position
+    assert report == {"prompts": 5, "truncated_prompts": 1, "oom_retries": 0}
+    calls.clear()
+    max_rows[0] = 1  # a device that holds one row at a time
+    texts, report = gen(prompts)
+    assert texts == alone and report["oom_retries"] == 2 and calls == [5, 2, 1, 1, 1, 1, 1]
+    max_rows[0] = 0  # not even one: the error surfaces instead of looping
+    with pytest.raises(torch.OutOfMemoryError):
+        gen(prompts)
