@@ -112,7 +112,8 @@ def test_lr_warmup_and_decay():
 
 
 def test_plan_cli_prints_without_a_model(capsys):
-    schedule.main(["--n-harmful", "6", "--n-harmless", "4", "--levels", "2", "--batch-size", "3", "--epochs", "1"])
+    schedule.main(["--n-harmful", "6", "--n-harmless", "4", "--levels", "2", "--batch-size", "3", "--epochs", "1",
+                   "--harmless-ratio", "1"])
     out = capsys.readouterr().out.splitlines()
     assert out[0].split()[:4] == ["step", "epoch", "level", "kind"]
     assert len(out) == 1 + 4

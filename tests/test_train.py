@@ -128,6 +128,7 @@ def pipeline_args(folder, out, *extra):
         "--micro-batch", "2", "--epochs", "2", "--max-new-tokens", "6", "--teacher-epochs", "1", "--force",
         "--eval-limit", "3", "--save-every", "3", "--loss", "dpo=1,npo=0.5,kl=1",
         "--no-filter-pairs",  # a tiny random teacher neither refuses nor complies
+        "--harmless-ratio", "1",  # one harmless step per harmful step keeps the counts below small
         *extra])
 
 
@@ -172,7 +173,8 @@ def test_resume_refuses_changed_flags(tiny_folder, tmp_path):
 
 
 def test_plan_only_needs_no_model(capsys):
-    train.main(["--plan-only", "--epochs", "1", "--levels", "2", "--batch-size", "40", "--model", "/nowhere"])
+    train.main(["--plan-only", "--epochs", "1", "--levels", "2", "--batch-size", "40", "--model", "/nowhere",
+                "--harmless-ratio", "1"])
     lines = [l for l in capsys.readouterr().out.splitlines() if not l.startswith("(")]
     assert lines[0].startswith("step") and len(lines) == 1 + 4 + 4  # 160 harmful / 40 per batch, 2 levels
 
