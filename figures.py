@@ -6,7 +6,7 @@
     python figures.py hs-vs-shots --quick        # HS against the number of in-context shots k
     python figures.py loss-ablation --quick      # students trained with DPO / NPO / KL / reverse KL alone
     python figures.py schedule-ablation --quick  # sequential / cyclic / mixed level order
-    python figures.py training-curves --quick    # loss per level, γ and lr of the default student run
+    python figures.py training-curves --quick    # loss per level, γ and lr of the student run
     python figures.py all --quick
 
 The four models of the attack figures: the base, the SFT baseline (`train.py --loss sft=1`: plain
