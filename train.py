@@ -256,6 +256,11 @@ class LoRALinear(torch.nn.Module):
             torch.nn.functional.linear(self.dropout(x), self.lora_A), self.lora_B)
 
 
+def enable_checkpointing(model):
+    """Recompute activations in backward; transformers 5 renamed the method (the old name warns)."""
+    getattr(model, "activation_checkpointing_enable", model.gradient_checkpointing_enable)()
+
+
 def add_lora(model, args, dtype):
     """Freeze the model (cast to the compute dtype: no master copies are kept of frozen weights) and
     wrap every Linear named in --lora-targets in a LoRALinear; only the adapters train."""
@@ -1000,7 +1005,7 @@ def run(args):
         log(f"LoRA: rank {args.lora_r} adapters on {add_lora(student, args, compute_dtype)} Linear layers")
     offload_frozen(args, good, bad, base_compute, next(student.parameters()).device, log)
     if args.gradient_checkpointing:
-        student.gradient_checkpointing_enable()
+        enable_checkpointing(student)
     opt = MasterWeightOptimizer(student, args, compute_dtype)
 
     # reference log-probs = the initial student's, computed once and cached in the run folder

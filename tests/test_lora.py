@@ -78,7 +78,8 @@ def test_gradient_checkpointing_gives_the_same_adapter_gradients(tokenizer):
     for checkpointing in (False, True):
         model, _, _ = lora_model(tokenizer)
         if checkpointing:
-            model.gradient_checkpointing_enable()
+            train.enable_checkpointing(model)
+            assert getattr(model, "is_activation_checkpointing", None) or model.is_gradient_checkpointing
         model.train()
         logits, labels = train.forward(model, feats(tokenizer, zip(PROMPTS, GOOD)))
         train.losses.sequence_logps(logits, labels).sum().backward()
