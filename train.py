@@ -590,11 +590,21 @@ def batch_terms(model, good_teacher, kind, idx, ctx, args, weights, share, cb_co
     return loss, {**{k: float(v.detach()) for k, v in terms.items()}, **stats}
 
 
+def step_weights(kind, args):
+    """The weighted loss terms a step of this kind computes: all of --loss on harmful steps; on
+    harmless ones the HARMLESS_TERMS, dpo only under --dpo-harmless and with its own weight if given."""
+    if kind == "harmful":
+        return dict(args.loss)
+    weights = {k: v for k, v in args.loss.items() if k in HARMLESS_TERMS and (k != "dpo" or args.dpo_harmless != "none")}
+    if "dpo" in weights and args.dpo_harmless_weight is not None:
+        weights["dpo"] = args.dpo_harmless_weight
+    return weights
+
+
 def uses_bad(kind, args):
     """Whether a step of this kind reads the bad answers (rows n: of its forward) besides the good ones."""
-    if kind == "harmless":
-        return "dpo" in args.loss and args.dpo_harmless != "none"
-    return any(t in args.loss for t in ("dpo", "npo", "simnpo")) or args.lat_eps > 0 or args.cb_alpha > 0
+    reads_bad = any(t in step_weights(kind, args) for t in ("dpo", "npo", "simnpo"))
+    return reads_bad or (kind == "harmful" and (args.lat_eps > 0 or args.cb_alpha > 0))
 
 
 def example_lengths(ctx, kind, args):
@@ -652,14 +662,8 @@ def good_teacher_path(args):
 def run_step(model, good_teacher, opt, step, ctx, args, gamma, lr, progress=0.0, frozen=None):
     """One optimizer step over the step's examples, in micro-batches. `progress` (optimizer steps
     done / total) cross-fades the circuit-breaker weights; `frozen` masks entries that may not move."""
-    weights = dict(args.loss)
-    if step.kind == "harmless":
-        weights = {k: v for k, v in weights.items() if k in HARMLESS_TERMS and (k != "dpo" or args.dpo_harmless != "none")}
-        if "dpo" in weights and args.dpo_harmless_weight is not None:
-            weights["dpo"] = args.dpo_harmless_weight
-        scale = args.lam
-    else:
-        scale = gamma
+    weights = step_weights(step.kind, args)
+    scale = args.lam if step.kind == "harmless" else gamma
     if not weights and not args.cb_alpha:
         return {"skipped": True}
     cb_coef = (args.cb_alpha * (1 - progress / 2), args.cb_alpha * progress / 2)

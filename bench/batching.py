@@ -14,7 +14,6 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import data  # noqa: E402
-import schedule  # noqa: E402
 import train  # noqa: E402
 
 
@@ -55,7 +54,6 @@ def main():
         raise SystemExit(f"--run {argv.run}: no cached good-teacher answer for {len(missing)} prompts, e.g. {missing[0]!r}")
     from transformers import AutoTokenizer
     tokenizer = AutoTokenizer.from_pretrained(os.path.join(argv.run, "teachers", "good"))
-    levels = schedule.assign_levels(len(harmful), args.levels, "random", args.seed)
     print(f"{len(harmful)} harmful + {len(harmless)} harmless prompts, good-teacher answers from {argv.run}; "
           f"batch {args.batch_size}, micro-batch {args.micro_batch}, {args.epochs} epochs, {args.levels} levels\n")
     print("| answer tokens | --group-by-length | padded tokens | real tokens | padding share | × random's padded tokens |")
@@ -65,10 +63,8 @@ def main():
                           for e in pool] for kind, pool in (("harmful", harmful), ("harmless", harmless))}
         base = None
         for g in argv.groups:
-            plan = schedule.build_plan(levels, len(harmless), epochs=args.epochs, batch_size=args.batch_size,
-                                       sequence=args.sequence, benign_per_level=args.benign_per_level,
-                                       harmless_ratio=args.harmless_ratio, seed=args.seed, group_by_length=g,
-                                       lengths=(lengths["harmful"], lengths["harmless"]))
+            args.group_by_length = g
+            _, plan = train.make_plan(args, harmful, len(harmless), lengths=[lengths["harmful"], lengths["harmless"]])
             padded, real = padding(plan, lengths, args.micro_batch)
             base = base or padded
             print(f"| {cut} | {g or 'random'} | {padded} | {real} | {1 - real / padded:.1%} | {padded / base:.2f} |")
