@@ -747,7 +747,7 @@ def _source(spec):
     return {"path": spec, "sha256": file_sha256(spec) if spec and os.path.isfile(spec) else "hub (no local file)"}
 
 
-def plan_metrics(args):
+def plan_metrics(args, device="cpu"):
     """Load everything the requested metrics need (data, judge) before any generation, so bad input
     stops with one line first. Returns {metric: (inputs, settings)}."""
     plan = {}
@@ -758,7 +758,7 @@ def plan_metrics(args):
         judge_spec = args.judge or ("beaver-dam" if published else HS_JUDGE)
         new_tokens = args.max_new_tokens or (PUBLISHED_HS["max_new_tokens"] if published else MAX_NEW_TOKENS)
         prompts = load_hs_set(hs_set, n, seed=args.seed, split=args.hs_split)
-        judge = load_judge(judge_spec, threshold=args.threshold)
+        judge = load_judge(judge_spec, threshold=args.threshold, device=device)
         label = protocol_label(hs_set, args.hs_split, n, new_tokens, judge.name, args.threshold)
         plan["hs"] = ((prompts, judge, new_tokens), {"protocol": label, "data": _source(hs_set), "split": args.hs_split,
                                                      "n": len(prompts), "seed": args.seed})
@@ -895,16 +895,19 @@ def finetune_attack(model, tokenizer, harmful_pairs, benign_pairs, n=ATTACK_PROT
                     lr=ATTACK_PROTOCOL["lr"], epochs=ATTACK_PROTOCOL["epochs"], batch=ATTACK_PROTOCOL["batch"],
                     eval_every=0, eval_fn=None, seed=0, micro_batch=8, precision="bf16",
                     weight_decay=ATTACK_PROTOCOL["weight_decay"], warmup_ratio=ATTACK_PROTOCOL["warmup_ratio"],
-                    lr_schedule=ATTACK_PROTOCOL["lr_schedule"], before=None, lora_r=0):
+                    lr_schedule=ATTACK_PROTOCOL["lr_schedule"], before=None, lora_r=0, micro_tokens=0):
     """Fine-tune a deep copy of `model` (the original is never touched) on attack_mix(...) with
     train.sft. eval_fn(model) -> dict is recorded before the attack, every `eval_every` optimizer
     steps (0: only before and after) and after the last step; `before`, when given, is eval_fn's
     result on the unattacked model, reused as the step-0 point. lora_r > 0 attacks with LoRA adapters
-    of that rank (train.py's --lora-* defaults) instead of all weights. Returns (attacked copy, record)."""
+    of that rank (train.py's --lora-* defaults) instead of all weights. micro_tokens > 0 splits each
+    batch by padded tokens (longest first) instead of micro_batch examples: the same loss, less padding
+    when a few long harmful answers sit among short benign ones. Returns (attacked copy, record)."""
     import train
     mix, n_harmful = attack_mix(harmful_pairs, benign_pairs, n, p, seed)
     args = train.build_parser().parse_args([])
-    args.batch_size, args.micro_batch, args.seed, args.precision = batch, micro_batch, seed, precision
+    args.batch_size, args.micro_batch, args.micro_tokens = batch, micro_batch, micro_tokens
+    args.seed, args.precision = seed, precision
     args.lr, args.weight_decay, args.max_response_tokens = lr, weight_decay, ATTACK_MAX_RESPONSE_TOKENS
     total = epochs * -(-len(mix) // batch)
     warmup = round(warmup_ratio * total)
@@ -922,7 +925,10 @@ def finetune_attack(model, tokenizer, harmful_pairs, benign_pairs, n=ATTACK_PROT
             m.train()
 
     record(0, attacked)
-    train.sft(attacked, tokenizer, mix, args, epochs, lr, "attack", lr_schedule, warmup, record)
+    try:
+        train.sft(attacked, tokenizer, mix, args, epochs, lr, "attack", lr_schedule, warmup, record)
+    except ValueError as e:  # the budget check names train.py's flag
+        raise ValueError(str(e).replace("--micro-tokens", "--attack-micro-tokens", 1)) from None
     return attacked, {"steps": total, "warmup_steps": warmup, "n_harmful": n_harmful, "n_benign": len(mix) - n_harmful,
                       "mix_sha256": hashlib.sha256(json.dumps(mix).encode()).hexdigest(), "curve": curve}
 
@@ -985,6 +991,8 @@ def add_attack_arguments(p):
     g.add_argument("--attack-epochs", type=int, default=ATTACK_PROTOCOL["epochs"])
     g.add_argument("--attack-batch", type=int, default=ATTACK_PROTOCOL["batch"])
     g.add_argument("--attack-lora-r", type=int, default=0, help="attack with LoRA adapters of this rank (0: all weights)")
+    g.add_argument("--attack-micro-tokens", type=int, default=0, metavar="N",
+                   help="split each attack batch into micro-batches of at most N padded tokens (0: 8 examples each)")
     g.add_argument("--attack-scale", type=float, default=1.0, help="multiplies every --attack-n (e.g. 0.04 on a CPU)")
     g.add_argument("--attack-max-new-tokens", type=int, default=MAX_NEW_TOKENS,
                    help="answer length for HS during attacks (the keyword judge reads the opening)")
@@ -1015,7 +1023,7 @@ def run_attack(args, argv, model, tokenizer, key, harmful):
         raise data.DataError("--attack needs --attack-data (a train.py run folder or e.g. advbench.csv)")
     prompts = [e.prompt for e in harmful]
     pairs, described = load_attack_pairs(args.attack_data, prompts)
-    judge = load_judge(args.judge or "keyword", threshold=args.threshold)
+    judge = load_judge(args.judge or "keyword", threshold=args.threshold, device=next(model.parameters()).device)
     common = {"argv": list(argv), "model": args.model, "model_key": key, "dtype": args.dtype, "seed": args.seed,
               **judge_settings(judge), "hs_prompts": len(prompts), "max_new_tokens": args.attack_max_new_tokens,
               "hs_data": prompt_files(args.harmful),
@@ -1047,10 +1055,11 @@ def run_attack(args, argv, model, tokenizer, key, harmful):
                 _, record = finetune_attack(model, tokenizer, pairs, benign, n, p, lr, args.attack_epochs,
                                             args.attack_batch, args.attack_eval_every, measure, args.seed,
                                             precision="bf16" if args.dtype == "bfloat16" else "fp32", before=before,
-                                            lora_r=args.attack_lora_r)
+                                            lora_r=args.attack_lora_r, micro_tokens=args.attack_micro_tokens)
                 result = {"attack": "finetune", **record}
                 protocol = {**ATTACK_PROTOCOL, "n": n, "p": p, "lr": lr, "epochs": args.attack_epochs,
                             "batch": args.attack_batch, "scale": args.attack_scale, "lora_r": args.attack_lora_r,
+                            "micro_tokens": args.attack_micro_tokens,
                             "eval_every": args.attack_eval_every, "max_response_tokens": ATTACK_MAX_RESPONSE_TOKENS,
                             "task": args.attack_task, "task_path": args.attack_task_path,
                             "task_sha256": file_sha256(args.attack_task_path), "fa_n": len(fa_test)}
@@ -1074,6 +1083,7 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0, help="seed of the built-in train/test split")
     p.add_argument("--out", default=None, help="results JSON (default: <model>/eval.json or eval/<name>.json)")
     p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"))
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (cuda when available)")
     g = p.add_argument_group("metrics (each runs only when asked; README: Evaluation protocol)")
     g.add_argument("--protocol", choices=("offline", "published"), default="offline",
                    help="defaults of the HS flags below: offline (built-in, keyword) or published (BeaverTails, beaver-dam)")
@@ -1098,9 +1108,11 @@ def main(argv=None):
                    else data.load_pool("harmful", seed=args.seed)[1])
         harmless = ([e for f in args.harmless for e in data.load_examples(f, "harmless", **fields)] if args.harmless
                     else data.load_pool("harmless", seed=args.seed)[1])
-        model, tokenizer, key = teachers.load_model(args.model, dtype=getattr(torch, args.dtype))
+        import train
+        device = train.compute_device(args)
+        model, tokenizer, key = teachers.load_model(args.model, dtype=getattr(torch, args.dtype), device=device)
         data.check_chat_template(tokenizer, args.model)
-        plan = plan_metrics(args)
+        plan = plan_metrics(args, device)
     except (data.DataError, teachers.ModelError, ValueError) as e:
         sys.exit(f"error: {e}")
     if args.limit:

@@ -157,9 +157,9 @@ def build_parser():
     g.add_argument("--lora-targets", default="q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",
                    help="comma-separated names of the Linear layers that get adapters")
     g.add_argument("--lora-dropout", type=float, default=0.0, help="dropout on the adapter's input")
-    g.add_argument("--device", default="cpu",
+    g.add_argument("--device", default="auto",
                    help="where the student and the resident models compute: cpu, cuda, cuda:N, or auto (cuda when "
-                        "available; under torchrun cuda:LOCAL_RANK). Default cpu: the CUDA path is not yet run on a GPU")
+                        "available, else cpu; under torchrun cuda:LOCAL_RANK)")
     g.add_argument("--optim-state-device", choices=("same", "cpu"), default="same",
                    help="cpu: fp32 master weights and optimizer state in CPU memory when the model is on an "
                         "accelerator (on a CPU-only machine both are the same)")
@@ -539,12 +539,13 @@ def batch_terms(model, good_teacher, kind, idx, ctx, args, weights, share, cb_co
     terms, stats = {}, {}
     lp_good = logps[:n]
     lp_bad = logps[n:] if need_bad else None
-    ref_good = pool["ref_good"][idx]
-    ref_bad = pool["ref_bad"][idx] if need_bad else None
+    # reference log-probs are kept in CPU memory (computed once); the terms need them on the device
+    ref_good = pool["ref_good"][idx].to(logps.device)
+    ref_bad = pool["ref_bad"][idx].to(logps.device) if need_bad else None
     frac = n / share["examples"]
     if "dpo" in weights:
         terms["dpo"] = losses.dpo(lp_good, lp_bad, ref_good, ref_bad, args.beta) * frac
-        margin = ((lp_good.detach().cpu() - ref_good) - (lp_bad.detach().cpu() - ref_bad))
+        margin = ((lp_good.detach() - ref_good) - (lp_bad.detach() - ref_bad))
         stats["dpo_margin"] = float(margin.mean()) * frac
         stats["dpo_accuracy"] = float((margin > 0).float().mean()) * frac
     if "npo" in weights:
@@ -553,8 +554,8 @@ def batch_terms(model, good_teacher, kind, idx, ctx, args, weights, share, cb_co
         terms["simnpo"] = losses.simnpo(lp_bad, n_response(bad).to(lp_bad.device), args.simnpo_beta,
                                         args.simnpo_margin) * frac
     if need_bad:
-        stats["bad_logp_change"] = float((lp_bad.detach().cpu() - ref_bad).mean()) * frac
-    stats["good_logp_change"] = float((lp_good.detach().cpu() - ref_good).mean()) * frac
+        stats["bad_logp_change"] = float((lp_bad.detach() - ref_bad).mean()) * frac
+    stats["good_logp_change"] = float((lp_good.detach() - ref_good).mean()) * frac
     if "sft" in weights:
         tokens = n_response(good)
         terms["sft"] = losses.sft(lp_good, tokens.to(lp_good.device)) * float(tokens.sum()) / share["tokens"]
@@ -700,9 +701,10 @@ def sft(model, tokenizer, pairs, args, epochs, lr, desc, lr_schedule="cosine", w
     for t, batch in enumerate(bar):
         tokens = float(n_response([feats[i] for i in batch]).sum())
         total = 0.0
-        for i in range(0, len(batch), args.micro_batch):
-            mb = [feats[j] for j in batch[i:i + args.micro_batch]]
-            logits, labels = forward(model, mb)
+        split = (schedule.micro_batches(batch, [len(f["input_ids"]) for f in feats], 1, args.micro_tokens)
+                 if args.micro_tokens else [batch[i:i + args.micro_batch] for i in range(0, len(batch), args.micro_batch)])
+        for part in split:
+            logits, labels = forward(model, [feats[j] for j in part])
             loss = -losses.sequence_logps(logits, labels).sum() / tokens
             loss.backward()
             total += float(loss.detach())
@@ -1120,14 +1122,16 @@ def run(args):
     student.eval()
     test_h = harmful_test[:args.eval_limit] if args.eval_limit else harmful_test
     test_b = harmless_test[:args.eval_limit] if args.eval_limit else harmless_test
-    if good is None:  # freed for training by --teacher-topk; reloaded (and offloaded as --offload says)
-        good = teachers.load_model(good_teacher_path(args), device=frozen_device(args, "teachers", device))[0]
+    def load_good():  # freed for training by --teacher-topk; reloaded (and offloaded as --offload says)
+        model = teachers.load_model(good_teacher_path(args), device=frozen_device(args, "teachers", device))[0]
         if args.offload in ("teachers", "all"):
-            teachers.offload(good, next(student.parameters()).device)
-    rows = {"base": evaluation.evaluate(base_compute, tokenizer, test_h, test_b),
-            "good teacher": evaluation.evaluate(good, tokenizer, test_h, test_b)}
+            teachers.offload(model, next(student.parameters()).device)
+        return model
+
+    frozen = lambda key, model: evaluate_frozen(key, model, tokenizer, test_h, test_b, args, device)
+    rows = {"base": frozen(base_key, lambda: base_compute), "good teacher": frozen(keys["good"], lambda: good or load_good())}
     if bad is not base_compute:
-        rows["bad teacher"] = evaluation.evaluate(bad, tokenizer, test_h, test_b)
+        rows["bad teacher"] = frozen(keys["bad"], lambda: bad)
     rows["student"] = evaluation.evaluate(student, tokenizer, test_h, test_b)
     table = evaluation.markdown_table(rows)
     payload = {"results": rows, "teacher_eval_on_training_prompts": report, "settings": evaluation.settings(
@@ -1141,6 +1145,24 @@ def run(args):
     print("\nheld-out evaluation (judge: refusal keywords)\n" + table)
     print(f"\nwall time {time.time() - t_start:.0f} s; results in {args.out}/eval.json")
     return payload
+
+
+def evaluate_frozen(key, get_model, tokenizer, harmful, harmless, args, device):
+    """evaluation.evaluate of a frozen model (base, teachers), cached under --cache-dir by its weights,
+    the prompts, precision and device: runs that share teachers (figures.py's ablations) report the
+    same rows without generating them again. `get_model()` is called only on a miss."""
+    ident = [key, args.precision, device.type, evaluation.MAX_NEW_TOKENS, evaluation.MAX_PROMPT_TOKENS,
+             [e.prompt for e in harmful], [e.prompt for e in harmless]]
+    path = os.path.join(args.cache_dir, "eval", hashlib.sha256(json.dumps(ident).encode()).hexdigest()[:16] + ".json")
+    if os.path.isfile(path):
+        with open(path) as f:
+            return json.load(f)
+    result = evaluation.evaluate(get_model(), tokenizer, harmful, harmless)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path + ".tmp", "w") as f:
+        json.dump(result, f)
+    os.replace(path + ".tmp", path)  # a file that exists is complete
+    return result
 
 
 def _load_state(model, folder):

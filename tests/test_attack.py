@@ -81,6 +81,30 @@ def test_finetune_attack_changes_the_copy_never_the_original(tiny, tokenizer):
     assert [pt["step"] for pt in record["curve"]] == [0, 1, 2, 3, 4]
 
 
+def test_attack_micro_tokens_splits_batches_without_changing_the_result(tiny, tokenizer, monkeypatch):
+    """--attack-micro-tokens: batches cut by padded tokens (longest first) train the same copy as
+    whole batches; only the summation order differs."""
+    import train
+    harmful = [(p, a + " More detail follows here." * 4) for p, a in SHOTS]
+    benign = [(f"What is {i} + {i}?", str(2 * i)) for i in range(10)]
+    real_forward, rows = train.forward, []
+    monkeypatch.setattr(train, "forward", lambda m, f, *a, **k: rows.append(len(f)) or real_forward(m, f, *a, **k))
+    results = {}
+    for budget in (0, 160):
+        rows.clear()
+        attacked, _ = evaluation.finetune_attack(tiny, tokenizer, harmful, benign, n=8, p=0.5, lr=1e-2, epochs=1,
+                                                 batch=4, precision="fp32", micro_tokens=budget)
+        results[budget] = (attacked.state_dict(), list(rows))
+    assert results[0][1] == [4, 4] and len(results[160][1]) > 2 and sum(results[160][1]) == 8
+    whole, split = results[0][0], results[160][0]
+    assert any(not torch.equal(tiny.state_dict()[k], whole[k]) for k in whole)
+    diff = max(float((whole[k] - split[k]).abs().max()) for k in whole)
+    assert diff < 1e-5, diff  # Adam steps of 1e-2: summation order moves them by ~1e-6, a wrong weighting by far more
+    with pytest.raises(ValueError, match="--attack-micro-tokens 8"):
+        evaluation.finetune_attack(tiny, tokenizer, harmful, benign, n=8, p=0.5, lr=1e-2, epochs=1, batch=4,
+                                   precision="fp32", micro_tokens=8)
+
+
 def test_lora_attack_trains_only_adapters_of_the_copy(tiny, tokenizer):
     import train
     before = {k: v.clone() for k, v in tiny.state_dict().items()}

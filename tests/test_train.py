@@ -195,3 +195,17 @@ def test_device_flag_errors_are_one_line():
         with pytest.raises(ValueError, match="no CUDA GPU"):
             train.compute_device(argparse.Namespace(device="cuda"))
         assert train.compute_device(argparse.Namespace(device="auto")) == torch.device("cpu")
+
+
+def test_frozen_model_evaluations_are_reused_by_runs_sharing_the_cache(tiny_folder, tmp_path, monkeypatch):
+    """The base's and the teachers' held-out rows are computed once per cache folder; a second run
+    with another loss evaluates only its student and reports the same frozen rows."""
+    shared = ["--teacher-dir", str(tmp_path / "teachers"), "--cache-dir", str(tmp_path / "cache"), "--epochs", "1"]
+    first = train.run(pipeline_args(tiny_folder, tmp_path / "a", *shared))
+    real, calls = train.evaluation.evaluate, []
+    monkeypatch.setattr(train.evaluation, "evaluate", lambda model, *a, **k: calls.append(model) or real(model, *a, **k))
+    second = train.run(pipeline_args(tiny_folder, tmp_path / "b", *shared, "--loss", "kl=1"))
+    assert len(calls) == 1  # the student
+    for name in ("base", "good teacher"):
+        assert json.dumps(second["results"][name], sort_keys=True) == json.dumps(first["results"][name], sort_keys=True)
+    assert len(os.listdir(tmp_path / "cache" / "eval")) == 2
