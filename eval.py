@@ -1024,7 +1024,8 @@ def run_attack(args, argv, model, tokenizer, key, harmful):
     prompts = [e.prompt for e in harmful]
     pairs, described = load_attack_pairs(args.attack_data, prompts)
     judge = load_judge(args.judge or "keyword", threshold=args.threshold, device=next(model.parameters()).device)
-    common = {"argv": list(argv), "model": args.model, "model_key": key, "dtype": args.dtype, "seed": args.seed,
+    common = {"argv": list(argv), "model": args.model, "model_key": key, "dtype": args.dtype,
+              "device": str(next(model.parameters()).device), "seed": args.seed,
               **judge_settings(judge), "hs_prompts": len(prompts), "max_new_tokens": args.attack_max_new_tokens,
               "hs_data": prompt_files(args.harmful),
               "attack_data": described, "attack_pairs": len(pairs)}
@@ -1036,6 +1037,7 @@ def run_attack(args, argv, model, tokenizer, key, harmful):
         payload = {"result": result, "settings": settings(**common, shots=args.shots, max_prompt_tokens=limit)}
         written.append(os.path.join(out_dir, "incontext.json"))
         write_results(written[-1], payload, _attack_table(result))
+        print(_attack_table(result))
         for d in result["dropped"]:
             print(f"k={d['k']} dropped: only {d['shots_that_fit']} shots fit in {limit} tokens for some prompt")
         return written
@@ -1128,7 +1130,7 @@ def main(argv=None):
         protocol=protocol_label(HS_SET, None, None, MAX_NEW_TOKENS, HS_JUDGE, None)
         if not (args.harmful or args.harmless or args.limit) else "custom",
         argv=sys.argv[1:] if argv is None else list(argv),
-        model=args.model, model_key=key, seed=args.seed, dtype=args.dtype,
+        model=args.model, model_key=key, seed=args.seed, dtype=args.dtype, device=str(next(model.parameters()).device),
         data={"harmful": prompt_files(args.harmful), "harmless": prompt_files(args.harmless),
               "n_harmful": len(harmful), "n_harmless": len(harmless)})}
     out = args.out or (os.path.join(args.model, "eval.json") if os.path.isdir(args.model)

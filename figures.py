@@ -170,7 +170,10 @@ def hs_vs_shots(res, png):
                 label=_legend_name(os.path.basename(os.path.dirname(path))))
     if not ax.lines:
         raise FileNotFoundError(f"no in-context attack results in {res}/attacks")
+    ks = sorted({x for line in ax.lines for x in line.get_xdata()})
     ax.set_xscale("symlog", linthresh=1)
+    ax.set_xticks(ks, [str(int(k)) for k in ks])
+    ax.minorticks_off()
     ax.set(xlabel="compliant shots k before the prompt", ylabel="HS (%) ↓")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
