@@ -83,12 +83,14 @@ def test_backward_to_inputs_reads_saved_weights_from_storage(tokenizer, monkeypa
     assert all(p.grad is None for p in model.parameters()) and not off.saved_hooks
 
 
-def test_student_gradients_of_kl_against_offloaded_teacher_identical(tokenizer):
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA GPU"))])
+def test_student_gradients_of_kl_against_offloaded_teacher_identical(tokenizer, device):
     grads = []
     for offload in (False, True):
-        student, teacher = make_tiny(tokenizer, seed=0), make_tiny(tokenizer, seed=1, layers=3)
+        student, teacher = make_tiny(tokenizer, seed=0).to(device), make_tiny(tokenizer, seed=1, layers=3).to(device)
         if offload:
-            teachers.offload(teacher, "cpu")
+            teachers.offload(teacher, device)
         fs = feats(tokenizer, zip(PROMPTS, GOOD))
         logits, labels = train.forward(student, fs)
         with torch.no_grad():
