@@ -924,11 +924,14 @@ def finetune_attack(model, tokenizer, harmful_pairs, benign_pairs, n=ATTACK_PROT
             curve.append({"step": steps, **eval_fn(m)})
             m.train()
 
+    if micro_tokens:  # checked before the step-0 evaluation, naming this flag (train.sft would name its own)
+        longest = max(len(data.encode(tokenizer, prompt, answer, args.max_prompt_tokens,
+                                      args.max_response_tokens)["input_ids"]) for prompt, answer in mix)
+        if longest > micro_tokens:
+            raise ValueError(f"--attack-micro-tokens {micro_tokens}: an example needs {longest} padded tokens; "
+                             f"raise the budget")
     record(0, attacked)
-    try:
-        train.sft(attacked, tokenizer, mix, args, epochs, lr, "attack", lr_schedule, warmup, record)
-    except ValueError as e:  # the budget check names train.py's flag
-        raise ValueError(str(e).replace("--micro-tokens", "--attack-micro-tokens", 1)) from None
+    train.sft(attacked, tokenizer, mix, args, epochs, lr, "attack", lr_schedule, warmup, record)
     return attacked, {"steps": total, "warmup_steps": warmup, "n_harmful": n_harmful, "n_benign": len(mix) - n_harmful,
                       "mix_sha256": hashlib.sha256(json.dumps(mix).encode()).hexdigest(), "curve": curve}
 

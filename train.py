@@ -692,6 +692,9 @@ def sft(model, tokenizer, pairs, args, epochs, lr, desc, lr_schedule="cosine", w
     fine-tuning attack (eval.py), which passes its own lr schedule and `after_step(steps_done, model)`.
     Same optimizer and precision as the student; seeded shuffles; returns the model in eval mode."""
     feats = [data.encode(tokenizer, p, r, args.max_prompt_tokens, args.max_response_tokens) for p, r in pairs]
+    longest = max((len(f["input_ids"]) for f in feats), default=0)
+    if args.micro_tokens and longest > args.micro_tokens:  # before any step, not when the example comes up
+        raise ValueError(f"--micro-tokens {args.micro_tokens}: an example needs {longest} padded tokens; raise the budget")
     opt = MasterWeightOptimizer(model, args, torch.bfloat16 if args.precision == "bf16" else torch.float32)
     steps = [perm[i:i + args.batch_size] for e in range(epochs)
              for perm in [np.random.default_rng([args.seed, 7, e]).permutation(len(feats)).tolist()]
@@ -1016,7 +1019,7 @@ def run(args):
 
     # reference log-probs = the initial student's, computed once and cached in the run folder
     ref_path = os.path.join(args.cache_dir, "ref_logps.pt")
-    ref_id = [base_key, args.precision,
+    ref_id = [base_key, args.precision, device.type,
               features_digest(f for pool in ctx.values() for side in pool.values() if side for f in side)]
     cached = torch.load(ref_path) if os.path.exists(ref_path) else None
     if cached is None or cached["id"] != ref_id:
@@ -1128,10 +1131,12 @@ def run(args):
             teachers.offload(model, next(student.parameters()).device)
         return model
 
-    frozen = lambda key, model: evaluate_frozen(key, model, tokenizer, test_h, test_b, args, device)
-    rows = {"base": frozen(base_key, lambda: base_compute), "good teacher": frozen(keys["good"], lambda: good or load_good())}
+    cached_eval = lambda key, get_model: evaluate_frozen(key, get_model, tokenizer, test_h, test_b, args, device,
+                                                         base_key)
+    rows = {"base": cached_eval(base_key, lambda: base_compute),
+            "good teacher": cached_eval(keys["good"], lambda: good if good is not None else load_good())}
     if bad is not base_compute:
-        rows["bad teacher"] = frozen(keys["bad"], lambda: bad)
+        rows["bad teacher"] = cached_eval(keys["bad"], lambda: bad)
     rows["student"] = evaluation.evaluate(student, tokenizer, test_h, test_b)
     table = evaluation.markdown_table(rows)
     payload = {"results": rows, "teacher_eval_on_training_prompts": report, "settings": evaluation.settings(
@@ -1147,21 +1152,26 @@ def run(args):
     return payload
 
 
-def evaluate_frozen(key, get_model, tokenizer, harmful, harmless, args, device):
-    """evaluation.evaluate of a frozen model (base, teachers), cached under --cache-dir by its weights,
-    the prompts, precision and device: runs that share teachers (figures.py's ablations) report the
-    same rows without generating them again. `get_model()` is called only on a miss."""
-    ident = [key, args.precision, device.type, evaluation.MAX_NEW_TOKENS, evaluation.MAX_PROMPT_TOKENS,
-             [e.prompt for e in harmful], [e.prompt for e in harmless]]
+def evaluate_frozen(key, get_model, tokenizer, harmful, harmless, args, device, base_key):
+    """evaluation.evaluate of a frozen model (base, teachers), cached under --cache-dir by everything
+    that decides its result: weights, the base whose tokenizer renders the prompts, chat template,
+    prompts, precision, device, generation limits, refusal markers and library versions. Runs that
+    share teachers (figures.py's ablations) report the same rows without generating them again.
+    `get_model()` is called only on a miss."""
+    import transformers
+    ident = [key, base_key, tokenizer.chat_template, args.precision, device.type, evaluation.MAX_NEW_TOKENS,
+             evaluation.MAX_PROMPT_TOKENS, evaluation.TOKEN_BUDGET, list(evaluation.REFUSAL_MARKERS),
+             torch.__version__, transformers.__version__, [e.prompt for e in harmful], [e.prompt for e in harmless]]
     path = os.path.join(args.cache_dir, "eval", hashlib.sha256(json.dumps(ident).encode()).hexdigest()[:16] + ".json")
     if os.path.isfile(path):
         with open(path) as f:
             return json.load(f)
     result = evaluation.evaluate(get_model(), tokenizer, harmful, harmless)
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path + ".tmp", "w") as f:
+    tmp = f"{path}.{os.getpid()}.tmp"  # runs sharing the cache may write the same entry at once
+    with open(tmp, "w") as f:
         json.dump(result, f)
-    os.replace(path + ".tmp", path)  # a file that exists is complete
+    os.replace(tmp, path)  # a file that exists is complete
     return result
 
 

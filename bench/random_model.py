@@ -33,9 +33,12 @@ def main():
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args()
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-    path = teachers._alias_path(a.tokenizer) if not os.path.isdir(a.tokenizer) else a.tokenizer
-    tok = (AutoTokenizer.from_pretrained(path) if os.path.isdir(path)
-           else AutoTokenizer.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path)))
+    path = teachers._alias_path(a.tokenizer) if a.tokenizer in teachers.ALIASES else a.tokenizer
+    try:
+        tok = (AutoTokenizer.from_pretrained(path) if os.path.isdir(path)
+               else AutoTokenizer.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path)))
+    except (OSError, ValueError) as e:
+        sys.exit(f"error: --tokenizer {a.tokenizer}: {str(e).splitlines()[0]}")
     config = LlamaConfig(vocab_size=49152, max_position_embeddings=8192, rope_theta=100000.0, rms_norm_eps=1e-5,
                          tie_word_embeddings=True, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
                          pad_token_id=tok.pad_token_id, **SHAPES[a.shape])

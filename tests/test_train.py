@@ -209,3 +209,6 @@ def test_frozen_model_evaluations_are_reused_by_runs_sharing_the_cache(tiny_fold
     for name in ("base", "good teacher"):
         assert json.dumps(second["results"][name], sort_keys=True) == json.dumps(first["results"][name], sort_keys=True)
     assert len(os.listdir(tmp_path / "cache" / "eval")) == 2
+    calls.clear()  # other prompts are another entry
+    train.run(pipeline_args(tiny_folder, tmp_path / "c", *shared, "--loss", "kl=1", "--eval-limit", "2"))
+    assert len(calls) == 3 and len(os.listdir(tmp_path / "cache" / "eval")) == 4
