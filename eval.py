@@ -924,14 +924,9 @@ def finetune_attack(model, tokenizer, harmful_pairs, benign_pairs, n=ATTACK_PROT
             curve.append({"step": steps, **eval_fn(m)})
             m.train()
 
-    if micro_tokens:  # checked before the step-0 evaluation, naming this flag (train.sft would name its own)
-        longest = max(len(data.encode(tokenizer, prompt, answer, args.max_prompt_tokens,
-                                      args.max_response_tokens)["input_ids"]) for prompt, answer in mix)
-        if longest > micro_tokens:
-            raise ValueError(f"--attack-micro-tokens {micro_tokens}: an example needs {longest} padded tokens; "
-                             f"raise the budget")
+    features = train.sft_features(tokenizer, mix, args, "--attack-micro-tokens")  # budget checked before step 0
     record(0, attacked)
-    train.sft(attacked, tokenizer, mix, args, epochs, lr, "attack", lr_schedule, warmup, record)
+    train.sft(attacked, tokenizer, mix, args, epochs, lr, "attack", lr_schedule, warmup, record, features)
     return attacked, {"steps": total, "warmup_steps": warmup, "n_harmful": n_harmful, "n_benign": len(mix) - n_harmful,
                       "mix_sha256": hashlib.sha256(json.dumps(mix).encode()).hexdigest(), "curve": curve}
 
@@ -1026,9 +1021,10 @@ def run_attack(args, argv, model, tokenizer, key, harmful):
         raise data.DataError("--attack needs --attack-data (a train.py run folder or e.g. advbench.csv)")
     prompts = [e.prompt for e in harmful]
     pairs, described = load_attack_pairs(args.attack_data, prompts)
-    judge = load_judge(args.judge or "keyword", threshold=args.threshold, device=next(model.parameters()).device)
+    device = next(model.parameters()).device
+    judge = load_judge(args.judge or "keyword", threshold=args.threshold, device=device)
     common = {"argv": list(argv), "model": args.model, "model_key": key, "dtype": args.dtype,
-              "device": str(next(model.parameters()).device), "seed": args.seed,
+              "device": str(device), "seed": args.seed,
               **judge_settings(judge), "hs_prompts": len(prompts), "max_new_tokens": args.attack_max_new_tokens,
               "hs_data": prompt_files(args.harmful),
               "attack_data": described, "attack_pairs": len(pairs)}

@@ -211,15 +211,16 @@ def build_plan(levels, n_harmless, *, epochs=1, batch_size=8, loop="epoch-level"
     return plan
 
 
-def micro_batches(indices, lengths, rows, max_tokens):
+def micro_batches(indices, lengths, rows, max_tokens, flag="--micro-tokens"):
     """A batch split into micro-batches of at most `max_tokens` padded tokens each (rows per example
     × examples × the longest example's length), longest examples first, filled greedily. The split
-    does not change the loss: run_step weights each micro-batch by its share of the batch."""
+    does not change the loss: run_step weights each micro-batch by its share of the batch. An
+    example over the budget is an error naming `flag`."""
     order = sorted(indices, key=lambda i: -lengths[i])  # stable
     out = []
     for i in order:
         if rows * lengths[i] > max_tokens:
-            raise ValueError(f"--micro-tokens {max_tokens}: an example needs {rows * lengths[i]} padded tokens "
+            raise ValueError(f"{flag} {max_tokens}: an example needs {rows * lengths[i]} padded tokens "
                              f"({rows} rows of {lengths[i]}); raise the budget")
         if out and rows * (len(out[-1]) + 1) * lengths[out[-1][0]] <= max_tokens:
             out[-1].append(int(i))

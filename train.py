@@ -687,14 +687,23 @@ def run_step(model, good_teacher, opt, step, ctx, args, gamma, lr, progress=0.0,
     return totals
 
 
-def sft(model, tokenizer, pairs, args, epochs, lr, desc, lr_schedule="cosine", warmup=None, after_step=None):
-    """Plain supervised fine-tuning on (prompt, response) pairs, used to build teachers and by the
-    fine-tuning attack (eval.py), which passes its own lr schedule and `after_step(steps_done, model)`.
-    Same optimizer and precision as the student; seeded shuffles; returns the model in eval mode."""
+def sft_features(tokenizer, pairs, args, budget_flag="--micro-tokens"):
+    """sft's tokenised pairs and their lengths; a --micro-tokens budget no example fits stops here,
+    before any step, with an error naming `budget_flag`."""
     feats = [data.encode(tokenizer, p, r, args.max_prompt_tokens, args.max_response_tokens) for p, r in pairs]
-    longest = max((len(f["input_ids"]) for f in feats), default=0)
-    if args.micro_tokens and longest > args.micro_tokens:  # before any step, not when the example comes up
-        raise ValueError(f"--micro-tokens {args.micro_tokens}: an example needs {longest} padded tokens; raise the budget")
+    lengths = [len(f["input_ids"]) for f in feats]
+    if args.micro_tokens:
+        schedule.micro_batches(range(len(feats)), lengths, 1, args.micro_tokens, budget_flag)
+    return feats, lengths
+
+
+def sft(model, tokenizer, pairs, args, epochs, lr, desc, lr_schedule="cosine", warmup=None, after_step=None,
+        features=None):
+    """Plain supervised fine-tuning on (prompt, response) pairs, used to build teachers and by the
+    fine-tuning attack (eval.py), which passes its own lr schedule, `after_step(steps_done, model)` and
+    its sft_features(...) as `features`. Same optimizer and precision as the student; seeded shuffles;
+    returns the model in eval mode."""
+    feats, lengths = features or sft_features(tokenizer, pairs, args)
     opt = MasterWeightOptimizer(model, args, torch.bfloat16 if args.precision == "bf16" else torch.float32)
     steps = [perm[i:i + args.batch_size] for e in range(epochs)
              for perm in [np.random.default_rng([args.seed, 7, e]).permutation(len(feats)).tolist()]
@@ -704,7 +713,7 @@ def sft(model, tokenizer, pairs, args, epochs, lr, desc, lr_schedule="cosine", w
     for t, batch in enumerate(bar):
         tokens = float(n_response([feats[i] for i in batch]).sum())
         total = 0.0
-        split = (schedule.micro_batches(batch, [len(f["input_ids"]) for f in feats], 1, args.micro_tokens)
+        split = (schedule.micro_batches(batch, lengths, 1, args.micro_tokens)
                  if args.micro_tokens else [batch[i:i + args.micro_batch] for i in range(0, len(batch), args.micro_batch)])
         for part in split:
             logits, labels = forward(model, [feats[j] for j in part])
