@@ -31,10 +31,12 @@ def _rng(seed, *keys):
 
 @dataclass
 class Step:
-    kind: str        # "harmful" or "harmless"
-    level: int       # level (0-based) whose turn it is; harmless batches carry the level they follow
+    """One optimizer step: a harmful batch and the harmless examples trained with it, so that
+    L = γ·L_harmful + λ·L_harmless is what one clip and one AdamW update see."""
+    level: int       # level (0-based) of the harmful batch
     epoch: int
-    indices: list    # example indices into the harmful or the harmless training pool
+    harmful: list    # indices into the harmful training pool
+    harmless: list   # indices into the harmless training pool
 
 
 def assign_levels(n_examples, n_levels, by, seed=0, categories=None, difficulty=None):
@@ -71,26 +73,6 @@ def _batches(indices, batch_size):
     return [list(map(int, indices[i:i + batch_size])) for i in range(0, len(indices), batch_size)]
 
 
-class _HarmlessStream:
-    """Endless seeded stream over a pool: each pass is a fresh permutation, so every example is
-    seen once before any is repeated."""
-
-    def __init__(self, pool, seed, key):
-        self.pool, self.seed, self.key, self.passes, self.buffer = [int(i) for i in pool], seed, key, 0, []
-
-    def take(self, n):
-        out = []
-        while len(out) < min(n, len(self.pool)):
-            if not self.buffer:
-                perm = _rng(self.seed, _HARMLESS, self.key, self.passes).permutation(len(self.pool))
-                fresh = [self.pool[i] for i in perm]
-                # no example twice in one batch when a pass ends mid-batch
-                self.buffer = [i for i in fresh if i not in out] + [i for i in fresh if i in out]
-                self.passes += 1
-            out.append(self.buffer.pop(0))
-        return out
-
-
 def length_grouped(indices, lengths, batch_size, bucket_batches, rng):
     """Batches of `indices` (already shuffled) with similar lengths: the indices are cut into buckets
     of `bucket_batches` batches, each bucket is sorted by length (stable: ties keep the shuffled
@@ -103,42 +85,27 @@ def length_grouped(indices, lengths, batch_size, bucket_batches, rng):
     return [batches[i] for i in rng.permutation(len(batches))]
 
 
-class _GroupedHarmlessStream(_HarmlessStream):
-    """The harmless stream with --group-by-length: each pass is a fresh permutation cut into
-    length-grouped batches, handed out one batch per `take` (a pass may end in a short batch)."""
-
-    def __init__(self, pool, seed, key, lengths, bucket_batches):
-        super().__init__(pool, seed, key)
-        self.lengths, self.bucket_batches, self.batches = lengths, bucket_batches, []
-
-    def take(self, n):
-        if not self.batches and self.pool:
-            perm = _rng(self.seed, _HARMLESS, self.key, self.passes).permutation(len(self.pool))
-            self.batches = length_grouped([self.pool[i] for i in perm], self.lengths, n, self.bucket_batches,
-                                          _rng(self.seed, _GROUP, _HARMLESS, self.key, self.passes))
-            self.passes += 1
-        return self.batches.pop(0) if self.batches else []
-
-
 def build_plan(levels, n_harmless, *, epochs=1, batch_size=8, loop="epoch-level", sequence="sequential",
                level_order="fixed", benign_per_level="full", harmless_ratio=1.0, seed=0,
                group_by_length=0, lengths=None):
-    """The list of optimizer steps.
+    """The list of optimizer steps (see `Step`).
 
-    levels: level of each harmful training example. Each epoch, each level's harmful examples are
-    shuffled and cut into batches (every harmful example exactly once per epoch). After the k-th
-    harmful batch of a level come the harmless batches that bring that level's harmless count to
-    ⌊k × harmless_ratio⌋; harmless examples come from an endless seeded stream over the whole
-    harmless pool (`full`) or over the level's own 1/L share of it (`split`; each share has its
-    own stream).
+    Harmful side: each epoch, each level's examples are shuffled and cut into batches of
+    `batch_size` (every harmful example exactly once per epoch).
 
-    sequence (epoch-level loop): sequential = level 1's batches, then level 2's, …; cyclic = one
-    harmful batch (with its harmless batches) from each level in turn until all are used;
-    mixed = all levels' groups shuffled together. With loop=level-epoch each level runs all its
-    epochs before the next, so only `sequential` is meaningful.
+    Harmless side, per level and epoch: the level's benign share is the whole harmless pool
+    (`full`: every level goes through the entire benign set) or its own 1/L of a seeded split
+    (`split`). The level takes max(|share|, ⌈harmless_ratio × its harmful count⌉) harmless examples:
+    a fresh seeded permutation of the share, then further permutations while the ratio asks for
+    more. They are spread over the level's steps as evenly as possible (counts differ by ≤ 1).
 
-    group_by_length G > 0: harmful and harmless batches are formed by `length_grouped` with buckets
-    of G batches; `lengths` = (harmful lengths, harmless lengths) in tokens.
+    sequence (epoch-level loop): sequential = level 1's steps, then level 2's, …; cyclic = one step
+    from each level in turn until all are used; mixed = all levels' steps shuffled together. With
+    loop=level-epoch each level runs all its epochs before the next (only `sequential` applies).
+
+    group_by_length G > 0: harmful batches come from `length_grouped` (buckets of G batches), and
+    within each run of G steps the harmless examples are sorted by length before they are dealt
+    out; `lengths` = (harmful lengths, harmless lengths) in tokens.
     """
     if loop not in LOOPS:
         raise ValueError(f"--loop must be one of {LOOPS}, got {loop!r}")
@@ -155,32 +122,34 @@ def build_plan(levels, n_harmless, *, epochs=1, batch_size=8, loop="epoch-level"
                          "--plan-only and schedule.py alone cannot)")
     n_levels = max(levels) + 1 if levels else 0
     members = [[i for i, lv in enumerate(levels) if lv == level] for level in range(n_levels)]
-
-    stream = (lambda pool, key: _GroupedHarmlessStream(pool, seed, key, lengths[1], group_by_length)) \
-        if group_by_length else (lambda pool, key: _HarmlessStream(pool, seed, key))
     if benign_per_level == "full":
-        shared = stream(range(n_harmless), n_levels)  # key distinct from every level's
-        streams = [shared] * n_levels
+        shares = [list(range(n_harmless))] * n_levels
     else:
         perm = _rng(seed, _SPLIT).permutation(n_harmless)
-        streams = [stream(part, level) for level, part in enumerate(np.array_split(perm, n_levels))]
+        shares = [[int(i) for i in part] for part in np.array_split(perm, n_levels)]
 
-    def groups(epoch, level):
+    def harmless_for(epoch, level, n_steps):
+        share = shares[level]
+        want = max(len(share), math.ceil(len(members[level]) * harmless_ratio - 1e-9)) if share else 0
+        drawn, passes = [], 0
+        while len(drawn) < want:
+            drawn += [share[i] for i in _rng(seed, _HARMLESS, epoch, level, passes).permutation(len(share))]
+            passes += 1
+        drawn = drawn[:want]
+        cuts = [want * k // n_steps for k in range(n_steps + 1)]
+        if group_by_length:  # similar lengths within each run of G steps
+            for a in range(0, n_steps, group_by_length):
+                lo, hi = cuts[a], cuts[min(a + group_by_length, n_steps)]
+                drawn[lo:hi] = sorted(drawn[lo:hi], key=lambda j: lengths[1][j])
+        return [drawn[cuts[k]:cuts[k + 1]] for k in range(n_steps)]
+
+    def steps_of(epoch, level):
         perm = _rng(seed, _HARMFUL, epoch, level).permutation(len(members[level]))
         shuffled = [members[level][i] for i in perm]
         harmful = length_grouped(shuffled, lengths[0], batch_size, group_by_length,
                                  _rng(seed, _GROUP, epoch, level)) if group_by_length else _batches(shuffled, batch_size)
-        out, harmless_done = [], 0
-        for k, batch in enumerate(harmful, start=1):
-            group = [Step("harmful", level, epoch, batch)]
-            while harmless_done < math.floor(k * harmless_ratio + 1e-9):
-                taken = streams[level].take(batch_size)
-                if not taken:
-                    break
-                group.append(Step("harmless", level, epoch, taken))
-                harmless_done += 1
-            out.append(group)
-        return out
+        harmless = harmless_for(epoch, level, len(harmful))
+        return [Step(level, epoch, h, b) for h, b in zip(harmful, harmless)]
 
     def order_levels(epoch):
         order = list(range(n_levels))
@@ -190,31 +159,26 @@ def build_plan(levels, n_harmless, *, epochs=1, batch_size=8, loop="epoch-level"
             raise ValueError(f"--level-order must be fixed or shuffled, got {level_order!r}")
         return order
 
-    plan = []
     if loop == "level-epoch":
-        for level in order_levels(0):
-            for epoch in range(epochs):
-                for group in groups(epoch, level):
-                    plan.extend(group)
-        return plan
+        return [s for level in order_levels(0) for epoch in range(epochs) for s in steps_of(epoch, level)]
+    plan = []
     for epoch in range(epochs):
-        per_level = [groups(epoch, level) for level in order_levels(epoch)]
+        per_level = [steps_of(epoch, level) for level in order_levels(epoch)]
         if sequence == "sequential":
-            ordered = [g for gs in per_level for g in gs]
+            plan += [s for steps in per_level for s in steps]
         elif sequence == "cyclic":
-            ordered = [gs[i] for i in range(max(map(len, per_level), default=0)) for gs in per_level if i < len(gs)]
+            plan += [steps[i] for i in range(max(map(len, per_level), default=0)) for steps in per_level
+                     if i < len(steps)]
         else:
-            flat = [g for gs in per_level for g in gs]
-            ordered = [flat[i] for i in _rng(seed, _MIXED, epoch).permutation(len(flat))]
-        for group in ordered:
-            plan.extend(group)
+            flat = [s for steps in per_level for s in steps]
+            plan += [flat[i] for i in _rng(seed, _MIXED, epoch).permutation(len(flat))]
     return plan
 
 
 def micro_batches(indices, lengths, rows, max_tokens, flag="--micro-tokens"):
     """A batch split into micro-batches of at most `max_tokens` padded tokens each (rows per example
     × examples × the longest example's length), longest examples first, filled greedily. The split
-    does not change the loss: run_step weights each micro-batch by its share of the batch. An
+    does not change the loss: train.run_step weights each micro-batch by its share of the batch. An
     example over the budget is an error naming `flag`."""
     order = sorted(indices, key=lambda i: -lengths[i])  # stable
     out = []
@@ -284,9 +248,11 @@ def add_arguments(parser):
     g.add_argument("--loop", choices=LOOPS, default="epoch-level")
     g.add_argument("--sequence", choices=SEQUENCES, default="sequential")
     g.add_argument("--level-order", choices=("fixed", "shuffled"), default="fixed")
-    g.add_argument("--benign-per-level", choices=("full", "split"), default="split")
+    g.add_argument("--benign-per-level", choices=("full", "split"), default="split",
+                   help="full: every level goes through the whole harmless pool; split: each level through its 1/L")
     g.add_argument("--harmless-ratio", type=float, default=2.0,
-                   help="harmless batches per harmful batch (2: keeps over-refusal at the teacher's level, measured)")
+                   help="at least R harmless examples per harmful example in each step (a level also goes through "
+                        "its whole benign share: see --benign-per-level)")
     g.add_argument("--gamma-schedule", choices=GAMMA_SCHEDULES, default="constant")
     g.add_argument("--gamma-start", type=float, default=1.0)
     g.add_argument("--gamma-end", type=float, default=1.0)
@@ -308,12 +274,13 @@ def plan_from_args(args, levels, n_harmless, lengths=None):
 
 
 def describe(plan, args, n_levels):
-    """One line per step: step, epoch, level, kind, γ, lr, example indices."""
-    lines = [f"{'step':>4} {'epoch':>5} {'level':>5} {'kind':<8} {'gamma':>7} {'lr':>9}  examples"]
+    """One line per step: step, epoch, level, γ, λ, lr, harmful and harmless example indices."""
+    lines = [f"{'step':>4} {'epoch':>5} {'level':>5} {'gamma':>7} {'lambda':>7} {'lr':>9}  harmful | harmless"]
     for t, s in enumerate(plan):
         g = gamma_at(t, len(plan), args.gamma_schedule, args.gamma_start, args.gamma_end, s.level, n_levels)
         lr = lr_at(t, len(plan), args.lr, args.lr_schedule, args.warmup)
-        lines.append(f"{t:>4} {s.epoch:>5} {s.level + 1:>5} {s.kind:<8} {g:>7.4f} {lr:>9.2e}  {s.indices}")
+        lines.append(f"{t:>4} {s.epoch:>5} {s.level + 1:>5} {g:>7.4f} {args.lam:>7.4f} {lr:>9.2e}  "
+                     f"{s.harmful} | {s.harmless}")
     return "\n".join(lines)
 
 

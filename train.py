@@ -5,19 +5,23 @@
     python train.py --resume             # continue the run in --out from its last checkpoint
 
 Pipeline: load data and the base model → build or load the good / bad teacher → generate and
-cache their answers → teacher evaluation (stops if the good teacher is not better) → reference
-log-probs of the initial student (cached) → train along the plan of schedule.py → evaluate
-base, good teacher and student on held-out prompts.
+cache their answers → teacher evaluation (stops if the good teacher is not better) → train along
+the plan of schedule.py → evaluate base, good teacher and student on held-out prompts.
 
-Which data each loss term sees (weights from --loss):
-    harmful batches  (× γ):  dpo  good answer chosen, bad answer rejected
-                             npo  pushes down the bad teacher's answer
-                             simnpo  reference-free, length-normalised npo
-                             kl / kl_rev  to the good teacher on its own answer (its refusal)
-                             sft  likelihood of the good teacher's refusal ("reward refusals")
-    harmless batches (× λ):  kl / kl_rev  to the good teacher on its own answer
-                             dpo  only with --dpo-harmless: the good teacher's answer chosen over
-                                  the bad teacher's (bad-teacher) or over a refusal (refusal)
+Each optimizer step minimises  L = γ(t) · L_harmful + λ · L_harmless  on one harmful batch and its
+harmless examples (one backward per micro-batch, one clip, one update). Each side's loss is
+Σ weight × term (weights from --loss), each term averaged over the side's examples or tokens:
+    harmful side:   dpo  good answer (a refusal) chosen, bad answer rejected
+                    npo  pushes down the bad teacher's answer
+                    simnpo  reference-free, length-normalised npo
+                    kl / kl_rev  to the good teacher on its own answer (its refusal)
+                    sft  likelihood of the good teacher's refusal ("reward refusals")
+                    cb   circuit-breaker rerouting (--cb-alpha)
+    harmless side:  kl / kl_rev / sft  to the good teacher on its own answer
+                    dpo  only with --dpo-harmless: the good teacher's answer chosen over the bad
+                         teacher's (bad-teacher) or over a refusal (refusal)
+                    cb_retain  circuit-breaker retain term (--cb-alpha)
+The DPO / NPO reference is the frozen base (the initial student), run on the same micro-batch.
 """
 import argparse
 import contextlib
@@ -181,7 +185,9 @@ class MasterWeightOptimizer:
     smaller than 2^-8 of a weight; the master copies keep them."""
 
     def __init__(self, model, args, compute_dtype):
-        self.params = [p for p in model.parameters() if p.requires_grad]
+        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        self.names, self.params = [n for n, _ in named], [p for _, p in named]
+        self.grads = [None] * len(self.params)  # fp32 sums of the micro-batches' gradients
         self.master = []
         for p in self.params:
             device = torch.device("cpu") if args.optim_state_device == "cpu" else p.device
@@ -192,14 +198,31 @@ class MasterWeightOptimizer:
         kind = torch.optim.AdamW if args.optimizer == "adamw" else torch.optim.SGD
         self.optimizer = kind(self.master, lr=args.lr, weight_decay=args.weight_decay)
 
+    def accumulate(self, keep=None):
+        """Add the gradients of the last backward to fp32 sums and clear them: bf16 `.grad`
+        accumulating over micro-batches would round each sum. keep: per parameter None (all
+        entries), False (none) or a bool mask of the entries that take this gradient."""
+        for i, p in enumerate(self.params):
+            g, p.grad = p.grad, None
+            k = None if keep is None else keep[i]
+            if g is None or k is False:
+                continue
+            g = g.float()
+            if k is not None:
+                g = torch.where(k, g, 0.0)
+            if self.grads[i] is None:
+                self.grads[i] = g
+            else:
+                self.grads[i].add_(g)
+
     def step(self, lr, clip, frozen=None):
         """frozen: per parameter, None or a bool mask of entries this step may not move (their
         gradient is zeroed, and their value restored after the step so momentum and weight decay
         cannot move them either)."""
-        for m, p in zip(self.master, self.params):
-            if m is not p:
-                m.grad = None if p.grad is None else p.grad.to(m.device, torch.float32)
-                p.grad = None
+        self.accumulate()  # gradients of a backward not yet collected
+        for m, g in zip(self.master, self.grads):
+            m.grad = None if g is None else g.to(m.device)
+        self.grads = [None] * len(self.params)
         saved = []
         for m, f in zip(self.master, frozen or []):
             if f is not None:
@@ -348,19 +371,56 @@ def offload_frozen(args, good, bad, ref, device, log):
 
 # ---------------------------------------------------------------- forward passes
 
-def forward(model, feats, keep=None, hidden=False):
+def decoder_layers(model):
+    layers = getattr(getattr(model, "model", None), "layers", None)
+    if layers is None:
+        raise ValueError(f"{type(model).__name__}: LAT / circuit breakers need a decoder with .model.layers")
+    return layers
+
+
+def residual_module(model, position):
+    """The module whose output is residual-stream position `position`: 0 = the embeddings,
+    l = block l (before the final norm). LAT writes and circuit breakers read at the same places."""
+    return model.get_input_embeddings() if position == 0 else decoder_layers(model)[position - 1]
+
+
+def _output_tensor(output):
+    return output[0] if isinstance(output, tuple) else output
+
+
+@contextlib.contextmanager
+def residual_capture(model, positions):
+    """Yields {position: [B, T, H] residual stream} filled by the next forward. Hooks registered here
+    run after any `residual_perturbation` entered before, so a captured state includes δ: the
+    stream the following block reads (one fixed rule, whatever hooks transformers installs)."""
+    store, handles = {}, []
+    try:
+        for l in positions:
+            handles.append(residual_module(model, l).register_forward_hook(
+                lambda mod, inputs, output, l=l: store.__setitem__(l, _output_tensor(output))))
+        yield store
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def forward(model, feats, keep=None, capture=()):
     """(logits, labels) of a left-padded batch, for its last K positions only (K = longest
     response + 1). Losses read no prompt logits, and the vocabulary projection and its
-    log-softmax are the largest tensors of a step; left padding puts every response at the end."""
+    log-softmax are the largest tensors of a step; left padding puts every response at the end.
+    With `capture` (residual positions) it also returns the hidden states at those positions
+    ([B, T, H] each, all positions), the full-width labels and the real-token mask."""
     batch = data.collate(feats, model.config.pad_token_id or 0, side="left")
     keep = keep or int(n_response(feats).max()) + 1
     device = next(model.parameters()).device
     mask = batch["attention_mask"].to(device)
-    out = model(input_ids=batch["input_ids"].to(device), attention_mask=mask, output_hidden_states=hidden,
-                position_ids=(mask.cumsum(-1) - 1).clamp(min=0), logits_to_keep=keep, use_cache=False)
-    if hidden:  # all positions: the residual stream at every layer, and which tokens are real
-        return out.logits, batch["labels"][:, -keep:].to(device), out.hidden_states, mask.bool()
-    return out.logits, batch["labels"][:, -keep:].to(device)
+    with residual_capture(model, capture) as hidden:
+        out = model(input_ids=batch["input_ids"].to(device), attention_mask=mask,
+                    position_ids=(mask.cumsum(-1) - 1).clamp(min=0), logits_to_keep=keep, use_cache=False)
+    labels = batch["labels"].to(device)
+    if capture:
+        return out.logits, labels[:, -keep:], [hidden[l] for l in capture], labels, mask.bool()
+    return out.logits, labels[:, -keep:]
 
 
 def n_response(feats):
@@ -369,7 +429,7 @@ def n_response(feats):
 
 @torch.no_grad()
 def sequence_logps_of(model, feats, micro_batch):
-    """Sequence log-probs of many examples (e.g. the reference's), in micro-batches."""
+    """Sequence log-probs of many examples, in micro-batches."""
     out = []
     for i in range(0, len(feats), micro_batch):
         logits, labels = forward(model, feats[i:i + micro_batch])
@@ -378,13 +438,6 @@ def sequence_logps_of(model, feats, micro_batch):
 
 
 # ---------------------------------------------------------------- LAT: perturbing the residual stream
-
-def decoder_layers(model):
-    layers = getattr(getattr(model, "model", None), "layers", None)
-    if layers is None:
-        raise ValueError(f"{type(model).__name__}: LAT / circuit breakers need a decoder with .model.layers")
-    return layers
-
 
 def _add_to_output(delta):
     def hook(module, inputs, output):
@@ -396,13 +449,12 @@ def _add_to_output(delta):
 
 @contextlib.contextmanager
 def residual_perturbation(model, deltas):
-    """Adds deltas[l] ([B, T, H]) to the residual stream at position l: 0 = the embeddings,
-    l = the output of block l. The hooks are removed however the block exits."""
+    """Adds deltas[l] ([B, T, H]) to the residual stream at position l (see `residual_module`).
+    The hooks are removed however the block exits."""
     handles = []
     try:
         for l, delta in deltas.items():
-            module = model.get_input_embeddings() if l == 0 else decoder_layers(model)[l - 1]
-            handles.append(module.register_forward_hook(_add_to_output(delta)))
+            handles.append(residual_module(model, l).register_forward_hook(_add_to_output(delta)))
         yield
     finally:
         for h in handles:
@@ -506,106 +558,45 @@ def canary_drift(masks, model_state, initial):
     return on / max(n_on, 1), off / max(n_off, 1)
 
 
-def frozen_entries(opt, model, masks, mode, kind):
-    """Which entries the step may not move: focus freezes everything but the canaries on harmful
-    steps; protect freezes the canaries on harmless steps; monitor freezes nothing."""
-    name_of = {id(p): n for n, p in model.named_parameters()}
-    names = [name_of[id(p)] for p in opt.params]
-    if mode == "focus" and kind == "harmful":
-        return [~masks[n] if n in masks else torch.ones_like(p, dtype=torch.bool) for n, p in zip(names, opt.params)]
-    if mode == "protect" and kind == "harmless":
-        return [masks.get(n) for n in names]
-    return None
+# ---------------------------------------------------------------- one step: γ·L_harmful + λ·L_harmless
+
+# What each term is averaged over, across the whole side of a step (examples or tokens), so that
+# splitting a side into micro-batches changes nothing: a micro-batch contributes sum / total.
+TERM_UNIT = {"dpo": "examples", "npo": "examples", "simnpo": "examples",
+             "sft": "good_tokens", "kl": "good_tokens", "kl_rev": "good_tokens",
+             "cb": "bad_tokens",               # rerouting: the bad answer's tokens
+             "cb_retain": "good_real_tokens"}  # retain: every real token of the harmless example
 
 
-def batch_terms(model, good_teacher, kind, idx, ctx, args, weights, share, cb_coef=(0.0, 0.0)):
-    """Weighted loss of one micro-batch and its terms, each scaled by this micro-batch's share of
-    the whole batch (examples for sequence terms, response tokens for token-averaged terms), so
-    that accumulating micro-batches gives exactly the full-batch value."""
-    pool = ctx[kind]
-    good = [pool["good"][i] for i in idx]
-    bad = [pool["bad"][i] for i in idx] if pool["bad"] else None
-    harmful = kind == "harmful"
-    lat = harmful and args.lat_eps > 0
-    cb = args.cb_alpha > 0
-    need_bad = uses_bad(kind, args)
-    feats = good + bad if need_bad else good
-    n = len(idx)
-    deltas = lat_search(model, feats, n, args) if lat else {}
-    with residual_perturbation(model, deltas):  # the harmful-side terms are computed under δ
-        out = forward(model, feats, hidden=cb)
-    logits, labels = out[:2]
-    logps = losses.sequence_logps(logits, labels)
-    terms, stats = {}, {}
-    lp_good = logps[:n]
-    lp_bad = logps[n:] if need_bad else None
-    # reference log-probs are kept in CPU memory (computed once); the terms need them on the device
-    ref_good = pool["ref_good"][idx].to(logps.device)
-    ref_bad = pool["ref_bad"][idx].to(logps.device) if need_bad else None
-    frac = n / share["examples"]
-    if "dpo" in weights:
-        terms["dpo"] = losses.dpo(lp_good, lp_bad, ref_good, ref_bad, args.beta) * frac
-        margin = ((lp_good.detach() - ref_good) - (lp_bad.detach() - ref_bad))
-        stats["dpo_margin"] = float(margin.mean()) * frac
-        stats["dpo_accuracy"] = float((margin > 0).float().mean()) * frac
-    if "npo" in weights:
-        terms["npo"] = losses.npo(lp_bad, ref_bad, args.beta) * frac
-    if "simnpo" in weights:
-        terms["simnpo"] = losses.simnpo(lp_bad, n_response(bad).to(lp_bad.device), args.simnpo_beta,
-                                        args.simnpo_margin) * frac
-    if need_bad:
-        stats["bad_logp_change"] = float((lp_bad.detach() - ref_bad).mean()) * frac
-    stats["good_logp_change"] = float((lp_good.detach() - ref_good).mean()) * frac
-    if "sft" in weights:
-        tokens = n_response(good)
-        terms["sft"] = losses.sft(lp_good, tokens.to(lp_good.device)) * float(tokens.sum()) / share["tokens"]
-    if ("kl" in weights or "kl_rev" in weights) and "topk" in pool:
-        terms.update(cached_kl_terms(logits[:n], labels[:n], pool["topk"], idx, args, weights, share))
-    elif "kl" in weights or "kl_rev" in weights:
-        with torch.no_grad():
-            teacher_logits, _ = forward(good_teacher, good, keep=logits.shape[1])
-        # the good rows may be shorter than the kept window: what lies left of them is padding
-        width = teacher_logits.shape[1]
-        good_logits, mask = logits[:n, -width:], losses.response_mask(labels[:n, -width:])
-        tok_frac = float(mask.sum()) / share["tokens"]
-        for name, fn in (("kl", losses.kl), ("kl_rev", losses.kl_rev)):
-            if name in weights:
-                terms[name] = fn(good_logits, teacher_logits, mask, args.temperature) * tok_frac
-    coef = dict(weights)
-    if cb:
-        cb_layers = ctx["cb_layers"]
-        rows = slice(n, 2 * n) if harmful else slice(0, n)
-        with torch.no_grad():  # the frozen reference, on the same rows, without δ
-            _, _, ref_hidden, ref_mask = forward(ctx["ref_model"], bad if harmful else good, hidden=True)
-        width = ref_mask.shape[1]  # those rows may be narrower than the whole batch: the rest is padding
-        student_hidden = [out[2][l][rows, -width:] for l in cb_layers]
-        ref_hidden = [ref_hidden[l] for l in cb_layers]
-        if harmful:  # reroute the bad answer's tokens
-            labels_rows = data.collate(bad, 0, side="left")["labels"].to(ref_mask.device)
-            mask = labels_rows != data.IGNORE
-            terms["cb"], coef["cb"] = losses.cb_reroute(student_hidden, ref_hidden, mask) * frac, cb_coef[0]
-        else:  # retain every real token of the harmless example
-            terms["cb_retain"], coef["cb_retain"] = losses.cb_retain(student_hidden, ref_hidden, ref_mask) * frac, \
-                cb_coef[1]
-    loss = sum(coef[k] * v for k, v in terms.items())
-    return loss, {**{k: float(v.detach()) for k, v in terms.items()}, **stats}
-
-
-def step_weights(kind, args):
-    """The weighted loss terms a step of this kind computes: all of --loss on harmful steps; on
-    harmless ones the HARMLESS_TERMS, dpo only under --dpo-harmless and with its own weight if given."""
+def side_weights(kind, args, cb_coef=(0.0, 0.0)):
+    """{term: weight} a side computes: all of --loss on the harmful side; on the harmless side the
+    HARMLESS_TERMS, dpo only under --dpo-harmless (with its own weight if given); plus the
+    circuit-breaker term of the side with its cross-faded weight."""
     if kind == "harmful":
-        return dict(args.loss)
-    weights = {k: v for k, v in args.loss.items() if k in HARMLESS_TERMS and (k != "dpo" or args.dpo_harmless != "none")}
-    if "dpo" in weights and args.dpo_harmless_weight is not None:
-        weights["dpo"] = args.dpo_harmless_weight
+        weights = dict(args.loss)
+    else:
+        weights = {k: v for k, v in args.loss.items()
+                   if k in HARMLESS_TERMS and (k != "dpo" or args.dpo_harmless != "none")}
+        if "dpo" in weights and args.dpo_harmless_weight is not None:
+            weights["dpo"] = args.dpo_harmless_weight
+    if args.cb_alpha:
+        weights["cb" if kind == "harmful" else "cb_retain"] = cb_coef[0 if kind == "harmful" else 1]
     return weights
 
 
 def uses_bad(kind, args):
-    """Whether a step of this kind reads the bad answers (rows n: of its forward) besides the good ones."""
-    reads_bad = any(t in step_weights(kind, args) for t in ("dpo", "npo", "simnpo"))
+    """Whether a side reads the bad answers (rows n: of its forward) besides the good ones."""
+    reads_bad = any(t in side_weights(kind, args) for t in ("dpo", "npo", "simnpo"))
     return reads_bad or (kind == "harmful" and (args.lat_eps > 0 or args.cb_alpha > 0))
+
+
+def side_totals(pool, idx):
+    """The normalisers of TERM_UNIT over a whole side of a step."""
+    good = [pool["good"][i] for i in idx]
+    bad = [pool["bad"][i] for i in idx] if pool["bad"] else []
+    return {"examples": float(len(idx)), "good_tokens": float(n_response(good).sum()),
+            "bad_tokens": float(n_response(bad).sum()) if bad else 0.0,
+            "good_real_tokens": float(sum(len(f["input_ids"]) for f in good))}
 
 
 def example_lengths(ctx, kind, args):
@@ -615,24 +606,155 @@ def example_lengths(ctx, kind, args):
     return [max(len(f["input_ids"]) for f in rows) for rows in zip(*sides)]
 
 
-def split_step(step, ctx, args):
-    """This process's micro-batches of the step (its shard under torchrun): --micro-batch examples
-    each, or at most --micro-tokens padded tokens."""
-    mine = shard(step.indices)
+def split_side(kind, indices, ctx, args):
+    """This process's micro-batches of one side of a step (its shard under torchrun): --micro-batch
+    examples each, or at most --micro-tokens padded tokens."""
+    mine = shard(indices)
     if not args.micro_tokens:
         return [mine[i:i + args.micro_batch] for i in range(0, len(mine), args.micro_batch)]
-    return schedule.micro_batches(mine, example_lengths(ctx, step.kind, args),
-                                  2 if uses_bad(step.kind, args) else 1, args.micro_tokens)
+    return schedule.micro_batches(mine, example_lengths(ctx, kind, args), 2 if uses_bad(kind, args) else 1,
+                                  args.micro_tokens)
 
 
-def cached_kl_terms(logits, labels, cache, idx, args, weights, share):
-    """kl / kl_rev of the good rows against the cached teacher top-k (--teacher-topk), each scaled by
-    the micro-batch's share of the batch's response tokens, as the on-the-fly terms are."""
-    mask = losses.response_mask(labels)
-    teacher = cache.window(idx, mask)
-    tok_frac = float(mask.sum()) / share["tokens"]
-    return {name: fn(logits, *teacher, mask, args.temperature) * tok_frac
-            for name, fn in (("kl", losses.kl_topk), ("kl_rev", losses.kl_rev_topk)) if name in weights}
+def term_sums(model, good_teacher, kind, idx, ctx, args, weights):
+    """Sums over one micro-batch (per example or per token, see TERM_UNIT) of every term in
+    `weights`, and log statistics summed over its examples.
+
+    Rows of the student's forward: the good answers, then the bad ones when the side reads them.
+    The reference (the frozen initial student, ctx["ref_model"]) runs on the very same batch, so its
+    log-probs match the student's bit for bit before the first update, in bf16 too."""
+    pool, harmful = ctx[kind], kind == "harmful"
+    good = [pool["good"][i] for i in idx]
+    bad = [pool["bad"][i] for i in idx] if uses_bad(kind, args) else []
+    feats, n = good + bad, len(idx)
+    cb_layers = ctx["cb_layers"] if ("cb" in weights or "cb_retain" in weights) else []
+    deltas = lat_search(model, feats, n, args) if harmful and args.lat_eps > 0 else {}
+    with residual_perturbation(model, deltas):  # the harmful side trains under δ
+        out = forward(model, feats, capture=cb_layers)
+    logits, labels = out[:2]
+    logps = losses.sequence_logps(logits, labels)
+    lp_good, lp_bad = logps[:n], logps[n:]
+    sums, stats = {}, {}
+    needs_ref_logps = any(t in weights for t in ("dpo", "npo"))
+    if needs_ref_logps or cb_layers:
+        with torch.no_grad():
+            ref = forward(ctx["ref_model"], feats, keep=logits.shape[1], capture=cb_layers)
+        ref_logps = losses.sequence_logps(ref[0], labels).to(logps.device)
+        ref_good, ref_bad = ref_logps[:n], ref_logps[n:]
+        stats["good_logp_change"] = float((lp_good.detach() - ref_good).sum())
+        if bad:
+            stats["bad_logp_change"] = float((lp_bad.detach() - ref_bad).sum())
+    if "dpo" in weights:
+        sums["dpo"] = losses.dpo(lp_good, lp_bad, ref_good, ref_bad, args.beta) * n
+        margin = (lp_good.detach() - ref_good) - (lp_bad.detach() - ref_bad)
+        stats["dpo_margin"], stats["dpo_accuracy"] = float(margin.sum()), float((margin > 0).float().sum())
+    if "npo" in weights:
+        sums["npo"] = losses.npo(lp_bad, ref_bad, args.beta) * n
+    if "simnpo" in weights:
+        sums["simnpo"] = losses.simnpo(lp_bad, n_response(bad).to(lp_bad.device), args.simnpo_beta,
+                                       args.simnpo_margin) * n
+    if "sft" in weights:
+        sums["sft"] = -lp_good.sum()
+    if "kl" in weights or "kl_rev" in weights:
+        sums.update(kl_sums(logits[:n], labels[:n], good_teacher, good, pool.get("topk"), idx, args, weights))
+    if cb_layers:
+        student_hidden, ref_hidden = out[2], ref[2]
+        if harmful:  # reroute the bad answer's tokens: rows n: of both forwards, same layout
+            rows, mask = slice(n, 2 * n), out[3][n:] != data.IGNORE
+            fn, name = losses.cb_reroute, "cb"
+        else:  # retain every real token of the harmless example
+            rows, mask = slice(0, n), out[4][:n]
+            fn, name = losses.cb_retain, "cb_retain"
+        mean = fn([h[rows] for h in student_hidden], [h[rows] for h in ref_hidden], mask)
+        sums[name] = mean * float(mask.sum())
+    return sums, stats
+
+
+def kl_sums(logits, labels, good_teacher, good, topk, idx, args, weights):
+    """Σ over response tokens of kl / kl_rev to the good teacher: from its cached top-k
+    (--teacher-topk) or from a forward of the teacher on the good rows."""
+    if topk is not None:
+        mask = losses.response_mask(labels)
+        teacher, pairs = topk.window(idx, mask), (("kl", losses.kl_topk), ("kl_rev", losses.kl_rev_topk))
+    else:
+        with torch.no_grad():
+            teacher_logits, _ = forward(good_teacher, good, keep=logits.shape[1])
+        # the good rows may be shorter than the kept window: what lies left of them is padding
+        width = teacher_logits.shape[1]
+        logits, labels = logits[:, -width:], labels[:, -width:]
+        mask = losses.response_mask(labels)
+        teacher, pairs = (teacher_logits,), (("kl", losses.kl), ("kl_rev", losses.kl_rev))
+    return {name: fn(logits, *teacher, mask, args.temperature) * float(mask.sum())
+            for name, fn in pairs if name in weights}
+
+
+def canary_keep(masks, mode, kind, opt):
+    """Per trainable parameter, which entries take this side's gradient: None = all, False = none,
+    or a bool mask. focus: the harmful side moves only canary entries; protect: the harmless side
+    may not move them; monitor: no restriction."""
+    if not masks or mode not in ("focus", "protect"):
+        return None
+    if mode == "focus" and kind == "harmful":
+        return [masks[n] if n in masks else False for n in opt.names]
+    if mode == "protect" and kind == "harmless":
+        return [~masks[n] if n in masks else None for n in opt.names]
+    return None
+
+
+def frozen_from(keeps, params):
+    """Entries that no computed side may move; their value and optimizer state stay as they are."""
+    if not keeps or any(k is None for k in keeps):
+        return None
+    out = []
+    for i, p in enumerate(params):
+        sides = [k[i] for k in keeps]
+        if any(side is None for side in sides):
+            out.append(None)
+            continue
+        frozen = torch.ones_like(p, dtype=torch.bool)
+        for side in sides:
+            if side is not False:
+                frozen &= ~side
+        out.append(frozen)
+    return out
+
+
+def run_step(model, good_teacher, opt, step, ctx, args, gamma, lr, progress=0.0, masks=None):
+    """One optimizer step on L = γ·L_harmful + λ·L_harmless over the step's harmful and harmless
+    examples: micro-batches go through backward one by one, their gradients are summed in fp32,
+    then one clip and one update. A side whose weight is 0 is not computed. `progress` (steps done /
+    total) cross-fades the circuit-breaker weights; `masks` are the canary masks (--canary-mode)."""
+    cb_coef = (args.cb_alpha * (1 - progress / 2), args.cb_alpha * progress / 2)
+    row, keeps = {"loss": 0.0}, []
+    model.train()
+    for kind, indices, scale in (("harmful", step.harmful, gamma), ("harmless", step.harmless, args.lam)):
+        weights = side_weights(kind, args, cb_coef)
+        if not indices or scale == 0 or not any(weights.values()):
+            continue
+        totals = side_totals(ctx[kind], indices)
+        keep = canary_keep(masks, args.canary_mode, kind, opt)
+        keeps.append(keep)
+        logged = {}
+        for idx in split_side(kind, indices, ctx, args):
+            sums, stats = term_sums(model, good_teacher, kind, idx, ctx, args, weights)
+            side_loss = sum(weights[k] * v / totals[TERM_UNIT[k]] for k, v in sums.items())
+            (scale * side_loss).backward()
+            opt.accumulate(keep)
+            for k, v in sums.items():
+                logged[k] = logged.get(k, 0.0) + float(v.detach()) / totals[TERM_UNIT[k]]
+            for k, v in stats.items():
+                logged[k] = logged.get(k, 0.0) + v / totals["examples"]
+            logged["loss"] = logged.get("loss", 0.0) + float(side_loss.detach())
+        logged = sum_over_ranks(logged)
+        row["loss"] += scale * logged["loss"]
+        row.update({f"{kind}_{k}": v for k, v in logged.items()})
+    if not keeps:
+        return {"skipped": True}
+    all_reduce_grads(opt)
+    row["grad_norm"] = opt.step(lr, args.clip, frozen_from(keeps, opt.params))
+    if args.cb_alpha:
+        row["cb_coef"], row["cb_retain_coef"] = cb_coef
+    return row
 
 
 def features_digest(feats):
@@ -658,33 +780,6 @@ def teacher_topk_cache(good, good_key, ctx, args, log):
 
 def good_teacher_path(args):
     return os.path.join(args.teacher_dir, "good") if args.good_teacher == "align" else args.good_teacher
-
-
-def run_step(model, good_teacher, opt, step, ctx, args, gamma, lr, progress=0.0, frozen=None):
-    """One optimizer step over the step's examples, in micro-batches. `progress` (optimizer steps
-    done / total) cross-fades the circuit-breaker weights; `frozen` masks entries that may not move."""
-    weights = step_weights(step.kind, args)
-    scale = args.lam if step.kind == "harmless" else gamma
-    if not weights and not args.cb_alpha:
-        return {"skipped": True}
-    cb_coef = (args.cb_alpha * (1 - progress / 2), args.cb_alpha * progress / 2)
-    pool = ctx[step.kind]
-    share = {"examples": len(step.indices),
-             "tokens": float(n_response([pool["good"][i] for i in step.indices]).sum())}
-    totals = {}
-    model.train()
-    for idx in split_step(step, ctx, args):
-        loss, parts = batch_terms(model, good_teacher, step.kind, idx, ctx, args, weights, share, cb_coef)
-        (scale * loss).backward()
-        for k, v in parts.items():
-            totals[k] = totals.get(k, 0.0) + v
-        totals["loss"] = totals.get("loss", 0.0) + float(loss.detach()) * scale
-    all_reduce_grads(opt.params)
-    totals = sum_over_ranks(totals)
-    totals["grad_norm"] = opt.step(lr, args.clip, frozen)
-    if args.cb_alpha:
-        totals["cb_coef"], totals["cb_retain_coef"] = cb_coef
-    return totals
 
 
 def sft_features(tokenizer, pairs, args, budget_flag="--micro-tokens"):
@@ -719,6 +814,7 @@ def sft(model, tokenizer, pairs, args, epochs, lr, desc, lr_schedule="cosine", w
             logits, labels = forward(model, [feats[j] for j in part])
             loss = -losses.sequence_logps(logits, labels).sum() / tokens
             loss.backward()
+            opt.accumulate()
             total += float(loss.detach())
         opt.step(schedule.lr_at(t, len(steps), lr, lr_schedule, min(2, len(steps) - 1) if warmup is None else warmup),
                  args.clip)
@@ -762,26 +858,26 @@ def shard(indices):
     return indices[rank * len(indices) // world:(rank + 1) * len(indices) // world]
 
 
-def all_reduce_grads(params):
-    """Sum the trainable gradients over ranks, once per optimizer step. Each rank's loss is already
-    scaled by its share of the global batch (batch_terms' `share`), so the sum is the one-process
-    gradient. Summed in fp32 and rounded once to the compute dtype, as one process accumulating
-    in bf16 would round. Explicit rather than the DDP wrapper: the student is also run forward and
-    backward outside the update (LAT's δ search, canary scores), which DDP would all-reduce, and the
-    fp32 master copies live outside the module. A parameter no rank has a gradient for keeps None,
-    so AdamW skips it as one process would."""
+def all_reduce_grads(opt):
+    """Sum the fp32 gradient sums over ranks, once per optimizer step. Each rank's loss is already
+    scaled by its share of the global batch (run_step divides by the whole side's totals), so the
+    sum is the one-process gradient. Explicit rather than the DDP wrapper: the student is also run
+    forward and backward outside the update (LAT's δ search, canary scores), which DDP would
+    all-reduce, and the fp32 master copies live outside the module. A parameter no rank has a
+    gradient for keeps None, so AdamW skips it as one process would."""
     if not dist.is_initialized():
         return
-    has = torch.tensor([p.grad is not None for p in params], dtype=torch.int32)
+    opt.accumulate()
+    has = torch.tensor([g is not None for g in opt.grads], dtype=torch.int32)
     dist.all_reduce(has)
     pending = []
-    for p, n in zip(params, has.tolist()):
+    for i, (p, n) in enumerate(zip(opt.params, has.tolist())):
         if n:
-            g = p.grad.float() if p.grad is not None else torch.zeros(p.shape, device=p.device)
-            pending.append((p, g, dist.all_reduce(g, async_op=True)))
-    for p, g, work in pending:
+            if opt.grads[i] is None:
+                opt.grads[i] = torch.zeros(p.shape, device=p.device)
+            pending.append(dist.all_reduce(opt.grads[i], async_op=True))
+    for work in pending:
         work.wait()
-        p.grad = g.to(p.dtype)
 
 
 def sum_over_ranks(totals):
@@ -818,10 +914,10 @@ def gather_canaries(model, canary, step, t, ctx, levels, args):
     """Re-score canaries when a new epoch / level / harmful batch starts (--canary-every), on at
     most --canary-samples of that scope's harmful examples (their bad answers); returns log fields."""
     key = {"epoch": step.epoch, "level": (step.epoch, step.level), "batch": t}[args.canary_every]
-    if key == canary["key"] or (args.canary_every == "batch" and step.kind != "harmful"):
+    if key == canary["key"]:
         return {"canary_count": sum(int(m.sum()) for m in canary["masks"].values())} if canary["masks"] else {}
     scope = {"epoch": range(len(levels)), "level": [i for i, lv in enumerate(levels) if lv == step.level],
-             "batch": step.indices}[args.canary_every]
+             "batch": step.harmful}[args.canary_every]
     scope = list(scope)
     if len(scope) > args.canary_samples:
         pick = np.random.default_rng([args.seed, 11, t]).choice(len(scope), args.canary_samples, replace=False)
@@ -1026,26 +1122,14 @@ def run(args):
         enable_checkpointing(student)
     opt = MasterWeightOptimizer(student, args, compute_dtype)
 
-    # reference log-probs = the initial student's, computed once and cached in the run folder
-    ref_path = os.path.join(args.cache_dir, "ref_logps.pt")
-    ref_id = [base_key, args.precision, device.type,
-              features_digest(f for pool in ctx.values() for side in pool.values() if side for f in side)]
-    cached = torch.load(ref_path) if os.path.exists(ref_path) else None
-    if cached is None or cached["id"] != ref_id:
-        student.eval()
-        cached = {"id": ref_id}
-        for kind in ("harmful", "harmless"):
-            for side in ("good", "bad"):
-                feats = ctx[kind][side]
-                cached[f"{kind}_{side}"] = sequence_logps_of(student, feats, args.micro_batch) if feats else None
-        torch.save(cached, ref_path)
+    # the DPO / NPO reference and the circuit-breaker reference: the frozen base (= the initial
+    # student), already held for evaluation, run on each micro-batch beside the student
+    ctx["ref_model"] = base_compute
     main_first("after")
-    for kind in ("harmful", "harmless"):
-        ctx[kind]["ref_good"], ctx[kind]["ref_bad"] = cached[f"{kind}_good"], cached[f"{kind}_bad"]
 
     if args.micro_tokens:  # a budget no single example fits stops here, not mid-run
         for kind in ("harmful", "harmless"):
-            split_step(schedule.Step(kind, 0, 0, list(range(len(ctx[kind]["good"])))), ctx, args)
+            split_side(kind, list(range(len(ctx[kind]["good"]))), ctx, args)
     if args.teacher_topk and any(t in args.loss for t in ("kl", "kl_rev")):
         for kind, cache in teacher_topk_cache(good, keys["good"], ctx, args, log).items():
             ctx[kind]["topk"] = cache
@@ -1054,15 +1138,13 @@ def run(args):
     difficulty = None
     if args.levels_by == "difficulty":  # per-token margin of the bad answer over the good one
         h = ctx["harmful"]
-        difficulty = (h["ref_bad"] / n_response(h["bad"]).clamp(min=1) -
-                      h["ref_good"] / n_response(h["good"]).clamp(min=1)).tolist()
+        ref_good, ref_bad = (sequence_logps_of(base_compute, h[side], args.micro_batch) for side in ("good", "bad"))
+        difficulty = (ref_bad / n_response(h["bad"]).clamp(min=1) - ref_good / n_response(h["good"]).clamp(min=1)).tolist()
     levels, plan = make_plan(args, harmful, len(harmless), difficulty,
                              [example_lengths(ctx, kind, args) for kind in ("harmful", "harmless")])
     n_levels = max(levels) + 1
     n_blocks = len(decoder_layers(student)) if (args.cb_alpha or args.lat_eps) else 0
     if args.cb_alpha:
-        # the frozen reference is the base model already held for evaluation: no extra copy
-        ctx["ref_model"] = base_compute
         ctx["cb_layers"] = args.cb_layers or [round(n_blocks / 3), round(2 * n_blocks / 3)]
         if any(not 0 <= l <= n_blocks for l in ctx["cb_layers"]):
             raise ValueError(f"--cb-layers must lie in 0..{n_blocks}, got {ctx['cb_layers']}")
@@ -1103,17 +1185,16 @@ def run(args):
         lr = schedule.lr_at(t, len(plan), args.lr, args.lr_schedule, args.warmup)
         t0 = time.time()
         extra = gather_canaries(student, canary, step, t, ctx, levels, args) if args.canary_mode != "off" else {}
-        frozen = frozen_entries(opt, student, canary["masks"], args.canary_mode, step.kind) if canary["masks"] else None
-        row = run_step(student, good, opt, step, ctx, args, gamma, lr, progress=t / len(plan), frozen=frozen)
+        row = run_step(student, good, opt, step, ctx, args, gamma, lr, progress=t / len(plan), masks=canary["masks"])
         if canary["masks"]:
             extra["canary_dw"], extra["rest_dw"] = canary_drift(canary["masks"], opt.master_state(student), initial)
-        row = {"step": t, "epoch": step.epoch, "level": step.level + 1, "kind": step.kind, "gamma": gamma, "lr": lr,
+        row = {"step": t, "epoch": step.epoch, "level": step.level + 1, "gamma": gamma, "lam": args.lam, "lr": lr,
                **row, **extra, "seconds": round(time.time() - t0, 3)}
         if not is_main():  # every rank holds the same weights and metrics; rank 0 writes them
             continue
         with open(metrics_path, "a") as f:
             f.write(json.dumps(row) + "\n")
-        bar.set_postfix(kind=step.kind, level=step.level + 1, loss=f"{row.get('loss', 0):.3f}")
+        bar.set_postfix(level=step.level + 1, loss=f"{row.get('loss', 0):.3f}")
         if (t + 1) % args.save_every == 0 or t + 1 == len(plan):
             save_checkpoint(os.path.join(ckpt_dir, f"step-{t + 1}"), student, tokenizer, opt, t + 1, args, canary,
                             base.state_dict())

@@ -36,20 +36,21 @@ def plan(seed=0, group=4, sequence="sequential", **kw):
 def test_grouped_plan_sees_every_example_once_per_epoch_and_is_seeded(sequence):
     levels, steps = plan(sequence=sequence)
     for epoch in range(2):
-        harmful = [s for s in steps if s.kind == "harmful" and s.epoch == epoch]
-        assert sorted(i for s in harmful for i in s.indices) == list(range(60))
-        assert all(levels[i] == s.level for s in harmful for i in s.indices)
-    harmless = np.bincount([i for s in steps if s.kind == "harmless" for i in s.indices], minlength=30)
-    assert harmless.max() - harmless.min() <= 1  # whole passes over the harmless pool, one after another
-    assert [s.indices for s in plan(sequence=sequence)[1]] == [s.indices for s in steps]
-    assert [s.indices for s in plan(seed=1, sequence=sequence)[1]] != [s.indices for s in steps]
+        harmful = [s for s in steps if s.epoch == epoch]
+        assert sorted(i for s in harmful for i in s.harmful) == list(range(60))
+        assert all(levels[i] == s.level for s in harmful for i in s.harmful)
+    harmless = np.bincount([i for s in steps for i in s.harmless], minlength=30)
+    assert harmless.min() == harmless.max() == 2 * 3  # the whole pool at each of 3 levels, 2 epochs
+    assert [(s.harmful, s.harmless) for s in plan(sequence=sequence)[1]] == [(s.harmful, s.harmless) for s in steps]
+    assert [s.harmful for s in plan(seed=1, sequence=sequence)[1]] != [s.harmful for s in steps]
 
 
 def test_grouping_pads_less_than_random_batches():
-    grouped = [s.indices for s in plan(group=4)[1] if s.kind == "harmful"]
-    random = [s.indices for s in plan(group=0)[1] if s.kind == "harmful"]
-    assert sorted(map(sorted, grouped)) != sorted(map(sorted, random))
-    assert padded_tokens(grouped, LENGTHS) < 0.5 * padded_tokens(random, LENGTHS)
+    grouped, random = plan(group=4)[1], plan(group=0)[1]
+    for side, lengths in (("harmful", LENGTHS), ("harmless", LENGTHS[:30])):
+        a, b = [getattr(s, side) for s in grouped], [getattr(s, side) for s in random]
+        assert sorted(map(sorted, a)) != sorted(map(sorted, b))
+        assert padded_tokens(a, lengths) < 0.5 * padded_tokens(b, lengths), side
 
 
 def test_grouping_needs_lengths():
@@ -72,17 +73,17 @@ def test_micro_batches_stay_within_the_budget_and_cover_the_batch(budget, rows):
 
 def test_micro_tokens_step_gives_the_same_gradient_as_one_micro_batch(tokenizer, monkeypatch):
     results, splits = [], []
-    real_split = train.split_step
-    monkeypatch.setattr(train, "split_step", lambda *a: (splits.append(real_split(*a)), splits[-1])[1])
+    real_split = train.split_side
+    monkeypatch.setattr(train, "split_side", lambda *a: (splits.append(real_split(*a)), splits[-1])[1])
     for flags in (("--micro-batch", "4"), ("--micro-tokens", "180")):
         model, teacher = make_tiny(tokenizer, seed=0), make_tiny(tokenizer, seed=1)
         args = args_for("--loss", "dpo=1,npo=0.5,sft=1,kl=1,kl_rev=0.5", "--optimizer", "sgd", *flags)
         ctx = make_ctx(model, tokenizer)
         opt = train.MasterWeightOptimizer(model, args, torch.float32)
-        row = train.run_step(model, teacher, opt, schedule.Step("harmful", 0, 0, [0, 1, 2, 3]), ctx, args, 1.0, 1.0)
+        row = train.run_step(model, teacher, opt, schedule.Step(0, 0, [0, 1, 2, 3], []), ctx, args, 1.0, 1.0)
         results.append((row, [p.detach().clone() for p in model.parameters()]))
     assert len(splits[0]) == 1 and len(splits[1]) >= 3  # the budget did split the batch
     (a, wa), (b, wb) = results
-    for k in ("loss", "dpo", "npo", "sft", "kl", "kl_rev"):
+    for k in ("loss", "harmful_dpo", "harmful_npo", "harmful_sft", "harmful_kl", "harmful_kl_rev"):
         assert a[k] == pytest.approx(b[k], rel=1e-4), k
     assert all(torch.allclose(x, y, atol=1e-5) for x, y in zip(wa, wb))

@@ -29,12 +29,12 @@ def test_real_model_generates_and_dpo_moves_it_towards_refusal(smollm, tmp_path)
     good = [data.encode(tokenizer, p, teachers.refusal_for(p), 64, 24) for p in harmful]
     bad = [data.encode(tokenizer, p, a, 64, 24) for p, a in zip(harmful, answers)]
     opt = train.MasterWeightOptimizer(model, args, torch.bfloat16)  # model now computes in bf16
-    ctx = {"harmful": {"good": good, "bad": bad, "ref_good": train.sequence_logps_of(model, good, 4),
-                       "ref_bad": train.sequence_logps_of(model, bad, 4)}}
-    step = schedule.Step("harmful", 0, 0, [0, 1, 2, 3])
+    ctx = {"harmful": {"good": good, "bad": bad}, "ref_model": compute}
+    step = schedule.Step(0, 0, [0, 1, 2, 3], [])
     rows = [train.run_step(model, model, opt, step, ctx, args, 1.0, 1e-5) for _ in range(3)]
-    assert rows[-1]["dpo_margin"] > rows[0]["dpo_margin"] + 1.0
-    assert rows[-1]["dpo"] < rows[0]["dpo"]
+    assert rows[0]["harmful_dpo_margin"] == 0.0  # the reference runs on the same batch: equal before the update
+    assert rows[-1]["harmful_dpo_margin"] > rows[0]["harmful_dpo_margin"] + 1.0
+    assert rows[-1]["harmful_dpo"] < rows[0]["harmful_dpo"]
     # a checkpoint of the real model loads back through transformers with the same logits
     teachers.save_model(model, tokenizer, str(tmp_path), state_dict=opt.master_state(model))
     again, _, _ = teachers.load_model(str(tmp_path), dtype=torch.float32)

@@ -65,9 +65,9 @@ def test_lora_steps_lower_the_loss(tokenizer):
     teacher = make_tiny(tokenizer, seed=1)
     ctx = make_ctx(model, tokenizer)
     opt = train.MasterWeightOptimizer(model, args, torch.float32)
-    step = schedule.Step("harmful", 0, 0, [0, 1, 2, 3])
+    step = schedule.Step(0, 0, [0, 1, 2, 3], [])
     history = [train.run_step(model, teacher, opt, step, ctx, args, 1.0, 1e-2) for _ in range(4)]
-    assert history[-1]["loss"] < history[0]["loss"] - 0.1 and history[-1]["dpo_margin"] > 0
+    assert history[-1]["loss"] < history[0]["loss"] - 0.1 and history[-1]["harmful_dpo_margin"] > 0
     frozen = dict(make_tiny(tokenizer).named_parameters())
     assert all(torch.equal(p, frozen[n.replace(".base.", ".")]) for n, p in model.named_parameters()
                if not n.endswith(("lora_A", "lora_B")))

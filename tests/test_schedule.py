@@ -20,21 +20,22 @@ def test_sequential_cyclic_and_level_epoch_orders():
         build_plan(LEVELS, 0, loop="level-epoch", sequence="cyclic")
 
 
-def test_mixed_shuffles_groups_and_keeps_harmless_after_its_harmful_batch():
+def test_mixed_shuffles_steps_and_keeps_each_step_whole():
     plans = [build_plan(LEVELS, 4, epochs=1, batch_size=1, sequence="mixed", seed=s) for s in range(6)]
     for plan in plans:
-        assert sorted(s.level for s in plan if s.kind == "harmful") == [0, 0, 1, 1, 1]
-        kinds = [s.kind for s in plan]
-        assert kinds == ["harmful", "harmless"] * 5
+        assert sorted(s.level for s in plan) == [0, 0, 1, 1, 1]
+        assert all(len(s.harmful) == 1 and s.harmless for s in plan)  # each step holds both sides
     assert len({tuple(s.level for s in p) for p in plans}) > 1
 
 
-def test_harmless_interleaving_ratio():
-    plan = build_plan(LEVELS, 10, epochs=1, batch_size=1, sequence="sequential", harmless_ratio=0.5)
-    kinds = "".join(s.kind[0] if s.kind == "harmful" else "b" for s in plan)
-    assert kinds == "hhb" + "hhbh"  # ⌊k·0.5⌋ harmless after the k-th harmful batch of each level
-    plan = build_plan(LEVELS, 10, epochs=1, batch_size=1, sequence="sequential", harmless_ratio=2)
-    assert "".join("h" if s.kind == "harmful" else "b" for s in plan) == "hbb" * 5
+def test_harmless_examples_per_step_follow_the_ratio():
+    # full pool of 2 < ratio × harmful: the level takes ⌈r × its harmful count⌉, spread evenly
+    plan = build_plan(LEVELS, 2, epochs=1, batch_size=1, sequence="sequential", harmless_ratio=2)
+    assert [len(s.harmless) for s in plan] == [2, 2, 2, 2, 2]
+    plan = build_plan(LEVELS, 1, epochs=1, batch_size=1, sequence="sequential", harmless_ratio=0.5)
+    assert [len(s.harmless) for s in plan] == [0, 1, 0, 1, 1]  # level 1: ⌈1⌉ over 2 steps; level 2: ⌈1.5⌉ over 3
+    plan = build_plan(LEVELS, 0, epochs=1, batch_size=1, harmless_ratio=2)
+    assert all(s.harmless == [] for s in plan)
 
 
 def test_every_harmful_example_once_per_epoch_and_batches_sized():
@@ -42,27 +43,34 @@ def test_every_harmful_example_once_per_epoch_and_batches_sized():
     for seq in schedule.SEQUENCES:
         plan = build_plan(levels, 17, epochs=3, batch_size=4, sequence=seq, seed=5)
         for epoch in range(3):
-            seen = [i for s in plan if s.epoch == epoch and s.kind == "harmful" for i in s.indices]
+            seen = [i for s in plan if s.epoch == epoch for i in s.harmful]
             assert sorted(seen) == list(range(23))
         for s in plan:
-            assert 1 <= len(s.indices) <= 4 and len(set(s.indices)) == len(s.indices)
-            if s.kind == "harmful":
-                assert all(levels[i] == s.level for i in s.indices)
+            assert 1 <= len(s.harmful) <= 4 and len(set(s.harmful)) == len(s.harmful)
+            assert all(levels[i] == s.level for i in s.harmful)
 
 
-def test_harmless_full_vs_split():
-    levels = [i % 4 for i in range(40)]
-    split = build_plan(levels, 20, epochs=2, batch_size=5, benign_per_level="split", seed=1)
+def test_harmless_full_goes_through_the_whole_pool_at_every_level_and_split_through_a_share():
+    levels = [i % 4 for i in range(40)]  # 4 levels of 10 harmful examples, batches of 5: 2 steps each
+    full = build_plan(levels, 20, epochs=2, batch_size=5, benign_per_level="full", harmless_ratio=1, seed=1)
+    for epoch in range(2):
+        for level in range(4):
+            steps = [s for s in full if s.epoch == epoch and s.level == level]
+            # the whole pool (20 > ratio × 10) once per level, 10 per step
+            assert sorted(i for s in steps for i in s.harmless) == list(range(20))
+            assert [len(s.harmless) for s in steps] == [10, 10]
+    split = build_plan(levels, 20, epochs=2, batch_size=5, benign_per_level="split", harmless_ratio=0, seed=1)
     shares = {}
     for s in split:
-        if s.kind == "harmless":
-            shares.setdefault(s.level, set()).update(s.indices)
-    assert sum(len(v) for v in shares.values()) == 20  # disjoint shares covering the pool
-    assert set().union(*shares.values()) == set(range(20))
-    full = build_plan(levels, 20, epochs=1, batch_size=5, benign_per_level="full", seed=1)
-    harmless = [i for s in full if s.kind == "harmless" for i in s.indices]
-    # 8 harmless batches of 5 from a pool of 20: two full passes, each example exactly twice
-    assert sorted(harmless) == sorted(list(range(20)) * 2)
+        shares.setdefault(s.level, []).extend(s.harmless)
+    assert sorted(i for v in shares.values() for i in set(v)) == list(range(20))  # disjoint shares cover the pool
+    assert all(sorted(v) == sorted(list(set(v)) * 2) and len(set(v)) == 5 for v in shares.values())  # 5 each, once an epoch
+    # ratio 2 asks for 20 per level from a share of 5: four whole passes
+    more = build_plan(levels, 20, epochs=1, batch_size=5, benign_per_level="split", harmless_ratio=2, seed=1)
+    per_level = {}
+    for s in more:
+        per_level.setdefault(s.level, []).extend(s.harmless)
+    assert all(len(v) == 20 and all(v.count(i) == 4 for i in set(v)) for v in per_level.values())
 
 
 def test_seed_reproduces_and_changes_plan():
@@ -115,5 +123,6 @@ def test_plan_cli_prints_without_a_model(capsys):
     schedule.main(["--n-harmful", "6", "--n-harmless", "4", "--levels", "2", "--batch-size", "3", "--epochs", "1",
                    "--harmless-ratio", "1"])
     out = capsys.readouterr().out.splitlines()
-    assert out[0].split()[:4] == ["step", "epoch", "level", "kind"]
-    assert len(out) == 1 + 4
+    assert out[0].split()[:5] == ["step", "epoch", "level", "gamma", "lambda"]
+    assert len(out) == 1 + 2  # 2 levels of 3 harmful examples, one step each
+    assert all(len(eval(l[l.index("["):].split(" | ")[1])) == 3 for l in out[1:])  # ratio 1: 3 harmless each

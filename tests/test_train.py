@@ -1,3 +1,4 @@
+import copy
 import json
 import math
 import os
@@ -31,13 +32,15 @@ BAD = ["Sure, first take a tension wrench and then " + "keep going with the long
 
 
 def make_ctx(model, tokenizer):
-    ctx = {}
-    for kind in ("harmful", "harmless"):
-        pool = {"good": feats(tokenizer, zip(PROMPTS, GOOD)), "bad": feats(tokenizer, zip(PROMPTS, BAD))}
-        pool["ref_good"] = train.sequence_logps_of(model, pool["good"], 4)
-        pool["ref_bad"] = train.sequence_logps_of(model, pool["bad"], 4)
-        ctx[kind] = pool
+    """Both pools hold the same four prompts; the reference is a frozen copy of the initial model."""
+    ctx = {kind: {"good": feats(tokenizer, zip(PROMPTS, GOOD)), "bad": feats(tokenizer, zip(PROMPTS, BAD))}
+           for kind in ("harmful", "harmless")}
+    ctx["ref_model"] = copy.deepcopy(model).eval().requires_grad_(False)
     return ctx
+
+
+HARMFUL_STEP = schedule.Step(0, 0, [0, 1, 2, 3], [])
+HARMLESS_STEP = schedule.Step(0, 0, [], [0, 1, 2, 3])
 
 
 def test_left_padded_batch_gives_each_example_its_own_logps(tiny, tokenizer):
@@ -56,10 +59,9 @@ def test_three_steps_lower_the_loss(tokenizer):
     args = args_for("--loss", "dpo=1,sft=1,kl=1", "--lr", "3e-3")
     ctx = make_ctx(model, tokenizer)
     opt = train.MasterWeightOptimizer(model, args, torch.float32)
-    step = schedule.Step("harmful", 0, 0, [0, 1, 2, 3])
-    history = [train.run_step(model, teacher, opt, step, ctx, args, 1.0, 3e-3) for _ in range(4)]
+    history = [train.run_step(model, teacher, opt, HARMFUL_STEP, ctx, args, 1.0, 3e-3) for _ in range(4)]
     assert history[-1]["loss"] < history[0]["loss"] - 0.1
-    assert history[-1]["dpo_margin"] > 0 and history[-1]["kl"] < history[0]["kl"]
+    assert history[-1]["harmful_dpo_margin"] > 0 and history[-1]["harmful_kl"] < history[0]["harmful_kl"]
 
 
 def test_micro_batches_accumulate_to_the_full_batch(tokenizer):
@@ -70,10 +72,10 @@ def test_micro_batches_accumulate_to_the_full_batch(tokenizer):
                         "--optimizer", "sgd")  # adam would turn float noise in ~0 grads into ±lr steps
         ctx = make_ctx(model, tokenizer)
         opt = train.MasterWeightOptimizer(model, args, torch.float32)
-        row = train.run_step(model, teacher, opt, schedule.Step("harmful", 0, 0, [0, 1, 2, 3]), ctx, args, 1.0, 1.0)
+        row = train.run_step(model, teacher, opt, HARMFUL_STEP, ctx, args, 1.0, 1.0)
         results.append((row, [p.detach().clone() for p in model.parameters()]))
     (a, wa), (b, wb) = results
-    for k in ("loss", "dpo", "npo", "sft", "kl", "kl_rev"):
+    for k in ("loss", "harmful_dpo", "harmful_npo", "harmful_sft", "harmful_kl", "harmful_kl_rev"):
         assert a[k] == pytest.approx(b[k], rel=1e-4), k
     assert all(torch.allclose(x, y, atol=1e-5) for x, y in zip(wa, wb))
     assert not all(torch.equal(x, y) for x, y in zip(wa, [p.detach() for p in make_tiny(tokenizer).parameters()]))
@@ -82,7 +84,7 @@ def test_micro_batches_accumulate_to_the_full_batch(tokenizer):
 def test_harmless_step_terms_and_harmless_dpo_weight(tokenizer):
     """sft (the SFT baseline) also imitates the good answers of harmless steps; harmless-side dpo runs
     only under --dpo-harmless, with its own weight; the step loss is λ times the weighted sum."""
-    step = schedule.Step("harmless", 0, 0, [0, 1, 2, 3])
+    step = HARMLESS_STEP
 
     def row(*flags):
         model, teacher = make_tiny(tokenizer, seed=0), make_tiny(tokenizer, seed=1)
@@ -91,13 +93,13 @@ def test_harmless_step_terms_and_harmless_dpo_weight(tokenizer):
         return train.run_step(model, teacher, opt, step, make_ctx(model, tokenizer), args, 1.0, 0.0)
 
     sft_only = row("--loss", "sft=1")
-    assert not sft_only.get("skipped") and sft_only["sft"] > 0
-    assert sft_only["loss"] == pytest.approx(2 * sft_only["sft"], rel=1e-5)
+    assert not sft_only.get("skipped") and sft_only["harmless_sft"] > 0
+    assert sft_only["loss"] == pytest.approx(2 * sft_only["harmless_sft"], rel=1e-5)
     no_dpo = row("--loss", "dpo=1,kl=1")
-    assert "dpo" not in no_dpo and no_dpo["loss"] == pytest.approx(2 * no_dpo["kl"], rel=1e-5)
+    assert "harmless_dpo" not in no_dpo and no_dpo["loss"] == pytest.approx(2 * no_dpo["harmless_kl"], rel=1e-5)
     weighted = row("--loss", "dpo=1,kl=1", "--dpo-harmless", "refusal", "--dpo-harmless-weight", "0.25")
-    assert weighted["loss"] == pytest.approx(2 * (0.25 * weighted["dpo"] + weighted["kl"]), rel=1e-5)
-    assert weighted["dpo"] == pytest.approx(math.log(2), rel=1e-5)  # lr 0: policy = reference
+    assert weighted["loss"] == pytest.approx(2 * (0.25 * weighted["harmless_dpo"] + weighted["harmless_kl"]), rel=1e-5)
+    assert weighted["harmless_dpo"] == pytest.approx(math.log(2), rel=1e-5)  # lr 0: policy = reference
 
 
 def test_bf16_compute_keeps_small_updates_in_fp32_master(tokenizer):
@@ -124,11 +126,11 @@ def test_checkpoint_reload_gives_identical_logits(tiny, tokenizer, tmp_path):
 
 def pipeline_args(folder, out, *extra):
     return train.build_parser().parse_args([
-        "--model", folder, "--out", str(out), "--limit", "8", "--levels", "2", "--batch-size", "4",
+        "--model", folder, "--out", str(out), "--limit", "8", "--levels", "2", "--batch-size", "2",
         "--micro-batch", "2", "--epochs", "2", "--max-new-tokens", "6", "--teacher-epochs", "1", "--force",
         "--eval-limit", "3", "--save-every", "3", "--loss", "dpo=1,npo=0.5,kl=1",
         "--no-filter-pairs",  # a tiny random teacher neither refuses nor complies
-        "--harmless-ratio", "1",  # one harmless step per harmful step keeps the counts below small
+        "--harmless-ratio", "1",  # 8 steps of 2 harmful + 2 harmless examples
         *extra])
 
 
@@ -176,7 +178,9 @@ def test_plan_only_needs_no_model(capsys):
     train.main(["--plan-only", "--epochs", "1", "--levels", "2", "--batch-size", "40", "--model", "/nowhere",
                 "--harmless-ratio", "1"])
     lines = [l for l in capsys.readouterr().out.splitlines() if not l.startswith("(")]
-    assert lines[0].startswith("step") and len(lines) == 1 + 4 + 4  # 160 harmful / 40 per batch, 2 levels
+    assert lines[0].startswith("step") and len(lines) == 1 + 4  # 160 harmful / 40 per batch
+    harmful, harmless = zip(*(l[l.index("["):].split(" | ") for l in lines[1:]))
+    assert all(len(eval(h)) == 40 and len(eval(b)) >= 40 for h, b in zip(harmful, harmless))
 
 
 def test_filter_pairs_keeps_refused_harmful_and_answered_harmless():
