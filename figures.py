@@ -210,14 +210,14 @@ def training_curves(res, png):
         rows = [json.loads(line) for line in f if line.strip()]
     fig, (ax_loss, ax_gamma, ax_lr) = plt.subplots(1, 3, figsize=(13, 3.8))
     for level in sorted({r["level"] for r in rows}):
-        for kind, marker in (("harmful", "o"), ("harmless", "x")):
-            pts = [r for r in rows if r["level"] == level and r["kind"] == kind and "loss" in r]
+        for side, marker in (("harmful", "o"), ("harmless", "x")):
+            pts = [r for r in rows if r["level"] == level and f"{side}_loss" in r]
             if pts:
-                ax_loss.plot([r["step"] for r in pts], [r["loss"] for r in pts], marker, color=f"C{level - 1}",
-                             label=f"level {level} {kind}")
+                ax_loss.plot([r["step"] for r in pts], [r[f"{side}_loss"] for r in pts], marker,
+                             color=f"C{level - 1}", label=f"level {level} {side}")
     ax_gamma.plot([r["step"] for r in rows], [r["gamma"] for r in rows])
     ax_lr.plot([r["step"] for r in rows], [r["lr"] for r in rows])
-    for ax, name in ((ax_loss, "loss (weighted)"), (ax_gamma, "γ"), (ax_lr, "learning rate")):
+    for ax, name in ((ax_loss, "side loss (before γ, λ)"), (ax_gamma, "γ"), (ax_lr, "learning rate")):
         ax.set(xlabel="optimizer step", ylabel=name)
         ax.grid(alpha=0.3)
     ax_loss.legend(fontsize=6, ncol=2)

@@ -30,11 +30,12 @@ def padding(plan, lengths, micro_batch):
     """(padded tokens, real tokens) over the plan's micro-batches (right-padded to their longest)."""
     padded = real = 0
     for step in plan:
-        lens = lengths[step.kind]
-        for i in range(0, len(step.indices), micro_batch):
-            chunk = [lens[j] for j in step.indices[i:i + micro_batch]]
-            padded += len(chunk) * max(chunk)
-            real += sum(chunk)
+        for kind in ("harmful", "harmless"):
+            lens, indices = lengths[kind], getattr(step, kind)
+            for i in range(0, len(indices), micro_batch):
+                chunk = [lens[j] for j in indices[i:i + micro_batch]]
+                padded += len(chunk) * max(chunk)
+                real += sum(chunk)
     return padded, real
 
 

@@ -110,10 +110,9 @@ def main():
         opt = train.MasterWeightOptimizer(student, args, torch.bfloat16)
         trainable = sum(p.numel() for p in opt.params)
         pool = {"good": feats, "bad": [train.data.encode(tok, p, compliant) for p in prompts]}
-        pool["ref_good"] = train.sequence_logps_of(student, pool["good"], a.batch)
-        pool["ref_bad"] = train.sequence_logps_of(student, pool["bad"], a.batch)
-        step = schedule.Step("harmful", 0, 0, list(range(a.batch)))
-        seconds = timed(lambda: train.run_step(student, model, opt, step, {"harmful": pool}, args, 1.0, 1e-5),
+        ctx = {"harmful": pool, "ref_model": model}  # the bf16 base is the reference, as in train.py
+        step = schedule.Step(0, 0, list(range(a.batch)), [])
+        seconds = timed(lambda: train.run_step(student, model, opt, step, ctx, args, 1.0, 1e-5),
                         a.repeats)
         gpu = (f", peak GPU memory {mib(torch.cuda.max_memory_allocated())} ({mib(before)} resident before)"
                if device.type == "cuda" else "")

@@ -100,15 +100,13 @@ def run_one(variant, args):
         loss = {"ours-sft": "sft=1", "ours-dpo": "dpo=1"}.get(variant, "dpo=1,kl=1")
         targs = train.build_parser().parse_args(["--loss", loss, "--micro-batch", str(args.batch), "--lr", "1e-6",
                                                  "--max-response-tokens", str(args.seq)])
-        teacher = None
-        if "kl" in variant:  # a bf16 copy of the base stands in for the good teacher
-            import copy
-            teacher = copy.deepcopy(model).to(torch.bfloat16).eval()
+        import copy
+        # a bf16 copy of the base is the reference (as in train.py) and stands in for the good teacher
+        reference = copy.deepcopy(model).to(torch.bfloat16).eval()
+        teacher = reference if "kl" in variant else None
         opt = train.MasterWeightOptimizer(model, targs, torch.bfloat16)
         pool = {"good": [r[1] for r in rows], "bad": [r[2] for r in rows]}
-        pool["ref_good"] = train.sequence_logps_of(model, pool["good"], args.batch)
-        pool["ref_bad"] = train.sequence_logps_of(model, pool["bad"], args.batch)
-        ctx = {"harmful": pool}
+        ctx = {"harmful": pool, "ref_model": reference}
         if variant.endswith("-cached"):  # --teacher-topk 64: teacher run once before timing, then freed
             import tempfile
             import teachers
@@ -116,7 +114,7 @@ def run_one(variant, args):
             teachers.build_topk_cache(folder, ["bench"], {"harmful": pool["good"]},
                                       lambda feats: train.forward(teacher, feats), 64, 1.0, args.batch)
             pool["topk"], teacher = teachers.TopkCache(folder, "harmful"), None
-        plan_step = schedule.Step("harmful", 0, 0, list(range(len(rows))))
+        plan_step = schedule.Step(0, 0, list(range(len(rows))), [])
         step = lambda: train.run_step(model, teacher, opt, plan_step, ctx, targs, 1.0, 1e-6)
     elif variant == "plain-sft":
         import data

@@ -134,5 +134,5 @@ def test_pipeline_with_cache_and_grouping_trains_without_the_teacher(tiny_folder
     assert seen and all(g is None for g in seen)  # training never held the good teacher
     assert "good teacher" in out["results"]  # it is reloaded for the evaluation
     rows = [json.loads(l) for l in open(tmp_path / "metrics.jsonl")]
-    assert len(rows) == 2 and all(r[f"{side}_{kl}"] > -1e-6 for r in rows for side in ("harmful", "harmless")
+    assert len(rows) == 4 and all(r[f"{side}_{kl}"] > -1e-6 for r in rows for side in ("harmful", "harmless")
                                   for kl in ("kl", "kl_rev"))  # KLs, up to float error
