@@ -12,32 +12,6 @@ from conftest import make_tiny
 from test_train import args_for, make_ctx, pipeline_args, run_interrupted_at_step_5
 
 
-def test_canary_masks_have_the_exact_share_and_match_sorting():
-    torch.manual_seed(0)
-    scores = {"a": torch.rand(10, 20), "b": torch.rand(7, 3), "c": torch.rand(1, 4)}
-    masks = train.canary_masks(scores, 0.1)
-    for name, s in scores.items():
-        k = max(1, round(s.numel() * 0.1))
-        assert int(masks[name].sum()) == k
-        threshold = sorted(s.flatten().tolist(), reverse=True)[k - 1]
-        assert torch.equal(masks[name], s >= threshold)
-    assert train.jaccard(masks, masks) == 1.0
-
-
-def test_canary_scores_saliency_is_weight_times_gradient(tiny, tokenizer):
-    ctx = make_ctx(tiny, tokenizer)
-    feats = ctx["harmful"]["bad"]
-    scores = train.canary_scores(tiny, feats, micro_batch=2)
-    tokens = float(train.n_response(feats).sum())
-    logits, labels = train.forward(tiny, feats)
-    (-losses.sequence_logps(logits, labels).sum() / tokens).backward()
-    for name, p in tiny.named_parameters():
-        if p.ndim >= 2:
-            assert torch.allclose(scores[name], (p * p.grad).abs(), atol=1e-7)
-    wanda = train.canary_scores(tiny, feats, 2, "wanda")
-    assert set(wanda) <= set(scores) and "model.layers.0.mlp.down_proj.weight" in wanda
-
-
 @pytest.mark.parametrize("mode,kind", [("focus", "harmful"), ("protect", "harmless")])
 def test_focus_and_protect_leave_the_right_entries_unchanged(tokenizer, mode, kind):
     model, teacher = make_tiny(tokenizer, 0), make_tiny(tokenizer, 1)
