@@ -216,32 +216,55 @@ class MasterWeightOptimizer:
                 self.grads[i].add_(g)
 
     def step(self, lr, clip, frozen=None):
-        """frozen: per parameter, None or a bool mask of entries this step may not move (their
-        gradient is zeroed, and their value restored after the step so momentum and weight decay
-        cannot move them either)."""
+        """frozen: per parameter, None or a bool mask of entries this step may not move: their
+        gradient is zeroed, and their value and their optimizer state (Adam moments, SGD momentum)
+        are restored after the step, so weight decay cannot move them and their moments do not
+        decay as if they had seen a zero gradient. The shared step count still advances."""
         self.accumulate()  # gradients of a backward not yet collected
         for m, g in zip(self.master, self.grads):
             m.grad = None if g is None else g.to(m.device)
         self.grads = [None] * len(self.params)
-        saved = []
+        masks = {}
         for m, f in zip(self.master, frozen or []):
-            if f is not None:
-                if m.grad is not None:
-                    m.grad[f] = 0
-                saved.append((m, f, m.detach()[f].clone()))
+            if f is not None and m.grad is not None:  # no gradient: the optimizer leaves m alone
+                masks[m] = f.to(m.device)  # masks follow the model; masters may sit in CPU memory
+                m.grad[masks[m]] = 0
         grads = [m for m in self.master if m.grad is not None]
         norm = torch.nn.utils.clip_grad_norm_(grads, clip if clip > 0 else float("inf"))
         for group in self.optimizer.param_groups:
             group["lr"] = lr
+        # parameters with frozen entries step one at a time, so the copies of their frozen values
+        # and state (most of the model under focus) exist for one tensor at a time
+        held = {m: m.grad for m in masks}
+        for m in masks:
+            m.grad = None
         self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)  # each later step sees only its own parameter's gradient
+        for m, f in masks.items():
+            m.grad = held.pop(m)
+            state = self.optimizer.state.get(m, {})
+            values = m.detach()[f].clone()
+            moments = {k: v[f].clone() for k, v in state.items() if self._per_entry(k, v, m)}
+            self.optimizer.step()
+            m.grad = None
+            with torch.no_grad():
+                m[f] = values
+                for k, v in self.optimizer.state[m].items():
+                    if self._per_entry(k, v, m):
+                        # state created by this step starts at zero, as if these entries had none
+                        v[f] = moments[k] if k in moments else 0
+            del values, moments
         self.optimizer.zero_grad(set_to_none=True)
         with torch.no_grad():
-            for m, f, values in saved:
-                m[f] = values
             for m, p in zip(self.master, self.params):
                 if m is not p:
                     p.copy_(m)
         return float(norm)
+
+    @staticmethod
+    def _per_entry(key, value, param):
+        """Whether an optimizer state entry holds one value per parameter entry (moments, momentum)."""
+        return key != "step" and torch.is_tensor(value) and value.shape == param.shape
 
     def master_state(self, model):
         """The model's state dict with the fp32 master weights in place of the compute copies."""
@@ -492,8 +515,9 @@ def lat_search(model, feats, n_good, args):
 
 def canary_scores(model, feats, micro_batch, method="saliency"):
     """Per-entry score of every weight matrix: saliency |w · ∂L/∂w| with L the NLL of the bad
-    teacher's answers on harmful prompts, or Wanda's |w|·‖x‖ (‖x‖: norm of the input feature over
-    the same tokens; matrices that are not a Linear's weight get no Wanda score)."""
+    teacher's answers on harmful prompts, or Wanda's |w|·‖x‖ (‖x‖: L2 norm of the input feature over
+    the non-padding tokens of the same examples; matrices that are not a Linear's weight get no
+    Wanda score)."""
     params = {n: p for n, p in model.named_parameters() if p.requires_grad and p.ndim >= 2}
     if method == "saliency":
         model.zero_grad(set_to_none=True)
@@ -505,20 +529,30 @@ def canary_scores(model, feats, micro_batch, method="saliency"):
         model.zero_grad(set_to_none=True)
         return scores
     by_weight = {id(p): n for n, p in params.items()}
-    sq, handles = {}, []
+    device = next(model.parameters()).device
+    sq, handles, real = {}, [], {}
     for module in model.modules():
         if isinstance(module, torch.nn.Linear) and id(module.weight) in by_weight:
             name = by_weight[id(module.weight)]
 
             def hook(mod, inputs, output, name=name):
-                x = inputs[0].detach().float().reshape(-1, inputs[0].shape[-1])
-                sq[name] = sq.get(name, 0) + (x * x).sum(0)
+                x, mask = inputs[0].detach().float(), real["mask"]
+                if x.shape[:-1] == mask.shape:
+                    x = x[mask]
+                elif x.ndim == 2 and x.shape[0] == mask.numel():
+                    x = x[mask.flatten()]
+                else:  # e.g. MoE experts see routed token subsets: which rows are padding is unknown
+                    raise ValueError(f"--canary-score wanda: {name} sees input {tuple(x.shape)}, not one row "
+                                     f"per token of the {tuple(mask.shape)} batch")
+                sq[name] = sq.get(name, 0) + (x * x).sum(0)  # only real tokens: padding would scale ‖x‖ with width
             handles.append(module.register_forward_hook(hook))
     try:
         with torch.no_grad():
             for i in range(0, len(feats), micro_batch):
                 batch = data.collate(feats[i:i + micro_batch], model.config.pad_token_id or 0)
-                model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
+                mask = batch["attention_mask"].to(device)
+                real["mask"] = mask.bool()
+                model(input_ids=batch["input_ids"].to(device), attention_mask=mask, use_cache=False)
     finally:
         for h in handles:
             h.remove()
@@ -911,11 +945,21 @@ def save_masks(masks, folder):
 
 
 def gather_canaries(model, canary, step, t, ctx, levels, args):
-    """Re-score canaries when a new epoch / level / harmful batch starts (--canary-every), on at
-    most --canary-samples of that scope's harmful examples (their bad answers); returns log fields."""
-    key = {"epoch": step.epoch, "level": (step.epoch, step.level), "batch": t}[args.canary_every]
-    if key == canary["key"]:
-        return {"canary_count": sum(int(m.sum()) for m in canary["masks"].values())} if canary["masks"] else {}
+    """Sets canary["masks"] / canary["key"] for this step. Masks are scored once per epoch, once per
+    (epoch, level), or for every harmful batch (--canary-every), on at most --canary-samples of that
+    scope's harmful examples (their bad answers). Under --sequence cyclic|mixed the levels interleave
+    batch by batch: a level already scored in this epoch gets its masks back from canary["store"]
+    instead of being scored again. Returns log fields."""
+    count = lambda masks: {"canary_count": sum(int(m.sum()) for m in masks.values())} if masks else {}
+    store = canary.setdefault("store", {})
+    if canary.get("masks") and canary.get("key") is not None:
+        store.setdefault(canary["key"], canary["masks"])
+    if args.canary_every == "batch" and not step.harmful:  # no harmful batch to score: keep the masks
+        return count(canary["masks"])
+    key = {"epoch": int(step.epoch), "level": (int(step.epoch), int(step.level)), "batch": int(t)}[args.canary_every]
+    if key in store:
+        canary["masks"], canary["key"] = store[key], key
+        return count(store[key])
     scope = {"epoch": range(len(levels)), "level": [i for i, lv in enumerate(levels) if lv == step.level],
              "batch": step.harmful}[args.canary_every]
     scope = list(scope)
@@ -926,9 +970,12 @@ def gather_canaries(model, canary, step, t, ctx, levels, args):
     new = canary_masks(canary_scores(model, [ctx["harmful"]["bad"][i] for i in scope], args.micro_batch,
                                      args.canary_score), args.canary_top / 100)
     model.train(was_training)
-    out = {"canary_count": sum(int(m.sum()) for m in new.values()), "canary_gathered": True}
+    out = {**count(new), "canary_gathered": True}
     if canary["masks"]:
         out["canary_jaccard"] = jaccard(canary["masks"], new)
+    # only this epoch's levels can come back; every other key is seen once
+    canary["store"] = {k: v for k, v in store.items() if args.canary_every == "level" and k[0] == step.epoch}
+    canary["store"][key] = new
     canary["masks"], canary["key"] = new, key
     return out
 
@@ -940,14 +987,49 @@ def save_checkpoint(path, model, tokenizer, opt, step, args, canary=None, origin
     if lora_modules(model):  # the merged weights above are for transformers; resume reads the adapters
         save_file({k: v.contiguous().cpu() for k, v in adapter_state(model, opt).items()},
                   os.path.join(tmp, "adapter.safetensors"))
+    key = canary["key"] if canary else None
+    stored = [k for k in (canary or {}).get("store", {}) if k != key]  # levels to reuse later in this epoch
+    # plain tensors, ints, tuples and lists only: resume loads this with weights_only=True
     torch.save({"step": step, "optimizer": opt.optimizer.state_dict(), "rng": torch.get_rng_state(),
-                "canary_key": canary["key"] if canary else None}, os.path.join(tmp, "trainer_state.pt"))
+                "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+                "canary_key": key, "canary_stored": stored}, os.path.join(tmp, "trainer_state.pt"))
     if canary and canary["masks"]:
         save_masks(canary["masks"], tmp)
+    if stored:
+        save_file({f"{i}/{n}": m.to(torch.uint8).contiguous().cpu()
+                   for i, k in enumerate(stored) for n, m in canary["store"][k].items()},
+                  os.path.join(tmp, "canary_store.safetensors"))
     with open(os.path.join(tmp, "args.json"), "w") as f:
         json.dump(vars_for_json(args), f, indent=2)
     shutil.rmtree(path, ignore_errors=True)
     os.replace(tmp, path)  # a checkpoint is either complete or absent
+
+
+def restore_rng(state):
+    """CPU and CUDA generators as trainer_state.pt saved them. A run saved without CUDA leaves the
+    CUDA generators as they are; one saved with CUDA and resumed without it ignores them."""
+    torch.set_rng_state(state["rng"])
+    if state.get("cuda_rng") and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda_rng"][:torch.cuda.device_count()])
+
+
+def load_canary(folder, state, device):
+    """The canary state save_checkpoint wrote: current masks and key, and the masks of the levels
+    already scored in this epoch (keys from trainer_state.pt `state`)."""
+    from safetensors.torch import load_file
+    canary = {"masks": None, "key": None, "store": {}}
+    path = os.path.join(folder, "canary_masks.safetensors")
+    if os.path.exists(path):
+        canary["masks"] = {k: v.bool().to(device) for k, v in load_file(path).items()}
+        canary["key"] = state["canary_key"]
+        canary["store"][canary["key"]] = canary["masks"]
+    stored = state.get("canary_stored") or []
+    if stored:
+        flat = load_file(os.path.join(folder, "canary_store.safetensors"))
+        for i, key in enumerate(stored):
+            canary["store"][key] = {n.split("/", 1)[1]: v.bool().to(device) for n, v in flat.items()
+                                    if n.split("/", 1)[0] == str(i)}
+    return canary
 
 
 def latest_checkpoint(out):
@@ -1157,14 +1239,11 @@ def run(args):
     metrics_path = os.path.join(args.out, "metrics.jsonl")
     if resume_from:
         opt.load_master(student, _load_state(student, resume_from))
-        state = torch.load(os.path.join(resume_from, "trainer_state.pt"), weights_only=False)
+        state = torch.load(os.path.join(resume_from, "trainer_state.pt"), weights_only=True)
         opt.optimizer.load_state_dict(state["optimizer"])
-        torch.set_rng_state(state["rng"])
+        restore_rng(state)
         start = state["step"]
-        masks_path = os.path.join(resume_from, "canary_masks.safetensors")
-        if os.path.exists(masks_path):
-            from safetensors.torch import load_file
-            canary = {"masks": {k: v.bool() for k, v in load_file(masks_path).items()}, "key": state["canary_key"]}
+        canary = load_canary(resume_from, state, next(student.parameters()).device)
         keep = []
         if os.path.exists(metrics_path) and is_main():
             with open(metrics_path) as f:

@@ -116,3 +116,69 @@ def test_resume_on_cuda_equals_uninterrupted_run(tiny_folder, tmp_path, monkeypa
     assert len(a) == len(b) == 8
     for x, y in zip(a, b):  # CUDA backward kernels (embedding, atomics) may differ in the last bits
         assert x["loss"] == pytest.approx(y["loss"], rel=1e-5, abs=1e-6)
+
+
+def test_wanda_scores_on_cuda_match_the_cpu(tokenizer):
+    """Inputs and attention mask go to the model's device; only real tokens count on both."""
+    fs = feats(tokenizer, zip(PROMPTS, BAD))
+    cpu = train.canary_scores(make_tiny(tokenizer), fs, 4, "wanda")
+    gpu = train.canary_scores(make_tiny(tokenizer).to(CUDA), fs, 4, "wanda")
+    assert set(cpu) == set(gpu)
+    for name in cpu:  # CUDA attention and matmul kernels differ from the CPU's in the last bits
+        assert gpu[name].device.type == "cuda"
+        assert torch.allclose(gpu[name].cpu(), cpu[name], rtol=1e-3, atol=1e-5), name
+
+
+def test_frozen_step_with_masters_in_cpu_memory_and_masks_on_the_gpu(tokenizer):
+    """--optim-state-device cpu: masks come from the CUDA model, masters and AdamW state are in CPU
+    memory; frozen entries keep value and moments, the rest moves."""
+    model = make_tiny(tokenizer, seed=0).to(CUDA)
+    args = train.build_parser().parse_args(["--optim-state-device", "cpu", "--precision", "fp32",
+                                            "--lr", "1e-2", "--weight-decay", "0.1"])
+    opt = train.MasterWeightOptimizer(model, args, torch.float32)
+    fs = feats(tokenizer, zip(PROMPTS, BAD))
+
+    def backward():
+        logits, labels = train.forward(model, fs)
+        (-losses.sequence_logps(logits, labels).sum() / 100).backward()
+
+    backward()
+    opt.step(1e-2, 1.0)  # moments exist before the frozen step
+    masks = train.canary_masks(train.canary_scores(model, fs, 2), 0.05)
+    assert all(m.device.type == "cuda" for m in masks.values())
+    name_of = {id(p): n for n, p in model.named_parameters()}
+    frozen = [masks.get(name_of[id(p)]) for p in opt.params]
+    before = [(m.detach().clone(), {k: v.clone() for k, v in opt.optimizer.state[m].items()}) for m in opt.master]
+    backward()
+    opt.step(1e-2, 1.0, frozen)
+    moved = checked = 0
+    for m, p, f, (value, state) in zip(opt.master, opt.params, frozen, before):
+        assert m.device.type == "cpu" and p.device.type == "cuda"
+        if f is None:
+            continue
+        f = f.cpu()
+        assert torch.equal(m.detach()[f], value[f]) and torch.equal(p.detach().cpu()[f], value[f])
+        for k in ("exp_avg", "exp_avg_sq"):
+            assert torch.equal(opt.optimizer.state[m][k][f], state[k][f]), k
+        moved += int((m.detach()[~f] != value[~f]).sum())
+        checked += 1
+    assert checked == len(masks) and moved > 0
+
+
+def test_checkpoint_restores_the_cuda_generator(tokenizer, tmp_path):
+    model = make_tiny(tokenizer).to(CUDA)
+    args = train.build_parser().parse_args(["--precision", "fp32"])
+    opt = train.MasterWeightOptimizer(model, args, torch.float32)
+    torch.cuda.manual_seed_all(5)
+    torch.rand(3, device=CUDA)
+    train.save_checkpoint(str(tmp_path / "ck"), model, tokenizer, opt, 1, args, {"masks": None, "key": None})
+    expected = torch.rand(4, device=CUDA)  # what the CUDA generator gives next, at save time
+    torch.rand(9, device=CUDA)
+    state = torch.load(tmp_path / "ck" / "trainer_state.pt", weights_only=True)
+    assert len(state["cuda_rng"]) == torch.cuda.device_count()
+    train.restore_rng(state)
+    assert torch.equal(torch.rand(4, device=CUDA), expected)
+    # a checkpoint written without CUDA leaves the CUDA generator as it is
+    now = torch.cuda.get_rng_state()
+    train.restore_rng({**state, "cuda_rng": None})
+    assert torch.equal(torch.cuda.get_rng_state(), now)

@@ -1,8 +1,10 @@
 """Canary params, circuit breakers and LAT on tiny models."""
 import json
+import os
 
 import pytest
 import torch
+from safetensors.torch import load_file
 import torch.nn.functional as F
 
 import losses
@@ -10,32 +12,6 @@ import schedule
 import train
 from conftest import make_tiny
 from test_train import args_for, make_ctx, pipeline_args, run_interrupted_at_step_5
-
-
-def test_canary_masks_have_the_exact_share_and_match_sorting():
-    torch.manual_seed(0)
-    scores = {"a": torch.rand(10, 20), "b": torch.rand(7, 3), "c": torch.rand(1, 4)}
-    masks = train.canary_masks(scores, 0.1)
-    for name, s in scores.items():
-        k = max(1, round(s.numel() * 0.1))
-        assert int(masks[name].sum()) == k
-        threshold = sorted(s.flatten().tolist(), reverse=True)[k - 1]
-        assert torch.equal(masks[name], s >= threshold)
-    assert train.jaccard(masks, masks) == 1.0
-
-
-def test_canary_scores_saliency_is_weight_times_gradient(tiny, tokenizer):
-    ctx = make_ctx(tiny, tokenizer)
-    feats = ctx["harmful"]["bad"]
-    scores = train.canary_scores(tiny, feats, micro_batch=2)
-    tokens = float(train.n_response(feats).sum())
-    logits, labels = train.forward(tiny, feats)
-    (-losses.sequence_logps(logits, labels).sum() / tokens).backward()
-    for name, p in tiny.named_parameters():
-        if p.ndim >= 2:
-            assert torch.allclose(scores[name], (p * p.grad).abs(), atol=1e-7)
-    wanda = train.canary_scores(tiny, feats, 2, "wanda")
-    assert set(wanda) <= set(scores) and "model.layers.0.mlp.down_proj.weight" in wanda
 
 
 @pytest.mark.parametrize("mode,kind", [("focus", "harmful"), ("protect", "harmless")])
@@ -133,14 +109,17 @@ def test_cb_lat_canary_run_logs_terms_and_resumes_exactly(tiny_folder, tmp_path,
              "--canary-every", "level", "--canary-top", "5", "--canary-samples", "3"]
     train.run(pipeline_args(tiny_folder, tmp_path / "full", *extra))
     rows = [json.loads(l) for l in open(tmp_path / "full" / "metrics.jsonl")]
-    harmful = [r for r in rows if r["kind"] == "harmful"]
-    harmless = [r for r in rows if r["kind"] == "harmless"]
-    assert all("cb" in r and r["cb"] > 0 for r in harmful) and all("cb_retain" in r for r in harmless)
-    assert harmful[0]["cb_coef"] == 2.0 and rows[-1]["cb_retain_coef"] == pytest.approx(1 * 7 / 8)
+    assert rows[-1]["harmful_cb"] < 0.5 * rows[0]["harmful_cb"]  # rerouting pushes the bad answers' states away
+    assert rows[0]["cb_coef"] == 2.0 and rows[-1]["cb_retain_coef"] == pytest.approx(2 * (7 / 8) / 2)
     assert sum(1 for r in rows if r.get("canary_gathered")) == 4  # 2 epochs × 2 levels
-    assert all(r["canary_count"] > 0 and r["canary_dw"] >= 0 for r in rows)
+    # the logged drift of the canary entries, recomputed from the saved student, masks and base
+    student = load_file(str(tmp_path / "full" / "student" / "model.safetensors"))
+    masks = load_file(str(tmp_path / "full" / "student" / "canary_masks.safetensors"))
+    base = load_file(os.path.join(tiny_folder, "model.safetensors"))
+    moved = sum(float((student[n].float() - base[n].float()).abs()[m.bool()].sum()) for n, m in masks.items())
+    assert rows[-1]["canary_dw"] == pytest.approx(moved / sum(int(m.sum()) for m in masks.values()), rel=1e-5)
+    assert rows[-1]["canary_count"] == sum(int(m.sum()) for m in masks.values())
     assert any("canary_jaccard" in r for r in rows)
-    assert (tmp_path / "full" / "student" / "canary_masks.safetensors").exists()
 
     run_interrupted_at_step_5(monkeypatch, pipeline_args(tiny_folder, tmp_path / "cut", *extra))
     train.run(pipeline_args(tiny_folder, tmp_path / "cut", *extra, "--resume"))
