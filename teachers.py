@@ -1,8 +1,9 @@
 """Load, build and evaluate the two teachers; generate and cache their responses.
 
 good teacher G: refuses harmful prompts, answers harmless ones (default: refusal SFT of the base).
-bad teacher  B: complies with harmful prompts (default: the base model itself when the teacher
-evaluation confirms it complies, else the base broken further by SFT on compliant answers).
+bad teacher  B: complies with harmful prompts and answers harmless prompts badly (default: the base
+broken by SFT on compliant harmful answers plus off-topic answers to harmless prompts, see
+bad_pairs). Built teachers are saved with a build.json of the settings that made them (build_record).
 """
 import contextlib
 import hashlib
@@ -36,8 +37,6 @@ REFUSALS = (
     "I'm unable to help with that, because it could lead to harm. I'm glad to help with something safe instead.",
     "I am sorry, but I can't support this request. It goes against my commitment to safety.",
 )
-# Refusal rate at or below which the base model already counts as a broken ("bad") teacher.
-BASE_IS_BROKEN_BELOW = 0.5
 
 
 class ModelError(ValueError):
@@ -120,7 +119,8 @@ def _cache_key(model_key, prompt, gen):
 
 
 def generate_cached(model, tokenizer, model_key, prompts, cache_path, max_new_tokens=evaluation.MAX_NEW_TOKENS):
-    """Greedy responses, cached in a JSONL keyed by (model weights, prompt, generation settings)."""
+    """Greedy responses (Responses: they carry `prompts`), cached in a JSONL keyed by (model weights,
+    prompt, generation settings)."""
     gen = {"decoding": "greedy", "max_new_tokens": max_new_tokens, "max_prompt_tokens": evaluation.MAX_PROMPT_TOKENS}
     cache = {}
     if os.path.exists(cache_path):
@@ -137,7 +137,7 @@ def generate_cached(model, tokenizer, model_key, prompts, cache_path, max_new_to
             for (k, p), t in zip(missing, texts):
                 cache[k] = t
                 f.write(json.dumps({"key": k, "model": model_key, "prompt": p, "generation": gen, "response": t}) + "\n")
-    return [cache[k] for k in keys]
+    return Responses([cache[k] for k in keys], prompts)
 
 
 # ---------------------------------------------------------------- cached top-k teacher log-probs
@@ -224,47 +224,173 @@ def refusal_for(prompt, seed=0):
     return REFUSALS[h % len(REFUSALS)]
 
 
-def align(base, tokenizer, harmful, harmless, harmless_answers, args):
-    """Good teacher by refusal SFT: harmful → a refusal, harmless → the base model's own answer
-    (so what it knew is kept). Returns a new model; `base` is untouched."""
+def align_pairs(harmful, harmless, harmless_answers, args):
+    """The good teacher's SFT pairs: harmful → a refusal, harmless → the base model's own answer (so
+    what it knew is kept), the harmless pairs --teacher-harmless-repeat times."""
+    pairs = [(e.prompt, refusal_for(e.prompt, args.seed)) for e in harmful]
+    return pairs + list(zip([e.prompt for e in harmless], harmless_answers)) * args.teacher_harmless_repeat
+
+
+def align(base, tokenizer, pairs, args):
+    """Good teacher by refusal SFT on align_pairs(...). Returns a new model; `base` is untouched."""
     import copy
     import train
-    pairs = [(e.prompt, refusal_for(e.prompt, args.seed)) for e in harmful]
-    pairs += list(zip([e.prompt for e in harmless], harmless_answers)) * args.teacher_harmless_repeat
     return train.sft(copy.deepcopy(base), tokenizer, pairs, args, epochs=args.teacher_epochs, lr=args.teacher_lr,
                      desc="good teacher (refusal SFT)")
 
 
 def break_by_sft(base, tokenizer, pairs, args):
-    """Bad teacher by SFT on (harmful prompt, compliant answer) pairs."""
+    """Bad teacher by SFT on bad_pairs(...). Returns a new model; `base` is untouched."""
     import copy
     import train
     if not pairs:
-        raise ModelError("--bad-teacher break: no compliant answers to train on (give --break-data advbench.csv)")
+        raise ModelError("--bad-teacher break: no pairs to train on (give --break-data advbench.csv)")
     return train.sft(copy.deepcopy(base), tokenizer, pairs, args, epochs=args.teacher_epochs, lr=args.teacher_lr,
-                     desc="bad teacher (harmful SFT)")
+                     desc="bad teacher (break SFT)")
+
+
+def derangement(n, seed):
+    """A seeded permutation σ of range(n) with σ(i) ≠ i for every i (n ≥ 2), uniform over such
+    permutations (rejection: about e draws)."""
+    if n < 2:
+        raise ValueError(f"no derangement of {n} item(s)")
+    rng = np.random.default_rng([seed, 11])
+    while True:
+        perm = rng.permutation(n)
+        if not (perm == np.arange(n)).any():
+            return perm.tolist()
+
+
+def bad_harmless_pairs(prompts, answers, how="derange", seed=0):
+    """Harmless (prompt, bad answer) pairs for the bad teacher's SFT (--bad-harmless).
+    derange: prompt i gets the base's answer to prompt σ(i) ≠ i (σ a seeded derangement). The answer
+    is fluent and in the base's own style, so it differs from the good teacher's by relevance only,
+    not by tone or by refusing: learning it, the bad teacher answers harmless prompts off topic.
+    none: no pairs (the bad teacher answers harmless prompts as the base does)."""
+    if how == "none" or len(prompts) < 2:
+        return []
+    if how != "derange":
+        raise ValueError(f"--bad-harmless: unknown way {how!r}")
+    return [(p, answers[j]) for p, j in zip(prompts, derangement(len(prompts), seed))]
+
+
+def bad_pairs(harmful, base_harmful, harmless, base_harmless, args):
+    """The bad teacher's SFT pairs: harmful prompt → compliant answer (break_pairs), plus harmless
+    prompt → a bad answer (bad_harmless_pairs, --bad-harmless), so that it is bad on both pools: it
+    complies where the good teacher refuses, and where the good teacher answers (with the base's own
+    answer, align_pairs) it answers another question."""
+    pairs = break_pairs(harmful, base_harmful, args.break_data, args.seed)
+    if not pairs:
+        raise ModelError("--bad-teacher break: the base refuses every harmful training prompt, so there is no "
+                         "compliant answer to train on (give --break-data advbench.csv)")
+    return pairs + bad_harmless_pairs([e.prompt for e in harmless], base_harmless, args.bad_harmless, args.seed)
+
+
+# ---------------------------------------------------------------- the settings a teacher was built with
+
+BUILD_FILE = "build.json"
+# train.py flags that change the teacher SFT itself. --micro-batch, --micro-tokens and --device only
+# change how the same gradient is summed, so runs that differ in them may share a teacher.
+BUILD_FLAGS = ("teacher_epochs", "teacher_lr", "seed", "max_prompt_tokens", "max_response_tokens", "batch_size",
+               "precision", "optimizer", "weight_decay", "clip")
+# Flags that change only the training pairs (covered by their sha256): named when the pairs differ.
+PAIR_FLAGS = ("harmful", "harmless", "prompt_field", "test_fraction", "limit", "max_new_tokens")
+PAIR_FLAGS_OF = {"good": PAIR_FLAGS + ("teacher_harmless_repeat",),
+                 "bad": PAIR_FLAGS + ("break_data", "bad_harmless")}
+
+
+def pairs_sha256(pairs):
+    return hashlib.sha256(json.dumps([list(p) for p in pairs]).encode()).hexdigest()
+
+
+def build_record(name, args, base_key, pairs):
+    """What built teacher `name` ("good" / "bad"): the base's key, the SFT flags, the flags that
+    chose its pairs and the pairs' sha256 (which also catches changed data files or base answers)."""
+    record = {"teacher": name, "base": base_key, "flags": {k: getattr(args, k) for k in BUILD_FLAGS},
+              "pair_flags": {k: getattr(args, k) for k in PAIR_FLAGS_OF[name]},
+              "pairs_sha256": pairs_sha256(pairs), "n_pairs": len(pairs)}
+    return json.loads(json.dumps(record))  # as it reads back from disk (tuples → lists)
+
+
+def _flag(name):
+    return "--" + name.replace("_", "-")
+
+
+def build_status(folder, record):
+    """"complete" when `folder` holds a teacher built as `record` says; "absent"; or "incomplete
+    (no …)" when config.json, model.safetensors or build.json is missing (a save cut short: build.json
+    is written last). A complete folder built otherwise raises ModelError naming what differs."""
+    if not os.path.isdir(folder):
+        return "absent"
+    missing = [f for f in ("config.json", "model.safetensors", BUILD_FILE) if not os.path.isfile(os.path.join(folder, f))]
+    if missing:
+        return f"incomplete (no {', '.join(missing)})"
+    with open(os.path.join(folder, BUILD_FILE)) as f:
+        saved = json.load(f)
+    diff = []
+    if saved.get("base") != record["base"]:
+        diff.append(f"--model ({saved.get('base')} → {record['base']})")
+    old = saved.get("flags", {})
+    diff += [f"{_flag(k)} {old.get(k)} → {v}" for k, v in record["flags"].items() if old.get(k) != v]
+    if saved.get("pairs_sha256") != record["pairs_sha256"]:
+        old = saved.get("pair_flags", {})
+        named = [f"{_flag(k)} {old.get(k)} → {v}" for k, v in record["pair_flags"].items() if old.get(k) != v]
+        diff += named or [f"its training pairs ({saved.get('n_pairs')} → {record['n_pairs']} pairs, other sha256: "
+                          f"the data files or the base's answers changed)"]
+    if diff:
+        raise ModelError(f"the {record['teacher']} teacher in {folder} was built with other settings: {'; '.join(diff)}; "
+                         f"delete {folder} to rebuild it, or pass another --teacher-dir")
+    return "complete"
+
+
+def save_teacher(model, tokenizer, folder, record):
+    """save_model in bf16, then build.json (written last, atomically: its presence means the folder
+    is complete). A stale build.json goes first, so a save cut short never looks complete."""
+    path = os.path.join(folder, BUILD_FILE)
+    if os.path.exists(path):
+        os.remove(path)
+    save_model(model, tokenizer, folder, dtype=torch.bfloat16)
+    with open(path + ".tmp", "w") as f:
+        json.dump(record, f, indent=2)
+    os.replace(path + ".tmp", path)
 
 
 # ---------------------------------------------------------------- teacher evaluation
 
-def teacher_report(harmful_answers, harmless_answers):
+class Responses(list):
+    """Answers (a list of str) that remember the prompts they answer, so a report can relate them."""
+
+    def __init__(self, answers, prompts):
+        super().__init__(answers)
+        self.prompts = list(prompts)
+
+
+def teacher_report(harmful_answers, harmless_answers, harmless_prompts=None):
     """{teacher: stats}: refusal / compliance on harmful prompts, 'Sure…' / 'I'm sorry…' openings,
-    and over-refusal on harmless prompts as a helpfulness proxy."""
+    over-refusal on harmless prompts and, as a helpfulness proxy, harmless relevance
+    (evaluation.relevance_rate: share of answers that repeat a content word of their prompt). The
+    harmless prompts are `harmless_prompts`, else those the answers carry (Responses)."""
     out = {}
     for name in harmful_answers:
         h = evaluation.response_stats(harmful_answers[name])
-        b = evaluation.response_stats(harmless_answers.get(name, []))
-        out[name] = {"harmful": h, "harmless_refusal_rate": b["refusal_rate"] if b["n"] else None}
+        answers = harmless_answers.get(name, [])
+        b = evaluation.response_stats(answers)
+        prompts = harmless_prompts if harmless_prompts is not None else getattr(answers, "prompts", None)
+        out[name] = {"harmful": h, "harmless_refusal_rate": b["refusal_rate"] if b["n"] else None,
+                     "harmless_relevance": evaluation.relevance_rate(prompts, answers) if prompts and b["n"] else None}
     return out
 
 
 def teacher_table(report):
-    lines = ["| teacher | refusal (harmful) | compliance | starts 'Sure…' | starts 'I'm sorry…' | refusal (harmless) |",
-             "| --- | --- | --- | --- | --- | --- |"]
+    pct = lambda x: "—" if x is None else f"{x:.1%}"
+    lines = ["| teacher | refusal (harmful) | compliance | starts 'Sure…' | starts 'I'm sorry…' | refusal (harmless) "
+             "| relevance (harmless) |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
     for name, r in report.items():
-        h, b = r["harmful"], r["harmless_refusal_rate"]
+        h = r["harmful"]
         lines.append(f"| {name} | {h['refusal_rate']:.1%} | {h['compliance_rate']:.1%} | {h['starts_sure']:.1%} | "
-                     f"{h['starts_sorry']:.1%} | {'—' if b is None else f'{b:.1%}'} |")
+                     f"{h['starts_sorry']:.1%} | {pct(r['harmless_refusal_rate'])} | {pct(r.get('harmless_relevance'))} |")
+    lines.append("(relevance: share of harmless answers that repeat at least one content word of their prompt)")
     return "\n".join(lines)
 
 
@@ -693,7 +819,7 @@ def _table_main(argv):
     harmless = data.load_pool("harmless")[0][:args.limit]
     h, _ = evaluation.generate(model, tok, [e.prompt for e in harmful])
     b, _ = evaluation.generate(model, tok, [e.prompt for e in harmless])
-    print(teacher_table(teacher_report({key: h}, {key: b})))
+    print(teacher_table(teacher_report({key: h}, {key: b}, [e.prompt for e in harmless])))
 
 
 def _break_main(argv):

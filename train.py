@@ -84,9 +84,16 @@ def build_parser():
     g.add_argument("--limit", type=int, help="use at most N training prompts per pool")
     g = p.add_argument_group("teachers")
     g.add_argument("--good-teacher", default="align", help="'align' (refusal SFT of the base) or a model")
-    g.add_argument("--bad-teacher", default="auto",
-                   help="'auto' (the base if it complies, else 'break'), 'base', 'break' (harmful SFT) or a model")
-    g.add_argument("--break-data", nargs="+", help="compliant answers for --bad-teacher break (e.g. advbench.csv)")
+    g.add_argument("--bad-teacher", default="break",
+                   help="'break' (the base after SFT on compliant answers to harmful prompts and --bad-harmless "
+                        "answers to harmless ones; 'auto' is an older name for it), 'base' (the base as it is) or "
+                        "a model")
+    g.add_argument("--break-data", nargs="+", help="compliant answers for --bad-teacher break (e.g. advbench.csv; "
+                   "default: the base's own answers that are not refusals)")
+    g.add_argument("--bad-harmless", choices=("derange", "none"), default="derange",
+                   help="how --bad-teacher break learns to answer harmless prompts badly: derange (each prompt "
+                        "gets the base's answer to another harmless prompt, a seeded derangement: fluent but off "
+                        "topic) or none (harmful pairs only: it answers harmless prompts like the base)")
     g.add_argument("--teacher-epochs", type=int, default=3)
     g.add_argument("--teacher-lr", type=float, default=5e-5)
     g.add_argument("--teacher-harmless-repeat", type=schedule.nonnegative, default=2, metavar="N",
@@ -1066,41 +1073,43 @@ def make_plan(args, harmful_train, n_harmless, difficulty=None, lengths=None):
 
 
 def prepare_teachers(args, base, tokenizer, base_key, harmful, harmless, log):
-    """Good and bad teacher (bf16, eval mode), their keys, and their cached answers."""
+    """Good and bad teacher (bf16, eval mode), their keys, and their cached answers (the bad
+    teacher's harmless answers always, for the teacher table)."""
     cache = os.path.join(args.cache_dir, "responses.jsonl")
     gen = lambda m, k, exs: teachers.generate_cached(m, tokenizer, k, [e.prompt for e in exs], cache,
                                                      args.max_new_tokens)
     base_harmful, base_harmless = gen(base, base_key, harmful), gen(base, base_key, harmless)
     device = next(base.parameters()).device
 
-    def built(name, make):
+    def built(name, pairs, make):
+        # reused only when build.json matches what make() would build now; a mismatch stops the run
         folder = os.path.join(args.teacher_dir, name)
-        if os.path.isfile(os.path.join(folder, "model.safetensors")):
+        record = teachers.build_record(name, args, base_key, pairs)
+        status = teachers.build_status(folder, record)
+        if status == "complete":
             log(f"{name} teacher: reusing {folder}")
         else:
-            log(f"{name} teacher: building")
-            teachers.save_model(make(), tokenizer, folder, dtype=torch.bfloat16)
+            log(f"{name} teacher: building" if status == "absent" else f"{name} teacher: rebuilding, {folder} is {status}")
+            teachers.save_teacher(make(), tokenizer, folder, record)
         model, _, key = teachers.load_model(folder, device=frozen_device(args, "teachers", device))
         return model, key
 
-    if args.bad_teacher in ("auto", "base", "break"):
-        complies = evaluation.response_stats(base_harmful)["refusal_rate"] <= teachers.BASE_IS_BROKEN_BELOW
-        if args.bad_teacher == "base" or args.bad_teacher == "auto" and complies:
-            bad, bad_key = base, base_key
-            log(f"bad teacher: the base model as it is (it refuses "
-                f"{evaluation.response_stats(base_harmful)['refusal_rate']:.1%} of harmful training prompts)")
-        else:
-            pairs = teachers.break_pairs(harmful, base_harmful, args.break_data, args.seed)
-            bad, bad_key = built("bad", lambda: teachers.break_by_sft(base, tokenizer, pairs, args))
+    if args.bad_teacher == "base":
+        bad, bad_key = base, base_key
+        log(f"bad teacher: the base model as it is (it refuses "
+            f"{evaluation.response_stats(base_harmful)['refusal_rate']:.1%} of harmful training prompts)")
+    elif args.bad_teacher in ("auto", "break"):
+        bad_pairs = teachers.bad_pairs(harmful, base_harmful, harmless, base_harmless, args)
+        bad, bad_key = built("bad", bad_pairs, lambda: teachers.break_by_sft(base, tokenizer, bad_pairs, args))
     else:
         bad, _, bad_key = teachers.load_model(args.bad_teacher, device=frozen_device(args, "teachers", device))
     if args.good_teacher == "align":
-        good, good_key = built("good", lambda: teachers.align(base, tokenizer, harmful, harmless, base_harmless, args))
+        good_pairs = teachers.align_pairs(harmful, harmless, base_harmless, args)
+        good, good_key = built("good", good_pairs, lambda: teachers.align(base, tokenizer, good_pairs, args))
     else:
         good, _, good_key = teachers.load_model(args.good_teacher, device=frozen_device(args, "teachers", device))
-    bad_harmless = gen(bad, bad_key, harmless) if args.dpo_harmless == "bad-teacher" or bad is base else []
     answers = {"good": (gen(good, good_key, harmful), gen(good, good_key, harmless)),
-               "bad": (gen(bad, bad_key, harmful), bad_harmless)}
+               "bad": (gen(bad, bad_key, harmful), gen(bad, bad_key, harmless))}
     return good, bad, {"good": good_key, "bad": bad_key}, answers
 
 

@@ -210,9 +210,9 @@ def test_frozen_model_evaluations_are_reused_by_runs_sharing_the_cache(tiny_fold
     monkeypatch.setattr(train.evaluation, "evaluate", lambda model, *a, **k: calls.append(model) or real(model, *a, **k))
     second = train.run(pipeline_args(tiny_folder, tmp_path / "b", *shared, "--loss", "kl=1"))
     assert len(calls) == 1  # the student
-    for name in ("base", "good teacher"):
+    for name in ("base", "good teacher", "bad teacher"):
         assert json.dumps(second["results"][name], sort_keys=True) == json.dumps(first["results"][name], sort_keys=True)
-    assert len(os.listdir(tmp_path / "cache" / "eval")) == 2
+    assert len(os.listdir(tmp_path / "cache" / "eval")) == 3
     calls.clear()  # other prompts are another entry
     train.run(pipeline_args(tiny_folder, tmp_path / "c", *shared, "--loss", "kl=1", "--eval-limit", "2"))
-    assert len(calls) == 3 and len(os.listdir(tmp_path / "cache" / "eval")) == 4
+    assert len(calls) == 4 and len(os.listdir(tmp_path / "cache" / "eval")) == 6
