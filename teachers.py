@@ -96,6 +96,14 @@ def load_model(spec, dtype=torch.bfloat16, device="cpu"):
     return model.to(device).eval(), tokenizer, key
 
 
+def cast_parameters(model, dtype):
+    """Parameters to `dtype`, buffers kept: `model.to(bf16)` would also round the rotary
+    frequencies (inv_freq), so a bf16 reference would not compute what the bf16 student computes."""
+    for p in model.parameters():
+        p.data = p.data.to(dtype)
+    return model
+
+
 def save_model(model, tokenizer, path, state_dict=None, dtype=None):
     """A checkpoint that AutoModelForCausalLM.from_pretrained loads. Written with safetensors
     directly because models loaded from GGUF refuse save_pretrained; tied weights stored once."""

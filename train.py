@@ -323,7 +323,7 @@ def add_lora(model, args, dtype):
     alpha = args.lora_alpha if args.lora_alpha is not None else 2.0 * args.lora_r
     if "lm_head" in targets and getattr(model.config, "tie_word_embeddings", False):
         raise ValueError("--lora-targets: lm_head is tied to the embeddings in this model; adapt other layers")
-    model.requires_grad_(False).to(dtype)
+    teachers.cast_parameters(model.requires_grad_(False), dtype)
     found = [(name, module) for name, module in model.named_modules()
              if isinstance(module, torch.nn.Linear) and name.rsplit(".", 1)[-1] in targets]
     if not found:
@@ -1168,12 +1168,13 @@ def run(args):
     base, tokenizer, base_key = teachers.load_model(args.model, dtype=torch.float32)
     data.check_chat_template(tokenizer, args.model)
     device = compute_device(args)
-    base_compute = (copy.deepcopy(base).to(torch.bfloat16) if args.precision == "bf16" else base).to(device)
+    base_compute = (teachers.cast_parameters(copy.deepcopy(base), torch.bfloat16) if args.precision == "bf16"
+                    else base).to(device)
     main_first("before")
     good, bad, keys, answers = prepare_teachers(args, base_compute, tokenizer, base_key, harmful, harmless, log)
 
     report = teachers.teacher_report({"good": answers["good"][0], "bad": answers["bad"][0]},
-                                     {"good": answers["good"][1], "bad": answers["bad"][1]})
+                                     {"good": answers["good"][1], "bad": answers["bad"][1]}, [e.prompt for e in harmless])
     if is_main():
         with open(os.path.join(args.out, "teacher_eval.json"), "w") as f:
             json.dump({"report": report, "models": keys, "prompts": "training prompts",

@@ -102,7 +102,7 @@ def run_one(variant, args):
                                                  "--max-response-tokens", str(args.seq)])
         import copy
         # a bf16 copy of the base is the reference (as in train.py) and stands in for the good teacher
-        reference = copy.deepcopy(model).to(torch.bfloat16).eval()
+        reference = teachers.cast_parameters(copy.deepcopy(model), torch.bfloat16).eval()
         teacher = reference if "kl" in variant else None
         opt = train.MasterWeightOptimizer(model, targs, torch.bfloat16)
         pool = {"good": [r[1] for r in rows], "bad": [r[2] for r in rows]}

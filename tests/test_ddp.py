@@ -42,10 +42,9 @@ def assert_same_run(a, b):
     for x, y in zip(ra, rb):
         assert x.keys() == y.keys()
         for k in x:
-            if isinstance(x[k], str):  # "kind"
-                assert y[k] == x[k], (x["step"], k)
-            else:
-                assert y[k] == pytest.approx(x[k], rel=1e-5, abs=1e-7), (x["step"], k)
+            # log-prob changes are differences of two sums near -100: their float error is absolute
+            small = 1e-5 if k.endswith(("logp_change", "dpo_margin")) else 1e-7
+            assert y[k] == pytest.approx(x[k], rel=1e-5, abs=small), (x["step"], k)
     wa = load_file(str(a / "student" / "model.safetensors"))
     wb = load_file(str(b / "student" / "model.safetensors"))
     assert wa.keys() == wb.keys()

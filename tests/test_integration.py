@@ -21,7 +21,7 @@ def test_real_model_generates_and_dpo_moves_it_towards_refusal(smollm, tmp_path)
     assert key.startswith("SmolLM2-135M-Instruct.Q4_1.gguf:")
     data.check_chat_template(tokenizer, "smollm2-135m")
     harmful = [e.prompt for e in data.load_pool("harmful")[0][:4]]
-    compute = copy.deepcopy(model).to(torch.bfloat16)
+    compute = teachers.cast_parameters(copy.deepcopy(model), torch.bfloat16)
     answers, report = evaluation.generate(compute, tokenizer, harmful, max_new_tokens=16, token_budget=64)
     assert all(answers) and report["prompts"] == 4  # a budget of 64 tokens forces one prompt per batch
 

@@ -138,7 +138,7 @@ def test_offload_flag_gives_the_same_run(tiny_folder, tmp_path):
         train.run(pipeline_args(tiny_folder, out, "--no-eval", "--epochs", "1", "--cb-alpha", "1",
                                 "--offload", mode))
         rows.append([{k: v for k, v in json.loads(l).items() if k != "seconds"} for l in open(out / "metrics.jsonl")])
-    assert rows[0] == rows[1] and len(rows[0]) == 4 and "cb" in rows[0][0]
+    assert rows[0] == rows[1] and len(rows[0]) == 4 and "harmful_cb" in rows[0][0]
 
 
 def test_offload_frozen_offloads_a_shared_model_once(tokenizer):

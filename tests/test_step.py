@@ -9,6 +9,7 @@ import torch.nn.functional as F
 
 import data
 import schedule
+import teachers
 import train
 from conftest import make_tiny
 from test_train import BAD, args_for, make_ctx
@@ -150,6 +151,18 @@ def test_step_does_not_depend_on_the_micro_batch_split(tokenizer, flags, precisi
         grads.append(torch.cat([(b - m.detach()).flatten() for m, b in zip(opt.master, before)]))
     a, b = grads
     assert float((a - b).norm() / a.norm()) < tolerance
+
+
+def test_a_bf16_copy_computes_what_the_bf16_student_computes(tokenizer):
+    """cast_parameters keeps the fp32 rotary frequencies that model.to(bf16) would round."""
+    student = make_tiny(tokenizer)
+    copy_ = teachers.cast_parameters(copy.deepcopy(student), torch.bfloat16)
+    train.MasterWeightOptimizer(student, args_for(), torch.bfloat16)
+    rounded = copy.deepcopy(student).to(torch.bfloat16)
+    ids = torch.tensor([make_ctx(student, tokenizer)["harmful"]["bad"][0]["input_ids"]])
+    with torch.no_grad():
+        assert torch.equal(copy_(input_ids=ids).logits, student(input_ids=ids).logits)
+        assert not torch.equal(rounded(input_ids=ids).logits, student(input_ids=ids).logits)
 
 
 def test_reference_logps_equal_the_students_before_the_first_update_in_bf16(tokenizer):
