@@ -12,9 +12,9 @@ import train
 from conftest import ROOT
 from test_train import run_interrupted_at_step_5
 
-# fp32 so the tolerance measures the reduction, not bf16 rounding. Measured here: bit-identical
-# (bf16 too); the tolerance leaves room for other thread counts (torchrun gives each worker one
-# thread, which may change matmul summation order). Wrong reductions differ by >= 3e-5 in weights.
+# fp32 so the tolerance measures the reduction, not bf16 rounding. Each rank runs its shard (and the
+# reference beside it) in smaller batches and on one thread, which changes summation order: logged
+# values agree to ~1e-7 relative, weights to 1e-5. Wrong reductions differ by >= 3e-5 in weights.
 FLAGS = ("--no-eval", "--precision", "fp32")
 
 
@@ -43,7 +43,7 @@ def assert_same_run(a, b):
         assert x.keys() == y.keys()
         for k in x:
             # log-prob changes are differences of two sums near -100: their float error is absolute
-            small = 1e-5 if k.endswith(("logp_change", "dpo_margin")) else 1e-7
+            small = 1e-5 if k.endswith(("logp_change", "dpo_margin")) else 1e-6
             assert y[k] == pytest.approx(x[k], rel=1e-5, abs=small), (x["step"], k)
     wa = load_file(str(a / "student" / "model.safetensors"))
     wb = load_file(str(b / "student" / "model.safetensors"))
