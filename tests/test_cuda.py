@@ -101,7 +101,7 @@ def test_train_on_cuda_with_offload_or_cpu_optimizer_state_matches_plain_cuda(ti
         train.run(pipeline_args(tiny_folder, tmp_path / name, "--no-eval", "--epochs", "1", "--cb-alpha", "1",
                                 "--device", "cuda", *flags))
         rows[name] = metrics(tmp_path / name)
-    assert len(rows["plain"]) == len(rows["changed"]) == 4 and "cb" in rows["plain"][0]
+    assert len(rows["plain"]) == len(rows["changed"]) == 4 and "harmful_cb" in rows["plain"][0]
     for a, b in zip(rows["plain"], rows["changed"]):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-5, abs=1e-6)
 

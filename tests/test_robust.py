@@ -109,7 +109,7 @@ def test_cb_lat_canary_run_logs_terms_and_resumes_exactly(tiny_folder, tmp_path,
              "--canary-every", "level", "--canary-top", "5", "--canary-samples", "3"]
     train.run(pipeline_args(tiny_folder, tmp_path / "full", *extra))
     rows = [json.loads(l) for l in open(tmp_path / "full" / "metrics.jsonl")]
-    assert rows[-1]["harmful_cb"] < 0.5 * rows[0]["harmful_cb"]  # rerouting pushes the bad answers' states away
+    assert rows[-1]["harmful_cb"] < 0.8 * rows[0]["harmful_cb"]  # rerouting pushes the bad answers' states away
     assert rows[0]["cb_coef"] == 2.0 and rows[-1]["cb_retain_coef"] == pytest.approx(2 * (7 / 8) / 2)
     assert sum(1 for r in rows if r.get("canary_gathered")) == 4  # 2 epochs × 2 levels
     # the logged drift of the canary entries, recomputed from the saved student, masks and base

@@ -45,7 +45,7 @@ def test_gamma_zero_is_exactly_the_harmless_update_and_lambda_zero_the_harmful_o
 def test_the_update_is_the_weighted_sum_of_both_sides_and_gamma_turns_it(tokenizer):
     sgd = ("--optimizer", "sgd", "--clip", "0")
     g_harmful, _ = update(tokenizer, HARMFUL, 1.0, *sgd, lr=1.0)
-    g_harmless, _ = update(tokenizer, HARMLESS, 1.0, *sgd, lr=1.0)
+    g_harmless, _ = update(tokenizer, HARMLESS, 1.0, *sgd, "--lam", "1", lr=1.0)
     joint, row = update(tokenizer, JOINT, 0.3, *sgd, "--lam", "2", lr=1.0)
     assert torch.allclose(joint, 0.3 * g_harmful + 2 * g_harmless, atol=1e-6)
     assert row["loss"] == pytest.approx(0.3 * row["harmful_loss"] + 2 * row["harmless_loss"], rel=1e-6)
