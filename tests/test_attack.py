@@ -174,8 +174,8 @@ def test_figures_render_from_hand_written_results(tmp_path):
             json.dump({"results": {"student": {"hs": hs, "over_refusal": 0.25}}}, f)
     with open(res / "runs" / "student" / "metrics.jsonl", "w") as f:
         for t in range(6):
-            f.write(json.dumps({"step": t, "level": t // 2 + 1, "kind": ("harmful", "harmless")[t % 2],
-                                "loss": 1.0 / (t + 1), "gamma": 1.0, "lr": 1e-5}) + "\n")
+            f.write(json.dumps({"step": t, "level": t // 2 + 1, "harmful_loss": 1.0 / (t + 1), "harmless_loss": 0.5,
+                                "loss": 1.0 / (t + 1) + 1.5, "gamma": 1.0, "lam": 3.0, "lr": 1e-5}) + "\n")
     pngs = figures.main(["all", "--no-run", "--results", str(res), "--out", str(out)])
     assert sorted(os.path.basename(p) for p in pngs) == sorted(f"{f}.png" for f in figures.FIGURES)
     for png in pngs:
