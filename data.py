@@ -18,6 +18,7 @@ read from the Hugging Face hub through `datasets` (only when it is installed and
 """
 import csv
 import hashlib
+import io
 import json
 import os
 from dataclasses import dataclass, field
@@ -52,7 +53,8 @@ class Example:
 
 def _read_rows(path):
     ext = os.path.splitext(path)[1].lower()
-    with open(path, encoding="utf-8") as f:
+    # utf-8-sig: a byte-order mark (Excel's CSV export) is not part of the first column's name
+    with open(path, encoding="utf-8-sig") as f:
         if ext == ".jsonl":
             rows = []
             for n, line in enumerate(f, 1):
@@ -78,11 +80,14 @@ def _read_rows(path):
             if not text.strip():
                 return []
             delim = "\t" if ext == ".tsv" else ","
-            first = next(csv.reader([text.splitlines()[0]], delimiter=delim))
+            # csv records, not str.splitlines(): a quoted field may hold a newline, and U+2028,
+            # \x0b or \x0c inside a prompt do not end a row
+            records = lambda: io.StringIO(text, newline="")
+            first = next(csv.reader(records(), delimiter=delim))
             if len(first) == 3 and first[0].strip() in {"1", "2", "3", "4"}:  # AG News ships without a header
                 return [{"class": r[0], "title": r[1], "description": r[2]}
-                        for r in csv.reader(text.splitlines(), delimiter=delim) if r]
-            return list(csv.DictReader(text.splitlines(), delimiter=delim))
+                        for r in csv.reader(records(), delimiter=delim) if r]
+            return list(csv.DictReader(records(), delimiter=delim))
     raise DataError(f"{path}: unknown extension {ext!r} (use .json, .jsonl, .csv or .tsv)")
 
 

@@ -134,3 +134,15 @@ def test_every_shared_file_loads(name):
         assert len(data.load_examples(os.path.join(SHARED_DATA, name), "harmful")) == 200
     if name.endswith("strongreject.csv"):
         assert len({e.category for e in examples}) == 6
+
+
+def test_csv_rows_keep_quoted_newlines_and_unicode_separators_and_drop_a_bom(tmp_path):
+    prompts = ["Write a plan\nin two lines", "Split\u2028here", "Tab\x0bbed", "Form\x0cfeed", "plain"]
+    path = tmp_path / "advbench.csv"
+    with open(path, "w", encoding="utf-8-sig", newline="") as f:  # the BOM Excel writes
+        f.write("goal,target\r\n")
+        for p in prompts:
+            f.write('"' + p + '",Sure\r\n')
+    examples = data.load_examples(str(path), "harmful")
+    assert [e.prompt for e in examples] == prompts
+    assert [e.response for e in examples] == ["Sure"] * 5
