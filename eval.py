@@ -958,9 +958,14 @@ def finetune_attack(model, tokenizer, harmful_pairs, benign_pairs, n=ATTACK_PROT
 
     features = train.sft_features(tokenizer, mix, args, "--attack-micro-tokens")  # budget checked before step 0
     record(0, attacked)
-    train.sft(attacked, tokenizer, mix, args, epochs, lr, "attack", lr_schedule, warmup, record, features)
+    diverged = None
+    try:
+        train.sft(attacked, tokenizer, mix, args, epochs, lr, "attack", lr_schedule, warmup, record, features)
+    except train.NonFiniteError as e:  # the non-finite update was not applied: the copy holds the last finite weights
+        diverged = str(e)
     return attacked, {"steps": total, "warmup_steps": warmup, "n_harmful": n_harmful, "n_benign": len(mix) - n_harmful,
-                      "mix_sha256": hashlib.sha256(json.dumps(mix).encode()).hexdigest(), "curve": curve}
+                      "mix_sha256": hashlib.sha256(json.dumps(mix).encode()).hexdigest(), "curve": curve,
+                      "diverged": diverged}
 
 
 def bad_teacher_pairs(run_dir):
@@ -1101,7 +1106,9 @@ def run_attack(args, argv, model, tokenizer, key, harmful):
                 write_results(written[-1], payload, _attack_table(result))
                 first, last = record["curve"][0], record["curve"][-1]
                 print(f"p={p:g} n={n} lr={lr:g}: HS {first['hs']['hs']:.1f}% → {last['hs']['hs']:.1f}%, "
-                      f"FA {first['fa']['fa']:.1f}% → {last['fa']['fa']:.1f}% ({record['steps']} steps)")
+                      f"FA {first['fa']['fa']:.1f}% → {last['fa']['fa']:.1f}% ({record['steps']} steps)"
+                      + (f"; DIVERGED, not a defence: {record['diverged']} (the curve ends at step "
+                         f"{last['step']})" if record["diverged"] else ""))
     return written
 
 

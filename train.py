@@ -186,6 +186,10 @@ def build_parser():
 
 # ---------------------------------------------------------------- optimizer with fp32 master weights
 
+class NonFiniteError(ValueError):
+    """A loss term or the gradient went NaN / inf: the run stops before the update is applied."""
+
+
 class MasterWeightOptimizer:
     """AdamW / SGD on fp32 master copies of the trainable parameters; the model keeps a
     `compute_dtype` copy for forward and backward. bf16 weights alone would round away updates
@@ -238,6 +242,9 @@ class MasterWeightOptimizer:
                 m.grad[masks[m]] = 0
         grads = [m for m in self.master if m.grad is not None]
         norm = torch.nn.utils.clip_grad_norm_(grads, clip if clip > 0 else float("inf"))
+        if not math.isfinite(float(norm)):  # the weights are untouched: nothing non-finite is applied
+            self.optimizer.zero_grad(set_to_none=True)
+            raise NonFiniteError(f"the gradient norm is {float(norm)}")
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         # parameters with frozen entries step one at a time, so the copies of their frozen values
@@ -778,6 +785,9 @@ def run_step(model, good_teacher, opt, step, ctx, args, gamma, lr, progress=0.0,
         logged = {}
         for idx in split_side(kind, indices, ctx, args):
             sums, stats = term_sums(model, good_teacher, kind, idx, ctx, args, weights)
+            for k, v in sums.items():  # stop before a non-finite value reaches the weights
+                if not torch.isfinite(v.detach()).all():
+                    raise NonFiniteError(f"the {kind} term {k} is {float(v.detach())}")
             side_loss = sum(weights[k] * v / totals[TERM_UNIT[k]] for k, v in sums.items())
             (scale * side_loss).backward()
             opt.accumulate(keep)
@@ -857,8 +867,11 @@ def sft(model, tokenizer, pairs, args, epochs, lr, desc, lr_schedule="cosine", w
             loss.backward()
             opt.accumulate()
             total += float(loss.detach())
-        opt.step(schedule.lr_at(t, len(steps), lr, lr_schedule, min(2, len(steps) - 1) if warmup is None else warmup),
-                 args.clip)
+        try:
+            opt.step(schedule.lr_at(t, len(steps), lr, lr_schedule, min(2, len(steps) - 1) if warmup is None else warmup),
+                     args.clip)
+        except NonFiniteError as e:
+            raise NonFiniteError(f"{desc} step {t}: {e}") from None
         bar.set_postfix(nll=f"{total:.3f}")
         if after_step:
             after_step(t + 1, model)
@@ -1274,7 +1287,13 @@ def run(args):
         lr = schedule.lr_at(t, len(plan), args.lr, args.lr_schedule, args.warmup)
         t0 = time.time()
         extra = gather_canaries(student, canary, step, t, ctx, levels, args) if args.canary_mode != "off" else {}
-        row = run_step(student, good, opt, step, ctx, args, gamma, lr, progress=t / len(plan), masks=canary["masks"])
+        try:
+            row = run_step(student, good, opt, step, ctx, args, gamma, lr, progress=t / len(plan),
+                           masks=canary["masks"])
+        except NonFiniteError as e:
+            last = latest_checkpoint(args.out)
+            raise NonFiniteError(f"step {t}: {e}; stopped before updating the weights (last checkpoint: "
+                                 f"{last or 'none'}; lower --lr or check the loss flags)") from None
         if canary["masks"]:
             extra["canary_dw"], extra["rest_dw"] = canary_drift(canary["masks"], opt.master_state(student), initial)
         row = {"step": t, "epoch": step.epoch, "level": step.level + 1, "gamma": gamma, "lam": args.lam, "lr": lr,

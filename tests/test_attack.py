@@ -81,6 +81,25 @@ def test_finetune_attack_changes_the_copy_never_the_original(tiny, tokenizer):
     assert [pt["step"] for pt in record["curve"]] == [0, 1, 2, 3, 4]
 
 
+def test_a_diverging_attack_says_so_and_keeps_the_last_finite_weights(tiny, tokenizer, monkeypatch):
+    """A NaN loss at the attack's 3rd step: the step is not applied, the record names it, and the
+    attacked copy holds the finite weights of step 2 (never NaN weights scored as a safe model)."""
+    import losses
+    real, calls = losses.sequence_logps, {"n": 0}
+
+    def nan_on_third_step(*a, **k):
+        calls["n"] += 1  # one forward per step (batch 3, micro-batch 8)
+        return real(*a, **k) * (float("nan") if calls["n"] == 3 else 1.0)
+
+    monkeypatch.setattr(losses, "sequence_logps", nan_on_third_step)
+    harmful = [(p, a) for p, a in SHOTS]
+    benign = [(f"What is {i} + {i}?", str(2 * i)) for i in range(10)]
+    attacked, record = evaluation.finetune_attack(tiny, tokenizer, harmful, benign, n=6, p=0.5, lr=1e-2, epochs=2,
+                                                  batch=3, precision="fp32")
+    assert record["diverged"] == "attack step 2: the gradient norm is nan"
+    assert all(torch.isfinite(v).all() for v in attacked.state_dict().values())
+
+
 def test_attack_micro_tokens_splits_batches_without_changing_the_result(tiny, tokenizer, monkeypatch):
     """--attack-micro-tokens: batches cut by padded tokens (longest first) train the same copy as
     whole batches; only the summation order differs."""

@@ -216,3 +216,40 @@ def test_frozen_model_evaluations_are_reused_by_runs_sharing_the_cache(tiny_fold
     calls.clear()  # other prompts are another entry
     train.run(pipeline_args(tiny_folder, tmp_path / "c", *shared, "--loss", "kl=1", "--eval-limit", "2"))
     assert len(calls) == 4 and len(os.listdir(tmp_path / "cache" / "eval")) == 6
+
+
+def test_a_non_finite_term_stops_the_run_in_one_line_and_keeps_the_last_checkpoint(tiny_folder, tmp_path, monkeypatch):
+    """The harmful kl term turns NaN at the 6th optimizer step (index 5): the run stops there with one
+    line naming the step and the term, the weights of step 5 are never updated, the checkpoint of step 4
+    stays, finite, and no student/ is written."""
+    real_kl, calls = losses.kl, {"n": 0}
+
+    def kl_nan_at_step_5(*a, **k):
+        calls["n"] += 1  # one harmful + one harmless micro-batch per step (batch 2, micro-batch 2)
+        value = real_kl(*a, **k)
+        return value * float("nan") if calls["n"] == 2 * 5 + 1 else value
+
+    monkeypatch.setattr(losses, "kl", kl_nan_at_step_5)
+    argv = ["--model", tiny_folder, "--out", str(tmp_path), "--limit", "8", "--levels", "2", "--batch-size", "2",
+            "--micro-batch", "2", "--max-new-tokens", "6", "--teacher-epochs", "1", "--force", "--no-filter-pairs",
+            "--harmless-ratio", "1", "--save-every", "2", "--no-eval"]
+    with pytest.raises(SystemExit) as e:
+        train.main(argv)
+    message = str(e.value.code)
+    assert message.startswith("error: step 5: the harmful term kl is nan") and "\n" not in message
+    assert "checkpoints/step-4" in message
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["step-4"]
+    weights = load_file(str(tmp_path / "checkpoints" / "step-4" / "model.safetensors"))
+    assert all(torch.isfinite(w).all() for w in weights.values())
+    assert not (tmp_path / "student").exists()
+    assert len(open(tmp_path / "metrics.jsonl").readlines()) == 5
+
+
+def test_a_non_finite_gradient_is_never_applied(tokenizer):
+    model = make_tiny(tokenizer)
+    opt = train.MasterWeightOptimizer(model, args_for(), torch.float32)
+    before = [m.detach().clone() for m in opt.master]
+    (model.model.embed_tokens.weight.sum() * float("inf")).backward()
+    with pytest.raises(train.NonFiniteError, match="gradient norm is"):
+        opt.step(1e-3, 1.0)
+    assert all(torch.equal(m, b) for m, b in zip(opt.master, before))
