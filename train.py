@@ -66,13 +66,65 @@ def parse_loss(spec):
             weights[name] = float(value) if value else 1.0
         except ValueError:
             raise argparse.ArgumentTypeError(f"--loss: weight of {name!r} is not a number: {value!r}") from None
+        if not math.isfinite(weights[name]) or weights[name] < 0:  # a negative weight trains the wrong way
+            raise argparse.ArgumentTypeError(f"--loss: weight of {name!r} must be finite and ≥ 0, got {value!r}")
     if not any(weights.values()):
         raise argparse.ArgumentTypeError("--loss: no term has a non-zero weight")
     return {k: v for k, v in weights.items() if v}
 
 
+# (flag, test, what it must be): checked right after parsing, before any model loads
+_AT_LEAST_1 = (lambda v: v >= 1, "≥ 1")
+_POSITIVE = (lambda v: v > 0, "> 0")
+_NONNEGATIVE = (lambda v: v >= 0, "≥ 0")
+FLAG_RANGES = {
+    "micro_batch": _AT_LEAST_1, "batch_size": _AT_LEAST_1, "epochs": _AT_LEAST_1, "levels": _AT_LEAST_1,
+    "save_every": _AT_LEAST_1, "teacher_epochs": _AT_LEAST_1, "canary_samples": _AT_LEAST_1,
+    "max_new_tokens": _AT_LEAST_1, "max_response_tokens": _AT_LEAST_1, "max_prompt_tokens": _AT_LEAST_1,
+    "lat_steps": _AT_LEAST_1, "limit": _AT_LEAST_1, "eval_limit": _AT_LEAST_1,
+    "lr": _POSITIVE, "teacher_lr": _POSITIVE, "beta": _POSITIVE, "simnpo_beta": _POSITIVE,
+    "temperature": _POSITIVE,
+    "lat_eps": _NONNEGATIVE, "cb_alpha": _NONNEGATIVE, "lam": _NONNEGATIVE, "gamma_start": _NONNEGATIVE,
+    "gamma_end": _NONNEGATIVE, "weight_decay": _NONNEGATIVE, "clip": _NONNEGATIVE, "warmup": _NONNEGATIVE,
+    "harmless_ratio": _NONNEGATIVE, "dpo_harmless_weight": _NONNEGATIVE, "lora_r": _NONNEGATIVE,
+    "test_fraction": (lambda v: 0 < v < 1, "in (0, 1)"), "canary_top": (lambda v: 0 < v <= 100, "in (0, 100]"),
+    "lora_dropout": (lambda v: 0 <= v < 1, "in [0, 1)"),
+}
+
+
+def check_args(args):
+    """Every flag's range, in one line naming the flag (unset optional flags are skipped)."""
+    for name, (ok, what) in FLAG_RANGES.items():
+        value = getattr(args, name, None)
+        if value is not None and (not math.isfinite(value) or not ok(value)):
+            raise ValueError(f"--{name.replace('_', '-')} must be {what}, got {value}")
+
+
+def check_model_flags(args, model):
+    """Flags that depend on the model, checked right after it loads, before any teacher is built."""
+    if args.cb_alpha or args.lat_eps:
+        n_blocks = len(decoder_layers(model))
+        for flag, layers in (("--cb-layers", args.cb_layers if args.cb_alpha else None),
+                             ("--lat-layers", args.lat_layers if args.lat_eps else None)):
+            if layers and any(not 0 <= l <= n_blocks for l in layers):
+                raise ValueError(f"{flag} must lie in 0..{n_blocks} (0 = embeddings, l = block l), got {layers}")
+    if args.lora_r:
+        targets = {t.strip() for t in args.lora_targets.split(",") if t.strip()}
+        names = {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+        if not targets & names:
+            raise ValueError(f"--lora-targets: no Linear layer named {', '.join(sorted(targets))} in "
+                             f"{type(model).__name__} (it has {', '.join(sorted(names))})")
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse that reports a bad flag in one line (no usage block), like every other input error."""
+
+    def error(self, message):
+        self.exit(2, f"error: {message} (see --help)\n")
+
+
 def build_parser():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_argument_group("model and data")
     g.add_argument("--model", default="smollm2-135m", help="student / base: alias, folder, .gguf or hub id")
     g.add_argument("--harmful", nargs="+", help="harmful prompt files or hub names (default: built-in)")
@@ -1139,6 +1191,7 @@ def main(argv=None):
 
 def run(args):
     t_start = time.time()
+    check_args(args)
     dist_setup()
     args.teacher_dir = args.teacher_dir or os.path.join(args.out, "teachers")
     args.cache_dir = args.cache_dir or os.path.join(args.out, "cache")
@@ -1179,6 +1232,7 @@ def run(args):
         f"{len(harmful_test)} / {len(harmless_test)} held out")
 
     base, tokenizer, base_key = teachers.load_model(args.model, dtype=torch.float32)
+    check_model_flags(args, base)
     data.check_chat_template(tokenizer, args.model)
     device = compute_device(args)
     base_compute = (teachers.cast_parameters(copy.deepcopy(base), torch.bfloat16) if args.precision == "bf16"

@@ -253,3 +253,32 @@ def test_a_non_finite_gradient_is_never_applied(tokenizer):
     with pytest.raises(train.NonFiniteError, match="gradient norm is"):
         opt.step(1e-3, 1.0)
     assert all(torch.equal(m, b) for m, b in zip(opt.master, before))
+
+
+@pytest.mark.parametrize("flag,value", [
+    ("--micro-batch", "-2"), ("--micro-batch", "0"), ("--save-every", "0"), ("--teacher-lr", "-0.00005"),
+    ("--lr", "-1"), ("--beta", "0"), ("--temperature", "0"), ("--test-fraction", "0"), ("--test-fraction", "1.5"),
+    ("--canary-top", "200"), ("--max-new-tokens", "0"), ("--lam", "nan"), ("--limit", "0")])
+def test_a_flag_out_of_range_stops_in_one_line_naming_it_before_any_model_loads(flag, value, capsys):
+    with pytest.raises(SystemExit) as e:
+        train.main(["--model", "/nowhere", flag, value])  # a model load would fail with another message
+    message = str(e.value.code)
+    assert message.startswith(f"error: {flag} must be") and "\n" not in message
+
+
+@pytest.mark.parametrize("spec", ["dpo=-1", "dpo=nan", "kl=inf"])
+def test_a_negative_or_non_finite_loss_weight_is_refused_in_one_line(spec, capsys):
+    with pytest.raises(SystemExit):
+        train.main(["--model", "/nowhere", "--loss", spec])
+    err = capsys.readouterr().err
+    assert err.startswith("error: argument --loss") and "finite and ≥ 0" in err and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("flags,named", [(["--cb-alpha", "1", "--cb-layers", "99"], "--cb-layers"),
+                                         (["--lat-eps", "0.5", "--lat-layers", "99"], "--lat-layers"),
+                                         (["--lora-r", "4", "--lora-targets", "foo"], "--lora-targets")])
+def test_model_dependent_flags_are_checked_before_any_teacher_is_built(tiny_folder, tmp_path, flags, named):
+    with pytest.raises(SystemExit) as e:
+        train.main(["--model", tiny_folder, "--out", str(tmp_path), "--limit", "4", *flags])
+    assert str(e.value.code).startswith(f"error: {named}") and "\n" not in str(e.value.code)
+    assert not (tmp_path / "teachers").exists() and not (tmp_path / "cache" / "responses.jsonl").exists()
