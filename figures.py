@@ -68,7 +68,8 @@ def ensure_run(res, name, extra, size, base):
         import train
         print(f"[figures] train.py run {name}")
         train.main(["--model", base, "--out", out, "--teacher-dir", os.path.join(res, "teachers"),
-                    "--cache-dir", os.path.join(res, "cache"), *SIZES[size]["train"], *extra])
+                    "--cache-dir", os.path.join(res, "cache"), "--overwrite",  # a run cut short starts over
+                    *SIZES[size]["train"], *extra])
     return out
 
 

@@ -52,8 +52,8 @@ LOSS_TERMS = ("dpo", "npo", "simnpo", "kl", "kl_rev", "sft")
 # terms computed on harmless steps too (dpo only under --dpo-harmless)
 HARMLESS_TERMS = ("kl", "kl_rev", "sft", "dpo")
 # flags that change the result; a resumed run must agree with the saved run on all of them
-_RUN_FLAGS_IGNORED_ON_RESUME = ("resume", "plan_only", "no_eval", "force", "save_every", "eval_limit", "offload",
-                                "device")
+_RUN_FLAGS_IGNORED_ON_RESUME = ("resume", "overwrite", "plan_only", "no_eval", "force", "save_every", "eval_limit",
+                                "offload", "device")
 
 
 def parse_loss(spec):
@@ -207,6 +207,8 @@ def build_parser():
     g.add_argument("--cache-dir", help="teacher answers and reference log-probs (default: OUT/cache)")
     g.add_argument("--save-every", type=int, default=25, help="checkpoint every N optimizer steps (and at the end)")
     g.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --out")
+    g.add_argument("--overwrite", action="store_true", help="start over in an --out that holds a run (its "
+                   "metrics and checkpoints are replaced)")
     g.add_argument("--plan-only", action="store_true", help="print the plan and stop (no model loaded)")
     g.add_argument("--no-eval", action="store_true", help="skip the final held-out evaluation")
     g.add_argument("--eval-limit", type=int, help="evaluate on at most N held-out prompts per pool")
@@ -1214,6 +1216,12 @@ def run(args):
             print("(pool sizes before --filter-pairs drops the pairs the teachers got wrong)")
         return None
     resume_from = latest_checkpoint(args.out) if args.resume else None
+    if args.resume and args.overwrite:
+        raise ValueError("--resume and --overwrite: choose one")
+    if not args.resume and not args.overwrite and (
+            os.path.exists(os.path.join(args.out, "metrics.jsonl")) or latest_checkpoint(args.out)):
+        raise ValueError(f"--out {args.out} holds a run (metrics.jsonl, checkpoints): --resume to continue it, "
+                         f"--overwrite to start over, or another --out")
     if args.resume:
         if resume_from is None:
             raise ValueError(f"--resume: no checkpoint in {args.out}/checkpoints")

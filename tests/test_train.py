@@ -282,3 +282,16 @@ def test_model_dependent_flags_are_checked_before_any_teacher_is_built(tiny_fold
         train.main(["--model", tiny_folder, "--out", str(tmp_path), "--limit", "4", *flags])
     assert str(e.value.code).startswith(f"error: {named}") and "\n" not in str(e.value.code)
     assert not (tmp_path / "teachers").exists() and not (tmp_path / "cache" / "responses.jsonl").exists()
+
+
+def test_a_new_run_in_a_folder_that_holds_a_run_stops_and_leaves_it_intact(tiny_folder, tmp_path):
+    train.run(pipeline_args(tiny_folder, tmp_path, "--no-eval", "--epochs", "1"))
+    metrics = (tmp_path / "metrics.jsonl").read_bytes()
+    checkpoints = sorted(os.listdir(tmp_path / "checkpoints"))
+    with pytest.raises(SystemExit) as e:
+        train.main(["--model", tiny_folder, "--out", str(tmp_path), "--limit", "8", "--no-eval"])
+    assert "holds a run" in str(e.value.code) and "--resume" in str(e.value.code) and "--overwrite" in str(e.value.code)
+    assert (tmp_path / "metrics.jsonl").read_bytes() == metrics
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == checkpoints
+    train.run(pipeline_args(tiny_folder, tmp_path, "--no-eval", "--epochs", "1", "--lr", "1e-4", "--overwrite"))
+    assert (tmp_path / "metrics.jsonl").read_bytes() != metrics  # started over
