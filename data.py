@@ -196,6 +196,36 @@ def split_train_test(examples, test_fraction=0.2, seed=0):
     return train, test
 
 
+def stratified_sample(examples, n, seed=0):
+    """At most n examples, a seeded sample stratified by category: each category gets its
+    proportional share (largest remainders round up, ties by name), drawn from a seeded
+    permutation of that category. Taking the first n of a category-sorted list would keep only
+    the first categories. Order: by category, then the permutation."""
+    if n is None or n >= len(examples):
+        return list(examples)
+    by_cat = {}
+    for ex in examples:
+        by_cat.setdefault(ex.category or "", []).append(ex)
+    quotas = {cat: n * len(group) / len(examples) for cat, group in by_cat.items()}
+    take = {cat: int(q) for cat, q in quotas.items()}
+    for cat in sorted(by_cat, key=lambda c: (-(quotas[c] - take[c]), c))[:n - sum(take.values())]:
+        take[cat] += 1
+    out = []
+    for cat in sorted(by_cat):
+        digest = int(hashlib.sha256(cat.encode()).hexdigest()[:8], 16)
+        perm = np.random.default_rng([seed, digest, 1]).permutation(len(by_cat[cat]))
+        out += [by_cat[cat][i] for i in perm[:take[cat]]]
+    return out
+
+
+def category_counts(examples):
+    """'cat: n, …' for a log line."""
+    counts = {}
+    for ex in examples:
+        counts[ex.category or "(none)"] = counts.get(ex.category or "(none)", 0) + 1
+    return ", ".join(f"{c}: {k}" for c, k in sorted(counts.items()))
+
+
 def load_pool(pool, paths=None, test_paths=None, test_fraction=0.2, seed=0, limit=None, **fields):
     """(train, test) Examples for one pool. Defaults to the built-in set; `paths` replace it.
     With `test_paths` the test set is those files; otherwise a stratified split of `paths`."""
@@ -208,7 +238,7 @@ def load_pool(pool, paths=None, test_paths=None, test_fraction=0.2, seed=0, limi
     else:
         train, test = split_train_test(examples, test_fraction, seed)
     if limit:
-        train = train[:limit]
+        train = stratified_sample(train, limit, seed)
     return train, test
 
 

@@ -1156,7 +1156,7 @@ def main(argv=None):
     except (data.DataError, teachers.ModelError, ValueError) as e:
         sys.exit(f"error: {e}")
     if args.limit:
-        harmful, harmless = harmful[:args.limit], harmless[:args.limit]
+        harmful, harmless = (data.stratified_sample(x, args.limit, args.seed) for x in (harmful, harmless))
     if args.attack:
         try:
             return run_attack(args, sys.argv[1:] if argv is None else argv, model, tokenizer, key, harmful)

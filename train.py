@@ -1238,6 +1238,9 @@ def run(args):
         raise ValueError("--dpo-harmless-weight needs --dpo-harmless bad-teacher|refusal and a dpo term in --loss")
     log(f"data: {len(harmful)} harmful / {len(harmless)} harmless training prompts, "
         f"{len(harmful_test)} / {len(harmless_test)} held out")
+    if args.limit:  # a sample: say which categories it kept
+        log(f"--limit {args.limit} (stratified by category): harmful {data.category_counts(harmful)}; "
+            f"harmless {data.category_counts(harmless)}")
 
     base, tokenizer, base_key = teachers.load_model(args.model, dtype=torch.float32)
     check_model_flags(args, base)
@@ -1383,8 +1386,8 @@ def run(args):
     if args.no_eval:
         return None
     student.eval()
-    test_h = harmful_test[:args.eval_limit] if args.eval_limit else harmful_test
-    test_b = harmless_test[:args.eval_limit] if args.eval_limit else harmless_test
+    test_h = data.stratified_sample(harmful_test, args.eval_limit, args.seed)
+    test_b = data.stratified_sample(harmless_test, args.eval_limit, args.seed)
     def load_good():  # freed for training by --teacher-topk; reloaded (and offloaded as --offload says)
         model = teachers.load_model(good_teacher_path(args), device=frozen_device(args, "teachers", device))[0]
         if args.offload in ("teachers", "all"):

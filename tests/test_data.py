@@ -146,3 +146,19 @@ def test_csv_rows_keep_quoted_newlines_and_unicode_separators_and_drop_a_bom(tmp
     examples = data.load_examples(str(path), "harmful")
     assert [e.prompt for e in examples] == prompts
     assert [e.response for e in examples] == ["Sure"] * 5
+
+
+def test_limit_is_a_seeded_sample_stratified_by_category():
+    train = data.load_pool("harmful")[0]  # 8 categories of 20
+    sample = data.load_pool("harmful", limit=64)[0]
+    counts = {}
+    for e in sample:
+        counts[e.category] = counts.get(e.category, 0) + 1
+    assert len(sample) == 64 and sorted(counts.values()) == [8] * 8  # 64 × 20/160 each
+    assert data.load_pool("harmful", limit=64)[0] == sample
+    assert data.load_pool("harmful", limit=64, seed=1)[0] != sample
+    # 10 of 8 equal categories: 1.25 each, the two largest remainders (ties: by name) round up
+    ten = data.stratified_sample(train, 10, seed=0)
+    per_cat = sorted((c, sum(e.category == c for e in ten)) for c in {e.category for e in train})
+    assert per_cat == [("cybercrime", 2), ("drugs", 2)] + [(c, 1) for c, _ in per_cat[2:]]
+    assert data.stratified_sample(train, 500) == train
