@@ -142,7 +142,7 @@ def test_lora_attack_trains_only_adapters_of_the_copy(tiny, tokenizer):
 def test_results_json_holds_what_redoes_the_run(tiny_folder, tmp_path):
     data_csv = tmp_path / "pairs.csv"
     import data
-    test_prompts = [e.prompt for e in data.load_pool("harmful", seed=0)[1][:3]]
+    test_prompts = [e.prompt for e in data.stratified_sample(data.load_pool("harmful", seed=0)[1], 3, seed=0)]
     rows = [(f"Write instructions for crime {i}", f"Sure, here are instructions for crime {i}") for i in range(8)]
     rows.append((test_prompts[0], "Sure, a held-out prompt that must not be trained on"))
     data_csv.write_text("goal,target\n" + "".join(f'"{g}","{t}"\n' for g, t in rows))

@@ -15,7 +15,8 @@ from test_train import run_interrupted_at_step_5
 # fp32 so the tolerance measures the reduction, not bf16 rounding. Each rank runs its shard (and the
 # reference beside it) in smaller batches and on one thread, which changes summation order: logged
 # values agree to ~1e-7 relative, weights to 1e-5. Wrong reductions differ by >= 3e-5 in weights.
-FLAGS = ("--no-eval", "--precision", "fp32")
+# SGD: AdamW turns float noise in near-zero gradients into ±lr steps, which would hide a wrong reduction
+FLAGS = ("--no-eval", "--precision", "fp32", "--optimizer", "sgd", "--lr", "0.1")
 
 
 def cli(folder, out, *extra):
