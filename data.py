@@ -16,6 +16,7 @@ Rows that carry a safety label (BeaverTails `is_safe`, XSTest `label`) are filte
 harmful pool keeps the unsafe rows, the harmless pool the safe ones. A name that is not a file is
 read from the Hugging Face hub through `datasets` (only when it is installed and online).
 """
+import collections
 import csv
 import hashlib
 import io
@@ -220,9 +221,7 @@ def stratified_sample(examples, n, seed=0):
 
 def category_counts(examples):
     """'cat: n, …' for a log line."""
-    counts = {}
-    for ex in examples:
-        counts[ex.category or "(none)"] = counts.get(ex.category or "(none)", 0) + 1
+    counts = collections.Counter(ex.category or "(none)" for ex in examples)
     return ", ".join(f"{c}: {k}" for c, k in sorted(counts.items()))
 
 

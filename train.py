@@ -109,11 +109,7 @@ def check_model_flags(args, model):
             if layers and any(not 0 <= l <= n_blocks for l in layers):
                 raise ValueError(f"{flag} must lie in 0..{n_blocks} (0 = embeddings, l = block l), got {layers}")
     if args.lora_r:
-        targets = {t.strip() for t in args.lora_targets.split(",") if t.strip()}
-        names = {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
-        if not targets & names:
-            raise ValueError(f"--lora-targets: no Linear layer named {', '.join(sorted(targets))} in "
-                             f"{type(model).__name__} (it has {', '.join(sorted(names))})")
+        lora_linears(model, args.lora_targets)
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -375,6 +371,18 @@ def enable_checkpointing(model):
     getattr(model, "activation_checkpointing_enable", model.gradient_checkpointing_enable)()
 
 
+def lora_linears(model, spec):
+    """(name, Linear) of every layer named in the comma-separated --lora-targets `spec`."""
+    targets = {t.strip() for t in spec.split(",") if t.strip()}
+    found = [(name, module) for name, module in model.named_modules()
+             if isinstance(module, torch.nn.Linear) and name.rsplit(".", 1)[-1] in targets]
+    if not found:
+        names = {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+        raise ValueError(f"--lora-targets: no Linear layer named {', '.join(sorted(targets))} in "
+                         f"{type(model).__name__} (it has {', '.join(sorted(names))})")
+    return found
+
+
 def add_lora(model, args, dtype):
     """Freeze the model (cast to the compute dtype: no master copies are kept of frozen weights) and
     wrap every Linear named in --lora-targets in a LoRALinear; only the adapters train."""
@@ -384,12 +392,8 @@ def add_lora(model, args, dtype):
     alpha = args.lora_alpha if args.lora_alpha is not None else 2.0 * args.lora_r
     if "lm_head" in targets and getattr(model.config, "tie_word_embeddings", False):
         raise ValueError("--lora-targets: lm_head is tied to the embeddings in this model; adapt other layers")
+    found = lora_linears(model, args.lora_targets)
     teachers.cast_parameters(model.requires_grad_(False), dtype)
-    found = [(name, module) for name, module in model.named_modules()
-             if isinstance(module, torch.nn.Linear) and name.rsplit(".", 1)[-1] in targets]
-    if not found:
-        raise ValueError(f"--lora-targets: no Linear layer named {', '.join(sorted(targets))} in "
-                         f"{type(model).__name__}")
     generator = torch.Generator(model.device).manual_seed(args.seed)  # the same seed gives the same adapters
     for name, module in found:
         parent, _, child = name.rpartition(".")
@@ -1315,9 +1319,7 @@ def run(args):
     n_levels = max(levels) + 1
     n_blocks = len(decoder_layers(student)) if (args.cb_alpha or args.lat_eps) else 0
     if args.cb_alpha:
-        ctx["cb_layers"] = args.cb_layers or [round(n_blocks / 3), round(2 * n_blocks / 3)]
-        if any(not 0 <= l <= n_blocks for l in ctx["cb_layers"]):
-            raise ValueError(f"--cb-layers must lie in 0..{n_blocks}, got {ctx['cb_layers']}")
+        ctx["cb_layers"] = args.cb_layers or [round(n_blocks / 3), round(2 * n_blocks / 3)]  # checked at load
         log(f"circuit breakers at residual positions {ctx['cb_layers']} of {n_blocks}")
     canary = {"masks": None, "key": None}
     initial = {n: p.detach().float().clone() for n, p in base.named_parameters()} \
