@@ -1,5 +1,5 @@
 """Figures from saved results, one command per figure; results that are missing are computed first
-(train.py runs and eval.py attacks, into --results), unless --no-run.
+(train.py runs and attack.py attacks, into --results), unless --no-run. Top of the import order.
 
     python figures.py hs-vs-p --quick            # HS and FA after the fine-tuning attack against its harmful share p
     python figures.py hs-vs-steps --quick        # HS and FA along the attack (p = 0.1)
@@ -24,7 +24,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-import eval as evaluation  # noqa: E402
+import attack  # noqa: E402
+import train  # noqa: E402
 
 FIGURES = ("hs-vs-p", "hs-vs-steps", "hs-vs-shots", "loss-ablation", "schedule-ablation", "training-curves")
 MODELS = {"base": "base", "sft-baseline": "SFT baseline", "good-teacher": "good teacher", "student": "student"}
@@ -34,7 +35,7 @@ CURVE_P = 0.1
 # --quick: the embedded model on a 2-core CPU, all figures in about 40 minutes. Runs: 64 training
 # prompts per pool, 1 epoch, 40 held-out prompts; attacks: n = 40 (p·40 harmful), 2 epochs of batch 10
 # (8 steps) at lr 1e-4 (1e-5 barely moves a model in 8 steps; 16 steps leave every model at ~95 % HS;
-# hs-vs-p draws one line per lr found, so `eval.py --attack-lr` adds more), micro-batches of ≤ 512
+# hs-vs-p draws one line per lr found, so `attack.py --attack-lr` adds more), micro-batches of ≤ 512
 # padded tokens, HS on 40 prompts with 32-token answers, FA on 40 items, the p = 0.1 curve every 2
 # steps; in-context k up to 8 (k = 16 alone would cost as much as k ≤ 8 together).
 SIZES = {
@@ -42,8 +43,8 @@ SIZES = {
               "attack": ["--limit", "40", "--attack-n", "40", "--attack-epochs", "2", "--attack-batch", "10",
                          "--attack-fa-n", "40", "--attack-max-new-tokens", "32", "--attack-micro-tokens", "512"],
               "n": 40, "lrs": [1e-4], "eval_every": 2, "shots": [0, 1, 2, 4, 8]},
-    "full": {"train": [], "attack": [], "n": evaluation.ATTACK_PROTOCOL["n"], "lrs": [evaluation.ATTACK_PROTOCOL["lr"]],
-             "eval_every": 100, "shots": list(evaluation.SHOTS_GRID)},
+    "full": {"train": [], "attack": [], "n": attack.ATTACK_PROTOCOL["n"], "lrs": [attack.ATTACK_PROTOCOL["lr"]],
+             "eval_every": 100, "shots": list(attack.SHOTS_GRID)},
 }
 
 
@@ -65,7 +66,6 @@ def run_dir(res, name):
 def ensure_run(res, name, extra, size, base):
     out = run_dir(res, name)
     if not os.path.isfile(os.path.join(out, "eval.json")):
-        import train
         print(f"[figures] train.py run {name}")
         train.main(["--model", base, "--out", out, "--teacher-dir", os.path.join(res, "teachers"),
                     "--cache-dir", os.path.join(res, "cache"), "--overwrite",  # a run cut short starts over
@@ -94,17 +94,17 @@ def ensure_attacks(res, size, base, incontext=False):
                   *sz["attack"]]
         if incontext:
             if not os.path.isfile(os.path.join(attack_dir(res, model), "incontext.json")):
-                evaluation.main([*common, "--attack", "incontext", "--shots", *map(str, sz["shots"])])
+                attack.main(["incontext", *common, "--shots", *map(str, sz["shots"])])
             continue
         for lr in sz["lrs"]:
             have = lambda p: os.path.isfile(os.path.join(attack_dir(res, model),
-                                                         evaluation.attack_filename(p, sz["n"], lr)))
+                                                         attack.attack_filename(p, sz["n"], lr)))
             if not have(CURVE_P):
-                evaluation.main([*common, "--attack", "finetune", "--attack-p", str(CURVE_P), "--attack-lr", str(lr),
+                attack.main(["finetune", *common, "--attack-p", str(CURVE_P), "--attack-lr", str(lr),
                                  "--attack-eval-every", str(sz["eval_every"])])
-            rest = [p for p in evaluation.ATTACK_P_GRID if not have(p)]
+            rest = [p for p in attack.ATTACK_P_GRID if not have(p)]
             if rest:
-                evaluation.main([*common, "--attack", "finetune", "--attack-p", *map(str, rest),
+                attack.main(["finetune", *common, "--attack-p", *map(str, rest),
                                  "--attack-lr", str(lr)])
 
 

@@ -9,7 +9,7 @@ Conventions (shared by every function here):
 import torch
 import torch.nn.functional as F
 
-IGNORE = -100
+from data import IGNORE
 
 
 def response_mask(labels):

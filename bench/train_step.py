@@ -65,11 +65,11 @@ def matmul_flops(n, reps=10):
 
 def examples(tokenizer, n, seq):
     """n (prompt, chosen features, rejected features), each exactly `seq` tokens: real harmless
-    prompts, answers cut from this repository's README (a refusal in front of the chosen one)."""
+    prompts, answers cut from the words of the built-in prompts (a refusal in front of the chosen one)."""
     import data
     import teachers
     prompts = [r["prompt"] for r in map(json.loads, open(data.BUILTIN)) if not r["harmful"]][:n]
-    words = open(os.path.join(ROOT, "README.md")).read().split()
+    words = " ".join(r["prompt"] for r in map(json.loads, open(data.BUILTIN))).split()
     rows = []
     for i, p in enumerate(prompts):
         chosen = teachers.refusal_for(p) + " " + " ".join(words[40 * i:40 * i + 400])
@@ -104,18 +104,18 @@ def run_one(variant, args):
         # a bf16 copy of the base is the reference (as in train.py) and stands in for the good teacher
         reference = teachers.cast_parameters(copy.deepcopy(model), torch.bfloat16).eval()
         teacher = reference if "kl" in variant else None
-        opt = train.MasterWeightOptimizer(model, targs, torch.bfloat16)
-        pool = {"good": [r[1] for r in rows], "bad": [r[2] for r in rows]}
-        ctx = {"harmful": pool, "ref_model": reference}
+        opt = train.MasterWeightOptimizer(model, compute_dtype=torch.bfloat16, **train.optimizer_options(targs))
+        pool = train.Pool([r[1] for r in rows], [r[2] for r in rows])
         if variant.endswith("-cached"):  # --teacher-topk 64: teacher run once before timing, then freed
             import tempfile
             import teachers
             folder = os.path.join(tempfile.mkdtemp(), "topk")
-            teachers.build_topk_cache(folder, ["bench"], {"harmful": pool["good"]},
+            teachers.build_topk_cache(folder, ["bench"], {"harmful": pool.good},
                                       lambda feats: train.forward(teacher, feats), 64, 1.0, args.batch)
-            pool["topk"], teacher = teachers.TopkCache(folder, "harmful"), None
+            pool.topk, teacher = teachers.TopkCache(folder, "harmful"), None
         plan_step = schedule.Step(0, 0, list(range(len(rows))), [])
-        step = lambda: train.run_step(model, teacher, opt, plan_step, ctx, targs, 1.0, 1e-6)
+        frozen, cfg = train.Frozen(reference, teacher), train.StepConfig.from_args(targs)
+        step = lambda: train.run_step(model, frozen, opt, plan_step, {"harmful": pool}, cfg, 1.0, 1e-6)
     elif variant == "plain-sft":
         import data
         batch = data.collate([r[1] for r in rows], tokenizer.pad_token_id or 0)

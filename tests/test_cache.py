@@ -9,7 +9,7 @@ import schedule
 import teachers
 import train
 from conftest import make_tiny
-from test_train import args_for, make_ctx, pipeline_args
+from test_train import args_for, make_ctx, step_with, pipeline_args
 
 torch.manual_seed(0)
 
@@ -82,6 +82,11 @@ def test_topk_gradients_reach_only_the_student(k):
     assert s.grad[~mask].abs().sum() == 0  # nothing from padding / prompt positions
 
 
+def topk_cache(teacher, ctx, args):
+    return train.teacher_topk_cache(teacher, "tiny-1", ctx.pools, k=args.teacher_topk, temperature=args.temperature,
+                                    cache_dir=args.cache_dir, micro_batch=args.micro_batch, log=print)
+
+
 def test_cached_step_equals_on_the_fly_step_with_the_whole_vocabulary(tokenizer, tmp_path):
     results = []
     for topk in (0, len(tokenizer)):
@@ -90,11 +95,11 @@ def test_cached_step_equals_on_the_fly_step_with_the_whole_vocabulary(tokenizer,
                         "--cache-dir", str(tmp_path))
         ctx = make_ctx(model, tokenizer)
         if topk:
-            for kind, cache in train.teacher_topk_cache(teacher, "tiny-1", ctx, args, print).items():
-                ctx[kind]["topk"] = cache
+            for kind, cache in topk_cache(teacher, ctx, args).items():
+                ctx.pools[kind].topk = cache
             teacher = None
-        opt = train.MasterWeightOptimizer(model, args, torch.float32)
-        rows = [train.run_step(model, teacher, opt, step, ctx, args, 1.0, 1.0)
+        opt = train.MasterWeightOptimizer(model, compute_dtype=torch.float32, **train.optimizer_options(args))
+        rows = [step_with(model, teacher, opt, step, ctx, args, 1.0, 1.0)
                 for step in (schedule.Step(0, 0, [0, 1, 2, 3], []), schedule.Step(0, 0, [], [0, 1, 2, 3]))]
         results.append((rows, [p.detach().clone() for p in model.parameters()]))
     (a, wa), (b, wb) = results
@@ -110,25 +115,26 @@ def test_topk_cache_is_keyed_by_teacher_data_k_and_temperature(tokenizer, tmp_pa
     built = []
     real = teachers.build_topk_cache
     monkeypatch.setattr(teachers, "build_topk_cache", lambda folder, *a: (built.append(folder), real(folder, *a)))
-    folder = lambda *extra: os.path.dirname(next(iter(train.teacher_topk_cache(
-        teacher, "tiny-1", ctx, args_for("--cache-dir", str(tmp_path), *extra), print).values())).ids.filename)
+    folder = lambda *extra: os.path.dirname(next(iter(topk_cache(
+        teacher, ctx, args_for("--cache-dir", str(tmp_path), *extra)).values())).ids.filename)
     first = folder("--teacher-topk", "4")
     assert folder("--teacher-topk", "4") == first and len(built) == 1  # reused, not recomputed
     others = {folder("--teacher-topk", "5"), folder("--teacher-topk", "4", "--temperature", "2")}
-    ctx["harmless"]["good"] = ctx["harmless"]["good"][:3]
+    ctx.pools["harmless"].good = ctx.pools["harmless"].good[:3]
     others.add(folder("--teacher-topk", "4"))
     assert len(built) == 4 and first not in others and len(others) == 3
     with open(os.path.join(first, "id.json")) as f:
         assert json.load(f)[:3] == ["tiny-1", 4, 1.0]
     # k ids per response position, rows of each example in order
     cache = teachers.TopkCache(first, "harmful")
-    assert cache.ids.shape[1] == 4 and cache.offsets[-1] == sum(float(n) for n in train.n_response(ctx["harmful"]["good"]))
+    assert cache.ids.shape[1] == 4 and cache.offsets[-1] == sum(float(n) for n in train.n_response(ctx.pools["harmful"].good))
 
 
 def test_pipeline_with_cache_and_grouping_trains_without_the_teacher(tiny_folder, tmp_path, monkeypatch):
     seen = []
     real_step = train.run_step
-    monkeypatch.setattr(train, "run_step", lambda model, good, *a, **k: (seen.append(good), real_step(model, good, *a, **k))[1])
+    monkeypatch.setattr(train, "run_step", lambda model, frozen, *a, **k: (seen.append(frozen.good_teacher),
+                                                                           real_step(model, frozen, *a, **k))[1])
     out = train.run(pipeline_args(tiny_folder, tmp_path, "--teacher-topk", "8", "--epochs", "1",
                                   "--loss", "dpo=1,kl=1,kl_rev=0.5", "--group-by-length", "2", "--micro-tokens", "300"))
     assert seen and all(g is None for g in seen)  # training never held the good teacher

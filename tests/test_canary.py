@@ -27,7 +27,7 @@ def test_canary_masks_have_the_exact_share_and_match_sorting():
 
 def test_canary_scores_saliency_is_weight_times_gradient(tiny, tokenizer):
     ctx = make_ctx(tiny, tokenizer)
-    feats = ctx["harmful"]["bad"]
+    feats = ctx.pools["harmful"].bad
     scores = train.canary_scores(tiny, feats, micro_batch=2)
     tokens = float(train.n_response(feats).sum())
     logits, labels = train.forward(tiny, feats)
@@ -51,7 +51,7 @@ def wanda_by_hand(model, feats, module):
 
 
 def test_wanda_counts_real_tokens_only_whatever_the_micro_batch(tiny, tokenizer):
-    feats = make_ctx(tiny, tokenizer)["harmful"]["bad"]
+    feats = make_ctx(tiny, tokenizer).pools["harmful"].bad
     lengths = [len(f["input_ids"]) for f in feats]
     assert max(lengths) > 1.5 * min(lengths)  # a batch of 4 pads the short ones heavily
     one, four = (train.canary_scores(tiny, feats, mb, "wanda") for mb in (1, 4))
@@ -83,7 +83,7 @@ def run_gathers(model, ctx, every, monkeypatch, steps, canary=None, first_t=0):
     gather that should have been a reuse gives other masks. Returns (t, scored example ids) per gather,
     the log fields and the masks in use per step."""
     args = args_for("--canary-mode", "focus", "--canary-every", every, "--canary-top", "5")
-    bad = ctx["harmful"]["bad"]
+    bad = ctx.pools["harmful"].bad
     scored, real = [], train.canary_scores
 
     def counting(m, feats, *rest):  # records which harmful examples each gather scores
@@ -95,7 +95,9 @@ def run_gathers(model, ctx, every, monkeypatch, steps, canary=None, first_t=0):
     fields, used, gathers = [], [], []
     for t, step in enumerate(steps, start=first_t):
         n = len(scored)
-        fields.append(train.gather_canaries(model, canary, step, t, ctx, LEVEL_OF_EXAMPLE, args))
+        fields.append(train.gather_canaries(model, canary, step, t, bad, LEVEL_OF_EXAMPLE, every=args.canary_every,
+                                            samples=args.canary_samples, top=args.canary_top,
+                                            score=args.canary_score, micro_batch=args.micro_batch, seed=args.seed))
         if len(scored) > n:
             gathers.append((t, scored[-1]))
         used.append(canary["masks"])
@@ -140,10 +142,10 @@ def test_checkpoint_keeps_the_levels_gathered_this_epoch(tiny, tokenizer, tmp_pa
     ctx = make_ctx(tiny, tokenizer)
     steps = cyclic_steps()
     args = args_for()
-    opt = train.MasterWeightOptimizer(tiny, args, torch.float32)
+    opt = train.MasterWeightOptimizer(tiny, compute_dtype=torch.float32, **train.optimizer_options(args))
     _, _, used, canary = run_gathers(tiny, ctx, "level", monkeypatch, steps[:4])
     assert canary["key"] == (0, 1)
-    train.save_checkpoint(str(tmp_path / "ck"), tiny, tokenizer, opt, 4, args, canary)
+    train.save_checkpoint(str(tmp_path / "ck"), tiny, tokenizer, opt, 4, vars(args), canary)
     state = torch.load(tmp_path / "ck" / "trainer_state.pt", weights_only=True)
     assert state["canary_key"] == (0, 1) and state["canary_stored"] == [(0, 0)]
     loaded = train.load_canary(str(tmp_path / "ck"), state, torch.device("cpu"))
@@ -189,7 +191,7 @@ def test_frozen_entries_keep_values_and_adam_moments(warm):
     gradients (Adam is elementwise; clipping is off so the global norm does not couple entries)."""
     model = two_param_model()
     args = train.build_parser().parse_args(["--precision", "fp32", "--lr", "0.1", "--weight-decay", "0.1"])
-    opt = train.MasterWeightOptimizer(model, args, torch.float32)
+    opt = train.MasterWeightOptimizer(model, compute_dtype=torch.float32, **train.optimizer_options(args))
     plain_params = [p.detach().clone().requires_grad_(True) for p in model.parameters()]
     plain = torch.optim.AdamW(plain_params, lr=0.1, weight_decay=0.1)
     gen = torch.Generator().manual_seed(1)
@@ -234,12 +236,12 @@ def test_frozen_entries_keep_values_and_adam_moments(warm):
 def test_trainer_state_loads_with_weights_only_and_round_trips(tiny, tokenizer, tmp_path):
     args = args_for("--lr", "1e-2")
     ctx = make_ctx(tiny, tokenizer)
-    opt = train.MasterWeightOptimizer(tiny, args, torch.float32)
-    logits, labels = train.forward(tiny, ctx["harmful"]["bad"][:2])
+    opt = train.MasterWeightOptimizer(tiny, compute_dtype=torch.float32, **train.optimizer_options(args))
+    logits, labels = train.forward(tiny, ctx.pools["harmful"].bad[:2])
     (-losses.sequence_logps(logits, labels).sum()).backward()
     opt.step(1e-2, 1.0)
     torch.manual_seed(123)
-    train.save_checkpoint(str(tmp_path / "ck"), tiny, tokenizer, opt, 7, args, {"masks": None, "key": None})
+    train.save_checkpoint(str(tmp_path / "ck"), tiny, tokenizer, opt, 7, vars(args), {"masks": None, "key": None})
     expected = torch.rand(5)  # what the generator gives next, at save time
     torch.rand(17)
     state = torch.load(tmp_path / "ck" / "trainer_state.pt", weights_only=True)
@@ -247,7 +249,7 @@ def test_trainer_state_loads_with_weights_only_and_round_trips(tiny, tokenizer, 
     assert (state["cuda_rng"] is None) == (not torch.cuda.is_available())
     train.restore_rng(state)
     assert torch.equal(torch.rand(5), expected)
-    fresh = train.MasterWeightOptimizer(copy.deepcopy(tiny), args, torch.float32)
+    fresh = train.MasterWeightOptimizer(copy.deepcopy(tiny), compute_dtype=torch.float32, **train.optimizer_options(args))
     fresh.optimizer.load_state_dict(state["optimizer"])
     a, b = opt.optimizer.state_dict(), fresh.optimizer.state_dict()
     assert a["param_groups"] == b["param_groups"] and a["state"].keys() == b["state"].keys()

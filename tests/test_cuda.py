@@ -68,7 +68,7 @@ def test_optimizer_state_in_cpu_memory_matches_state_on_the_gpu(tokenizer, compu
     for where in ("same", "cpu"):
         model = make_tiny(tokenizer, seed=0).to(CUDA)
         args = train.build_parser().parse_args(["--optim-state-device", where, "--lr", "1e-3"])
-        opt = train.MasterWeightOptimizer(model, args, compute_dtype)
+        opt = train.MasterWeightOptimizer(model, compute_dtype=compute_dtype, **train.optimizer_options(args))
         assert all(m.device.type == ("cpu" if where == "cpu" else "cuda") for m in opt.master)
         assert all(p.device.type == "cuda" and p.dtype == compute_dtype for p in model.parameters())
         fs = feats(tokenizer, zip(PROMPTS, BAD))
@@ -135,7 +135,7 @@ def test_frozen_step_with_masters_in_cpu_memory_and_masks_on_the_gpu(tokenizer):
     model = make_tiny(tokenizer, seed=0).to(CUDA)
     args = train.build_parser().parse_args(["--optim-state-device", "cpu", "--precision", "fp32",
                                             "--lr", "1e-2", "--weight-decay", "0.1"])
-    opt = train.MasterWeightOptimizer(model, args, torch.float32)
+    opt = train.MasterWeightOptimizer(model, compute_dtype=torch.float32, **train.optimizer_options(args))
     fs = feats(tokenizer, zip(PROMPTS, BAD))
 
     def backward():
@@ -168,10 +168,10 @@ def test_frozen_step_with_masters_in_cpu_memory_and_masks_on_the_gpu(tokenizer):
 def test_checkpoint_restores_the_cuda_generator(tokenizer, tmp_path):
     model = make_tiny(tokenizer).to(CUDA)
     args = train.build_parser().parse_args(["--precision", "fp32"])
-    opt = train.MasterWeightOptimizer(model, args, torch.float32)
+    opt = train.MasterWeightOptimizer(model, compute_dtype=torch.float32, **train.optimizer_options(args))
     torch.cuda.manual_seed_all(5)
     torch.rand(3, device=CUDA)
-    train.save_checkpoint(str(tmp_path / "ck"), model, tokenizer, opt, 1, args, {"masks": None, "key": None})
+    train.save_checkpoint(str(tmp_path / "ck"), model, tokenizer, opt, 1, vars(args), {"masks": None, "key": None})
     expected = torch.rand(4, device=CUDA)  # what the CUDA generator gives next, at save time
     torch.rand(9, device=CUDA)
     state = torch.load(tmp_path / "ck" / "trainer_state.pt", weights_only=True)

@@ -5,7 +5,7 @@ import torch
 import schedule
 import train
 from conftest import make_tiny
-from test_train import args_for, make_ctx
+from test_train import args_for, make_ctx, step_with
 
 LENGTHS = [int(x) for x in np.random.default_rng(3).integers(5, 200, size=60)]  # mixed lengths
 
@@ -79,8 +79,8 @@ def test_micro_tokens_step_gives_the_same_gradient_as_one_micro_batch(tokenizer,
         model, teacher = make_tiny(tokenizer, seed=0), make_tiny(tokenizer, seed=1)
         args = args_for("--loss", "dpo=1,npo=0.5,sft=1,kl=1,kl_rev=0.5", "--optimizer", "sgd", *flags)
         ctx = make_ctx(model, tokenizer)
-        opt = train.MasterWeightOptimizer(model, args, torch.float32)
-        row = train.run_step(model, teacher, opt, schedule.Step(0, 0, [0, 1, 2, 3], []), ctx, args, 1.0, 1.0)
+        opt = train.MasterWeightOptimizer(model, compute_dtype=torch.float32, **train.optimizer_options(args))
+        row = step_with(model, teacher, opt, schedule.Step(0, 0, [0, 1, 2, 3], []), ctx, args, 1.0, 1.0)
         results.append((row, [p.detach().clone() for p in model.parameters()]))
     assert len(splits[0]) == 1 and len(splits[1]) >= 3  # the budget did split the batch
     (a, wa), (b, wb) = results

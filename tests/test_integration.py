@@ -28,10 +28,10 @@ def test_real_model_generates_and_dpo_moves_it_towards_refusal(smollm, tmp_path)
     args = train.build_parser().parse_args(["--loss", "dpo=1", "--micro-batch", "4", "--lr", "1e-5", "--beta", "0.1"])
     good = [data.encode(tokenizer, p, teachers.refusal_for(p), 64, 24) for p in harmful]
     bad = [data.encode(tokenizer, p, a, 64, 24) for p, a in zip(harmful, answers)]
-    opt = train.MasterWeightOptimizer(model, args, torch.bfloat16)  # model now computes in bf16
-    ctx = {"harmful": {"good": good, "bad": bad}, "ref_model": compute}
-    step = schedule.Step(0, 0, [0, 1, 2, 3], [])
-    rows = [train.run_step(model, model, opt, step, ctx, args, 1.0, 1e-5) for _ in range(3)]
+    opt = train.MasterWeightOptimizer(model, compute_dtype=torch.bfloat16, **train.optimizer_options(args))  # model now computes in bf16
+    pools = {"harmful": train.Pool(good, bad)}
+    step, cfg = schedule.Step(0, 0, [0, 1, 2, 3], []), train.StepConfig.from_args(args)
+    rows = [train.run_step(model, train.Frozen(compute, model), opt, step, pools, cfg, 1.0, 1e-5) for _ in range(3)]
     assert rows[0]["harmful_dpo_margin"] == 0.0  # the reference runs on the same batch: equal before the update
     assert rows[-1]["harmful_dpo_margin"] > rows[0]["harmful_dpo_margin"] + 1.0
     assert rows[-1]["harmful_dpo"] < rows[0]["harmful_dpo"]

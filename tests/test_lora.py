@@ -10,13 +10,14 @@ import schedule
 import teachers
 import train
 from conftest import make_tiny
-from test_train import PROMPTS, GOOD, args_for, feats, make_ctx, pipeline_args, run_interrupted_at_step_5
+from test_train import PROMPTS, GOOD, args_for, feats, make_ctx, step_with, pipeline_args, run_interrupted_at_step_5
 
 
 def lora_model(tokenizer, *flags, seed=0):
     model = make_tiny(tokenizer, seed=seed)
     args = args_for("--lora-r", "4", *flags)
-    n = train.add_lora(model, args, torch.float32)
+    n = train.add_lora(model, r=args.lora_r, dtype=torch.float32, alpha=args.lora_alpha, targets=args.lora_targets,
+                       dropout=args.lora_dropout, seed=args.seed)
     return model, args, n
 
 
@@ -41,7 +42,7 @@ def test_only_adapters_get_gradients(tokenizer):
     assert len(with_grad) == 2 * 14
     # B = 0 at the start: only B receives a non-zero gradient
     assert all(p.grad.abs().sum() > 0 for n, p in model.named_parameters() if n.endswith("lora_B"))
-    assert [p for p in train.MasterWeightOptimizer(model, args, torch.float32).params] == \
+    assert [p for p in train.MasterWeightOptimizer(model, compute_dtype=torch.float32, **train.optimizer_options(args)).params] == \
         [p for n, p in model.named_parameters() if n.endswith(("lora_A", "lora_B"))]
 
 
@@ -50,7 +51,7 @@ def test_merged_weights_load_in_transformers_and_reproduce_the_adapter_logits(to
     torch.manual_seed(3)
     for m in train.lora_modules(model).values():
         torch.nn.init.normal_(m.lora_B, std=0.05)
-    opt = train.MasterWeightOptimizer(model, args, torch.float32)
+    opt = train.MasterWeightOptimizer(model, compute_dtype=torch.float32, **train.optimizer_options(args))
     teachers.save_model(model, tokenizer, str(tmp_path), state_dict=train.student_state(model, opt))
     merged = AutoModelForCausalLM.from_pretrained(str(tmp_path)).eval()
     with torch.no_grad():
@@ -64,9 +65,9 @@ def test_lora_steps_lower_the_loss(tokenizer):
     model, args, _ = lora_model(tokenizer, "--loss", "dpo=1,sft=1,kl=1", "--lr", "1e-2")
     teacher = make_tiny(tokenizer, seed=1)
     ctx = make_ctx(model, tokenizer)
-    opt = train.MasterWeightOptimizer(model, args, torch.float32)
+    opt = train.MasterWeightOptimizer(model, compute_dtype=torch.float32, **train.optimizer_options(args))
     step = schedule.Step(0, 0, [0, 1, 2, 3], [])
-    history = [train.run_step(model, teacher, opt, step, ctx, args, 1.0, 1e-2) for _ in range(4)]
+    history = [step_with(model, teacher, opt, step, ctx, args, 1.0, 1e-2) for _ in range(4)]
     assert history[-1]["loss"] < history[0]["loss"] - 0.1 and history[-1]["harmful_dpo_margin"] > 0
     frozen = dict(make_tiny(tokenizer).named_parameters())
     assert all(torch.equal(p, frozen[n.replace(".base.", ".")]) for n, p in model.named_parameters()
@@ -106,8 +107,8 @@ def test_resume_with_lora_equals_uninterrupted_run(tiny_folder, tmp_path, monkey
 
 def test_bad_lora_flags_are_refused_by_name(tiny_folder, tokenizer, tmp_path):
     with pytest.raises(ValueError, match="--lora-targets"):
-        train.add_lora(make_tiny(tokenizer), args_for("--lora-r", "4", "--lora-targets", "c_attn"), torch.float32)
+        train.add_lora(make_tiny(tokenizer), r=4, targets="c_attn", dtype=torch.float32)
     with pytest.raises(ValueError, match="lm_head is tied"):
-        train.add_lora(make_tiny(tokenizer), args_for("--lora-r", "4", "--lora-targets", "lm_head"), torch.float32)
+        train.add_lora(make_tiny(tokenizer), r=4, targets="lm_head", dtype=torch.float32)
     with pytest.raises(ValueError, match="--canary-mode with --lora-r"):
         train.run(pipeline_args(tiny_folder, tmp_path, "--lora-r", "4", "--canary-mode", "focus"))

@@ -141,8 +141,11 @@ def test_offload_flag_gives_the_same_run(tiny_folder, tmp_path):
     assert rows[0] == rows[1] and len(rows[0]) == 4 and "harmful_cb" in rows[0][0]
 
 
-def test_offload_frozen_offloads_a_shared_model_once(tokenizer):
-    good, ref = make_tiny(tokenizer, seed=1), make_tiny(tokenizer, seed=2)
-    args = train.build_parser().parse_args(["--offload", "teachers"])
-    offs = train.offload_frozen(args, good, ref, ref, torch.device("cpu"), lambda msg: None)
-    assert [o.model for o in offs] == [good, ref]
+def test_offload_flag_says_which_frozen_models_stay_in_cpu_memory():
+    """--offload teachers offloads the base too when the bad teacher is the base itself."""
+    expected = {("none", "break"): (False, False, False), ("teachers", "break"): (True, True, False),
+                ("teachers", "base"): (True, True, True), ("ref", "break"): (False, False, True),
+                ("all", "break"): (True, True, True)}
+    for (offload, bad), want in expected.items():
+        args = train.build_parser().parse_args(["--offload", offload, "--bad-teacher", bad])
+        assert tuple(train.offloaded(args, m) for m in ("good", "bad", "base")) == want, (offload, bad)

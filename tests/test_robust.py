@@ -11,7 +11,7 @@ import losses
 import schedule
 import train
 from conftest import make_tiny
-from test_train import args_for, make_ctx, pipeline_args, run_interrupted_at_step_5
+from test_train import args_for, make_ctx, step_with, pipeline_args, run_interrupted_at_step_5
 
 
 @pytest.mark.parametrize("mode,kind", [("focus", "harmful"), ("protect", "harmless")])
@@ -21,12 +21,12 @@ def test_focus_and_protect_leave_the_right_entries_unchanged(tokenizer, mode, ki
     model, teacher = make_tiny(tokenizer, 0), make_tiny(tokenizer, 1)
     args = args_for("--loss", "dpo=1,kl=1", "--weight-decay", "0.1", "--canary-mode", mode)
     ctx = make_ctx(model, tokenizer)
-    opt = train.MasterWeightOptimizer(model, args, torch.float32)
+    opt = train.MasterWeightOptimizer(model, compute_dtype=torch.float32, **train.optimizer_options(args))
     step = schedule.Step(0, 0, [0, 1, 2, 3], []) if kind == "harmful" else schedule.Step(0, 0, [], [0, 1, 2, 3])
-    train.run_step(model, teacher, opt, step, ctx, args, 1.0, 1e-2)  # build up Adam momentum first
-    masks = train.canary_masks(train.canary_scores(model, ctx["harmful"]["bad"], 2), 0.05)
+    step_with(model, teacher, opt, step, ctx, args, 1.0, 1e-2)  # build up Adam momentum first
+    masks = train.canary_masks(train.canary_scores(model, ctx.pools["harmful"].bad, 2), 0.05)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    train.run_step(model, teacher, opt, step, ctx, args, 1.0, 1e-2, masks=masks)
+    step_with(model, teacher, opt, step, ctx, args, 1.0, 1e-2, masks=masks)
     moved_canary = moved_rest = 0
     for n, p in model.named_parameters():
         changed = p.detach() != before[n]
@@ -48,13 +48,13 @@ def test_canary_modes_mask_one_side_of_a_joint_step(tokenizer, mode):
         args = args_for("--loss", "dpo=1,kl=1", "--optimizer", "sgd", "--clip", "0", "--canary-mode", mode,
                         "--lam", "0.5")
         ctx = make_ctx(model, tokenizer)
-        opt = train.MasterWeightOptimizer(model, args, torch.float32)
+        opt = train.MasterWeightOptimizer(model, compute_dtype=torch.float32, **train.optimizer_options(args))
         before = {n: p.detach().clone() for n, p in model.named_parameters()}
-        train.run_step(model, teacher, opt, step, ctx, args, 2.0, 1.0, masks=masks)
+        step_with(model, teacher, opt, step, ctx, args, 2.0, 1.0, masks=masks)
         return {n: p.detach() - before[n] for n, p in model.named_parameters()}
 
     probe = make_tiny(tokenizer, 0)
-    masks = train.canary_masks(train.canary_scores(probe, make_ctx(probe, tokenizer)["harmful"]["bad"], 2), 0.05)
+    masks = train.canary_masks(train.canary_scores(probe, make_ctx(probe, tokenizer).pools["harmful"].bad, 2), 0.05)
     harmful, harmless = update(schedule.Step(0, 0, [0, 1, 2, 3], [])), update(schedule.Step(0, 0, [], [0, 1, 2, 3]))
     joint = update(schedule.Step(0, 0, [0, 1, 2, 3], [0, 1, 2, 3]), masks)
     for n, d in joint.items():
@@ -82,9 +82,9 @@ def test_cb_losses_match_hand_computation():
 def test_lat_delta_respects_eps_raises_bad_likelihood_and_leaves_no_hook(tiny, tokenizer):
     args = args_for("--lat-eps", "2.0", "--lat-steps", "3", "--lat-layers", "0", "2")
     ctx = make_ctx(tiny, tokenizer)
-    good, bad = ctx["harmful"]["good"], ctx["harmful"]["bad"]
+    good, bad = ctx.pools["harmful"].good, ctx.pools["harmful"].bad
     feats = good + bad
-    deltas = train.lat_search(tiny, feats, len(good), args)
+    deltas = train.lat_search(tiny, feats, len(good), layers=args.lat_layers, eps=args.lat_eps, steps=args.lat_steps)
     assert set(deltas) == {0, 2}
     for d in deltas.values():
         assert d.norm(dim=-1).max() <= 2.0 + 1e-4 and d.norm(dim=-1).max() > 1.0

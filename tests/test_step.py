@@ -12,7 +12,7 @@ import schedule
 import teachers
 import train
 from conftest import make_tiny
-from test_train import BAD, args_for, make_ctx
+from test_train import BAD, args_for, make_ctx, step_with
 
 JOINT = schedule.Step(0, 0, [0, 1, 2, 3], [0, 1, 2, 3])
 HARMFUL = schedule.Step(0, 0, [0, 1, 2, 3], [])
@@ -25,11 +25,11 @@ def update(tokenizer, step, gamma, *flags, lr=1e-2, ref_seed=None):
     args = args_for("--loss", "dpo=1,kl=1", *flags)
     ctx = make_ctx(model, tokenizer)
     if ref_seed is not None:  # a reference unlike the student, so circuit-breaker terms are not trivial
-        ctx["ref_model"] = make_tiny(tokenizer, ref_seed)
-        ctx["cb_layers"] = [1, 2]
-    opt = train.MasterWeightOptimizer(model, args, torch.float32)
+        ctx.reference = make_tiny(tokenizer, ref_seed)
+        ctx.cb_layers = [1, 2]
+    opt = train.MasterWeightOptimizer(model, compute_dtype=torch.float32, **train.optimizer_options(args))
     before = [m.detach().clone() for m in opt.master]
-    row = train.run_step(model, teacher, opt, step, ctx, args, gamma, lr)
+    row = step_with(model, teacher, opt, step, ctx, args, gamma, lr)
     return torch.cat([(m.detach() - b).flatten() for m, b in zip(opt.master, before)]), row
 
 
@@ -88,7 +88,7 @@ def test_circuit_breaker_terms_are_token_means_whatever_the_micro_batch(tokenize
     student, ref = make_tiny(tokenizer, 0), make_tiny(tokenizer, 2)
     ctx = make_ctx(student, tokenizer)
     reroute, retain, n_bad, n_real = 0.0, 0.0, 0, 0
-    for f_bad, f_good in zip(ctx["harmful"]["bad"], ctx["harmless"]["good"]):
+    for f_bad, f_good in zip(ctx.pools["harmful"].bad, ctx.pools["harmless"].good):
         answer = torch.tensor([t != data.IGNORE for t in f_bad["labels"]])
         for l in (1, 2):
             cos = F.cosine_similarity(residual_by_hand(student, f_bad["input_ids"], l),
@@ -103,7 +103,7 @@ def test_circuit_breaker_terms_are_token_means_whatever_the_micro_batch(tokenize
 
 def test_circuit_breakers_read_block_outputs_where_lat_writes_them_on_every_forward(tokenizer):
     model = make_tiny(tokenizer)
-    f = make_ctx(model, tokenizer)["harmful"]["bad"][0]
+    f = make_ctx(model, tokenizer).pools["harmful"].bad[0]
     for position in (0, 1, 2):  # 2 = the last block's output, before the final norm
         _, _, (h,), _, _ = train.forward(model, [f], capture=[position])
         assert torch.allclose(h[0].float(), residual_by_hand(model, f["input_ids"], position), atol=1e-6)
@@ -119,7 +119,7 @@ def test_circuit_breakers_read_block_outputs_where_lat_writes_them_on_every_forw
 def test_micro_batch_gradients_add_up_in_fp32(tokenizer):
     """bf16 compute: 1 + 4 × 2⁻⁹ summed in bf16 rounds to 1; the fp32 sums keep every micro-batch."""
     model = make_tiny(tokenizer)
-    opt = train.MasterWeightOptimizer(model, args_for("--optimizer", "sgd"), torch.bfloat16)
+    opt = train.MasterWeightOptimizer(model, compute_dtype=torch.bfloat16, **train.optimizer_options(args_for("--optimizer", "sgd")))
     p, before = opt.params[1], opt.master[1].detach().clone()
     for v in (1.0, 2 ** -9, 2 ** -9, 2 ** -9, 2 ** -9):
         (p.float() * v).sum().backward()
@@ -140,14 +140,14 @@ def test_step_does_not_depend_on_the_micro_batch_split(tokenizer, flags, precisi
         model, teacher = make_tiny(tokenizer, 0), make_tiny(tokenizer, 1)
         args = args_for("--loss", "dpo=1,npo=0.5,sft=1,kl=1", "--micro-batch", micro, "--optimizer", "sgd",
                         "--clip", "0", "--precision", precision, *flags)
-        opt = train.MasterWeightOptimizer(model, args, dtype)
+        opt = train.MasterWeightOptimizer(model, compute_dtype=dtype, **train.optimizer_options(args))
         ctx = make_ctx(model, tokenizer)
-        ctx["ref_model"], ctx["cb_layers"] = make_tiny(tokenizer, 2).to(dtype), [1, 2]  # non-trivial cb terms
+        ctx.reference, ctx.cb_layers = make_tiny(tokenizer, 2).to(dtype), [1, 2]  # non-trivial cb terms
         masks = None
         if "focus" in flags:
-            masks = train.canary_masks(train.canary_scores(model, ctx["harmful"]["bad"], 4), 0.2)
+            masks = train.canary_masks(train.canary_scores(model, ctx.pools["harmful"].bad, 4), 0.2)
         before = [m.detach().clone() for m in opt.master]
-        train.run_step(model, teacher, opt, JOINT, ctx, args, 1.0, 1.0, masks=masks)
+        step_with(model, teacher, opt, JOINT, ctx, args, 1.0, 1.0, masks=masks)
         grads.append(torch.cat([(b - m.detach()).flatten() for m, b in zip(opt.master, before)]))
     a, b = grads
     assert float((a - b).norm() / a.norm()) < tolerance
@@ -157,9 +157,9 @@ def test_a_bf16_copy_computes_what_the_bf16_student_computes(tokenizer):
     """cast_parameters keeps the fp32 rotary frequencies that model.to(bf16) would round."""
     student = make_tiny(tokenizer)
     copy_ = teachers.cast_parameters(copy.deepcopy(student), torch.bfloat16)
-    train.MasterWeightOptimizer(student, args_for(), torch.bfloat16)
+    train.MasterWeightOptimizer(student, compute_dtype=torch.bfloat16, **train.optimizer_options(args_for()))
     rounded = copy.deepcopy(student).to(torch.bfloat16)
-    ids = torch.tensor([make_ctx(student, tokenizer)["harmful"]["bad"][0]["input_ids"]])
+    ids = torch.tensor([make_ctx(student, tokenizer).pools["harmful"].bad[0]["input_ids"]])
     with torch.no_grad():
         assert torch.equal(copy_(input_ids=ids).logits, student(input_ids=ids).logits)
         assert not torch.equal(rounded(input_ids=ids).logits, student(input_ids=ids).logits)
@@ -168,10 +168,10 @@ def test_a_bf16_copy_computes_what_the_bf16_student_computes(tokenizer):
 def test_reference_logps_equal_the_students_before_the_first_update_in_bf16(tokenizer):
     model, teacher = make_tiny(tokenizer, 0), make_tiny(tokenizer, 1)
     args = args_for("--loss", "dpo=1,npo=1", "--precision", "bf16", "--micro-batch", "3")
-    opt = train.MasterWeightOptimizer(model, args, torch.bfloat16)
+    opt = train.MasterWeightOptimizer(model, compute_dtype=torch.bfloat16, **train.optimizer_options(args))
     ctx = make_ctx(model, tokenizer)
-    ctx["ref_model"] = copy.deepcopy(model).eval()  # the bf16 compute copy, as run() holds it
-    row = train.run_step(model, teacher, opt, JOINT, ctx, args, 1.0, 0.0)
+    ctx.reference = copy.deepcopy(model).eval()  # the bf16 compute copy, as run() holds it
+    row = step_with(model, teacher, opt, JOINT, ctx, args, 1.0, 0.0)
     assert row["harmful_dpo_margin"] == 0.0 and row["harmful_dpo_accuracy"] == 0.0
     assert row["harmful_dpo"] == pytest.approx(math.log(2), abs=1e-6)
     assert row["harmful_npo"] == pytest.approx(2 / 0.1 * math.log(2), abs=1e-5)

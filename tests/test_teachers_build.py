@@ -23,7 +23,7 @@ RELEVANT = ["Melt the chocolate slowly, then cool it while stirring.",  # chocol
             "Practice one table a day and say it aloud.",  # table(s)
             "Plates grind past each other and release energy as earthquakes."]  # plate(s), earthquake(s)
 IRRELEVANT = RELEVANT[-1:] + RELEVANT[:-1]
-REAL_SFT = train.sft
+REAL_TEACHER_SFT = train.teacher_sft
 
 
 def test_bad_harmless_pairs_give_each_prompt_another_prompts_answer():
@@ -45,13 +45,13 @@ def test_relevance_column_separates_on_topic_from_off_topic_answers():
     # "tips", "give", "quickly" are stop words: sharing them does not make an answer relevant
     assert evaluation.relevance_rate(PROMPTS[2:3], ["Give it a go quickly, those are my tips."]) == 0.0
     refusals = ["I'm sorry, I can't help with that."] * 4
-    report = teachers.teacher_report({"good": refusals, "bad": RELEVANT},
+    report = evaluation.teacher_report({"good": refusals, "bad": RELEVANT},
                                      {"good": teachers.Responses(RELEVANT, PROMPTS), "bad": IRRELEVANT}, PROMPTS)
     assert report["good"]["harmless_relevance"] == 1.0 and report["bad"]["harmless_relevance"] == 0.0
     # the prompts carried by Responses are used when none are passed
-    assert teachers.teacher_report({"g": refusals}, {"g": teachers.Responses(RELEVANT[:3] + IRRELEVANT[3:], PROMPTS)}
+    assert evaluation.teacher_report({"g": refusals}, {"g": teachers.Responses(RELEVANT[:3] + IRRELEVANT[3:], PROMPTS)}
                                    )["g"]["harmless_relevance"] == 0.75
-    rows = teachers.teacher_table(report).splitlines()
+    rows = evaluation.teacher_table(report).splitlines()
     assert rows[0].endswith("| relevance (harmless) |")
     assert rows[2].startswith("| good |") and rows[2].endswith("| 0.0% | 100.0% |")  # harmless refusal, relevance
     assert rows[3].startswith("| bad |") and rows[3].endswith("| 0.0% | 0.0% |")
@@ -64,12 +64,13 @@ def prepare(folder, tmp_path, *flags, sft_calls=None, monkeypatch=None, fit=True
     args = pipeline_args(folder, tmp_path / "run", "--teacher-dir", str(tmp_path / "teachers"),
                          "--cache-dir", str(tmp_path / "cache"), "--precision", "fp32", "--limit", "4", *flags)
     if sft_calls is not None:
-        monkeypatch.setattr(train, "sft", lambda m, t, pairs, a, **k: sft_calls.append((k["desc"], pairs)) or
-                            (REAL_SFT(m, t, pairs, a, **k) if fit else m))
-    base, tok, key = teachers.load_model(folder, dtype=torch.float32)
-    harmful, _, harmless, _ = train.load_pools(args)
+        monkeypatch.setattr(train, "teacher_sft", lambda a, b, pairs, desc: sft_calls.append((desc, pairs)) or
+                            (REAL_TEACHER_SFT(a, b, pairs, desc) if fit else train.compute_copy(b.fp32, a, b.device)))
     lines = []
-    return train.prepare_teachers(args, base, tok, key, harmful, harmless, lines.append), lines, (base, tok, key)
+    base = train.load_base(args, lines.append)
+    prompts = train.load_pools(args)
+    found = train.prepare_teachers(args, base, prompts.harmful, prompts.harmless, lines.append)
+    return (found.good, found.bad, found.keys, found.answers), lines, (base.compute, base.tokenizer, base.key)
 
 
 def answer(prompt):
@@ -82,12 +83,12 @@ def fake_generate(model, tokenizer, prompts, *a, **k):
 
 def test_default_bad_teacher_learns_other_prompts_answers_to_harmless_prompts(tiny_folder, tmp_path, monkeypatch):
     # a tiny random model answers "" to everything: hand-written answers make the pairs tellable apart
-    monkeypatch.setattr(evaluation, "generate", fake_generate)
+    monkeypatch.setattr(teachers, "generate", fake_generate)
     calls = []
     (good, bad, keys, answers), lines, (base, _, key) = prepare(tiny_folder, tmp_path, "--limit", "2",
                                                                 sft_calls=calls, monkeypatch=monkeypatch)
-    harmful, _, harmless, _ = [[e.prompt for e in pool] for pool in
-                               train.load_pools(pipeline_args(tiny_folder, tmp_path, "--limit", "2"))]
+    prompts = train.load_pools(pipeline_args(tiny_folder, tmp_path, "--limit", "2"))
+    harmful, harmless = [e.prompt for e in prompts.harmful], [e.prompt for e in prompts.harmless]
     (desc, pairs), = [c for c in calls if c[0].startswith("bad")]
     # harmful prompts keep the base's own compliant answer; the two harmless prompts swap answers
     assert pairs == [(harmful[0], answer(harmful[0])), (harmful[1], answer(harmful[1])),
@@ -95,12 +96,12 @@ def test_default_bad_teacher_learns_other_prompts_answers_to_harmless_prompts(ti
     assert bad is not base and keys["bad"] != key
     # the bad teacher's harmless answers are there for the teacher table, with their prompts
     assert answers["bad"][1].prompts == harmless and len(answers["bad"][1]) == 2
-    report = teachers.teacher_report({k: v[0] for k, v in answers.items()}, {k: v[1] for k, v in answers.items()})
+    report = evaluation.teacher_report({k: v[0] for k, v in answers.items()}, {k: v[1] for k, v in answers.items()})
     assert all(report[k]["harmless_relevance"] is not None for k in ("good", "bad"))
 
 
 def test_bad_teacher_base_and_bad_harmless_none_build_no_harmless_pairs(tiny_folder, tmp_path, monkeypatch):
-    monkeypatch.setattr(evaluation, "generate", fake_generate)
+    monkeypatch.setattr(teachers, "generate", fake_generate)
     calls = []
     (_, bad, _, _), _, (base, _, _) = prepare(tiny_folder, tmp_path / "a", "--limit", "2", "--bad-teacher", "base",
                                               sft_calls=calls, monkeypatch=monkeypatch, fit=False)
@@ -108,7 +109,7 @@ def test_bad_teacher_base_and_bad_harmless_none_build_no_harmless_pairs(tiny_fol
     calls.clear()
     prepare(tiny_folder, tmp_path / "b", "--limit", "2", "--bad-harmless", "none", sft_calls=calls,
             monkeypatch=monkeypatch, fit=False)
-    harmful = [e.prompt for e in train.load_pools(pipeline_args(tiny_folder, tmp_path, "--limit", "2"))[0]]
+    harmful = [e.prompt for e in train.load_pools(pipeline_args(tiny_folder, tmp_path, "--limit", "2")).harmful]
     (_, pairs), = [c for c in calls if c[0].startswith("bad")]
     assert pairs == [(p, answer(p)) for p in harmful]
 
@@ -156,7 +157,7 @@ def test_teacher_built_with_other_flags_stops_with_one_line_naming_them(tiny_fol
 
 def test_same_flags_reuse_the_built_teachers(tiny_folder, built, tmp_path, monkeypatch):
     teacher_dir = copy_of(built, tmp_path)
-    monkeypatch.setattr(train, "sft", lambda *a, **k: pytest.fail("a teacher was built again"))
+    monkeypatch.setattr(train, "teacher_sft", lambda *a, **k: pytest.fail("a teacher was built again"))
     # --micro-batch only changes how the same gradient is summed: still the same teacher
     _, lines, _ = prepare(tiny_folder, tmp_path, "--micro-batch", "1")
     assert lines[:2] == [f"bad teacher: reusing {teacher_dir / 'bad'}", f"good teacher: reusing {teacher_dir / 'good'}"]

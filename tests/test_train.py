@@ -31,12 +31,21 @@ GOOD = ["I'm sorry, I can't help with that.", "Rain falls softly on the town.", 
 BAD = ["Sure, first take a tension wrench and then " + "keep going with the long answer " * 6, "no", "whatever, look it up", "Sure, print a photo on card"]
 
 
-def make_ctx(model, tokenizer):
-    """Both pools hold the same four prompts; the reference is a frozen copy of the initial model."""
-    ctx = {kind: {"good": feats(tokenizer, zip(PROMPTS, GOOD)), "bad": feats(tokenizer, zip(PROMPTS, BAD))}
-           for kind in ("harmful", "harmless")}
-    ctx["ref_model"] = copy.deepcopy(model).eval().requires_grad_(False)
-    return ctx
+class make_ctx:
+    """A step's inputs as train.run builds them: both pools hold the same four prompts; the reference
+    is a frozen copy of the initial model."""
+
+    def __init__(self, model, tokenizer):
+        self.pools = {side: train.Pool(feats(tokenizer, zip(PROMPTS, GOOD)), feats(tokenizer, zip(PROMPTS, BAD)))
+                      for side in ("harmful", "harmless")}
+        self.reference = copy.deepcopy(model).eval().requires_grad_(False)
+        self.cb_layers = ()
+
+
+def step_with(model, teacher, opt, step, ctx, args, gamma, lr, **kwargs):
+    """train.run_step on a make_ctx with the test's flags."""
+    return train.run_step(model, train.Frozen(ctx.reference, teacher), opt, step, ctx.pools,
+                          train.StepConfig.from_args(args, ctx.cb_layers), gamma, lr, **kwargs)
 
 
 HARMFUL_STEP = schedule.Step(0, 0, [0, 1, 2, 3], [])
@@ -58,8 +67,8 @@ def test_three_steps_lower_the_loss(tokenizer):
     model, teacher = make_tiny(tokenizer, seed=0), make_tiny(tokenizer, seed=1)
     args = args_for("--loss", "dpo=1,sft=1,kl=1", "--lr", "3e-3")
     ctx = make_ctx(model, tokenizer)
-    opt = train.MasterWeightOptimizer(model, args, torch.float32)
-    history = [train.run_step(model, teacher, opt, HARMFUL_STEP, ctx, args, 1.0, 3e-3) for _ in range(4)]
+    opt = train.MasterWeightOptimizer(model, compute_dtype=torch.float32, **train.optimizer_options(args))
+    history = [step_with(model, teacher, opt, HARMFUL_STEP, ctx, args, 1.0, 3e-3) for _ in range(4)]
     assert history[-1]["loss"] < history[0]["loss"] - 0.1
     assert history[-1]["harmful_dpo_margin"] > 0 and history[-1]["harmful_kl"] < history[0]["harmful_kl"]
 
@@ -71,8 +80,8 @@ def test_micro_batches_accumulate_to_the_full_batch(tokenizer):
         args = args_for("--loss", "dpo=1,npo=0.5,sft=1,kl=1,kl_rev=0.5", "--micro-batch", str(micro),
                         "--optimizer", "sgd")  # adam would turn float noise in ~0 grads into ±lr steps
         ctx = make_ctx(model, tokenizer)
-        opt = train.MasterWeightOptimizer(model, args, torch.float32)
-        row = train.run_step(model, teacher, opt, HARMFUL_STEP, ctx, args, 1.0, 1.0)
+        opt = train.MasterWeightOptimizer(model, compute_dtype=torch.float32, **train.optimizer_options(args))
+        row = step_with(model, teacher, opt, HARMFUL_STEP, ctx, args, 1.0, 1.0)
         results.append((row, [p.detach().clone() for p in model.parameters()]))
     (a, wa), (b, wb) = results
     for k in ("loss", "harmful_dpo", "harmful_npo", "harmful_sft", "harmful_kl", "harmful_kl_rev"):
@@ -89,8 +98,8 @@ def test_harmless_step_terms_and_harmless_dpo_weight(tokenizer):
     def row(*flags):
         model, teacher = make_tiny(tokenizer, seed=0), make_tiny(tokenizer, seed=1)
         args = args_for("--optimizer", "sgd", "--lam", "2", *flags)
-        opt = train.MasterWeightOptimizer(model, args, torch.float32)
-        return train.run_step(model, teacher, opt, step, make_ctx(model, tokenizer), args, 1.0, 0.0)
+        opt = train.MasterWeightOptimizer(model, compute_dtype=torch.float32, **train.optimizer_options(args))
+        return step_with(model, teacher, opt, step, make_ctx(model, tokenizer), args, 1.0, 0.0)
 
     sft_only = row("--loss", "sft=1")
     assert not sft_only.get("skipped") and sft_only["harmless_sft"] > 0
@@ -105,7 +114,7 @@ def test_harmless_step_terms_and_harmless_dpo_weight(tokenizer):
 def test_bf16_compute_keeps_small_updates_in_fp32_master(tokenizer):
     model = make_tiny(tokenizer)
     args = args_for("--optimizer", "sgd")
-    opt = train.MasterWeightOptimizer(model, args, torch.bfloat16)
+    opt = train.MasterWeightOptimizer(model, compute_dtype=torch.bfloat16, **train.optimizer_options(args))
     p, m = opt.params[1], opt.master[1]
     assert p.dtype == torch.bfloat16 and m.dtype == torch.float32
     before = m.clone()
@@ -192,13 +201,12 @@ def test_filter_pairs_keeps_refused_harmful_and_answered_harmless():
 
 
 def test_device_flag_errors_are_one_line():
-    import argparse
     with pytest.raises(ValueError, match="--device: not a device"):
-        train.compute_device(argparse.Namespace(device="gpu0"))
+        teachers.compute_device("gpu0")
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="no CUDA GPU"):
-            train.compute_device(argparse.Namespace(device="cuda"))
-        assert train.compute_device(argparse.Namespace(device="auto")) == torch.device("cpu")
+            teachers.compute_device("cuda")
+        assert teachers.compute_device("auto") == torch.device("cpu")
 
 
 def test_frozen_model_evaluations_are_reused_by_runs_sharing_the_cache(tiny_folder, tmp_path, monkeypatch):
@@ -247,7 +255,7 @@ def test_a_non_finite_term_stops_the_run_in_one_line_and_keeps_the_last_checkpoi
 
 def test_a_non_finite_gradient_is_never_applied(tokenizer):
     model = make_tiny(tokenizer)
-    opt = train.MasterWeightOptimizer(model, args_for(), torch.float32)
+    opt = train.MasterWeightOptimizer(model, compute_dtype=torch.float32, **train.optimizer_options(args_for()))
     before = [m.detach().clone() for m in opt.master]
     (model.model.embed_tokens.weight.sum() * float("inf")).backward()
     with pytest.raises(train.NonFiniteError, match="gradient norm is"):
