@@ -1,5 +1,5 @@
 """Evaluation: refusal rate, HS (harmful score), FA, over-refusal and multiple-choice knowledge accuracy,
-with every setting in the JSON. The pinned protocol is in the constants below and in README.
+with every setting in the JSON. The pinned protocol is in the constants below and in docs/evaluation.md.
 
     python eval.py --model runs/default/student            # built-in held-out prompts
     python eval.py --model smollm2-135m --harmful ../shared/data/refusal_direction/strongreject.csv
@@ -819,7 +819,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(description="Evaluate a model's refusals on held-out prompts.")
     add_model_arguments(p)
     p.add_argument("--out", default=None, help="results JSON (default: <model>/eval.json or eval/<name>.json)")
-    g = p.add_argument_group("metrics (each runs only when asked; README: Evaluation protocol)")
+    g = p.add_argument_group("metrics (each runs only when asked; docs/evaluation.md)")
     g.add_argument("--protocol", choices=("offline", "published"), default="offline",
                    help="defaults of the HS flags below: offline (built-in, keyword) or published (BeaverTails, beaver-dam)")
     g.add_argument("--hs-set", help="harmful prompts for HS: builtin:test, a file or a hub name")

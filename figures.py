@@ -32,12 +32,11 @@ MODELS = {"base": "base", "sft-baseline": "SFT baseline", "good-teacher": "good 
 LOSS_RUNS = {"loss-dpo": "dpo=1", "loss-npo": "npo=1", "loss-kl": "kl=1", "loss-kl_rev": "kl_rev=1"}
 SEQUENCE_RUNS = {"student": "sequential", "sequence-cyclic": "cyclic", "sequence-mixed": "mixed"}
 CURVE_P = 0.1
-# --quick: the embedded model on a 2-core CPU, all figures in about 40 minutes. Runs: 64 training
+# --quick: the embedded model on a 2-core CPU (docs/results.md says why these sizes). Runs: 64 training
 # prompts per pool, 1 epoch, 40 held-out prompts; attacks: n = 40 (p·40 harmful), 2 epochs of batch 10
-# (8 steps) at lr 1e-4 (1e-5 barely moves a model in 8 steps; 16 steps leave every model at ~95 % HS;
-# hs-vs-p draws one line per lr found, so `attack.py --attack-lr` adds more), micro-batches of ≤ 512
-# padded tokens, HS on 40 prompts with 32-token answers, FA on 40 items, the p = 0.1 curve every 2
-# steps; in-context k up to 8 (k = 16 alone would cost as much as k ≤ 8 together).
+# (8 steps) at lr 1e-4 (hs-vs-p draws one line per lr found, so `attack.py --attack-lr` adds more),
+# micro-batches of ≤ 512 padded tokens, HS on 40 prompts with 32-token answers, FA on 40 items, the
+# p = 0.1 curve every 2 steps; in-context k up to 8.
 SIZES = {
     "quick": {"train": ["--limit", "64", "--epochs", "1", "--eval-limit", "40"],
               "attack": ["--limit", "40", "--attack-n", "40", "--attack-epochs", "2", "--attack-batch", "10",

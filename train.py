@@ -154,7 +154,7 @@ def build_parser():
     g.add_argument("--teacher-lr", type=float, default=5e-5)
     g.add_argument("--teacher-harmless-repeat", type=schedule.nonnegative, default=2, metavar="N",
                    help="harmless pairs appear N times in the good teacher's refusal SFT (more refusal data than "
-                        "helpful data makes a teacher over-refuse: ×2 took held-out over-refusal from 20 %% to 12.5 %%)")
+                        "helpful data makes a teacher over-refuse)")
     g.add_argument("--max-new-tokens", type=int, default=teachers.MAX_NEW_TOKENS, help="teacher answer length")
     g.add_argument("--force", action="store_true", help="train even if the good teacher is not better than the bad")
     g = p.add_argument_group("losses")
