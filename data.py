@@ -309,14 +309,34 @@ def prompt_text(tokenizer, prompt, history=()):
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
 
+def shorten_prompt(tokenizer, prompt, max_prompt_tokens):
+    """`prompt` cut in the middle (the start, " … ", the end) so that its chat-formatted form fits
+    `max_prompt_tokens`: the template and the instruction, which usually opens a prompt, are kept;
+    keeping the last tokens instead would drop both."""
+    ids = tokenizer(prompt, add_special_tokens=False).input_ids
+    fits = lambda text: len(tokenizer(prompt_text(tokenizer, text), add_special_tokens=False).input_ids) <= max_prompt_tokens
+    budget = max_prompt_tokens - (len(tokenizer(prompt_text(tokenizer, prompt), add_special_tokens=False).input_ids) - len(ids))
+    while budget > 0:  # decoding and re-encoding may merge tokens differently: shrink until it fits
+        end = budget // 4
+        text = (tokenizer.decode(ids[:budget - end]) + " … " + (tokenizer.decode(ids[-end:]) if end else "")).strip()
+        if fits(text):
+            return text
+        budget -= max(1, budget // 16)
+    raise DataError(f"--max-prompt-tokens {max_prompt_tokens}: the chat template alone is longer")
+
+
 def encode(tokenizer, prompt, response, max_prompt_tokens=256, max_response_tokens=128):
     """Token ids and labels for one (prompt, response): labels are -100 on every prompt token.
 
-    Over-long prompts keep their end; responses are cut at `max_response_tokens` (reported in
-    `truncated`), never dropped. The end-of-turn token is part of the response, so the model
-    learns where to stop.
+    An over-long prompt is cut in the middle (shorten_prompt); a response is cut at
+    `max_response_tokens`; both are reported in `truncated`, never dropped. The end-of-turn token
+    is part of the response, so the model learns where to stop.
     """
     head = prompt_text(tokenizer, prompt)
+    cut_prompt = len(tokenizer(head, add_special_tokens=False).input_ids) > max_prompt_tokens
+    if cut_prompt:
+        prompt = shorten_prompt(tokenizer, prompt, max_prompt_tokens)
+        head = prompt_text(tokenizer, prompt)
     full = tokenizer.apply_chat_template([{"role": "user", "content": prompt},
                                           {"role": "assistant", "content": response}], tokenize=False)
     prompt_ids = tokenizer(head, add_special_tokens=False).input_ids
@@ -325,8 +345,8 @@ def encode(tokenizer, prompt, response, max_prompt_tokens=256, max_response_toke
         response_ids = tokenizer(tail, add_special_tokens=False).input_ids
     else:  # a template that rewrites earlier turns: fall back to response + EOS
         response_ids = tokenizer(response, add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
-    truncated = {"prompt": len(prompt_ids) > max_prompt_tokens, "response": len(response_ids) > max_response_tokens}
-    prompt_ids = prompt_ids[-max_prompt_tokens:]
+    truncated = {"prompt": cut_prompt, "response": len(response_ids) > max_response_tokens}
+    prompt_ids = prompt_ids[-max_prompt_tokens:]  # only if a template re-encodes longer than shorten_prompt measured
     response_ids = response_ids[:max_response_tokens]
     return {"input_ids": prompt_ids + response_ids, "labels": [IGNORE] * len(prompt_ids) + response_ids,
             "truncated": truncated}

@@ -1390,10 +1390,11 @@ def training_pools(args, tokenizer, prompts, answers, log):
         rejected = (b_bad if args.dpo_harmless == "bad-teacher" else
                     [teachers.refusal_for(e.prompt, args.seed) for e in harmless])
         pools["harmless"].bad = enc(harmless, rejected)
-    cut = sum(f["truncated"]["response"] for pool in pools.values() for feats in (pool.good, pool.bad or [])
-              for f in feats)
-    if cut:
-        log(f"note: {cut} teacher answers longer than --max-response-tokens {args.max_response_tokens} were cut")
+    for part, flag in (("prompt", "--max-prompt-tokens"), ("response", "--max-response-tokens")):
+        cut = sum(f["truncated"][part] for pool in pools.values() for feats in (pool.good, pool.bad or []) for f in feats)
+        if cut:
+            log(f"note: {cut} training {part}s longer than {flag} {getattr(args, flag[2:].replace('-', '_'))} were cut"
+                + (" in the middle (start and end kept)" if part == "prompt" else ""))
     return harmful, harmless, pools
 
 

@@ -42,11 +42,11 @@ def test_encode_masks_prompt_and_keeps_end_of_turn(tokenizer):
     assert tokenizer.decode(response, skip_special_tokens=True).strip() == "Mix flour and water."
 
 
-def test_encode_truncation_keeps_prompt_end_and_reports(tokenizer):
-    f = data.encode(tokenizer, "word " * 300 + "FINAL", "ok " * 200, max_prompt_tokens=32, max_response_tokens=10)
+def test_encode_truncation_keeps_prompt_start_and_end_and_reports(tokenizer):
+    f = data.encode(tokenizer, "word " * 300 + "FINAL", "ok " * 200, max_prompt_tokens=48, max_response_tokens=10)
     assert f["truncated"] == {"prompt": True, "response": True}
     prompt = [i for i, l in zip(f["input_ids"], f["labels"]) if l == -100]
-    assert len(prompt) == 32 and "FINAL" in tokenizer.decode(prompt)
+    assert len(prompt) <= 48 and "FINAL" in tokenizer.decode(prompt) and "word" in tokenizer.decode(prompt)
     assert sum(l != -100 for l in f["labels"]) == 10
 
 
@@ -162,3 +162,20 @@ def test_limit_is_a_seeded_sample_stratified_by_category():
     per_cat = sorted((c, sum(e.category == c for e in ten)) for c in {e.category for e in train})
     assert per_cat == [("cybercrime", 2), ("drugs", 2)] + [(c, 1) for c, _ in per_cat[2:]]
     assert data.stratified_sample(train, 500) == train
+
+
+def test_an_over_long_prompt_keeps_the_template_and_the_instruction_and_is_counted(tokenizer):
+    instruction = "Summarise the following report in three bullet points."
+    prompt = instruction + " " + " ".join(f"line{i}" for i in range(400)) + " END OF REPORT."
+    f = data.encode(tokenizer, prompt, "Sure.", max_prompt_tokens=64, max_response_tokens=16)
+    n_prompt = f["labels"].count(data.IGNORE)
+    text = tokenizer.decode(f["input_ids"][:n_prompt])
+    header = tokenizer.apply_chat_template([{"role": "user", "content": "\x00"}], tokenize=False,
+                                           add_generation_prompt=True).split("\x00")
+    assert n_prompt <= 64 and f["truncated"] == {"prompt": True, "response": False}
+    assert text.startswith(header[0] + instruction) and text.endswith("REPORT." + header[1])
+    assert " … " in text  # the middle went, not the start
+    short = data.encode(tokenizer, instruction, "Sure.", max_prompt_tokens=64)
+    assert short["truncated"]["prompt"] is False
+    assert short["input_ids"][:short["labels"].count(data.IGNORE)] == tokenizer(
+        header[0] + instruction + header[1], add_special_tokens=False).input_ids
