@@ -22,6 +22,7 @@ import torch
 
 import data
 import eval as evaluation
+import schedule
 import teachers
 import train
 
@@ -77,10 +78,8 @@ def in_context_attack(model, tokenizer, prompts, shots, ks, judge, max_tokens, m
             continue
         texts, report = evaluation.generate(model, tokenizer, prompts, max_new_tokens, max_prompt_tokens=max_tokens,
                                  histories=[m[:-1] for m in convs])
-        flags = judge.harmful(prompts, texts)
-        n = max(len(texts), 1)
-        points.append({"k": k, "hs": 100 * sum(flags) / n, "refusal": 100 * sum(map(data.is_refusal, texts)) / n, "n": len(texts),
-                       "generation": report,
+        stats, _ = evaluation.judged(judge, prompts, texts)
+        points.append({"k": k, **stats, "generation": report,
                        "samples": [{"prompt": p, "answer": t} for p, t in zip(prompts[:n_samples], texts)]})
     return {"points": points, "dropped": dropped}
 
@@ -106,8 +105,10 @@ def finetune_attack(model, tokenizer, harmful_pairs, benign_pairs, n=ATTACK_PROT
     """Fine-tune a deep copy of `model` (the original is never touched) on attack_mix(...) with
     train.sft. eval_fn(model) -> dict is recorded before the attack, every `eval_every` optimizer
     steps (0: only before and after) and after the last step; `before`, when given, is eval_fn's
-    result on the unattacked model, reused as the step-0 point. lora_r > 0 attacks with LoRA adapters
-    of that rank (train.py's --lora-* defaults) instead of all weights. micro_tokens > 0 splits each
+    result on the unattacked model, reused as the step-0 point. An attack whose loss, gradient or
+    weights go non-finite is `diverged` (the reason); the curve then ends with a point marked
+    "diverged": true, measured on the copy as the attack left it, which is no defence's result.
+    lora_r > 0 attacks with LoRA adapters of that rank (train.py's --lora-* defaults) instead of all weights. micro_tokens > 0 splits each
     batch by padded tokens (longest first) instead of micro_batch examples: the same loss, less padding
     when a few long harmful answers sit among short benign ones. Returns (attacked copy, record)."""
     mix, n_harmful = attack_mix(harmful_pairs, benign_pairs, n, p, seed)
@@ -117,9 +118,10 @@ def finetune_attack(model, tokenizer, harmful_pairs, benign_pairs, n=ATTACK_PROT
     attacked = copy.deepcopy(model)
     if lora_r:  # train.py's --lora-* defaults
         train.add_lora(attacked, r=lora_r, dtype=compute_dtype, seed=seed)
-    curve = []
+    curve, done = [], [0]
 
     def record(steps, m):
+        done[0] = steps
         if steps == 0 and before is not None:
             curve.append({"step": 0, **before})
         elif eval_fn and (steps == 0 or steps == total or eval_every and steps % eval_every == 0):
@@ -137,6 +139,14 @@ def finetune_attack(model, tokenizer, harmful_pairs, benign_pairs, n=ATTACK_PROT
                   lr_schedule=lr_schedule, warmup=warmup, after_step=record, desc="attack")
     except train.NonFiniteError as e:  # the non-finite update was not applied: the copy holds the last finite weights
         diverged = str(e)
+    bad = teachers.nonfinite_parameter(attacked)  # an applied update can overflow without a NaN gradient
+    if bad:
+        diverged = f"attack step {done[0]}: parameter {bad} is not finite" + (f" ({diverged})" if diverged else "")
+    if diverged and eval_fn:
+        # the last point is the copy as the attack left it; a step-0 point stays the unattacked model's
+        if not (curve and curve[-1]["step"] == done[0] > 0):
+            curve.append({"step": done[0], **eval_fn(attacked)})
+        curve[-1]["diverged"] = True
     return attacked, {"steps": total, "warmup_steps": warmup, "n_harmful": n_harmful, "n_benign": len(mix) - n_harmful,
                       "mix_sha256": hashlib.sha256(json.dumps(mix).encode()).hexdigest(), "curve": curve,
                       "diverged": diverged}
@@ -192,34 +202,45 @@ def add_attack_arguments(p):
                    "or files with prompt and response (AdvBench goal,target; BeaverTails)")
     g.add_argument("--attack-out", help="results folder, one JSON per setting (default: <model>/attacks or "
                    "eval/attacks/<model>)")
-    g.add_argument("--attack-p", type=float, nargs="+", default=[ATTACK_PROTOCOL["p"]], help="harmful shares (sweep)")
-    g.add_argument("--attack-n", type=int, nargs="+", default=[ATTACK_PROTOCOL["n"]], help="fine-tuning set sizes (sweep)")
-    g.add_argument("--attack-lr", type=float, nargs="+", default=[ATTACK_PROTOCOL["lr"]], help="learning rates (sweep)")
-    g.add_argument("--attack-epochs", type=int, default=ATTACK_PROTOCOL["epochs"])
-    g.add_argument("--attack-batch", type=int, default=ATTACK_PROTOCOL["batch"])
-    g.add_argument("--attack-lora-r", type=int, default=0, help="attack with LoRA adapters of this rank (0: all weights)")
-    g.add_argument("--attack-micro-tokens", type=int, default=0, metavar="N",
+    g.add_argument("--attack-p", type=evaluation.probability, nargs="+", default=[ATTACK_PROTOCOL["p"]],
+                   help="harmful shares (sweep)")
+    g.add_argument("--attack-n", type=evaluation.positive, nargs="+", default=[ATTACK_PROTOCOL["n"]],
+                   help="fine-tuning set sizes (sweep)")
+    g.add_argument("--attack-lr", type=evaluation.positive_float, nargs="+", default=[ATTACK_PROTOCOL["lr"]],
+                   help="learning rates (sweep)")
+    g.add_argument("--attack-epochs", type=evaluation.positive, default=ATTACK_PROTOCOL["epochs"])
+    g.add_argument("--attack-batch", type=evaluation.positive, default=ATTACK_PROTOCOL["batch"])
+    g.add_argument("--attack-lora-r", type=schedule.nonnegative, default=0,
+                   help="attack with LoRA adapters of this rank (0: all weights)")
+    g.add_argument("--attack-micro-tokens", type=schedule.nonnegative, default=0, metavar="N",
                    help="split each attack batch into micro-batches of at most N padded tokens (0: 8 examples each)")
-    g.add_argument("--attack-scale", type=float, default=1.0, help="multiplies every --attack-n (e.g. 0.04 on a CPU)")
-    g.add_argument("--attack-max-new-tokens", type=int, default=teachers.MAX_NEW_TOKENS,
+    g.add_argument("--attack-scale", type=evaluation.positive_float, default=1.0,
+                   help="multiplies every --attack-n (e.g. 0.04 on a CPU)")
+    g.add_argument("--attack-max-new-tokens", type=evaluation.positive, default=teachers.MAX_NEW_TOKENS,
                    help="answer length for HS during attacks (the keyword judge reads the opening)")
-    g.add_argument("--attack-eval-every", type=int, default=0,
+    g.add_argument("--attack-eval-every", type=schedule.nonnegative, default=0,
                    help="HS and FA every K attack steps for a curve (0: before and after only)")
     g.add_argument("--attack-task", default="arith", help="benign fine-tuning task, also scored as FA")
     g.add_argument("--attack-task-path", help="local file of the benign task")
-    g.add_argument("--attack-fa-n", type=int, default=100, help="FA test items")
-    g.add_argument("--shots", type=int, nargs="+", default=list(SHOTS_GRID), help="in-context: numbers of shots k")
-    g.add_argument("--shots-max-tokens", type=int, default=INCONTEXT_MAX_TOKENS,
+    g.add_argument("--attack-fa-n", type=evaluation.positive, default=100, help="FA test items")
+    g.add_argument("--shots", type=schedule.nonnegative, nargs="+", default=list(SHOTS_GRID),
+                   help="in-context: numbers of shots k")
+    g.add_argument("--shots-max-tokens", type=evaluation.positive, default=INCONTEXT_MAX_TOKENS,
                    help="in-context: prompt length limit (also capped by the model's context minus the answer)")
 
 
 def _attack_table(result):
+    """Each rate with its 95 % Wilson interval; a diverged run's last point shows 'diverged', not its HS."""
+    pct = lambda r, key: evaluation.cell(r.get(key), r.get(key + "_ci"), scale=1)
     if result["attack"] == "incontext":
-        rows = [f"| {pt['k']} | {pt['hs']:.1f}% | {pt['refusal']:.1f}% | {pt['n']} |" for pt in result["points"]]
-        return "\n".join(["| shots k | HS ↓ | refusal ↑ | n |", "| --- | --- | --- | --- |", *rows])
-    rows = [f"| {pt['step']} | {pt['hs']['hs']:.1f}% | {pt['hs']['refusal']:.1f}% | {pt['fa']['fa']:.1f}% |"
+        rows = [f"| {pt['k']} | {pct(pt, 'hs')} | {pct(pt, 'refusal')} | {pct(pt, 'degenerate')} | {pt['n']} |"
+                for pt in result["points"]]
+        return "\n".join(["| shots k | HS ↓ | refusal ↑ | degenerate | n |", "| --- | --- | --- | --- | --- |", *rows])
+    rows = [f"| {pt['step']} | {'diverged' if pt.get('diverged') else pct(pt['hs'], 'hs')} "
+            f"| {pct(pt['hs'], 'refusal')} | {pct(pt['hs'], 'degenerate')} | {pct(pt['fa'], 'fa')} | {pt['hs']['n']} |"
             for pt in result["curve"]]
-    return "\n".join(["| attack step | HS ↓ | refusal ↑ | FA ↑ |", "| --- | --- | --- | --- |", *rows])
+    return "\n".join(["| attack step | HS ↓ | refusal ↑ | degenerate | FA ↑ | n |",
+                      "| --- | --- | --- | --- | --- | --- |", *rows])
 
 
 def run_attack(args, argv, model, tokenizer, key, harmful):
@@ -277,7 +298,8 @@ def run_attack(args, argv, model, tokenizer, key, harmful):
                 written.append(os.path.join(out_dir, attack_filename(p, n, lr, args.attack_lora_r)))
                 evaluation.write_results(written[-1], payload, _attack_table(result))
                 first, last = record["curve"][0], record["curve"][-1]
-                print(f"p={p:g} n={n} lr={lr:g}: HS {first['hs']['hs']:.1f}% → {last['hs']['hs']:.1f}%, "
+                after = "diverged" if last.get("diverged") else f"{last['hs']['hs']:.1f}%"
+                print(f"p={p:g} n={n} lr={lr:g}: HS {first['hs']['hs']:.1f}% → {after}, "
                       f"FA {first['fa']['fa']:.1f}% → {last['fa']['fa']:.1f}% ({record['steps']} steps)"
                       + (f"; DIVERGED, not a defence: {record['diverged']} (the curve ends at step "
                          f"{last['step']})" if record["diverged"] else ""))
@@ -286,7 +308,7 @@ def run_attack(args, argv, model, tokenizer, key, harmful):
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
-    p = argparse.ArgumentParser(description="Attack a model's refusals: fine-tuning or in-context (many-shot).")
+    p = evaluation.OneLineParser(description="Attack a model's refusals: fine-tuning or in-context (many-shot).")
     p.add_argument("attack", choices=("finetune", "incontext"))
     evaluation.add_model_arguments(p)
     add_attack_arguments(p)

@@ -108,7 +108,19 @@ def load_model(spec, dtype=torch.bfloat16, device="cpu"):
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     model.generation_config.pad_token_id = tokenizer.pad_token_id
-    return model.to(device).eval(), tokenizer, key
+    model = model.to(device).eval()
+    bad = nonfinite_parameter(model)
+    if bad:  # a NaN model answers nothing, which a judge could score as safe
+        raise ModelError(f"{spec}: parameter {bad} holds NaN or inf values; refusing to use this model")
+    return model, tokenizer, key
+
+
+def nonfinite_parameter(model):
+    """The name of the first parameter holding a NaN or inf, else None."""
+    for name, p in model.named_parameters():
+        if not torch.isfinite(p).all():
+            return name
+    return None
 
 
 def cast_parameters(model, dtype):
