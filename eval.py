@@ -886,8 +886,8 @@ def metrics_table(metrics):
 
 
 class OneLineParser(argparse.ArgumentParser):
-    """argparse that reports a bad flag in one line (no usage block), like every other input error
-    (train.OneLineParser for eval.py and attack.py, which sit below train)."""
+    """argparse that reports a bad flag in one line (no usage block), like every other input error;
+    the parser of eval.py, attack.py and train.py."""
 
     def error(self, message):
         self.exit(2, f"error: {message} (see --help)\n")

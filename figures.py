@@ -134,7 +134,12 @@ def hs_vs_p(res, png):
             pts = sorted(((p, saved["result"]["curve"][-1]) for p, r_n, r_lr, saved in rows if (r_n, r_lr) == (n, lr)),
                          key=lambda pt: pt[0])
             label = f"{_legend_name(model)} (n {n}, lr {lr:g})"
-            ax_hs.plot([pct(p) for p, _ in pts], [pt["hs"]["hs"] for _, pt in pts], marker="o", label=label)
+            # a diverged attack is not a defence: its HS is left out of the line (NaN), and marked
+            hs = [float("nan") if pt.get("diverged") else pt["hs"]["hs"] for _, pt in pts]
+            ax_hs.plot([pct(p) for p, _ in pts], hs, marker="o", label=label)
+            for p, pt in pts:
+                if pt.get("diverged"):
+                    ax_hs.annotate("diverged", (pct(p), 0), fontsize=7, rotation=90)
             ax_fa.plot([pct(p) for p, _ in pts], [pt["fa"]["fa"] for _, pt in pts], marker="o", label=label)
     for ax, name in ((ax_hs, "HS after the attack (%) ↓"), (ax_fa, "FA after the attack (%) ↑")):
         ax.set(xlabel="harmful share p of the fine-tuning set (%)", ylabel=name)
@@ -151,7 +156,8 @@ def hs_vs_steps(res, png):
             if p != CURVE_P or len(curve) < 3:
                 continue
             label = f"{_legend_name(model)} (lr {lr:g})"
-            ax_hs.plot([pt["step"] for pt in curve], [pt["hs"]["hs"] for pt in curve], marker="o", label=label)
+            ax_hs.plot([pt["step"] for pt in curve], [float("nan") if pt.get("diverged") else pt["hs"]["hs"]
+                                                      for pt in curve], marker="o", label=label)
             ax_fa.plot([pt["step"] for pt in curve], [pt["fa"]["fa"] for pt in curve], marker="o", label=label)
     if not ax_hs.lines:
         raise FileNotFoundError(f"no attack curve (p = {CURVE_P}, --attack-eval-every) in {res}/attacks")

@@ -120,15 +120,8 @@ def check_model_flags(args, model):
         lora_linears(model, args.lora_targets)
 
 
-class OneLineParser(argparse.ArgumentParser):
-    """argparse that reports a bad flag in one line (no usage block), like every other input error."""
-
-    def error(self, message):
-        self.exit(2, f"error: {message} (see --help)\n")
-
-
 def build_parser():
-    p = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = evaluation.OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_argument_group("model and data")
     g.add_argument("--model", default="smollm2-135m", help="student / base: alias, folder, .gguf or hub id")
     g.add_argument("--harmful", nargs="+", help="harmful prompt files or hub names (default: built-in)")
@@ -1593,6 +1586,7 @@ def evaluate_frozen(key, get_model, tokenizer, harmful, harmless, args, device, 
     `get_model()` is called only on a miss."""
     ident = [key, base_key, tokenizer.chat_template, args.precision, device.type, teachers.MAX_NEW_TOKENS,
              teachers.MAX_PROMPT_TOKENS, teachers.TOKEN_BUDGET, list(data.REFUSAL_MARKERS),
+             evaluation.settings()["degenerate"],
              torch.__version__, transformers.__version__, [e.prompt for e in harmful], [e.prompt for e in harmless]]
     path = os.path.join(args.cache_dir, "eval", hashlib.sha256(json.dumps(ident).encode()).hexdigest()[:16] + ".json")
     if os.path.isfile(path):
