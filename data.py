@@ -18,14 +18,17 @@ read from the Hugging Face hub through `datasets` (only when it is installed and
 
 The bottom of the import order (data, losses, schedule → teachers → eval → train → attack, figures):
 it imports no project module, and holds the small conventions every layer shares (IGNORE, the
-prompt key, the pad id, the refusal markers, named seed purposes).
+prompt key, the pad id, the refusal markers, named seed purposes, files written whole).
 """
+import codecs
 import collections
 import csv
+import fcntl
 import hashlib
 import io
 import json
 import os
+import shutil
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -103,46 +106,126 @@ def file_sha256(path):
     return h.hexdigest()
 
 
+# ---------------------------------------------------------------- files a run writes and a rerun reads
+
+def write_atomic(path, text):
+    """`text` to `path` through a temporary file beside it and os.replace: a kill leaves the old file
+    or the new one, never a torn one that the rerun would read."""
+    tmp = f"{path}.{os.getpid()}.tmp"  # per process: runs sharing a folder may write the same file
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def replace_folder(tmp, path):
+    """Move the finished folder `tmp` to `path`. The old `path` is renamed aside first and deleted
+    last, so a kill leaves `path` whole (old or new) or absent, never half deleted."""
+    old = f"{tmp}.old"
+    shutil.rmtree(old, ignore_errors=True)
+    if os.path.isdir(path):
+        os.replace(path, old)
+    os.replace(tmp, path)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def read_jsonl(path, log=print):
+    """The records of a JSONL file that runs append to (an answer cache, metrics.jsonl). A last line
+    cut short (no newline, or not a JSON record) is the write a kill interrupted: it is dropped, with
+    a line saying so; a bad line before it is an error naming the line."""
+    with open(path, "rb") as f:
+        fcntl.flock(f, fcntl.LOCK_SH)  # appenders hold LOCK_EX: a tail seen here is not being written
+        raw = f.read()
+    lines = raw.split(b"\n")  # the last item is what follows the last newline: b"" unless cut short
+    rows = []
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line) if n < len(lines) else None  # an unterminated tail is never complete
+        except ValueError:
+            row = None
+        if isinstance(row, dict):
+            rows.append(row)
+        elif not any(l.strip() for l in lines[n:]):  # the last line
+            log(f"{path}: dropped line {n}, cut short by an interrupted write")
+        else:
+            raise DataError(f"{path}:{n}: not a JSON record; the file is damaged (delete this line, or the file)")
+    return rows
+
+
+def append_jsonl(path, rows):
+    """Append records to a JSONL file under an exclusive lock, so runs sharing it never interleave
+    lines. A tail cut short by an earlier kill is cut off first: the new lines start lines of their own."""
+    text = "".join(json.dumps(r) + "\n" for r in rows).encode()
+    with open(path, "ab+") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        f.seek(0)
+        raw = f.read()
+        if not raw.endswith(b"\n"):
+            f.truncate(raw.rfind(b"\n") + 1)
+        f.write(text)  # "a" mode: at the end, whatever the position
+
+
 # ---------------------------------------------------------------- reading files
+
+def _read_text(path):
+    """A data file's text; one that is not UTF-8 stops with the file and line of its first bad byte."""
+    with open(path, "rb") as f:
+        raw = f.read()
+    if raw.startswith(codecs.BOM_UTF8):  # Excel's CSV export: not part of the first column's name
+        raw = raw[len(codecs.BOM_UTF8):]
+    try:
+        # line ends as open() reads them: \r\n and \r become \n, inside quoted CSV fields too
+        return raw.decode("utf-8").replace("\r\n", "\n").replace("\r", "\n")
+    except UnicodeDecodeError as e:
+        line = raw.count(b"\n", 0, e.start) + 1
+        raise DataError(f"{path}:{line}: not UTF-8 text (byte 0x{raw[e.start]:02x}); save the file as UTF-8") from None
+
 
 def _read_rows(path):
     ext = os.path.splitext(path)[1].lower()
-    # utf-8-sig: a byte-order mark (Excel's CSV export) is not part of the first column's name
-    with open(path, encoding="utf-8-sig") as f:
-        if ext == ".jsonl":
-            rows = []
-            for n, line in enumerate(f, 1):
-                if line.strip():
-                    try:
-                        rows.append(json.loads(line))
-                    except json.JSONDecodeError as e:
-                        raise DataError(f"{path}:{n}: not valid JSON ({e.msg})") from None
-            return rows
-        if ext == ".json":
-            try:
-                data = json.load(f)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
-            if isinstance(data, dict):  # {"data": [...]} / {"train": [...]}
-                lists = [v for v in data.values() if isinstance(v, list)]
-                if len(lists) != 1:
-                    raise DataError(f"{path}: expected a list of records or an object holding one list")
-                data = lists[0]
-            return data
-        if ext in (".csv", ".tsv"):
-            text = f.read()
-            if not text.strip():
-                return []
-            delim = "\t" if ext == ".tsv" else ","
-            # csv records, not str.splitlines(): a quoted field may hold a newline, and U+2028,
-            # \x0b or \x0c inside a prompt do not end a row
-            records = lambda: io.StringIO(text, newline="")
-            first = next(csv.reader(records(), delimiter=delim))
-            if len(first) == 3 and first[0].strip() in {"1", "2", "3", "4"}:  # AG News ships without a header
-                return [{"class": r[0], "title": r[1], "description": r[2]}
-                        for r in csv.reader(records(), delimiter=delim) if r]
-            return list(csv.DictReader(records(), delimiter=delim))
-    raise DataError(f"{path}: unknown extension {ext!r} (use .json, .jsonl, .csv or .tsv)")
+    if ext not in (".jsonl", ".json", ".csv", ".tsv"):
+        raise DataError(f"{path}: unknown extension {ext!r} (use .json, .jsonl, .csv or .tsv)")
+    text = _read_text(path)
+    if ext == ".jsonl":
+        rows = []
+        for n, line in enumerate(text.split("\n"), 1):  # not splitlines(): U+2028 may sit inside a string
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    raise DataError(f"{path}:{n}: not valid JSON ({e.msg})") from None
+                if not isinstance(rows[-1], dict):
+                    raise DataError(f"{path}:{n}: a {type(rows[-1]).__name__}, not a record with named fields")
+        return rows
+    if ext == ".json":
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
+        if isinstance(data, dict):  # {"data": [...]} / {"train": [...]}
+            lists = [v for v in data.values() if isinstance(v, list)]
+            if len(lists) != 1:
+                raise DataError(f"{path}: expected a list of records or an object holding one list")
+            data = lists[0]
+        if not isinstance(data, list):
+            raise DataError(f"{path}: expected a list of records, got a {type(data).__name__}")
+        for i, item in enumerate(data):
+            if not isinstance(item, dict):
+                raise DataError(f"{path}: item {i + 1} of the list is a {type(item).__name__}, "
+                                f"not a record with named fields")
+        return data
+    if not text.strip():
+        return []
+    delim = "\t" if ext == ".tsv" else ","
+    # csv records, not str.splitlines(): a quoted field may hold a newline, and U+2028,
+    # \x0b or \x0c inside a prompt do not end a row
+    records = lambda: io.StringIO(text, newline="")
+    first = next(csv.reader(records(), delimiter=delim))
+    if len(first) == 3 and first[0].strip() in {"1", "2", "3", "4"}:  # AG News ships without a header
+        return [{"class": r[0], "title": r[1], "description": r[2]}
+                for r in csv.reader(records(), delimiter=delim) if r]
+    return list(csv.DictReader(records(), delimiter=delim))
 
 
 def _find(keys, wanted, given=None):
@@ -172,11 +255,11 @@ def hub_rows(name, split, config=None):
 def load_examples(path, pool=None, prompt_field=None, response_field=None, category_field=None,
                   split="train"):
     """Read one file (or hub dataset) into Examples. pool='harmful'|'harmless' filters labelled rows."""
+    if os.path.isdir(path):
+        raise DataError(f"{path}: is a directory, not a data file")
     rows = _read_rows(path) if os.path.exists(path) else hub_rows(path, split)
     if not rows:
         raise DataError(f"{path}: no rows")
-    if not isinstance(rows[0], dict):
-        raise DataError(f"{path}: expected records with named fields, got {type(rows[0]).__name__}")
     keys = list(rows[0].keys())
     if "title" in keys and "description" in keys and not prompt_field:  # AG News
         rows = [{**r, "text": f"{r['title']}. {r['description']}"} for r in rows]

@@ -157,18 +157,27 @@ def place(model, device, offloaded=False):
 
 def save_model(model, tokenizer, path, state_dict=None, dtype=None):
     """A checkpoint that AutoModelForCausalLM.from_pretrained loads. Written with safetensors
-    directly because models loaded from GGUF refuse save_pretrained; tied weights stored once."""
-    os.makedirs(path, exist_ok=True)
+    directly because models loaded from GGUF refuse save_pretrained; tied weights stored once.
+    Written to a temporary folder and moved to `path` whole (data.replace_folder), so a kill never
+    leaves weights without their config; a folder that holds other files than a model is refused."""
+    path = os.path.normpath(path)
+    if os.path.isdir(path) and os.listdir(path) and not any(os.path.isfile(os.path.join(path, f)) for f in (
+            "config.json", "model.safetensors", "tokenizer_config.json", BUILD_FILE)):
+        raise ModelError(f"{path}: a folder that holds no model; not replacing it (give a new or a model folder)")
+    tmp = f"{path}.{os.getpid()}.tmp"  # per process: runs sharing a --teacher-dir may save the same teacher
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
     state = state_dict if state_dict is not None else model.state_dict()
     if getattr(model.config, "tie_word_embeddings", False):
         state = {k: v for k, v in state.items() if k != "lm_head.weight"}
     tensors = {k: (v.to(dtype) if dtype else v).detach().contiguous().cpu() for k, v in state.items()}
-    save_file(tensors, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
+    save_file(tensors, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
     config = model.config
     if hasattr(config, "quantization_config"):  # the weights are dequantized; don't claim otherwise
         del config.quantization_config
-    config.save_pretrained(path)
-    tokenizer.save_pretrained(path)
+    config.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    data.replace_folder(tmp, path)
 
 
 # ---------------------------------------------------------------- generation, cached
@@ -236,23 +245,21 @@ def _cache_key(model_key, prompt, gen):
 
 def generate_cached(model, tokenizer, model_key, prompts, cache_path, max_new_tokens=MAX_NEW_TOKENS):
     """Greedy responses (Responses: they carry `prompts`), cached in a JSONL keyed by (model weights,
-    prompt, generation settings)."""
-    gen = {"decoding": "greedy", "max_new_tokens": max_new_tokens, "max_prompt_tokens": MAX_PROMPT_TOKENS}
-    cache = {}
-    if os.path.exists(cache_path):
-        with open(cache_path) as f:
-            for line in f:
-                row = json.loads(line)
-                cache[row["key"]] = row["response"]
+    prompt, generation settings, chat template). Runs may share the file (data.append_jsonl)."""
+    # the template renders the prompt the model sees: an edited one must not reuse the old answers
+    template = hashlib.sha256(json.dumps(tokenizer.chat_template).encode()).hexdigest()[:16]
+    gen = {"decoding": "greedy", "max_new_tokens": max_new_tokens, "max_prompt_tokens": MAX_PROMPT_TOKENS,
+           "chat_template_sha256": template}
+    rows = data.read_jsonl(cache_path) if os.path.exists(cache_path) else []
+    cache = {row["key"]: row["response"] for row in rows}
     keys = [_cache_key(model_key, p, gen) for p in prompts]
     missing = sorted({(k, p) for k, p in zip(keys, prompts) if k not in cache})
     if missing:
         texts, _ = generate(model, tokenizer, [p for _, p in missing], max_new_tokens)
         os.makedirs(os.path.dirname(os.path.abspath(cache_path)), exist_ok=True)
-        with open(cache_path, "a") as f:
-            for (k, p), t in zip(missing, texts):
-                cache[k] = t
-                f.write(json.dumps({"key": k, "model": model_key, "prompt": p, "generation": gen, "response": t}) + "\n")
+        cache.update((k, t) for (k, _), t in zip(missing, texts))
+        data.append_jsonl(cache_path, [{"key": k, "model": model_key, "prompt": p, "generation": gen, "response": t}
+                                       for (k, p), t in zip(missing, texts)])
     return Responses([cache[k] for k in keys], prompts)
 
 
@@ -273,6 +280,13 @@ def topk_cache_dir(cache_dir, cache_id):
     return os.path.join(cache_dir, "teacher_topk", hashlib.sha256(json.dumps(cache_id).encode()).hexdigest()[:16])
 
 
+def topk_missing(folder, names):
+    """The files of a top-k cache folder for pools `names` that are not there (all of them when the
+    folder is absent): a folder missing none is complete."""
+    files = [f"{name}.{part}.npy" for name in names for part in TOPK_PARTS] + ["id.json"]
+    return [f for f in files if not os.path.isfile(os.path.join(folder, f))]
+
+
 @torch.no_grad()
 def build_topk_cache(folder, cache_id, pools, logits_of, k, temperature, batch_size):
     """Runs the teacher once over every example of `pools` ({name: features}) and writes, per pool,
@@ -280,8 +294,9 @@ def build_topk_cache(folder, cache_id, pools, logits_of, k, temperature, batch_s
     tail [P] float32 (P: response positions, example after example) and offsets [E+1] int64.
     Log-probs stay fp32: 8 bytes per id and position is small next to a model, and it keeps a
     k = V cache equal to the teacher's own logits. `logits_of(features)` → (logits, labels).
-    Written to a temporary folder and renamed, so a folder that exists is complete."""
-    tmp = folder + ".tmp"
+    Written to a temporary folder of this process and renamed, so a folder that exists is complete;
+    when another run finished the same folder meanwhile, its copy is kept and this one dropped."""
+    tmp = f"{folder}.{os.getpid()}.tmp"  # runs building the same cache each write their own
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
     for name, feats in pools.items():
@@ -303,8 +318,14 @@ def build_topk_cache(folder, cache_id, pools, logits_of, k, temperature, batch_s
             array.flush()
     with open(os.path.join(tmp, "id.json"), "w") as f:
         json.dump(cache_id, f)
-    shutil.rmtree(folder, ignore_errors=True)
-    os.replace(tmp, folder)
+    if topk_missing(folder, pools):
+        try:
+            data.replace_folder(tmp, folder)  # an incomplete folder is moved aside and deleted
+            return
+        except OSError:  # a race lost to a run that renamed its identical copy in first
+            if topk_missing(folder, pools):
+                raise
+    shutil.rmtree(tmp, ignore_errors=True)  # another run finished this folder meanwhile: keep it, it may be in use
 
 
 class TopkCache:
@@ -440,9 +461,7 @@ def save_teacher(model, tokenizer, folder, record):
     if os.path.exists(path):
         os.remove(path)
     save_model(model, tokenizer, folder, dtype=torch.bfloat16)
-    with open(path + ".tmp", "w") as f:
-        json.dump(record, f, indent=2)
-    os.replace(path + ".tmp", path)
+    data.write_atomic(path, json.dumps(record, indent=2))
 
 
 class Responses(list):

@@ -911,10 +911,12 @@ def teacher_topk_cache(good, good_key, pools, *, k, temperature, cache_dir, micr
     goods = {side: pool.good for side, pool in pools.items()}
     cache_id = [good_key, k, temperature, features_digest(f for feats in goods.values() for f in feats)]
     folder = teachers.topk_cache_dir(cache_dir, cache_id)
-    if os.path.isdir(folder):
+    missing = teachers.topk_missing(folder, goods)
+    if not missing:
         log(f"teacher top-{k}: reusing {folder}")
-    else:
-        log(f"teacher top-{k}: computing {folder}")
+    else:  # a folder that lacks a file was damaged by hand or by a tool: rebuilt, not read
+        log(f"teacher top-{k}: computing {folder}" if not os.path.isdir(folder) else
+            f"teacher top-{k}: rebuilding {folder}, it has no {', '.join(missing)}")
         k_used = min(k, good.get_output_embeddings().weight.shape[0])
         teachers.build_topk_cache(folder, cache_id, goods, lambda feats: forward(good, feats), k_used, temperature,
                                   micro_batch)
@@ -1259,10 +1261,22 @@ def check_out_folder(args):
     with open(os.path.join(resume_from, "args.json")) as f:
         saved = json.load(f)
     now = json.loads(json.dumps(vars(args)))
-    changed = [k for k in now if k not in _RUN_FLAGS_IGNORED_ON_RESUME and saved.get(k) != now[k]]
+    changed = [k for k in now if k not in _RUN_FLAGS_IGNORED_ON_RESUME + ("data_sha256",) and saved.get(k) != now[k]]
     if changed:
         raise ValueError(f"--resume: flags differ from the saved run: {', '.join('--' + k.replace('_', '-') for k in changed)}")
+    if "data_sha256" in saved and saved["data_sha256"] != now.get("data_sha256"):  # runs saved before it: unchecked
+        raise ValueError(f"--resume: the training data changed since the saved run (sha256 of its prompts "
+                         f"{saved['data_sha256'][:12]} → {now['data_sha256'][:12]}): restore the data files, "
+                         f"or start over with --overwrite")
     return resume_from
+
+
+def prompts_sha256(prompts):
+    """sha256 of a run's prompts and categories (training pools and held-out sets, as selected):
+    an edited data file under the same flags changes it."""
+    lists = [[[e.prompt, e.category] for e in exs] for exs in
+             (prompts.harmful, prompts.harmless, prompts.harmful_test, prompts.harmless_test)]
+    return hashlib.sha256(json.dumps(lists).encode()).hexdigest()
 
 
 def load_base(args, log):
@@ -1353,9 +1367,9 @@ def evaluate_teachers(args, found, harmless, log):
                             {"good": found.answers["good"][1], "bad": found.answers["bad"][1]},
                             [e.prompt for e in harmless])
     if is_main():
-        with open(os.path.join(args.out, "teacher_eval.json"), "w") as f:
-            json.dump({"report": report, "models": found.keys, "prompts": "training prompts",
-                       "settings": evaluation.settings(seed=args.seed)}, f, indent=2)
+        data.write_atomic(os.path.join(args.out, "teacher_eval.json"), json.dumps(
+            {"report": report, "models": found.keys, "prompts": "training prompts",
+             "settings": evaluation.settings(seed=args.seed)}, indent=2))
     log("teacher evaluation on the training prompts:\n" + teacher_table(report))
     evaluation.check_teachers(report, args.force)
     return report
@@ -1446,11 +1460,9 @@ def resume_state(args, resume_from, student, opt, n_steps, log):
     opt.optimizer.load_state_dict(state["optimizer"])
     restore_rng(state)
     canary = load_canary(resume_from, state, next(student.parameters()).device)
-    if os.path.exists(metrics_path) and is_main():
-        with open(metrics_path) as f:
-            keep = [l for l in f if json.loads(l)["step"] < state["step"]]
-        with open(metrics_path, "w") as f:
-            f.writelines(keep)
+    if os.path.exists(metrics_path) and is_main():  # a line cut short by the kill is dropped, with a note
+        keep = [row for row in data.read_jsonl(metrics_path, log) if row.get("step", math.inf) < state["step"]]
+        data.write_atomic(metrics_path, "".join(json.dumps(row) + "\n" for row in keep))
     log(f"resumed from {resume_from} at step {state['step']} of {n_steps}")
     return state["step"], canary
 
@@ -1494,9 +1506,11 @@ def train_loop(args, student, opt, frozen, pools, cfg, plan, levels, start, cana
 
 def save_student(args, student, opt, canary, base, n_steps, log):
     student_dir = os.path.join(args.out, "student")
-    teachers.save_model(student, base.tokenizer, student_dir, state_dict=student_state(student, opt, base.fp32.state_dict()))
+    tmp = student_dir + ".tmp"  # weights and masks written whole, then moved: a kill leaves no torn student/
+    teachers.save_model(student, base.tokenizer, tmp, state_dict=student_state(student, opt, base.fp32.state_dict()))
     if canary["masks"]:
-        save_masks(canary["masks"], student_dir)
+        save_masks(canary["masks"], tmp)
+    data.replace_folder(tmp, student_dir)
     log(f"student saved to {student_dir} (last checkpoint {os.path.join(args.out, 'checkpoints', f'step-{n_steps}')})")
     return student_dir
 
@@ -1546,11 +1560,16 @@ def run(args):
     t_start, log = time.time(), Log()
     check_args(args)
     dist_setup()
-    args.teacher_dir = args.teacher_dir or os.path.join(args.out, "teachers")
-    args.cache_dir = args.cache_dir or os.path.join(args.out, "cache")
+    args.out = os.path.normpath(args.out)  # runs/x/ and runs/x are one run: saved and current flags agree
+    args.teacher_dir = os.path.normpath(args.teacher_dir or os.path.join(args.out, "teachers"))
+    args.cache_dir = os.path.normpath(args.cache_dir or os.path.join(args.out, "cache"))
+    for flag, path in (("--out", args.out), ("--teacher-dir", args.teacher_dir), ("--cache-dir", args.cache_dir)):
+        if os.path.exists(path) and not os.path.isdir(path):
+            raise ValueError(f"{flag} {path}: is a file, not a folder")
     os.makedirs(args.out, exist_ok=True)
     os.makedirs(args.cache_dir, exist_ok=True)
     prompts = load_pools(args)
+    args.data_sha256 = prompts_sha256(prompts)  # saved in args.json: --resume checks the data did not change
     if args.plan_only:
         return print_plan(args, prompts)
     resume_from = check_out_folder(args)
@@ -1590,8 +1609,14 @@ def evaluate_frozen(key, get_model, tokenizer, harmful, harmless, args, device, 
              torch.__version__, transformers.__version__, [e.prompt for e in harmful], [e.prompt for e in harmless]]
     path = os.path.join(args.cache_dir, "eval", hashlib.sha256(json.dumps(ident).encode()).hexdigest()[:16] + ".json")
     if os.path.isfile(path):
-        with open(path) as f:
-            return json.load(f)
+        try:
+            with open(path) as f:
+                result = json.load(f)
+            if isinstance(result, dict):
+                return result
+        except (OSError, ValueError):
+            pass
+        print(f"{path}: an unreadable evaluation cache entry, computed again")
     result = evaluation.evaluate(get_model(), tokenizer, harmful, harmless)
     os.makedirs(os.path.dirname(path), exist_ok=True)
     tmp = f"{path}.{os.getpid()}.tmp"  # runs sharing the cache may write the same entry at once
