@@ -166,11 +166,9 @@ def bad_teacher_pairs(run_dir):
         run_args = argparse.Namespace(**json.load(f))
     harmful = {e.prompt for e in train.load_pools(run_args).harmful}
     pairs = {}
-    with open(os.path.join(run_args.cache_dir, "responses.jsonl")) as f:
-        for line in f:
-            row = json.loads(line)
-            if row["model"] == bad_key and row["prompt"] in harmful and not data.is_refusal(row["response"]):
-                pairs[row["prompt"]] = row["response"]
+    for row in data.read_jsonl(os.path.join(run_args.cache_dir, "responses.jsonl")):
+        if row["model"] == bad_key and row["prompt"] in harmful and not data.is_refusal(row["response"]):
+            pairs[row["prompt"]] = row["response"]
     return sorted(pairs.items())
 
 

@@ -25,6 +25,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 import attack  # noqa: E402
+import data  # noqa: E402
 import train  # noqa: E402
 
 FIGURES = ("hs-vs-p", "hs-vs-steps", "hs-vs-shots", "loss-ablation", "schedule-ablation", "training-curves")
@@ -212,8 +213,7 @@ def training_curves(res, png):
     path = os.path.join(run_dir(res, "student"), "metrics.jsonl")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no {path}")
-    with open(path) as f:
-        rows = [json.loads(line) for line in f if line.strip()]
+    rows = data.read_jsonl(path)
     fig, (ax_loss, ax_gamma, ax_lr) = plt.subplots(1, 3, figsize=(13, 3.8))
     for level in sorted({r["level"] for r in rows}):
         for side, marker in (("harmful", "o"), ("harmless", "x")):

@@ -19,14 +19,55 @@ def response_mask(labels):
     return mask
 
 
+# Vocabulary-wide work (log-softmax over V = 49,152 for SmolLM2) runs on CHUNK_ROWS token positions
+# at a time, in fp32, reading the bf16 logits once: no full [B, T, V] fp32 copy is made or kept for
+# backward, and only response positions are computed. Backward recomputes each chunk's softmax.
+CHUNK_ROWS = 256
+
+
+def _rows(logits, mask):
+    """The logits as [B·T, V] rows and the flat indices of the positions where mask [B, T] is True."""
+    return logits.reshape(-1, logits.shape[-1]), mask.reshape(-1).nonzero().squeeze(-1)
+
+
+class _PickedLogps(torch.autograd.Function):
+    """log softmax(rows[i])[targets[i]] for the selected rows, chunk by chunk (see CHUNK_ROWS)."""
+
+    @staticmethod
+    def forward(ctx, logits, index, targets):
+        flat = logits.reshape(-1, logits.shape[-1])
+        out, lse = (torch.empty(len(index), dtype=torch.float32, device=logits.device) for _ in range(2))
+        for i in range(0, len(index), CHUNK_ROWS):
+            x = flat.index_select(0, index[i:i + CHUNK_ROWS]).float()
+            lse[i:i + CHUNK_ROWS] = torch.logsumexp(x, dim=-1)
+            out[i:i + CHUNK_ROWS] = x.gather(-1, targets[i:i + CHUNK_ROWS, None]).squeeze(-1) - lse[i:i + CHUNK_ROWS]
+        ctx.save_for_backward(logits, index, targets, lse)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        logits, index, targets, lse = ctx.saved_tensors
+        grad = torch.zeros(logits.shape, dtype=logits.dtype, device=logits.device)
+        flat, grad_flat = logits.reshape(-1, logits.shape[-1]), grad.view(-1, logits.shape[-1])
+        for i in range(0, len(index), CHUNK_ROWS):
+            rows, g = index[i:i + CHUNK_ROWS], grad_out[i:i + CHUNK_ROWS, None].float()
+            d = (flat.index_select(0, rows).float() - lse[i:i + CHUNK_ROWS, None]).exp_().mul_(-g)  # −g·softmax
+            d.scatter_add_(-1, targets[i:i + CHUNK_ROWS, None], g)                                  # +g at the target
+            grad_flat.index_copy_(0, rows, d.to(grad.dtype))
+        return grad, None, None
+
+
 def token_logps(logits, labels):
-    """log p(label_{t+1} | ≤t) for each response position, [B, T-1], 0 where ignored."""
-    logits = logits[:, :-1].float()
-    targets = labels[:, 1:]
-    keep = targets != IGNORE
-    picked = logits.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-    logps = picked - torch.logsumexp(logits, dim=-1)
-    return torch.where(keep, logps, 0.0)  # where, not *: padded positions may hold inf/nan
+    """log p(label_{t+1} | ≤t) for each response position, [B, T-1] fp32, 0 where ignored."""
+    keep = torch.zeros_like(labels, dtype=torch.bool)
+    keep[:, :-1] = labels[:, 1:] != IGNORE
+    _, index = _rows(logits, keep)
+    # position (b, t) predicts labels[b, t + 1]
+    flat_targets = torch.zeros(labels.numel(), dtype=torch.long, device=labels.device)
+    flat_targets.view(labels.shape)[:, :-1] = labels[:, 1:]
+    values = _PickedLogps.apply(logits, index, flat_targets[index].to(logits.device))
+    out = torch.zeros(labels.numel(), dtype=torch.float32, device=logits.device).index_put((index,), values)
+    return out.view(labels.shape)[:, :-1]
 
 
 def sequence_logps(logits, labels):
@@ -70,15 +111,56 @@ def _masked_mean(per_position, mask):
     return torch.where(mask, per_position, 0.0).sum() / mask.sum().clamp(min=1)
 
 
+class _RowKL(torch.autograd.Function):
+    """KL between the student's and the teacher's softmax(logits / τ) on the selected rows, chunk by
+    chunk (see CHUNK_ROWS): forward KL(p_T ‖ p_S), or reverse KL(p_S ‖ p_T). Gradient reaches the
+    student only:  forward  ∂/∂x = (p_S − p_T) / τ;  reverse  ∂/∂x = p_S (log p_S − log p_T − KL) / τ."""
+
+    @staticmethod
+    def forward(ctx, student, teacher, index, temperature, reverse):
+        s_flat, t_flat = student.reshape(-1, student.shape[-1]), teacher.reshape(-1, teacher.shape[-1])
+        out = torch.empty(len(index), dtype=torch.float32, device=student.device)
+        for i in range(0, len(index), CHUNK_ROWS):
+            rows = index[i:i + CHUNK_ROWS]
+            s = F.log_softmax(s_flat.index_select(0, rows).float() / temperature, dim=-1)
+            t = F.log_softmax(t_flat.index_select(0, rows).float() / temperature, dim=-1)
+            out[i:i + CHUNK_ROWS] = (s.exp() * (s - t)).sum(-1) if reverse else (t.exp() * (t - s)).sum(-1)
+        ctx.save_for_backward(student, teacher, index, out)
+        ctx.temperature, ctx.reverse = temperature, reverse
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        student, teacher, index, kl_rows = ctx.saved_tensors
+        tau = ctx.temperature
+        grad = torch.zeros(student.shape, dtype=student.dtype, device=student.device)
+        s_flat, t_flat = student.reshape(-1, student.shape[-1]), teacher.reshape(-1, teacher.shape[-1])
+        grad_flat = grad.view(-1, student.shape[-1])
+        for i in range(0, len(index), CHUNK_ROWS):
+            rows, g = index[i:i + CHUNK_ROWS], grad_out[i:i + CHUNK_ROWS, None].float() / tau
+            s = F.log_softmax(s_flat.index_select(0, rows).float() / tau, dim=-1)
+            t = F.log_softmax(t_flat.index_select(0, rows).float() / tau, dim=-1)
+            if ctx.reverse:
+                d = s.exp().mul_(s.sub_(t).sub_(kl_rows[i:i + CHUNK_ROWS, None])).mul_(g)
+            else:
+                d = s.exp_().sub_(t.exp_()).mul_(g)
+            grad_flat.index_copy_(0, rows, d.to(grad.dtype))
+        return grad, None, None, None, None
+
+
+def _row_kl_mean(student_logits, teacher_logits, mask, temperature, reverse):
+    _, index = _rows(student_logits, mask)
+    values = _RowKL.apply(student_logits, teacher_logits.detach(), index, temperature, reverse)
+    per_position = torch.zeros(mask.numel(), dtype=torch.float32, device=values.device).index_put((index,), values)
+    return _masked_mean(per_position.view(mask.shape), mask)
+
+
 def kl(student_logits, teacher_logits, mask, temperature=1.0):
     """Forward KL(p_T ‖ p_S) per position, mean over positions where mask is True:
 
         Σ_v p_T(v) [log p_T(v) − log p_S(v)],   p = softmax(logits / τ), no τ² factor.
     """
-    s = F.log_softmax(student_logits.float() / temperature, dim=-1)
-    t = F.log_softmax(teacher_logits.detach().float() / temperature, dim=-1)
-    per_position = (t.exp() * (t - s)).sum(-1)
-    return _masked_mean(per_position, mask)
+    return _row_kl_mean(student_logits, teacher_logits, mask, temperature, reverse=False)
 
 
 def kl_rev(student_logits, teacher_logits, mask, temperature=1.0):
@@ -86,10 +168,7 @@ def kl_rev(student_logits, teacher_logits, mask, temperature=1.0):
 
         Σ_v p_S(v) [log p_S(v) − log p_T(v)],   p = softmax(logits / τ), no τ² factor.
     """
-    s = F.log_softmax(student_logits.float() / temperature, dim=-1)
-    t = F.log_softmax(teacher_logits.detach().float() / temperature, dim=-1)
-    per_position = (s.exp() * (s - t)).sum(-1)
-    return _masked_mean(per_position, mask)
+    return _row_kl_mean(student_logits, teacher_logits, mask, temperature, reverse=True)
 
 
 def cb_reroute(student_hidden, ref_hidden, mask):
