@@ -9,10 +9,14 @@ memory-mapped cache (train.py --teacher-topk 64; the teacher is freed before the
 
 Each variant runs in its own subprocess, since peak RSS only grows within a process; the peak is
 taken over the steps alone (the high-water mark is reset after loading, where Linux allows it).
-"FLOP limit" is 6 · parameters · tokens at the bf16 matmul rate (a large torch.matmul) measured in
-the variant's own process just before its steps; the ratio says how many times slower than that
-bound a step is.
+"FLOP limit" counts every forward and backward a step runs: 6 · parameters · student tokens, plus
+2 · parameters · tokens for each frozen forward (the DPO reference on the same rows, the good
+teacher on the good rows when KL runs on the fly), at the bf16 matmul rate (a large torch.matmul)
+measured in the variant's own process just before its steps; the ratio says how many times slower
+than that bound a step is. For our variants a second table splits the step into phases, timed by
+wrapping train.forward (student / frozen), the loss functions, backward and the optimizer.
 """
+import collections
 import argparse
 import json
 import os
@@ -95,6 +99,8 @@ def run_one(variant, args):
     sequences = 2 if "dpo" in variant else 1
     tokens = sum(len(f["input_ids"]) for r in rows for f in r[1:1 + sequences])
 
+    frozen_tokens = 0
+    phases = collections.defaultdict(float)
     if variant.startswith("ours"):
         import schedule
         loss = {"ours-sft": "sft=1", "ours-dpo": "dpo=1"}.get(variant, "dpo=1,kl=1")
@@ -116,6 +122,11 @@ def run_one(variant, args):
         plan_step = schedule.Step(0, 0, list(range(len(rows))), [])
         frozen, cfg = train.Frozen(reference, teacher), train.StepConfig.from_args(targs)
         step = lambda: train.run_step(model, frozen, opt, plan_step, {"harmful": pool}, cfg, 1.0, 1e-6)
+        if "dpo" in variant:  # the reference runs on the good and bad rows
+            frozen_tokens += sum(len(f["input_ids"]) for r in rows for f in r[1:3])
+        if teacher is not None:  # the good teacher runs on the good rows
+            frozen_tokens += sum(len(r[1]["input_ids"]) for r in rows)
+        time_phases(phases, train, opt, teacher)
     elif variant == "plain-sft":
         import data
         batch = data.collate([r[1] for r in rows], tokenizer.pad_token_id or 0)
@@ -138,9 +149,36 @@ def run_one(variant, args):
         t = time.perf_counter()
         step()
         times.append(time.perf_counter() - t)
+        if i + 1 == args.warmup:
+            phases.clear()
     times = times[args.warmup:]
     return {"variant": variant, "seconds": sum(times) / len(times), "tokens": tokens, "params": n_params,
+            "bound_flops": 6 * n_params * tokens + 2 * n_params * frozen_tokens,
+            "phases": {k: v / args.steps for k, v in phases.items()},
             "peak_mib": rss_mib("VmHWM"), "peak_is_steps_only": reset, "flops": flops}
+
+
+def time_phases(phases, train, opt, teacher):
+    """Wraps what a step calls so that `phases` sums the seconds of each kind of work."""
+    import losses
+
+    def timed(name_of, fn):
+        def wrapper(*a, **k):
+            t = time.perf_counter()
+            try:
+                return fn(*a, **k)
+            finally:
+                phases[name_of(*a)] += time.perf_counter() - t
+        return wrapper
+
+    forward_name = lambda model, *_: ("student forward" if torch.is_grad_enabled() else
+                                      "teacher forward" if model is teacher else "reference forward")
+    train.forward = timed(forward_name, train.forward)
+    for name in ("sequence_logps", "dpo", "npo", "kl", "kl_rev", "kl_topk", "kl_rev_topk"):
+        setattr(losses, name, timed(lambda *a: "loss (forward)", getattr(losses, name)))
+    torch.Tensor.backward = timed(lambda *a: "backward", torch.Tensor.backward)
+    opt.accumulate = timed(lambda *a: "optimizer", opt.accumulate)
+    opt.step = timed(lambda *a: "optimizer", opt.step)
 
 
 def trl_dpo(model, tokenizer, rows, args, n_params, tokens):
@@ -177,6 +215,7 @@ def trl_dpo(model, tokenizer, rows, args, n_params, tokens):
         trainer.train()
     times = times[args.warmup:]
     return {"variant": "trl-dpo", "seconds": sum(times) / len(times), "tokens": tokens, "params": n_params,
+            "bound_flops": 6 * n_params * tokens,
             "peak_mib": rss_mib("VmHWM"), "peak_is_steps_only": reset, "flops": flops,
             "note": "reference log-probs precomputed before the timed steps, as ours"}
 
@@ -202,7 +241,7 @@ def main():
         if "skipped" in r:
             print(f"| {r['variant']} | skipped: {r['skipped']} | | | | | | |")
             continue
-        bound = 6 * r["params"] * r["tokens"] / r["flops"]
+        bound = r.get("bound_flops", 6 * r["params"] * r["tokens"]) / r["flops"]
         rel = f"{r['seconds'] / base:.2f}" if base else "-"
         print(f"| {r['variant']} | {r['seconds']:.2f} | {r['tokens']} | {r['tokens'] / r['seconds']:.0f} | {rel} | "
               f"{r['peak_mib']:.0f}{'' if r['peak_is_steps_only'] else ' (incl. load)'} | {r['flops'] / 1e9:.0f} | "
@@ -210,6 +249,15 @@ def main():
     for r in results:
         if r.get("note"):
             print(f"{r['variant']}: {r['note']}")
+    names = ["student forward", "reference forward", "teacher forward", "loss (forward)", "backward", "optimizer"]
+    timed = [r for r in results if r.get("phases")]
+    if timed:
+        print("\nseconds per step by phase (backward includes the losses' backward; other = the rest of the step)\n")
+        print("| variant | " + " | ".join(names) + " | other |")
+        print("| --- " * (len(names) + 2) + "|")
+        for r in timed:
+            cells = [r["phases"].get(n, 0.0) for n in names]
+            print(f"| {r['variant']} | " + " | ".join(f"{c:.2f}" for c in cells) + f" | {r['seconds'] - sum(cells):.2f} |")
 
 
 if __name__ == "__main__":
