@@ -107,9 +107,9 @@ def run_one(variant, args):
         targs = train.build_parser().parse_args(["--loss", loss, "--micro-batch", str(args.batch), "--lr", "1e-6",
                                                  "--max-response-tokens", str(args.seq)])
         import copy
-        # a bf16 copy of the base is the reference (as in train.py) and stands in for the good teacher
+        # a bf16 copy of the base is the reference (as in train.py); another stands in for the good teacher
         reference = teachers.cast_parameters(copy.deepcopy(model), torch.bfloat16).eval()
-        teacher = reference if "kl" in variant else None
+        teacher = copy.deepcopy(reference) if "kl" in variant else None
         opt = train.MasterWeightOptimizer(model, compute_dtype=torch.bfloat16, **train.optimizer_options(targs))
         pool = train.Pool([r[1] for r in rows], [r[2] for r in rows])
         if variant.endswith("-cached"):  # --teacher-topk 64: teacher run once before timing, then freed
