@@ -145,6 +145,14 @@ def compute_device(name="auto"):
     return device
 
 
+def attention_for(name, device):
+    """--attention as a transformers attention implementation: auto = eager on CPU (PyTorch's CPU
+    flash-attention backward is slow at these lengths; docs/results.md), sdpa elsewhere."""
+    if name != "auto":
+        return name
+    return "eager" if torch.device(device).type == "cpu" else "sdpa"
+
+
 def place(model, device, offloaded=False):
     """Where a model computes: all of it on `device`, or (offloaded, frozen models only) its decoder
     layers in CPU memory, each visiting `device` during its own forward (Offloader). The one place

@@ -222,6 +222,8 @@ def build_parser():
     g.add_argument("--device", default="auto",
                    help="where the student and the resident models compute: cpu, cuda, cuda:N, or auto (cuda when "
                         "available, else cpu; under torchrun cuda:LOCAL_RANK)")
+    g.add_argument("--attention", choices=("auto", "eager", "sdpa"), default="auto",
+                   help="attention implementation of every model in the run (auto: eager on CPU, sdpa on GPUs)")
     g.add_argument("--optim-state-device", choices=("same", "cpu"), default="same",
                    help="cpu: fp32 master weights and optimizer state in CPU memory when the model is on an "
                         "accelerator (on a CPU-only machine both are the same)")
@@ -1158,7 +1160,7 @@ def latest_checkpoint(out):
 # train.py flags that change a teacher's SFT itself. --micro-batch, --micro-tokens and --device only
 # change how the same gradient is summed, so runs that differ in them may share a teacher.
 TEACHER_SFT_FLAGS = ("teacher_epochs", "teacher_lr", "seed", "max_prompt_tokens", "max_response_tokens", "batch_size",
-                     "precision", "optimizer", "weight_decay", "clip")
+                     "precision", "optimizer", "weight_decay", "clip", "attention")
 # Flags that change only the training pairs (covered by their sha256): named when the pairs differ.
 PAIR_FLAGS = ("harmful", "harmless", "prompt_field", "test_fraction", "limit", "max_new_tokens")
 TEACHER_PAIR_FLAGS = {"good": PAIR_FLAGS + ("teacher_harmless_repeat",),
@@ -1289,6 +1291,8 @@ def load_base(args, log):
     check_model_flags(args, base)
     data.check_chat_template(tokenizer, args.model)
     device = teachers.compute_device(args.device)
+    # every model of a run computes attention the same way: the reference must match the student
+    base.set_attn_implementation(teachers.attention_for(args.attention, device))
     # in fp32 the compute copy is the base itself, unless offloading hooks would follow it into the student
     separate = args.precision == "bf16" or offloaded(args, "base")
     compute = teachers.place(compute_copy(base, args, device) if separate else base.to(device), device,
@@ -1360,6 +1364,7 @@ def prepare_teachers(args, base, harmful, harmless, log):
 def load_frozen(spec, args, device, role):
     """A teacher (bf16, eval mode) placed as --offload says; returns (model, key)."""
     model, _, key = teachers.load_model(spec)
+    model.set_attn_implementation(teachers.attention_for(args.attention, device))
     return teachers.place(model, device, offloaded(args, role)), key
 
 
@@ -1606,7 +1611,8 @@ def evaluate_frozen(key, get_model, tokenizer, harmful, harmless, args, device, 
     prompts, precision, device, generation limits, refusal markers and library versions. Runs that
     share teachers (figures.py's ablations) report the same rows without generating them again.
     `get_model()` is called only on a miss."""
-    ident = [key, base_key, tokenizer.chat_template, args.precision, device.type, teachers.MAX_NEW_TOKENS,
+    ident = [key, base_key, tokenizer.chat_template, args.precision, device.type,
+             teachers.attention_for(args.attention, device), teachers.MAX_NEW_TOKENS,
              teachers.MAX_PROMPT_TOKENS, teachers.TOKEN_BUDGET, list(data.REFUSAL_MARKERS),
              evaluation.settings()["degenerate"],
              torch.__version__, transformers.__version__, [e.prompt for e in harmful], [e.prompt for e in harmless]]

@@ -103,6 +103,7 @@ def run_one(variant, args):
     phases = collections.defaultdict(float)
     if variant.startswith("ours"):
         import schedule
+        model.set_attn_implementation(teachers.attention_for("auto", "cpu"))  # as train.py on a CPU
         loss = {"ours-sft": "sft=1", "ours-dpo": "dpo=1"}.get(variant, "dpo=1,kl=1")
         targs = train.build_parser().parse_args(["--loss", loss, "--micro-batch", str(args.batch), "--lr", "1e-6",
                                                  "--max-response-tokens", str(args.seq)])
