@@ -140,5 +140,7 @@ def test_pipeline_with_cache_and_grouping_trains_without_the_teacher(tiny_folder
     assert seen and all(g is None for g in seen)  # training never held the good teacher
     assert "good teacher" in out["results"]  # it is reloaded for the evaluation
     rows = [json.loads(l) for l in open(tmp_path / "metrics.jsonl")]
-    assert len(rows) == 4 and all(r[f"{side}_{kl}"] > -1e-6 for r in rows for side in ("harmful", "harmless")
-                                  for kl in ("kl", "kl_rev"))  # KLs, up to float error
+    # KLs, up to float error: the tiny teacher barely moved, so they are ~1e-6 and fp32 sums over
+    # 49,152 ids round by about as much
+    assert len(rows) == 4 and all(r[f"{side}_{kl}"] > -1e-5 for r in rows for side in ("harmful", "harmless")
+                                  for kl in ("kl", "kl_rev"))
