@@ -202,28 +202,28 @@ def add_attack_arguments(p):
                    "eval/attacks/<model>)")
     g.add_argument("--attack-p", type=evaluation.probability, nargs="+", default=[ATTACK_PROTOCOL["p"]],
                    help="harmful shares (sweep)")
-    g.add_argument("--attack-n", type=evaluation.positive, nargs="+", default=[ATTACK_PROTOCOL["n"]],
+    g.add_argument("--attack-n", type=schedule.positive, nargs="+", default=[ATTACK_PROTOCOL["n"]],
                    help="fine-tuning set sizes (sweep)")
     g.add_argument("--attack-lr", type=evaluation.positive_float, nargs="+", default=[ATTACK_PROTOCOL["lr"]],
                    help="learning rates (sweep)")
-    g.add_argument("--attack-epochs", type=evaluation.positive, default=ATTACK_PROTOCOL["epochs"])
-    g.add_argument("--attack-batch", type=evaluation.positive, default=ATTACK_PROTOCOL["batch"])
+    g.add_argument("--attack-epochs", type=schedule.positive, default=ATTACK_PROTOCOL["epochs"])
+    g.add_argument("--attack-batch", type=schedule.positive, default=ATTACK_PROTOCOL["batch"])
     g.add_argument("--attack-lora-r", type=schedule.nonnegative, default=0,
                    help="attack with LoRA adapters of this rank (0: all weights)")
     g.add_argument("--attack-micro-tokens", type=schedule.nonnegative, default=0, metavar="N",
                    help="split each attack batch into micro-batches of at most N padded tokens (0: 8 examples each)")
     g.add_argument("--attack-scale", type=evaluation.positive_float, default=1.0,
                    help="multiplies every --attack-n (e.g. 0.04 on a CPU)")
-    g.add_argument("--attack-max-new-tokens", type=evaluation.positive, default=teachers.MAX_NEW_TOKENS,
+    g.add_argument("--attack-max-new-tokens", type=schedule.positive, default=teachers.MAX_NEW_TOKENS,
                    help="answer length for HS during attacks (the keyword judge reads the opening)")
     g.add_argument("--attack-eval-every", type=schedule.nonnegative, default=0,
                    help="HS and FA every K attack steps for a curve (0: before and after only)")
     g.add_argument("--attack-task", default="arith", help="benign fine-tuning task, also scored as FA")
     g.add_argument("--attack-task-path", help="local file of the benign task")
-    g.add_argument("--attack-fa-n", type=evaluation.positive, default=100, help="FA test items")
+    g.add_argument("--attack-fa-n", type=schedule.positive, default=100, help="FA test items")
     g.add_argument("--shots", type=schedule.nonnegative, nargs="+", default=list(SHOTS_GRID),
                    help="in-context: numbers of shots k")
-    g.add_argument("--shots-max-tokens", type=evaluation.positive, default=INCONTEXT_MAX_TOKENS,
+    g.add_argument("--shots-max-tokens", type=schedule.positive, default=INCONTEXT_MAX_TOKENS,
                    help="in-context: prompt length limit (also capped by the model's context minus the answer)")
 
 

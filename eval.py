@@ -894,14 +894,6 @@ class OneLineParser(argparse.ArgumentParser):
 
 
 # argparse types: a value out of range stops at parse time with one line naming the flag.
-def positive(text):
-    """An int ≥ 1 (a count whose 0 would silently mean 'all' or 'nothing')."""
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be ≥ 1, got {value}")
-    return value
-
-
 def positive_float(text):
     value = float(text)
     if not (math.isfinite(value) and value > 0):
@@ -922,7 +914,7 @@ def add_model_arguments(p):
     p.add_argument("--harmful", nargs="+", help="harmful prompt files (default: built-in held-out set)")
     p.add_argument("--harmless", nargs="+", help="harmless prompt files (default: built-in held-out set)")
     p.add_argument("--prompt-field")
-    p.add_argument("--limit", type=positive, help="evaluate a seeded sample of N prompts of each pool, stratified by category")
+    p.add_argument("--limit", type=schedule.positive, help="evaluate a seeded sample of N prompts of each pool, stratified by category")
     p.add_argument("--seed", type=int, default=0, help="seed of the built-in train/test split")
     p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"))
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (cuda when available)")
@@ -955,14 +947,14 @@ def main(argv=None):
                    help="defaults of the HS flags below: offline (built-in, keyword) or published (BeaverTails, beaver-dam)")
     g.add_argument("--hs-set", help="harmful prompts for HS: builtin:test, a file or a hub name")
     g.add_argument("--hs-split", default=PUBLISHED_HS["split"], help="hub split of --hs-set")
-    g.add_argument("--hs-n", type=positive, help="first N prompts of the HS set (default: all; published: 1000)")
-    g.add_argument("--max-new-tokens", type=positive, help=f"HS answer length (default {MAX_NEW_TOKENS}; published 512)")
+    g.add_argument("--hs-n", type=schedule.positive, help="first N prompts of the HS set (default: all; published: 1000)")
+    g.add_argument("--max-new-tokens", type=schedule.positive, help=f"HS answer length (default {MAX_NEW_TOKENS}; published 512)")
     g.add_argument("--fa-task", choices=FA_TASKS, help="fine-tune accuracy on this task's eval set")
     g.add_argument("--fa-path", help="the FA task's file/folder/hub name (default: ../shared/data or the hub)")
-    g.add_argument("--fa-n", type=positive, default=200, help="FA eval examples")
+    g.add_argument("--fa-n", type=schedule.positive, default=200, help="FA eval examples")
     g.add_argument("--xstest", nargs="?", const="default", help="over-refusal on XSTest (optional: its CSV or hub name)")
     g.add_argument("--mc", nargs="+", help="multiple-choice sets: JSON/JSONL/CSV files or cais/wmdp:wmdp-bio, cais/mmlu:all")
-    g.add_argument("--mc-n", type=positive, help="first N items of each --mc set")
+    g.add_argument("--mc-n", type=schedule.positive, help="first N items of each --mc set")
     args = p.parse_args(argv)
     try:
         model, tokenizer, key, harmful, harmless = load_model_and_prompts(args)

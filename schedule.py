@@ -252,6 +252,14 @@ def nonnegative(text):
     return value
 
 
+def positive(text):
+    """argparse type: an int ≥ 1 (a count whose 0 would silently mean 'all' or 'nothing')."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be ≥ 1, got {value}")
+    return value
+
+
 def add_arguments(parser):
     g = parser.add_argument_group("schedule")
     g.add_argument("--epochs", type=int, default=2)
