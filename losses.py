@@ -27,9 +27,9 @@ def response_mask(labels):
 CHUNK_ROWS = 32
 
 
-def _rows(logits, mask):
-    """The logits as [B·T, V] rows and the flat indices of the positions where mask [B, T] is True."""
-    return logits.reshape(-1, logits.shape[-1]), mask.reshape(-1).nonzero().squeeze(-1)
+def _row_index(mask):
+    """Flat indices (rows of logits seen as [B·T, V]) of the positions where mask [B, T] is True."""
+    return mask.reshape(-1).nonzero().squeeze(-1)
 
 
 class _PickedLogps(torch.autograd.Function):
@@ -63,7 +63,7 @@ def token_logps(logits, labels):
     """log p(label_{t+1} | ≤t) for each response position, [B, T-1] fp32, 0 where ignored."""
     keep = torch.zeros_like(labels, dtype=torch.bool)
     keep[:, :-1] = labels[:, 1:] != IGNORE
-    _, index = _rows(logits, keep)
+    index = _row_index(keep)
     # position (b, t) predicts labels[b, t + 1]
     flat_targets = torch.zeros(labels.numel(), dtype=torch.long, device=labels.device)
     flat_targets.view(labels.shape)[:, :-1] = labels[:, 1:]
@@ -151,7 +151,7 @@ class _RowKL(torch.autograd.Function):
 
 
 def _row_kl_mean(student_logits, teacher_logits, mask, temperature, reverse):
-    _, index = _rows(student_logits, mask)
+    index = _row_index(mask)
     values = _RowKL.apply(student_logits, teacher_logits.detach(), index, temperature, reverse)
     per_position = torch.zeros(mask.numel(), dtype=torch.float32, device=values.device).index_put((index,), values)
     return _masked_mean(per_position.view(mask.shape), mask)

@@ -814,11 +814,10 @@ def term_sums(student, frozen, side, idx, pool, cfg, weights):
     if any(t in weights for t in READS_REFERENCE) or cb_layers:
         with torch.no_grad():
             ref = forward(frozen.reference, feats, keep=logits.shape[1], capture=cb_layers)
-        ref_logps = losses.sequence_logps(ref[0], labels)
+        ref_logps = losses.sequence_logps(ref[0], labels).to(logits.device)
     s = SequenceLogps(losses.sequence_logps(logits, labels), ref_logps, n,
                       n_response(bad).to(logits.device) if bad else None)
     if ref_logps is not None:
-        s.ref_good, s.ref_bad = s.ref_good.to(s.good.device), s.ref_bad.to(s.good.device)
         stats["good_logp_change"] = float((s.good.detach() - s.ref_good).sum())
         if bad:
             stats["bad_logp_change"] = float((s.bad.detach() - s.ref_bad).sum())
@@ -1119,8 +1118,7 @@ def save_checkpoint(path, model, tokenizer, opt, step, flags, canary=None, origi
                   os.path.join(tmp, "canary_store.safetensors"))
     with open(os.path.join(tmp, "args.json"), "w") as f:
         json.dump(flags, f, indent=2)
-    shutil.rmtree(path, ignore_errors=True)
-    os.replace(tmp, path)  # a checkpoint is either complete or absent
+    data.replace_folder(tmp, path)  # a checkpoint is either complete or absent
 
 
 def restore_rng(state):
@@ -1194,12 +1192,10 @@ class TeacherModels:
     answers: dict      # {"good" | "bad": (harmful answers, harmless answers)} on the training prompts
 
 
-class Log:
-    """Progress lines: printed above the progress bars on rank 0."""
-
-    def __call__(self, msg):
-        if is_main():
-            tqdm.write(msg)
+def log(msg):
+    """A progress line, printed above the progress bars on rank 0."""
+    if is_main():
+        tqdm.write(msg)
 
 
 def compute_dtype(args):
@@ -1565,7 +1561,7 @@ def main(argv=None):
 
 def run(args):
     """The whole pipeline: check → data → base → teachers → pools → student → plan → loop → save → evaluate."""
-    t_start, log = time.time(), Log()
+    t_start = time.time()
     check_args(args)
     dist_setup()
     args.out = os.path.normpath(args.out)  # runs/x/ and runs/x are one run: saved and current flags agree
@@ -1628,10 +1624,7 @@ def evaluate_frozen(key, get_model, tokenizer, harmful, harmless, args, device, 
         print(f"{path}: an unreadable evaluation cache entry, computed again")
     result = evaluation.evaluate(get_model(), tokenizer, harmful, harmless)
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = f"{path}.{os.getpid()}.tmp"  # runs sharing the cache may write the same entry at once
-    with open(tmp, "w") as f:
-        json.dump(result, f)
-    os.replace(tmp, path)  # a file that exists is complete
+    data.write_atomic(path, json.dumps(result))  # per-process temp: runs sharing the cache may write it at once
     return result
 
 

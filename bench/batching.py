@@ -21,7 +21,7 @@ def answers_of(run, model_key):
     path = os.path.join(run, "cache", "responses.jsonl")
     if not os.path.isfile(path):
         raise SystemExit(f"--run {run}: no cache/responses.jsonl (run train.py there first)")
-    rows = train.data.read_jsonl(path)
+    rows = data.read_jsonl(path)
     return {r["prompt"]: r["response"] for r in rows if r["model"] == model_key}
 
 
