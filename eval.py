@@ -99,6 +99,15 @@ def share(k, n, scale=1.0):
     return scale * k / max(n, 1), [scale * lo, scale * hi]
 
 
+def mcnemar(a, b):
+    """(only a true, only b true, two-sided exact McNemar p) for paired boolean outcomes on the same items."""
+    only_a = sum(bool(x) and not y for x, y in zip(a, b))
+    only_b = sum(bool(y) and not x for x, y in zip(a, b))
+    n = only_a + only_b
+    tail = sum(math.comb(n, k) for k in range(min(only_a, only_b) + 1)) / 2 ** n if n else 0.5
+    return only_a, only_b, min(1.0, 2 * tail)
+
+
 def cell(value, ci, scale=100.0):
     """A table cell: '75.0 % [59.8, 85.8]' (scale 100 for a 0-1 rate, 1 for a percent); '—' for none."""
     if value is None:
@@ -559,7 +568,8 @@ def over_refusal(model, tokenizer, prompts, max_new_tokens=MAX_NEW_TOKENS, n_sam
             "settings": {"judge": "keyword", "refusal_markers": list(REFUSAL_MARKERS), "decoding": "greedy",
                          "max_new_tokens": max_new_tokens},
             "samples": [{"prompt": p, "safe": s, "answer": a, "refused": r, "degenerate": d}
-                        for (p, s, _), a, r, d in list(zip(items, answers, refused, degenerate))[:n_samples]]}
+                        for (p, s, _), a, r, d in list(zip(items, answers, refused, degenerate))[:n_samples]],
+            "prompts": [p for p, _, _ in items], "safe": [s for _, s, _ in items], "refused": refused}
 
 
 # ---------------------------------------------------------------- FA (fine-tune accuracy)

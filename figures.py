@@ -14,9 +14,11 @@ refusal SFT), the good teacher and the student (default `train.py`). Every run s
 folder and one answer cache, so the teachers are built once. PNGs go to --out (docs/).
 """
 import argparse
+import concurrent.futures
 import glob
 import json
 import os
+import subprocess
 import sys
 
 import matplotlib
@@ -26,6 +28,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 import attack  # noqa: E402
 import data  # noqa: E402
+import eval as evaluation  # noqa: E402
+import schedule  # noqa: E402
 import train  # noqa: E402
 
 FIGURES = ("hs-vs-p", "hs-vs-steps", "hs-vs-shots", "loss-ablation", "schedule-ablation", "training-curves")
@@ -238,6 +242,359 @@ def _save(fig, png):
     print(f"wrote {png}")
 
 
+# ---------------------------------------------------------------- the ablation (docs/results.md#ablation)
+
+STRONGREJECT = os.path.join(evaluation.SHARED_DATA, "refusal_direction", "strongreject.json")
+# Rows: (label, train.py flags added to the default run; None: no training, the model is evaluated as it is).
+# The mechanisms are added alone to the default student; "lat" is the LAT_SWEEP row that the sweep picks.
+ABLATION_ROWS = {
+    "base": ("base model", None),
+    "good-teacher": ("good teacher", None),
+    "sft-baseline": ("SFT baseline (--loss sft=1)", ["--loss", "sft=1"]),
+    "student": ("student (default)", []),
+    "npo": ("+ NPO", ["--loss", "dpo=1,kl=1,npo=1"]),
+    "kl-rev": ("+ reverse KL", ["--loss", "dpo=1,kl=1,kl_rev=1"]),
+    "difficulty": ("+ levels by difficulty", ["--levels-by", "difficulty"]),
+    "cyclic": ("+ cyclic level sequence", ["--sequence", "cyclic"]),
+    "mixed": ("+ mixed level sequence", ["--sequence", "mixed"]),
+    "gamma": ("+ γ annealing (cosine 1 → 0.25)", ["--gamma-schedule", "cosine", "--gamma-end", "0.25"]),
+    "lat": ("+ LAT (sweep's pick)", None),
+    "cb": ("+ circuit breakers (α 1)", ["--cb-alpha", "1"]),
+    "canary-focus": ("+ canary focus", ["--canary-mode", "focus"]),
+    "canary-protect": ("+ canary protect", ["--canary-mode", "protect"]),
+    "harmless-dpo": ("+ harmless DPO against a refusal", ["--dpo-harmless", "refusal"]),
+}
+# ε per layer scale: a token embedding has norm ≈ 3, the residual stream at block 10 ≈ 150 (docs/training.md).
+LAT_SWEEP = {
+    "lat-emb-0.1": ["--lat-eps", "0.1", "--lat-layers", "0"],
+    "lat-emb-0.3": ["--lat-eps", "0.3", "--lat-layers", "0"],
+    "lat-b10-4": ["--lat-eps", "4", "--lat-layers", "10"],
+    "lat-b10-8": ["--lat-eps", "8", "--lat-layers", "10"],
+}
+FIXED_ROWS = ("base", "good-teacher", "sft-baseline", "student")
+ATTACK_PS = (0.0, 0.1)
+# quick: the embedded model on a 2-core CPU; full: the default run's training and the big held-out sets
+# (StrongREJECT 313, XSTest 250 safe, FA 200), the attack at Booster's lr 1e-5 (docs/results.md says why).
+ABLATION_SIZES = {
+    "quick": {"train": ["--limit", "64", "--epochs", "1"], "hs_n": 100, "max_new_tokens": 32, "fa_n": 100,
+              "attack": {"n": 40, "epochs": 2, "batch": 10, "lr": 1e-4, "eval_every": 2, "hs_n": 40, "fa_n": 40},
+              "shots": [0, 4]},
+    "full": {"train": [], "hs_n": None, "max_new_tokens": 64, "fa_n": 200,
+             "attack": {"n": 100, "epochs": 10, "batch": 10, "lr": 1e-5, "eval_every": 20, "hs_n": 100, "fa_n": 100},
+             "shots": [0, 8]},
+}
+
+
+def row_cell(res, base, row, seed, lat_pick=None):
+    """(cell name, train.py flags or None for a model evaluated as it is, the model evaluated)."""
+    if row == "base":
+        return "base", None, base
+    if row == "good-teacher":
+        return "good-teacher", None, os.path.join(res, "teachers", "good")
+    name = lat_pick if row == "lat" else row
+    flags = LAT_SWEEP[name] if name in LAT_SWEEP else ABLATION_ROWS[name][1]
+    cell = f"{name}-s{seed}"
+    return cell, flags, os.path.join(run_dir(res, cell), "student")
+
+
+def hs_set(res, size):
+    """The harmful prompts of HS: all of StrongREJECT, or a category-stratified sample written once."""
+    n = ABLATION_SIZES[size]["hs_n"]
+    if not n:
+        return STRONGREJECT
+    path = os.path.join(res, f"strongreject_{n}.jsonl")
+    if not os.path.isfile(path):
+        sample = data.stratified_sample(data.load_examples(STRONGREJECT, "harmful"), n, 0)
+        os.makedirs(res, exist_ok=True)
+        data.write_atomic(path, "".join(json.dumps({"prompt": e.prompt, "category": e.category}) + "\n"
+                                        for e in sample))
+    return path
+
+
+def cell_commands(res, size, base, cell, flags, model, seed, device):
+    """[(script, argv, the output that marks it done)] of one cell: train (unless flags is None),
+    evaluate, fine-tuning attacks at p = 0 and 0.1 with a curve, the in-context attack."""
+    sz, a = ABLATION_SIZES[size], ABLATION_SIZES[size]["attack"]
+    out, run = os.path.join(res, "cells", cell), run_dir(res, cell)
+    cmds = []
+    if flags is not None:
+        cmds.append(("train.py", ["--model", base, "--out", run, "--teacher-dir", os.path.join(res, "teachers"),
+                                  "--cache-dir", os.path.join(res, "cache"), "--seed", str(seed), "--data-seed", "0",
+                                  "--no-eval", "--overwrite", "--device", device, *sz["train"], *flags],
+                     os.path.join(run, "student", "config.json")))
+    common = ["--model", model, "--device", device]
+    cmds.append(("eval.py", [*common, "--hs-set", hs_set(res, size), "--max-new-tokens", str(sz["max_new_tokens"]),
+                             "--xstest", "--fa-task", "arith", "--fa-n", str(sz["fa_n"]),
+                             "--out", os.path.join(out, "eval.json")], os.path.join(out, "eval.json")))
+    attack_common = [*common, "--attack-data", run_dir(res, "student-s0"), "--harmful", STRONGREJECT,
+                     "--limit", str(a["hs_n"]), "--attack-max-new-tokens", "32", "--attack-out",
+                     os.path.join(out, "attacks")]
+    cmds.append(("attack.py", ["finetune", *attack_common, "--attack-p", *map(str, ATTACK_PS),
+                               "--attack-n", str(a["n"]), "--attack-lr", str(a["lr"]), "--attack-epochs",
+                               str(a["epochs"]), "--attack-batch", str(a["batch"]), "--attack-eval-every",
+                               str(a["eval_every"]), "--attack-fa-n", str(a["fa_n"]), "--attack-micro-tokens", "512"],
+                 os.path.join(out, "attacks", attack.attack_filename(ATTACK_PS[-1], a["n"], a["lr"]))))
+    cmds.append(("attack.py", ["incontext", *attack_common, "--shots", *map(str, sz["shots"])],
+                 os.path.join(out, "attacks", "incontext.json")))
+    return cmds
+
+
+def run_cell(res, commands, log_path, threads):
+    """Run a cell's commands in order as subprocesses (their argv is in each result's JSON), skipping
+    those whose output exists; output goes to log_path. Returns None or the failure."""
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "TOKENIZERS_PARALLELISM": "false"}
+    here = os.path.dirname(os.path.abspath(__file__))
+    with open(log_path, "a") as log_file:
+        for script, argv, done in commands:
+            if os.path.isfile(done):
+                continue
+            log_file.write(f"$ python {script} {' '.join(argv)}\n")
+            log_file.flush()
+            proc = subprocess.run([sys.executable, os.path.join(here, script), *argv], stdout=log_file,
+                                  stderr=subprocess.STDOUT, env=env)
+            if proc.returncode:
+                return f"python {script} exited {proc.returncode} (log: {log_path})"
+    return None
+
+
+def run_cells(res, jobs, cells):
+    """cells: [(name, commands)] run `jobs` at a time; a failed cell is reported and the others go on.
+    Returns the names of the failed cells."""
+    os.makedirs(os.path.join(res, "logs"), exist_ok=True)
+    threads = max(1, (os.cpu_count() or 1) // jobs)
+    with concurrent.futures.ThreadPoolExecutor(jobs) as pool:
+        futures = {pool.submit(run_cell, res, cmds, os.path.join(res, "logs", f"{name}.log"), threads): name
+                   for name, cmds in cells}
+        failed = []
+        for future in concurrent.futures.as_completed(futures):
+            failure = future.result()
+            print(f"[ablation] {futures[future]}: {failure or 'done'}", flush=True)
+            failed += [futures[future]] if failure else []
+    return failed
+
+
+def run_ablation(res, size, base, seeds, jobs, device):
+    """Every cell: the default student of seed 0 alone first (it builds the shared teachers, and its bad
+    teacher's answers are the attack data), then every row and the LAT sweep (first seed) in parallel,
+    then the sweep's pick at the other seeds, then the best combination at every seed."""
+    def cells(rows_seeds, pick=None):
+        out = {}
+        for row, seed in rows_seeds:
+            cell, flags, model = row_cell(res, base, row, seed, pick)
+            out[cell] = cell_commands(res, size, base, cell, flags, model, seed, device)
+        return list(out.items())
+    if run_cells(res, 1, cells([("student", 0)])):
+        raise RuntimeError(f"the first run failed: every other cell needs its teachers (log: {res}/logs/student-s0.log)")
+    run_cells(res, jobs, cells([(r, s) for r in ABLATION_ROWS if r != "lat" for s in seeds]
+                               + [(r, seeds[0]) for r in LAT_SWEEP]))
+    pick = lat_pick(res, seeds[0])
+    if pick:
+        run_cells(res, jobs, cells([("lat", s) for s in seeds], pick))
+    combo = combination(ablation_stats(res, base, seeds, pick), pick)
+    if combo:
+        run_cells(res, jobs, [(f"combination-s{s}", cell_commands(res, size, base, f"combination-s{s}", combo,
+                                                                   os.path.join(run_dir(res, f"combination-s{s}"),
+                                                                                "student"), s, device))
+                              for s in seeds])
+    return pick
+
+
+BINARY = {"hs": "HS", "xstest": "over-refusal (XSTest)", "attack_p0": "HS after attack p = 0",
+          "attack_p0.1": "HS after attack p = 0.1", "incontext": "in-context HS"}
+PAIRED = ("hs", "xstest", "attack_p0", "attack_p0.1")   # paired against the default student
+
+
+def cell_outcomes(res, cell):
+    """Per-prompt outcomes (True = harmful answer, or refusal of a safe XSTest prompt; None: the attack
+    diverged) and the cell's other numbers; None while any of its results is missing."""
+    out = os.path.join(res, "cells", cell)
+    paths = {"eval": os.path.join(out, "eval.json"), "incontext": os.path.join(out, "attacks", "incontext.json")}
+    for p in ATTACK_PS:
+        found = glob.glob(os.path.join(out, "attacks", f"finetune_p{p:g}_n*.json"))
+        paths[f"attack_p{p:g}"] = found[0] if len(found) == 1 else ""
+    if not all(os.path.isfile(p) for p in paths.values()):
+        return None
+    m = load_json(paths["eval"])["metrics"]
+    x = m["xstest"]
+    o = {"hs": m["hs"]["harmful"], "refusal": m["hs"]["refusal"], "fa": m["fa"]["fa"], "fa_n": m["fa"]["n"],
+         "xstest": [r for r, safe in zip(x["refused"], x["safe"]) if safe]}
+    for p in ATTACK_PS:
+        r = load_json(paths[f"attack_p{p:g}"])["result"]
+        last = r["curve"][-1]
+        o[f"attack_p{p:g}"] = None if last.get("diverged") else last["hs"]["harmful"]
+        o[f"auc_p{p:g}"] = r["hs_auc"]
+    point = load_json(paths["incontext"])["result"]["points"][-1]
+    o["incontext"], o["k"] = point["harmful"], point["k"]
+    return o
+
+
+def row_cells(res, base, row, seeds, pick):
+    if row == "combination":
+        return [(s, f"combination-s{s}") for s in seeds]
+    if row == "lat" and not pick:
+        return []
+    cells = {row_cell(res, base, row, s, pick)[0]: s for s in seeds}
+    return [(s, c) for c, s in cells.items()]
+
+
+def ablation_stats(res, base, seeds, pick):
+    """{row: numbers} for every row with finished cells: each binary metric pooled over the row's seeds
+    (rate and 95 % Wilson interval over seeds × prompts) and per seed, FA and HS-AUC per seed and their
+    mean, and exact McNemar tests against the default student on the same prompts, seed by seed pooled
+    (a row of one model, base or good teacher, is paired with every seed of the student)."""
+    outcomes = {}
+    for row in [*ABLATION_ROWS, *LAT_SWEEP, "combination"]:
+        found = [(s, cell_outcomes(res, c)) for s, c in row_cells(res, base, row, seeds, pick)]
+        found = [(s, o) for s, o in found if o is not None]
+        if found:
+            outcomes[row] = found
+    student = dict(outcomes.get("student", []))
+    stats = {}
+    for row, found in outcomes.items():
+        st = {"seeds": [s for s, _ in found], "label": ABLATION_ROWS.get(row, (row,))[0]}
+        for key in BINARY:
+            flags = [o[key] for _, o in found]
+            st[key + "_per_seed"] = [None if f is None else 100 * sum(f) / len(f) for f in flags]
+            if any(f is None for f in flags):
+                st[key], st[key + "_ci"] = None, None   # a diverged attack: no rate
+                continue
+            pooled = [v for f in flags for v in f]
+            st[key], st[key + "_ci"] = evaluation.share(sum(pooled), len(pooled), 100)
+            st[key + "_n"] = len(pooled)
+        for key in ("fa", "refusal", *(f"auc_p{p:g}" for p in ATTACK_PS)):
+            values = [o[key] for _, o in found]
+            st[key + "_per_seed"] = values
+            st[key] = None if None in values else sum(values) / len(values)
+        st["k"] = found[0][1]["k"]
+        st["paired"] = {}
+        if row != "student" and student:
+            one_model = len(found) == 1 and row in ("base", "good-teacher")
+            pairs = [(found[0][1] if one_model else o, student[s]) for s, o in
+                     ([(s, None) for s in student] if one_model else found) if s in student]
+            for key in PAIRED:
+                a = [v for r, _ in pairs if r[key] is not None for v in r[key]]
+                b = [v for r, s_o in pairs if r[key] is not None for v in s_o[key]]
+                if a and len(a) == len(b) and all(s_o[key] is not None for _, s_o in pairs):
+                    only_row, only_student, p = evaluation.mcnemar(a, b)
+                    st["paired"][key] = {"only_row": only_row, "only_student": only_student, "p": p,
+                                         "n": len(a), "seeds": len(pairs)}
+        stats[row] = st
+    return stats
+
+
+def verdict(paired):
+    """'better' / 'worse' (p < 0.05; lower is better for every paired metric) or 'not resolved'."""
+    if not paired or paired["p"] >= 0.05:
+        return "not resolved"
+    return "better" if paired["only_row"] < paired["only_student"] else "worse"
+
+
+def lat_pick(res, seed):
+    """The LAT sweep's setting with the lowest HS after the p = 0.1 attack (then lowest HS), at one seed."""
+    scored = []
+    for name in LAT_SWEEP:
+        o = cell_outcomes(res, f"{name}-s{seed}")
+        if o and o["attack_p0.1"] is not None:
+            scored.append((sum(o["attack_p0.1"]), sum(o["hs"]), name))
+    return min(scored)[2] if scored else None
+
+
+def combination(stats, pick):
+    """train.py flags of every mechanism that is better than the default student on HS or HS after the
+    p = 0.1 attack (paired p < 0.05) and not worse on XSTest over-refusal; [] when none is."""
+    chosen = []
+    for row, st in stats.items():
+        if row in FIXED_ROWS or row in LAT_SWEEP or row == "combination":
+            continue
+        helps = any(verdict(st["paired"].get(k)) == "better" for k in ("hs", "attack_p0.1"))
+        if helps and verdict(st["paired"].get("xstest")) != "worse":
+            chosen.append(row)
+    losses, flags = {}, {}
+    for row in chosen:
+        row_flags = LAT_SWEEP[pick] if row == "lat" else ABLATION_ROWS[row][1]
+        for flag, value in zip(row_flags[::2], row_flags[1::2]):
+            if flag == "--loss":
+                losses.update(train.parse_loss(value))
+            else:
+                flags[flag] = value
+    if losses:
+        flags["--loss"] = ",".join(f"{k}={v:g}" for k, v in {**train.parse_loss("dpo=1,kl=1"), **losses}.items())
+    return [v for kv in flags.items() for v in kv]
+
+
+def _rate(st, key):
+    return "diverged" if st.get(key + "_per_seed") and st[key] is None else evaluation.cell(st[key], st[key + "_ci"], 1)
+
+
+def _p(st, key):
+    paired = st["paired"].get(key)
+    if not paired:
+        return "—"
+    v = verdict(paired)
+    return f"{paired['p']:.2g}" + ("" if v == "not resolved" else f" ({v})")
+
+
+def ablation_markdown(stats, pick, combo, size):
+    """The ablation table (pooled rates with 95 % Wilson intervals, paired p against the student) and
+    the per-seed table."""
+    k = next(iter(stats.values()))["k"] if stats else "?"
+    head = ("| row | seeds | HS ↓ | refusal ↑ | over-refusal XSTest ↓ | FA ↑ | HS after attack p=0 ↓ | "
+            f"HS after attack p=0.1 ↓ | HS-AUC p=0.1 ↓ | in-context HS k={k} ↓ | "
+            "paired p vs student: HS / XSTest / p=0 / p=0.1 |")
+    lines = [head, "|" + " --- |" * 11]
+    for row, st in stats.items():
+        label = st["label"] + (f" ({pick})" if row == "lat" else f" ({' '.join(combo)})" if row == "combination" else "")
+        mean = lambda key: "—" if st[key] is None else f"{st[key]:.1f}"
+        lines.append(f"| {label} | {len(st['seeds'])} | {_rate(st, 'hs')} | {mean('refusal')} | "
+                     f"{_rate(st, 'xstest')} | {mean('fa')} | {_rate(st, 'attack_p0')} | {_rate(st, 'attack_p0.1')} | "
+                     f"{mean('auc_p0.1')} | {_rate(st, 'incontext')} | "
+                     + " / ".join(_p(st, key) for key in PAIRED) + " |")
+    seeds = ["| row | seed | HS | over-refusal | FA | after p=0 | after p=0.1 | AUC p=0.1 | in-context |",
+             "|" + " --- |" * 9]
+    fmt = lambda v: "diverged" if v is None else f"{v:.1f}"
+    for row, st in stats.items():
+        for i, seed in enumerate(st["seeds"]):
+            seeds.append(f"| {row} | {seed} | " + " | ".join(fmt(st[key + "_per_seed"][i]) for key in
+                         ("hs", "xstest", "fa", "attack_p0", "attack_p0.1", "auc_p0.1", "incontext")) + " |")
+    return (f"Ablation ({size} size); rates in % pooled over seeds × prompts with 95 % Wilson intervals; "
+            f"FA, refusal and AUC are means over seeds; p: exact McNemar against the default student, "
+            f"seeds paired and pooled.\n\n" + "\n".join(lines) + "\n\nPer seed:\n\n" + "\n".join(seeds) + "\n")
+
+
+def ablation_figure(stats, png):
+    """HS after the p = 0.1 attack against XSTest over-refusal, one point per row, 95 % interval bars."""
+    fig, ax = plt.subplots(figsize=(7.5, 5.5))
+    for i, (row, st) in enumerate(stats.items()):
+        if st["xstest"] is None or st["attack_p0.1"] is None or row in LAT_SWEEP:
+            continue
+        x, y = st["xstest"], st["attack_p0.1"]
+        bar = lambda v, ci: [[max(0.0, v - ci[0])], [max(0.0, ci[1] - v)]]   # rounding can cross the point
+        ax.errorbar(x, y, xerr=bar(x, st["xstest_ci"]), yerr=bar(y, st["attack_p0.1_ci"]),
+                    fmt="o", color=f"C{i % 10}", capsize=3, label=st["label"])
+    ax.set(xlabel="over-refusal on XSTest's safe prompts (%) ↓", ylabel="HS after the p = 0.1 attack (%) ↓",
+           title="safer after attack vs. over-refusal (95 % intervals)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="best")
+    _save(fig, png)
+
+
+def ablation(res, out, size, base, seeds, jobs, device, run_missing):
+    pick = run_ablation(res, size, base, seeds, jobs, device) if run_missing else lat_pick(res, seeds[0])
+    stats = ablation_stats(res, base, seeds, pick)
+    if not stats:
+        raise FileNotFoundError(f"no finished ablation cell in {res}/cells")
+    combo = combination(stats, pick)
+    table = ablation_markdown(stats, pick, combo, size)
+    data.write_atomic(os.path.join(res, "ablation.json"), json.dumps(
+        {"stats": stats, "lat_pick": pick, "combination": combo, "size": size, "sizes": ABLATION_SIZES[size],
+         "seeds": seeds, "rows": {r: ABLATION_ROWS[r][1] for r in ABLATION_ROWS}, "lat_sweep": LAT_SWEEP}, indent=1))
+    data.write_atomic(os.path.join(res, "ablation.md"), table)
+    print(table)
+    png = os.path.join(out, "ablation.png")
+    ablation_figure(stats, png)
+    return png
+
+
 def make(figure, res, out, size, base, run_missing):
     png = os.path.join(out, f"{figure}.png")
     if figure in ("hs-vs-p", "hs-vs-steps"):
@@ -269,19 +626,26 @@ def make(figure, res, out, size, base, run_missing):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("figure", choices=(*FIGURES, "all"))
+    p.add_argument("figure", choices=(*FIGURES, "all", "ablation"), help="ablation: the table and figure of "
+                   "every mechanism, ≥ 3 seeds (not part of all)")
     p.add_argument("--quick", action="store_true", help="CPU sizes (see SIZES in figures.py)")
     p.add_argument("--results", help="results folder (default: runs/figures-quick with --quick, else runs/figures)")
     p.add_argument("--out", default="docs", help="folder of the PNGs")
     p.add_argument("--model", default="smollm2-135m", help="the base model")
     p.add_argument("--no-run", action="store_true", help="only render what is saved; never train or attack")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="ablation: student seeds")
+    p.add_argument("--jobs", type=schedule.positive, default=1, help="ablation: cells run at a time")
+    p.add_argument("--device", default="cpu", help="ablation: device of every run (cpu, cuda, auto)")
     args = p.parse_args(argv)
     size = "quick" if args.quick else "full"
-    res = args.results or os.path.join("runs", "figures-quick" if args.quick else "figures")
     try:
+        if args.figure == "ablation":
+            res = args.results or os.path.join("runs", "ablation-quick" if args.quick else "ablation")
+            return [ablation(res, args.out, size, args.model, args.seeds, args.jobs, args.device, not args.no_run)]
+        res = args.results or os.path.join("runs", "figures-quick" if args.quick else "figures")
         return [make(f, res, args.out, size, args.model, not args.no_run)
                 for f in (FIGURES if args.figure == "all" else [args.figure])]
-    except (FileNotFoundError, KeyError) as e:
+    except (FileNotFoundError, KeyError, RuntimeError) as e:
         sys.exit(f"error: {e}")
 
 

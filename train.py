@@ -99,6 +99,8 @@ def check_args(args):
         value = getattr(args, name, None)
         if value is not None and (not math.isfinite(value) or not ok(value)):
             raise ValueError(f"--{name.replace('_', '-')} must be {what}, got {value}")
+    if args.data_seed is None:
+        args.data_seed = args.seed
     if args.resume and args.overwrite:
         raise ValueError("--resume and --overwrite: choose one")
     if args.lora_r and args.canary_mode != "off":
@@ -131,6 +133,9 @@ def build_parser():
     g.add_argument("--prompt-field", help="prompt field name, when it is not one data.PROMPT_FIELDS knows")
     g.add_argument("--test-fraction", type=float, default=0.2)
     g.add_argument("--limit", type=int, help="use at most N training prompts per pool")
+    g.add_argument("--data-seed", type=int,
+                   help="seed of the train/test split, the --limit sample and the teachers' SFT (default: "
+                        "--seed); fix it to vary only the student's training over seeds")
     g = p.add_argument_group("teachers")
     g.add_argument("--good-teacher", default="align", help="'align' (refusal SFT of the base) or a model")
     g.add_argument("--bad-teacher", default="break",
@@ -1157,7 +1162,7 @@ def latest_checkpoint(out):
 
 # train.py flags that change a teacher's SFT itself. --micro-batch, --micro-tokens and --device only
 # change how the same gradient is summed, so runs that differ in them may share a teacher.
-TEACHER_SFT_FLAGS = ("teacher_epochs", "teacher_lr", "seed", "max_prompt_tokens", "max_response_tokens", "batch_size",
+TEACHER_SFT_FLAGS = ("teacher_epochs", "teacher_lr", "data_seed", "max_prompt_tokens", "max_response_tokens", "batch_size",
                      "precision", "optimizer", "weight_decay", "clip", "attention")
 # Flags that change only the training pairs (covered by their sha256): named when the pairs differ.
 PAIR_FLAGS = ("harmful", "harmless", "prompt_field", "test_fraction", "limit", "max_new_tokens")
@@ -1219,9 +1224,9 @@ def offloaded(args, model):
 def load_pools(args):
     fields = {"prompt_field": args.prompt_field}
     harmful_train, harmful_test = data.load_pool("harmful", args.harmful, args.harmful_test, args.test_fraction,
-                                                 args.seed, args.limit, **fields)
+                                                 args.data_seed, args.limit, **fields)
     harmless_train, harmless_test = data.load_pool("harmless", args.harmless, args.harmless_test,
-                                                   args.test_fraction, args.seed, args.limit, **fields)
+                                                   args.test_fraction, args.data_seed, args.limit, **fields)
     return Prompts(harmful_train, harmless_train, harmful_test, harmless_test)
 
 
@@ -1312,7 +1317,7 @@ def teacher_sft(args, base, pairs, desc):
                             max_response_tokens=args.max_response_tokens, micro_tokens=args.micro_tokens)
     return sft(compute_copy(base.fp32, args, base.device), features, epochs=args.teacher_epochs, lr=args.teacher_lr,
                batch_size=args.batch_size, micro_batch=args.micro_batch, micro_tokens=args.micro_tokens,
-               seed=args.seed, clip=args.clip, optimizer=args.optimizer, weight_decay=args.weight_decay,
+               seed=args.data_seed, clip=args.clip, optimizer=args.optimizer, weight_decay=args.weight_decay,
                compute_dtype=compute_dtype(args), state_device=args.optim_state_device, desc=desc)
 
 
@@ -1342,12 +1347,12 @@ def prepare_teachers(args, base, harmful, harmless, log):
             f"{evaluation.response_stats(base_harmful)['refusal_rate']:.1%} of harmful training prompts)")
     elif args.bad_teacher in ("auto", "break"):
         pairs = teachers.bad_pairs(harmful, base_harmful, harmless, base_harmless, break_data=args.break_data,
-                                   bad_harmless=args.bad_harmless, seed=args.seed)
+                                   bad_harmless=args.bad_harmless, seed=args.data_seed)
         bad, bad_key = built("bad", pairs, "bad teacher (break SFT)")
     else:
         bad, bad_key = load_frozen(args.bad_teacher, args, base.device, "bad")
     if args.good_teacher == "align":
-        pairs = teachers.align_pairs(harmful, harmless, base_harmless, seed=args.seed,
+        pairs = teachers.align_pairs(harmful, harmless, base_harmless, seed=args.data_seed,
                                      harmless_repeat=args.teacher_harmless_repeat)
         good, good_key = built("good", pairs, "good teacher (refusal SFT)")
     else:
@@ -1373,7 +1378,7 @@ def evaluate_teachers(args, found, harmless, log):
     if is_main():
         data.write_atomic(os.path.join(args.out, "teacher_eval.json"), json.dumps(
             {"report": report, "models": found.keys, "prompts": "training prompts",
-             "settings": evaluation.settings(seed=args.seed)}, indent=2))
+             "settings": evaluation.settings(seed=args.seed, data_seed=args.data_seed)}, indent=2))
     log("teacher evaluation on the training prompts:\n" + teacher_table(report))
     evaluation.check_teachers(report, args.force)
     return report
@@ -1523,8 +1528,8 @@ def evaluate_run(args, student, student_dir, base, found, prompts, report, t_sta
     """Base, teachers and student on the held-out prompts (eval.json, eval.md); frozen models'
     rows come from the evaluation cache when another run computed them."""
     student.eval()
-    test_h = data.stratified_sample(prompts.harmful_test, args.eval_limit, args.seed)
-    test_b = data.stratified_sample(prompts.harmless_test, args.eval_limit, args.seed)
+    test_h = data.stratified_sample(prompts.harmful_test, args.eval_limit, args.data_seed)
+    test_b = data.stratified_sample(prompts.harmless_test, args.eval_limit, args.data_seed)
     good_path = os.path.join(args.teacher_dir, "good") if args.good_teacher == "align" else args.good_teacher
     # the good teacher was freed for training by --teacher-topk: reloaded only on a cache miss
     get_good = lambda: found.good if not args.teacher_topk else load_frozen(good_path, args, base.device, "good")[0]
@@ -1536,7 +1541,7 @@ def evaluate_run(args, student, student_dir, base, found, prompts, report, t_sta
     rows["student"] = evaluation.evaluate(student, base.tokenizer, test_h, test_b)
     table = evaluation.markdown_table(rows)
     payload = {"results": rows, "teacher_eval_on_training_prompts": report, "settings": evaluation.settings(
-        model=args.model, models={"base": base.key, **found.keys, "student": student_dir}, seed=args.seed,
+        model=args.model, models={"base": base.key, **found.keys, "student": student_dir}, seed=args.seed, data_seed=args.data_seed,
         data={"harmful_test": args.harmful_test or args.harmful or "builtin:test",
               "harmless_test": args.harmless_test or args.harmless or "builtin:test",
               "builtin_sha256": data.file_sha256(data.BUILTIN),

@@ -6,7 +6,6 @@ same prompts: XSTest's 250 safe prompts (over-refusal) and the built-in held-out
 """
 import argparse
 import json
-import math
 import os
 import sys
 
@@ -16,15 +15,6 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import data  # noqa: E402
 import eval as evaluation  # noqa: E402
 import teachers  # noqa: E402
-
-
-def mcnemar(a, b):
-    """(only a refuses, only b refuses, two-sided exact McNemar p) for paired refusal lists."""
-    only_a = sum(x and not y for x, y in zip(a, b))
-    only_b = sum(y and not x for x, y in zip(a, b))
-    n = only_a + only_b
-    tail = sum(math.comb(n, k) for k in range(min(only_a, only_b) + 1)) / 2 ** n if n else 0.5
-    return only_a, only_b, min(1.0, 2 * tail)
 
 
 def main():
@@ -45,7 +35,7 @@ def main():
     for key in sets:
         for i, a in enumerate(args.models):
             for b in args.models[i + 1:]:
-                only_a, only_b, pval = mcnemar(refused[(a, key)], refused[(b, key)])
+                only_a, only_b, pval = evaluation.mcnemar(refused[(a, key)], refused[(b, key)])
                 print(f"{key}: {a} vs {b}: only the first refuses {only_a}, only the second {only_b}, "
                       f"exact McNemar p = {pval:.2g}")
     if args.out:

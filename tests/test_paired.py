@@ -1,10 +1,7 @@
-import os
-import sys
 
 import pytest
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench"))
-from paired_refusals import mcnemar  # noqa: E402
+from eval import mcnemar
 
 
 def test_exact_mcnemar_against_hand_computed_binomial_tails():
