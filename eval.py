@@ -518,7 +518,7 @@ def load_hs_set(spec=HS_SET, n=HS_N, seed=0, split=PUBLISHED_HS["split"]):
     return prompts[:n] if n else prompts
 
 
-XSTEST = os.path.join(data.HERE, "..", "shared", "data", "xstest", "xstest_prompts.csv")
+XSTEST = os.path.join(data.HERE, "xstest", "xstest_prompts.csv")  # shipped, CC-BY-4.0 (xstest/LICENSE); eval only
 
 
 def load_xstest(path=None):
