@@ -1550,8 +1550,16 @@ def evaluate_run(args, student, student_dir, base, found, prompts, report, t_sta
     test_h = data.stratified_sample(prompts.harmful_test, args.eval_limit, args.seed)
     test_b = data.stratified_sample(prompts.harmless_test, args.eval_limit, args.seed)
     good_path = os.path.join(args.teacher_dir, "good") if args.good_teacher == "align" else args.good_teacher
-    # the good teacher was freed for training by --teacher-topk: reloaded only on a cache miss
-    get_good = lambda: found.good if not args.teacher_topk else load_frozen(good_path, args, base.device, "good")[0]
+    # the good teacher was freed for training by --teacher-topk: reloaded only on a cache miss, once
+    loaded = []
+
+    def get_good():
+        if not args.teacher_topk:
+            return found.good
+        if not loaded:
+            loaded.append(load_frozen(good_path, args, base.device, "good")[0])
+        return loaded[0]
+
     cached = lambda key, get_model: evaluate_frozen(key, get_model, base.tokenizer, test_h, test_b, args, base.device,
                                                     base.key)
     rows = {"base": cached(base.key, lambda: base.compute), "good teacher": cached(found.keys["good"], get_good)}
