@@ -205,13 +205,16 @@ def settings(**extra):
 
 
 def markdown_table(rows):
-    """rows: {name: evaluate() result} → a markdown table, each rate with its 95 % Wilson interval."""
+    """rows: {name: evaluate() result, with an over_refusal() result (percent) under "xstest" where
+    measured} → a markdown table, each rate with its 95 % Wilson interval."""
     lines = ["| model | refusal (harmful) ↑ | HS (keyword) ↓ | degenerate (harmful) | over-refusal (harmless) ↓ "
-             "| degenerate (harmless) | n harmful | n harmless |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+             "| degenerate (harmless) | over-refusal (XSTest safe) ↓ | n harmful | n harmless |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for name, r in rows.items():
         cells = [cell(r.get(k), r.get(k + "_ci")) for k in ("refusal_rate", "hs", "degenerate", "over_refusal",
                                                             "degenerate_harmless")]
+        xs = r.get("xstest") or {}
+        cells.append(cell(xs.get("over_refusal"), xs.get("over_refusal_ci"), scale=1))
         lines.append(f"| {name} | {' | '.join(cells)} | {r['harmful']['n']} | {r['harmless']['n']} |")
     return "\n".join(lines)
 
@@ -527,7 +530,7 @@ def load_hs_set(spec=HS_SET, n=HS_N, seed=0, split=PUBLISHED_HS["split"]):
     return prompts[:n] if n else prompts
 
 
-XSTEST = os.path.join(data.HERE, "..", "shared", "data", "xstest", "xstest_prompts.csv")
+XSTEST = os.path.join(data.HERE, "xstest", "xstest_prompts.csv")  # shipped, CC-BY-4.0 (xstest/LICENSE); eval only
 
 
 def load_xstest(path=None):
@@ -982,7 +985,7 @@ def main(argv=None):
               "n_harmful": len(harmful), "n_harmless": len(harmless)})}
     out = args.out or (os.path.join(args.model, "eval.json") if os.path.isdir(args.model)
                        else os.path.join("eval", re.sub(r"[^\w.-]", "_", args.model) + ".json"))
-    table = markdown_table({args.model: result})
+    table = markdown_table({args.model: {**result, "xstest": metrics.get("xstest")}})
     table += "\n\n" + teacher_table(teacher_report({args.model: result["answers"]["harmful"]},
                                                    {args.model: result["answers"]["harmless"]},
                                                    [e.prompt for e in harmless]))

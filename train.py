@@ -53,7 +53,7 @@ from eval import teacher_report, teacher_table
 
 # flags that change the result; a resumed run must agree with the saved run on all of them
 _RUN_FLAGS_IGNORED_ON_RESUME = ("resume", "overwrite", "plan_only", "no_eval", "force", "save_every", "eval_limit",
-                                "offload", "device")
+                                "xstest", "offload", "device")
 
 
 def parse_loss(spec):
@@ -213,7 +213,11 @@ def build_parser():
                    "metrics and checkpoints are replaced)")
     g.add_argument("--plan-only", action="store_true", help="print the plan and stop (no model loaded)")
     g.add_argument("--no-eval", action="store_true", help="skip the final held-out evaluation")
-    g.add_argument("--eval-limit", type=int, help="evaluate on at most N held-out prompts per pool")
+    g.add_argument("--eval-limit", type=int, help="evaluate on at most N held-out prompts per pool (and N XSTest "
+                   "safe prompts, stratified by type)")
+    g.add_argument("--xstest", default=evaluation.XSTEST, metavar="CSV|HUB|none",
+                   help="over-refusal of base, good teacher and student on XSTest's safe prompts (default: the "
+                        "shipped xstest/xstest_prompts.csv; none: off)")
     g = p.add_argument_group("memory: offloading, LoRA")
     g.add_argument("--offload", choices=("none", "teachers", "ref", "all"), default="none",
                    help="frozen models whose decoder layers stay in CPU memory and visit the compute device one "
@@ -1524,28 +1528,64 @@ def save_student(args, student, opt, canary, base, n_steps, log):
     return student_dir
 
 
-def evaluate_run(args, student, student_dir, base, found, prompts, report, t_start):
-    """Base, teachers and student on the held-out prompts (eval.json, eval.md); frozen models'
-    rows come from the evaluation cache when another run computed them."""
+def load_xstest_safe(args):
+    """XSTest's safe prompts for the final evaluation (--eval-limit: a seeded sample stratified by
+    type); None with --xstest none or --no-eval."""
+    if args.no_eval or not args.xstest or args.xstest.lower() == "none":
+        return None
+    safe = [e for e in evaluation.load_xstest(args.xstest) if e.safe]
+    if not safe:
+        raise data.DataError(f"--xstest {args.xstest}: no safe prompts")
+    return data.stratified_sample(safe, args.eval_limit, args.seed)
+
+
+XSTEST_KEYS = ("n_safe", "over_refusal", "over_refusal_ci", "degenerate_safe", "degenerate_safe_ci", "by_type")
+
+
+def xstest_row(result):
+    """An over_refusal result without its bulky parts (samples, generation report, settings)."""
+    return {k: result[k] for k in XSTEST_KEYS}
+
+
+def evaluate_run(args, student, student_dir, base, found, prompts, report, t_start, xstest=None):
+    """Base, teachers and student on the held-out prompts and, but for the bad teacher, on XSTest's
+    safe prompts `xstest` (eval.json, eval.md); frozen models' rows come from the evaluation cache
+    when another run computed them."""
     student.eval()
     test_h = data.stratified_sample(prompts.harmful_test, args.eval_limit, args.data_seed)
     test_b = data.stratified_sample(prompts.harmless_test, args.eval_limit, args.data_seed)
     good_path = os.path.join(args.teacher_dir, "good") if args.good_teacher == "align" else args.good_teacher
-    # the good teacher was freed for training by --teacher-topk: reloaded only on a cache miss
-    get_good = lambda: found.good if not args.teacher_topk else load_frozen(good_path, args, base.device, "good")[0]
+    # the good teacher was freed for training by --teacher-topk: reloaded only on a cache miss, once
+    loaded = []
+
+    def get_good():
+        if not args.teacher_topk:
+            return found.good
+        if not loaded:
+            loaded.append(load_frozen(good_path, args, base.device, "good")[0])
+        return loaded[0]
+
     cached = lambda key, get_model: evaluate_frozen(key, get_model, base.tokenizer, test_h, test_b, args, base.device,
                                                     base.key)
     rows = {"base": cached(base.key, lambda: base.compute), "good teacher": cached(found.keys["good"], get_good)}
     if found.bad is not base.compute:
         rows["bad teacher"] = cached(found.keys["bad"], lambda: found.bad)
     rows["student"] = evaluation.evaluate(student, base.tokenizer, test_h, test_b)
+    if xstest is not None:  # the bad teacher answers safe prompts off topic anyway: not measured
+        xs_cached = lambda key, get_model: evaluate_frozen_xstest(key, get_model, base.tokenizer, xstest, args,
+                                                                  base.device, base.key)
+        rows["base"]["xstest"] = xs_cached(base.key, lambda: base.compute)
+        rows["good teacher"]["xstest"] = xs_cached(found.keys["good"], get_good)
+        rows["student"]["xstest"] = xstest_row(evaluation.over_refusal(student, base.tokenizer, xstest))
     table = evaluation.markdown_table(rows)
     payload = {"results": rows, "teacher_eval_on_training_prompts": report, "settings": evaluation.settings(
         model=args.model, models={"base": base.key, **found.keys, "student": student_dir}, seed=args.seed, data_seed=args.data_seed,
         data={"harmful_test": args.harmful_test or args.harmful or "builtin:test",
               "harmless_test": args.harmless_test or args.harmless or "builtin:test",
               "builtin_sha256": data.file_sha256(data.BUILTIN),
-              "n_harmful": len(test_h), "n_harmless": len(test_b)},
+              "n_harmful": len(test_h), "n_harmless": len(test_b),
+              "xstest": None if xstest is None else {"path": args.xstest, "sha256": data.file_sha256(args.xstest),
+                                                     "n_safe": len(xstest)}},
         flags=vars(args), wall_seconds=round(time.time() - t_start, 1))}
     evaluation.write_results(os.path.join(args.out, "eval.json"), payload, table)
     print("\nheld-out evaluation (judge: refusal keywords)\n" + table)
@@ -1578,6 +1618,7 @@ def run(args):
     os.makedirs(args.out, exist_ok=True)
     os.makedirs(args.cache_dir, exist_ok=True)
     prompts = load_pools(args)
+    xstest = load_xstest_safe(args)  # a bad --xstest stops here, before any model loads
     args.data_sha256 = prompts_sha256(prompts)  # saved in args.json: --resume checks the data did not change
     if args.plan_only:
         return print_plan(args, prompts)
@@ -1603,7 +1644,15 @@ def run(args):
     student_dir = save_student(args, student, opt, canary, base, len(plan), log)
     if args.no_eval:
         return None
-    return evaluate_run(args, student, student_dir, base, found, prompts, report, t_start)
+    return evaluate_run(args, student, student_dir, base, found, prompts, report, t_start, xstest)
+
+
+def _frozen_ident(key, base_key, tokenizer, args, device):
+    """What decides a frozen model's answers besides its prompts (the evaluation cache key)."""
+    return [key, base_key, tokenizer.chat_template, args.precision, device.type,
+            teachers.attention_for(args.attention, device), teachers.MAX_NEW_TOKENS,
+            teachers.MAX_PROMPT_TOKENS, teachers.TOKEN_BUDGET, list(data.REFUSAL_MARKERS),
+            evaluation.settings()["degenerate"], torch.__version__, transformers.__version__]
 
 
 def evaluate_frozen(key, get_model, tokenizer, harmful, harmless, args, device, base_key):
@@ -1612,11 +1661,20 @@ def evaluate_frozen(key, get_model, tokenizer, harmful, harmless, args, device, 
     prompts, precision, device, generation limits, refusal markers and library versions. Runs that
     share teachers (figures.py's ablations) report the same rows without generating them again.
     `get_model()` is called only on a miss."""
-    ident = [key, base_key, tokenizer.chat_template, args.precision, device.type,
-             teachers.attention_for(args.attention, device), teachers.MAX_NEW_TOKENS,
-             teachers.MAX_PROMPT_TOKENS, teachers.TOKEN_BUDGET, list(data.REFUSAL_MARKERS),
-             evaluation.settings()["degenerate"],
-             torch.__version__, transformers.__version__, [e.prompt for e in harmful], [e.prompt for e in harmless]]
+    ident = _frozen_ident(key, base_key, tokenizer, args, device) + [[e.prompt for e in harmful],
+                                                                     [e.prompt for e in harmless]]
+    return _cached_eval(args, ident, lambda: evaluation.evaluate(get_model(), tokenizer, harmful, harmless))
+
+
+def evaluate_frozen_xstest(key, get_model, tokenizer, safe, args, device, base_key):
+    """xstest_row(evaluation.over_refusal) of a frozen model on the XSTest safe prompts `safe`, cached
+    like evaluate_frozen, keyed also by the XSTest file's sha256 and the sample."""
+    ident = _frozen_ident(key, base_key, tokenizer, args, device) + [
+        "xstest", data.file_sha256(args.xstest), len(safe), [[e.prompt, e.category] for e in safe]]
+    return _cached_eval(args, ident, lambda: xstest_row(evaluation.over_refusal(get_model(), tokenizer, safe)))
+
+
+def _cached_eval(args, ident, compute):
     path = os.path.join(args.cache_dir, "eval", hashlib.sha256(json.dumps(ident).encode()).hexdigest()[:16] + ".json")
     if os.path.isfile(path):
         try:
@@ -1627,7 +1685,7 @@ def evaluate_frozen(key, get_model, tokenizer, harmful, harmless, args, device, 
         except (OSError, ValueError):
             pass
         print(f"{path}: an unreadable evaluation cache entry, computed again")
-    result = evaluation.evaluate(get_model(), tokenizer, harmful, harmless)
+    result = compute()
     os.makedirs(os.path.dirname(path), exist_ok=True)
     data.write_atomic(path, json.dumps(result))  # per-process temp: runs sharing the cache may write it at once
     return result

@@ -1,5 +1,6 @@
 import json
 import os
+import re
 
 import pytest
 import torch
@@ -20,6 +21,43 @@ def test_builtin_pools_are_large_split_and_disjoint():
         assert {e.category for e in test} == {e.category for e in examples}
     harmful = {e.prompt.lower() for e in data.load_builtin("harmful")}
     assert not harmful & {e.prompt.lower() for e in data.load_builtin("harmless")}
+
+
+XSTEST_CSV = os.path.join(data.HERE, "xstest", "xstest_prompts.csv")  # shipped copy, evaluation only
+
+
+def test_builtin_pool_sizes():
+    counts = {}
+    for pool in ("harmful", "harmless"):
+        for e in data.load_builtin(pool):
+            counts[pool, e.category] = counts.get((pool, e.category), 0) + 1
+    assert sum(n for (pool, _), n in counts.items() if pool == "harmful") == 200
+    assert sum(n for (pool, _), n in counts.items() if pool == "harmless") == 250
+    assert len({c for pool, c in counts if pool == "harmless"}) == 9 and counts["harmless", "borderline"] == 50
+
+
+def test_no_builtin_prompt_is_an_xstest_prompt():
+    """XSTest is evaluation-only: none of its prompts may be trained on."""
+    xstest = {data.prompt_key(e.prompt) for e in data.load_examples(XSTEST_CSV)}
+    assert len(xstest) == 450
+    builtin = data.load_builtin("harmful") + data.load_builtin("harmless")
+    assert not [e.prompt for e in builtin if data.prompt_key(e.prompt) in xstest]
+
+
+def content_words(text):
+    return set(re.findall(r"[a-z]{4,}", text.lower()))
+
+
+def test_borderline_prompts_are_not_near_copies_of_xstest():
+    """Each borderline prompt shares < 60 % of its content words (Jaccard, words of ≥ 4 letters) with
+    every XSTest prompt."""
+    xstest = [content_words(e.prompt) for e in data.load_examples(XSTEST_CSV)]
+    borderline = [e.prompt for e in data.load_builtin("harmless") if e.category == "borderline"]
+    assert len(borderline) == 50
+    for prompt in borderline:
+        words = content_words(prompt)
+        worst = max(len(words & x) / len(words | x) for x in xstest)
+        assert worst < 0.6, prompt
 
 
 def test_split_is_deterministic_and_seeded():

@@ -79,7 +79,7 @@ def test_evaluate_counts_degenerate_answers_apart_and_the_table_shows_intervals(
     assert r["harmful"]["compliance_rate"] == r["hs"] and r["harmful"]["n"] == 40
     row = evaluation.markdown_table({"m": r}).splitlines()[2]
     assert row == ("| m | 75.0 % [59.8, 85.8] | 17.5 % [8.7, 31.9] | 7.5 % [2.6, 19.9] | 7.5 % [2.6, 19.9] "
-                   "| 0.0 % [0.0, 8.8] | 40 | 40 |")
+                   "| 0.0 % [0.0, 8.8] | — | 40 | 40 |")
 
 
 class FlagsEverything:
