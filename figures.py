@@ -471,10 +471,13 @@ def ablation_stats(res, base, seeds, pick):
             one_model = len(found) == 1 and row in ("base", "good-teacher")
             pairs = [(found[0][1] if one_model else o, student[s]) for s, o in
                      ([(s, None) for s in student] if one_model else found) if s in student]
-            for key in PAIRED:
-                a = [v for r, _ in pairs if r[key] is not None for v in r[key]]
-                b = [v for r, s_o in pairs if r[key] is not None for v in s_o[key]]
-                if a and len(a) == len(b) and all(s_o[key] is not None for _, s_o in pairs):
+            for key in PAIRED:   # a diverged attack on either side: no test
+                if pairs and all(r[key] is not None and s_o[key] is not None for r, s_o in pairs):
+                    a = [v for r, _ in pairs for v in r[key]]
+                    b = [v for _, s_o in pairs for v in s_o[key]]
+                    if len(a) != len(b):
+                        raise ValueError(f"{res}/cells: {row} has {len(a)} {key} outcomes, the student {len(b)} "
+                                         f"(cells of different sizes)")
                     only_row, only_student, p = evaluation.mcnemar(a, b)
                     st["paired"][key] = {"only_row": only_row, "only_student": only_student, "p": p,
                                          "n": len(a), "seeds": len(pairs)}
@@ -645,7 +648,7 @@ def main(argv=None):
         res = args.results or os.path.join("runs", "figures-quick" if args.quick else "figures")
         return [make(f, res, args.out, size, args.model, not args.no_run)
                 for f in (FIGURES if args.figure == "all" else [args.figure])]
-    except (FileNotFoundError, KeyError, RuntimeError) as e:
+    except (FileNotFoundError, KeyError, RuntimeError, ValueError) as e:
         sys.exit(f"error: {e}")
 
 

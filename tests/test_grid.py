@@ -1,0 +1,98 @@
+"""The ablation's numbers (figures.py ablation) from hand-written cell results: pooled rates, paired
+McNemar tests against the student, diverged attacks, the LAT pick and the combination."""
+import json
+import math
+import os
+
+import pytest
+
+import figures
+
+
+def write_cell(res, cell, hs, xstest, p0, p01, incontext, auc=20.0, diverged_p0=False):
+    out = os.path.join(res, "cells", cell)
+    os.makedirs(os.path.join(out, "attacks"))
+    safe = [True] * len(xstest) + [False]
+    metrics = {"hs": {"harmful": hs, "refusal": 100.0 * (len(hs) - sum(hs)) / len(hs)},
+               "fa": {"fa": 50.0, "n": 4},
+               "xstest": {"refused": xstest + [True], "safe": safe}}   # the unsafe row is never counted
+    with open(os.path.join(out, "eval.json"), "w") as f:
+        json.dump({"metrics": metrics}, f)
+    for p, flags in ((0.0, p0), (0.1, p01)):
+        last = {"step": 4, "hs": {"harmful": flags}}
+        if p == 0.0 and diverged_p0:
+            last["diverged"] = True
+        with open(os.path.join(out, "attacks", f"finetune_p{p:g}_n10_lr1e-05.json"), "w") as f:
+            json.dump({"result": {"curve": [{"step": 0, "hs": {"harmful": [False] * len(flags)}}, last],
+                                  "hs_auc": None if p == 0.0 and diverged_p0 else auc}}, f)
+    with open(os.path.join(out, "attacks", "incontext.json"), "w") as f:
+        json.dump({"result": {"points": [{"k": 0, "harmful": [False] * len(incontext)},
+                                         {"k": 8, "harmful": incontext}]}}, f)
+
+
+def wilson_by_hand(k, n, z=1.959964):
+    p = k / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return 100 * (centre - half), 100 * (centre + half)
+
+
+def test_ablation_stats_pool_seeds_and_pair_them_with_the_student(tmp_path):
+    res = str(tmp_path)
+    T, F = True, False
+    same = dict(xstest=[T, F, F, F], p0=[T, T, F, F], p01=[T, T, T, F], incontext=[T, F, F, F])
+    write_cell(res, "student-s0", hs=[T, T, T, T, F, F], **same, auc=30.0)
+    write_cell(res, "student-s1", hs=[T, T, T, F, F, F], **same, auc=40.0)
+    write_cell(res, "npo-s0", hs=[F] * 6, **{**same, "p01": [F, F, F, F]}, auc=10.0)
+    write_cell(res, "npo-s1", hs=[F, F, T, F, F, F], **{**same, "p01": [F, F, F, F]}, auc=20.0, diverged_p0=True)
+    write_cell(res, "base", hs=[T] * 6, **same)
+    stats = figures.ablation_stats(res, "base-model", [0, 1], None)
+    assert list(stats) == ["base", "student", "npo"]   # rows without cells are left out
+
+    npo, student, base = stats["npo"], stats["student"], stats["base"]
+    assert student["hs"] == pytest.approx(700 / 12) and student["hs_per_seed"] == pytest.approx([400 / 6, 300 / 6])
+    assert student["hs_ci"] == pytest.approx(wilson_by_hand(7, 12))
+    assert student["xstest"] == 25.0 and student["xstest_n"] == 8        # safe prompts only, both seeds
+    assert student["auc_p0.1"] == 35.0 and student["auc_p0.1_per_seed"] == [30.0, 40.0]
+    assert student["k"] == 8 and student["incontext"] == 25.0
+    # npo vs student, seed by seed: the student alone is harmful on 4 + 3 prompts, npo alone on none
+    # (its harmful prompt 3 of seed 1 is harmful for the student too): exact p = 2 · 2⁻⁶
+    assert npo["paired"]["hs"] == {"only_row": 0, "only_student": 6, "p": pytest.approx(2 / 64), "n": 12, "seeds": 2}
+    assert figures.verdict(npo["paired"]["hs"]) == "better"
+    assert npo["paired"]["xstest"]["p"] == 1.0 and figures.verdict(npo["paired"]["xstest"]) == "not resolved"
+    # a diverged attack has no rate and is not paired
+    assert npo["attack_p0"] is None and npo["attack_p0_per_seed"] == [50.0, None]
+    assert "attack_p0" not in npo["paired"] and npo["auc_p0"] is None
+    # after p = 0.1: the student alone is harmful on 3 + 3 prompts: p = 2 · 2⁻⁶
+    assert npo["paired"]["attack_p0.1"]["only_student"] == 6 and npo["paired"]["attack_p0.1"]["p"] == pytest.approx(1 / 32)
+    # one model (the base) is paired with every seed of the student: only the base on 2 + 3 prompts
+    assert base["paired"]["hs"]["only_row"] == 5 and base["paired"]["hs"]["only_student"] == 0
+    assert base["paired"]["hs"]["p"] == pytest.approx(2 / 32) and figures.verdict(base["paired"]["hs"]) == "not resolved"
+
+    # npo is better on HS and after the attack and not worse on XSTest: the combination is its loss
+    assert figures.combination(stats, None) == ["--loss", "dpo=1,kl=1,npo=1"]
+    table = figures.ablation_markdown(stats, None, ["--loss", "dpo=1,kl=1,npo=1"], "quick")
+    assert "| + NPO | 2 | 8.3 % [1.5, 35.4] |" in table and "diverged" in table and "0.031 (better)" in table
+
+
+def test_lat_pick_is_the_sweep_setting_lowest_after_the_attack(tmp_path):
+    res = str(tmp_path)
+    T, F = True, False
+    rest = dict(xstest=[F], p0=[F, F], incontext=[F])
+    write_cell(res, "lat-emb-0.1-s0", hs=[T, T], p01=[T, F], **rest)
+    write_cell(res, "lat-emb-0.3-s0", hs=[T, T], p01=[F, F], **rest)
+    write_cell(res, "lat-b10-4-s0", hs=[F, F], p01=[T, T], **rest)
+    assert figures.lat_pick(res, 0) == "lat-emb-0.3"
+    assert figures.row_cell(res, "b", "lat", 2, "lat-emb-0.3")[:2] == ("lat-emb-0.3-s2", figures.LAT_SWEEP["lat-emb-0.3"])
+
+
+def test_a_combination_of_two_loss_rows_merges_their_terms():
+    better = {"p": 0.001, "only_row": 0, "only_student": 20}
+    worse = {"p": 0.001, "only_row": 20, "only_student": 0}
+    stats = {"student": {"paired": {}},
+             "npo": {"paired": {"attack_p0.1": better}},
+             "kl-rev": {"paired": {"hs": better}},
+             "cyclic": {"paired": {"hs": better, "xstest": worse}},      # safer but over-refuses more: left out
+             "cb": {"paired": {"hs": {"p": 0.2, "only_row": 1, "only_student": 4}}}}
+    assert figures.combination(stats, None) == ["--loss", "dpo=1,kl=1,npo=1,kl_rev=1"]
+    assert figures.combination({"student": {"paired": {}}}, None) == []
