@@ -375,7 +375,7 @@ def run_cells(res, jobs, cells):
 
 def run_ablation(res, size, base, seeds, jobs, device):
     """Every cell: the default student of seed 0 alone first (it builds the shared teachers, and its bad
-    teacher's answers are the attack data), then every row and the LAT sweep (first seed) in parallel,
+    teacher's answers are the attack data), then the LAT sweep (first seed) and every row in parallel,
     then the sweep's pick at the other seeds, then the best combination at every seed."""
     def cells(rows_seeds, pick=None):
         out = {}
@@ -385,8 +385,9 @@ def run_ablation(res, size, base, seeds, jobs, device):
         return list(out.items())
     if run_cells(res, 1, cells([("student", 0)])):
         raise RuntimeError(f"the first run failed: every other cell needs its teachers (log: {res}/logs/student-s0.log)")
-    run_cells(res, jobs, cells([(r, s) for r in ABLATION_ROWS if r != "lat" for s in seeds]
-                               + [(r, seeds[0]) for r in LAT_SWEEP]))
+    # seed by seed, so that a run cut short leaves whole seeds of every row
+    run_cells(res, jobs, cells([(r, seeds[0]) for r in LAT_SWEEP]
+                               + [(r, s) for s in seeds for r in ABLATION_ROWS if r != "lat"]))
     pick = lat_pick(res, seeds[0])
     if pick:
         run_cells(res, jobs, cells([("lat", s) for s in seeds], pick))
