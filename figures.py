@@ -15,7 +15,9 @@ folder and one answer cache, so the teachers are built once. PNGs go to --out (d
 """
 import argparse
 import concurrent.futures
+import csv
 import glob
+import io
 import json
 import os
 import subprocess
@@ -276,12 +278,13 @@ ATTACK_PS = (0.0, 0.1)
 # quick: the embedded model on a 2-core CPU; full: the default run's training and the big held-out sets
 # (StrongREJECT 313, XSTest 250 safe, FA 200), the attack at Booster's lr 1e-5 (docs/results.md says why).
 ABLATION_SIZES = {
-    "quick": {"train": ["--limit", "64", "--epochs", "1"], "hs_n": 100, "max_new_tokens": 32, "fa_n": 100,
-              "attack": {"n": 40, "epochs": 2, "batch": 10, "lr": 1e-4, "eval_every": 2, "hs_n": 40, "fa_n": 40},
-              "shots": [0, 4]},
-    "full": {"train": [], "hs_n": None, "max_new_tokens": 64, "fa_n": 200,
+    "quick": {"train": ["--limit", "64", "--epochs", "2"], "hs_n": 100, "xstest_n": 100, "max_new_tokens": 32,
+              "fa_n": 100, "eval": ["--limit", "8"],
+              "attack": {"n": 40, "epochs": 2, "batch": 10, "lr": 1e-4, "eval_every": 4, "hs_n": 40, "fa_n": 40},
+              "shots": [4]},
+    "full": {"train": [], "hs_n": None, "xstest_n": None, "max_new_tokens": 64, "fa_n": 200, "eval": [],
              "attack": {"n": 100, "epochs": 10, "batch": 10, "lr": 1e-5, "eval_every": 20, "hs_n": 100, "fa_n": 100},
-             "shots": [0, 8]},
+             "shots": [8]},
 }
 
 
@@ -311,6 +314,24 @@ def hs_set(res, size):
     return path
 
 
+def xstest_set(res, size):
+    """XSTest's safe prompts (all 250, or a type-stratified sample), written once as a CSV eval.py reads."""
+    n = ABLATION_SIZES[size]["xstest_n"]
+    path = os.path.join(res, f"xstest_safe_{n or 'all'}.csv")
+    if not os.path.isfile(path):
+        safe = [e for e in evaluation.load_xstest() if e.safe]
+        keep = {e.prompt for e in data.stratified_sample(safe, n, 0)}
+        with open(evaluation.XSTEST, newline="") as f:
+            rows = [r for r in csv.DictReader(f) if r["label"] == "safe" and r["prompt"].strip() in keep]
+        text = io.StringIO()
+        writer = csv.DictWriter(text, fieldnames=list(rows[0]), lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(rows)
+        os.makedirs(res, exist_ok=True)
+        data.write_atomic(path, text.getvalue())
+    return path
+
+
 def cell_commands(res, size, base, cell, flags, model, seed, device):
     """[(script, argv, the output that marks it done)] of one cell: train (unless flags is None),
     evaluate, fine-tuning attacks at p = 0 and 0.1 with a curve, the in-context attack."""
@@ -324,7 +345,7 @@ def cell_commands(res, size, base, cell, flags, model, seed, device):
                      os.path.join(run, "student", "config.json")))
     common = ["--model", model, "--device", device]
     cmds.append(("eval.py", [*common, "--hs-set", hs_set(res, size), "--max-new-tokens", str(sz["max_new_tokens"]),
-                             "--xstest", "--fa-task", "arith", "--fa-n", str(sz["fa_n"]),
+                             "--xstest", xstest_set(res, size), "--fa-task", "arith", "--fa-n", str(sz["fa_n"]), *sz["eval"],
                              "--out", os.path.join(out, "eval.json")], os.path.join(out, "eval.json")))
     attack_common = [*common, "--attack-data", run_dir(res, "student-s0"), "--harmful", STRONGREJECT,
                      "--limit", str(a["hs_n"]), "--attack-max-new-tokens", "32", "--attack-out",
@@ -340,13 +361,15 @@ def cell_commands(res, size, base, cell, flags, model, seed, device):
 
 
 def run_cell(res, commands, log_path, threads):
-    """Run a cell's commands in order as subprocesses (their argv is in each result's JSON), skipping
-    those whose output exists; output goes to log_path. Returns None or the failure."""
+    """Run a cell's commands in order as subprocesses (each result's JSON holds its argv), skipping one
+    whose output exists and whose argv is the one recorded when it finished (changed sizes or flags run
+    again); output goes to log_path. Returns None or the failure."""
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "TOKENIZERS_PARALLELISM": "false"}
     here = os.path.dirname(os.path.abspath(__file__))
     with open(log_path, "a") as log_file:
         for script, argv, done in commands:
-            if os.path.isfile(done):
+            record = done + ".argv.json"
+            if os.path.isfile(done) and os.path.isfile(record) and load_json(record) == [script, *argv]:
                 continue
             log_file.write(f"$ python {script} {' '.join(argv)}\n")
             log_file.flush()
@@ -354,6 +377,7 @@ def run_cell(res, commands, log_path, threads):
                                   stderr=subprocess.STDOUT, env=env)
             if proc.returncode:
                 return f"python {script} exited {proc.returncode} (log: {log_path})"
+            data.write_atomic(record, json.dumps([script, *argv]))
     return None
 
 
@@ -373,10 +397,12 @@ def run_cells(res, jobs, cells):
     return failed
 
 
-def run_ablation(res, size, base, seeds, jobs, device):
+def run_ablation(res, size, base, seeds, jobs, device, rows=None):
     """Every cell: the default student of seed 0 alone first (it builds the shared teachers, and its bad
     teacher's answers are the attack data), then the LAT sweep (first seed) and every row in parallel,
-    then the sweep's pick at the other seeds, then the best combination at every seed."""
+    then the sweep's pick at the other seeds, then the best combination at every seed. `rows`: only
+    these (default: all; "lat" includes its sweep, "combination" the rows it needs)."""
+    rows = rows or [*ABLATION_ROWS, "combination"]
     def cells(rows_seeds, pick=None):
         out = {}
         for row, seed in rows_seeds:
@@ -386,13 +412,15 @@ def run_ablation(res, size, base, seeds, jobs, device):
     if run_cells(res, 1, cells([("student", 0)])):
         raise RuntimeError(f"the first run failed: every other cell needs its teachers (log: {res}/logs/student-s0.log)")
     # seed by seed, so that a run cut short leaves whole seeds of every row
-    run_cells(res, jobs, cells([(r, seeds[0]) for r in LAT_SWEEP]
-                               + [(r, s) for s in seeds for r in ABLATION_ROWS if r != "lat"]))
+    lat = "lat" in rows or "combination" in rows
+    run_cells(res, jobs, cells([(r, seeds[0]) for r in LAT_SWEEP if lat]
+                               + [(r, s) for s in seeds for r in ABLATION_ROWS
+                                  if r != "lat" and (r in rows or "combination" in rows)]))
     pick = lat_pick(res, seeds[0])
-    if pick:
+    if pick and lat:
         run_cells(res, jobs, cells([("lat", s) for s in seeds], pick))
     combo = combination(ablation_stats(res, base, seeds, pick), pick)
-    if combo:
+    if combo and "combination" in rows:
         run_cells(res, jobs, [(f"combination-s{s}", cell_commands(res, size, base, f"combination-s{s}", combo,
                                                                    os.path.join(run_dir(res, f"combination-s{s}"),
                                                                                 "student"), s, device))
@@ -582,8 +610,8 @@ def ablation_figure(stats, png):
     _save(fig, png)
 
 
-def ablation(res, out, size, base, seeds, jobs, device, run_missing):
-    pick = run_ablation(res, size, base, seeds, jobs, device) if run_missing else lat_pick(res, seeds[0])
+def ablation(res, out, size, base, seeds, jobs, device, run_missing, rows=None):
+    pick = run_ablation(res, size, base, seeds, jobs, device, rows) if run_missing else lat_pick(res, seeds[0])
     stats = ablation_stats(res, base, seeds, pick)
     if not stats:
         raise FileNotFoundError(f"no finished ablation cell in {res}/cells")
@@ -640,12 +668,15 @@ def main(argv=None):
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="ablation: student seeds")
     p.add_argument("--jobs", type=schedule.positive, default=1, help="ablation: cells run at a time")
     p.add_argument("--device", default="cpu", help="ablation: device of every run (cpu, cuda, auto)")
+    p.add_argument("--rows", nargs="+", choices=(*ABLATION_ROWS, "combination"),
+                   help="ablation: run only these rows (default: all); the table shows every finished cell")
     args = p.parse_args(argv)
     size = "quick" if args.quick else "full"
     try:
         if args.figure == "ablation":
             res = args.results or os.path.join("runs", "ablation-quick" if args.quick else "ablation")
-            return [ablation(res, args.out, size, args.model, args.seeds, args.jobs, args.device, not args.no_run)]
+            return [ablation(res, args.out, size, args.model, args.seeds, args.jobs, args.device, not args.no_run,
+                             args.rows)]
         res = args.results or os.path.join("runs", "figures-quick" if args.quick else "figures")
         return [make(f, res, args.out, size, args.model, not args.no_run)
                 for f in (FIGURES if args.figure == "all" else [args.figure])]

@@ -96,3 +96,13 @@ def test_a_combination_of_two_loss_rows_merges_their_terms():
              "cb": {"paired": {"hs": {"p": 0.2, "only_row": 1, "only_student": 4}}}}
     assert figures.combination(stats, None) == ["--loss", "dpo=1,kl=1,npo=1,kl_rev=1"]
     assert figures.combination({"student": {"paired": {}}}, None) == []
+
+
+def test_xstest_sets_keep_only_safe_prompts_spread_over_types(tmp_path):
+    import collections
+    import eval as evaluation
+    full = evaluation.load_xstest(figures.xstest_set(str(tmp_path), "full"))
+    quick = evaluation.load_xstest(figures.xstest_set(str(tmp_path), "quick"))
+    assert len(full) == 250 and all(e.safe for e in full)
+    # XSTest has 10 safe types of 25 prompts: a stratified 100 takes 10 of each
+    assert sorted(collections.Counter(e.category for e in quick).values()) == [10] * 10 and all(e.safe for e in quick)
