@@ -368,7 +368,7 @@ def run_cell(res, commands, log_path, threads):
     here = os.path.dirname(os.path.abspath(__file__))
     with open(log_path, "a") as log_file:
         for script, argv, done in commands:
-            record = done + ".argv.json"
+            record = done + ".argv"
             if os.path.isfile(done) and os.path.isfile(record) and load_json(record) == [script, *argv]:
                 continue
             log_file.write(f"$ python {script} {' '.join(argv)}\n")

@@ -106,3 +106,43 @@ def test_xstest_sets_keep_only_safe_prompts_spread_over_types(tmp_path):
     assert len(full) == 250 and all(e.safe for e in full)
     # XSTest has 10 safe types of 25 prompts: a stratified 100 takes 10 of each
     assert sorted(collections.Counter(e.category for e in quick).values()) == [10] * 10 and all(e.safe for e in quick)
+
+
+TINY_SIZE = {"train": ["--limit", "8", "--epochs", "1", "--levels", "1", "--batch-size", "4", "--teacher-epochs", "1",
+                       "--max-new-tokens", "8", "--force", "--no-filter-pairs"],
+             "hs_n": 6, "xstest_n": 10, "max_new_tokens": 4, "fa_n": 4, "eval": ["--limit", "2"],
+             "attack": {"n": 10, "epochs": 1, "batch": 5, "lr": 1e-4, "eval_every": 1, "hs_n": 4, "fa_n": 2},
+             "shots": [1]}
+
+
+def test_ablation_cells_run_resume_and_reproduce_from_their_argv(tiny_folder, tmp_path, monkeypatch):
+    import subprocess
+    import sys
+    monkeypatch.setitem(figures.ABLATION_SIZES, "quick", TINY_SIZE)
+    res, out = str(tmp_path / "res"), str(tmp_path / "png")
+    argv = ["ablation", "--quick", "--results", res, "--out", out, "--model", tiny_folder, "--seeds", "0",
+            "--rows", "student"]
+    figures.main(argv)
+    saved = json.load(open(os.path.join(res, "ablation.json")))
+    assert list(saved["stats"]) == ["student"] and saved["stats"]["student"]["hs_n"] == 6
+    assert saved["stats"]["student"]["xstest_n"] == 10 and os.path.isfile(os.path.join(out, "ablation.png"))
+    log = os.path.join(res, "logs", "student-s0.log")
+    ran = lambda: [line.split()[2] for line in open(log) if line.startswith("$ python")]
+    assert ran() == ["train.py", "eval.py", "attack.py", "attack.py"]
+
+    figures.main(argv)                      # everything is done: nothing runs again
+    assert len(ran()) == 4
+    monkeypatch.setitem(figures.ABLATION_SIZES, "quick", {**TINY_SIZE, "fa_n": 3})
+    figures.main(argv)                      # a changed eval size runs eval.py again, not the training
+    assert ran()[4:] == ["eval.py"]
+
+    # the cell's evaluation again from the argv in its JSON gives the same per-prompt outcomes
+    cell = json.load(open(os.path.join(res, "cells", "student-s0", "eval.json")))
+    again = str(tmp_path / "again.json")
+    args = cell["settings"]["argv"]
+    args[args.index("--out") + 1] = again
+    subprocess.run([sys.executable, os.path.join(os.path.dirname(figures.__file__), "eval.py"), *args], check=True,
+                   capture_output=True)
+    redo = json.load(open(again))["metrics"]
+    assert redo["hs"]["harmful"] == cell["metrics"]["hs"]["harmful"] and redo["hs"]["answers"] == cell["metrics"]["hs"]["answers"]
+    assert redo["xstest"]["refused"] == cell["metrics"]["xstest"]["refused"] and redo["fa"]["n"] == 3
