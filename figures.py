@@ -302,6 +302,9 @@ def row_cell(res, base, row, seed, lat_pick=None):
 
 def hs_set(res, size):
     """The harmful prompts of HS: all of StrongREJECT, or a category-stratified sample written once."""
+    if not os.path.isfile(STRONGREJECT):
+        raise FileNotFoundError(f"{STRONGREJECT}: the ablation's held-out harmful set (StrongREJECT's 313 prompts, "
+                                f"JSON [{{instruction, category}}]) is missing")
     n = ABLATION_SIZES[size]["hs_n"]
     if not n:
         return STRONGREJECT
@@ -428,8 +431,7 @@ def run_ablation(res, size, base, seeds, jobs, device, rows=None):
     return pick
 
 
-BINARY = {"hs": "HS", "xstest": "over-refusal (XSTest)", "attack_p0": "HS after attack p = 0",
-          "attack_p0.1": "HS after attack p = 0.1", "incontext": "in-context HS"}
+BINARY = ("hs", "xstest", "attack_p0", "attack_p0.1", "incontext")   # per-prompt outcomes
 PAIRED = ("hs", "xstest", "attack_p0", "attack_p0.1")   # paired against the default student
 
 
@@ -497,9 +499,10 @@ def ablation_stats(res, base, seeds, pick):
         st["k"] = found[0][1]["k"]
         st["paired"] = {}
         if row != "student" and student:
-            one_model = len(found) == 1 and row in ("base", "good-teacher")
-            pairs = [(found[0][1] if one_model else o, student[s]) for s, o in
-                     ([(s, None) for s in student] if one_model else found) if s in student]
+            if row in ("base", "good-teacher"):   # one model: paired with every seed of the student
+                pairs = [(found[0][1], student[s]) for s in student]
+            else:
+                pairs = [(o, student[s]) for s, o in found if s in student]
             for key in PAIRED:   # a diverged attack on either side: no test
                 if pairs and all(r[key] is not None and s_o[key] is not None for r, s_o in pairs):
                     a = [v for r, _ in pairs for v in r[key]]

@@ -352,3 +352,21 @@ def test_a_new_run_in_a_folder_that_holds_a_run_stops_and_leaves_it_intact(tiny_
     assert sorted(os.listdir(tmp_path / "checkpoints")) == checkpoints
     train.run(pipeline_args(tiny_folder, tmp_path, "--no-eval", "--epochs", "1", "--lr", "1e-4", "--overwrite"))
     assert (tmp_path / "metrics.jsonl").read_bytes() != metrics  # started over
+
+
+def test_data_seed_fixes_split_limit_and_teachers_while_seed_varies_the_student():
+    def parsed(*argv):
+        args = train.build_parser().parse_args(list(argv))
+        train.check_args(args)
+        return args
+    default, other_student, other_data = parsed("--seed", "3"), parsed("--seed", "3", "--data-seed", "0"), parsed()
+    assert default.data_seed == 3 and other_student.data_seed == 0   # default: --seed, as before the flag
+    for args, split_seed in ((default, 3), (other_student, 0)):
+        prompts = train.load_pools(args)
+        train_h, test_h = data.load_pool("harmful", seed=split_seed)
+        assert [e.prompt for e in prompts.harmful] == [e.prompt for e in train_h]
+        assert [e.prompt for e in prompts.harmful_test] == [e.prompt for e in test_h]
+    teacher_flags = lambda args: {k: getattr(args, k) for k in train.TEACHER_SFT_FLAGS}
+    assert teacher_flags(other_student) == teacher_flags(other_data) != teacher_flags(default)
+    limited = [parsed("--seed", s, "--data-seed", "1", "--limit", "16") for s in ("0", "5")]
+    assert [e.prompt for e in train.load_pools(limited[0]).harmful] == [e.prompt for e in train.load_pools(limited[1]).harmful]
