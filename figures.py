@@ -613,7 +613,7 @@ def ablation_figure(stats, png):
     _save(fig, png)
 
 
-def ablation(res, out, size, base, seeds, jobs, device, run_missing, rows=None):
+def ablation_grid(res, out, size, base, seeds, jobs, device, run_missing, rows=None):
     pick = run_ablation(res, size, base, seeds, jobs, device, rows) if run_missing else lat_pick(res, seeds[0])
     stats = ablation_stats(res, base, seeds, pick)
     if not stats:
@@ -678,8 +678,8 @@ def main(argv=None):
     try:
         if args.figure == "ablation":
             res = args.results or os.path.join("runs", "ablation-quick" if args.quick else "ablation")
-            return [ablation(res, args.out, size, args.model, args.seeds, args.jobs, args.device, not args.no_run,
-                             args.rows)]
+            return [ablation_grid(res, args.out, size, args.model, args.seeds, args.jobs, args.device,
+                                  not args.no_run, args.rows)]
         res = args.results or os.path.join("runs", "figures-quick" if args.quick else "figures")
         return [make(f, res, args.out, size, args.model, not args.no_run)
                 for f in (FIGURES if args.figure == "all" else [args.figure])]
