@@ -217,8 +217,9 @@ def test_bad_teacher_pairs_of_a_run_folder(tmp_path):
     args.cache_dir = str(run / "cache")
     os.makedirs(run / "checkpoints" / "step-3")
     os.makedirs(run / "cache")
-    with open(run / "checkpoints" / "step-3" / "args.json", "w") as f:
-        json.dump(vars(args), f)
+    with open(run / "checkpoints" / "step-3" / "args.json", "w") as f:   # as a run saved before --data-seed
+        json.dump({k: v for k, v in vars(args).items() if k != "data_seed"}, f)
+    train.check_args(args)   # --data-seed defaults to --seed
     (run / "checkpoints" / "step-3" / "trainer_state.pt").write_bytes(b"")  # what marks a complete checkpoint
     with open(run / "teacher_eval.json", "w") as f:
         json.dump({"models": {"good": "good:1", "bad": "bad:2"}}, f)
