@@ -1536,7 +1536,7 @@ def load_xstest_safe(args):
     safe = [e for e in evaluation.load_xstest(args.xstest) if e.safe]
     if not safe:
         raise data.DataError(f"--xstest {args.xstest}: no safe prompts")
-    return data.stratified_sample(safe, args.eval_limit, args.seed)
+    return data.stratified_sample(safe, args.eval_limit, args.data_seed)
 
 
 XSTEST_KEYS = ("n_safe", "over_refusal", "over_refusal_ci", "degenerate_safe", "degenerate_safe_ci", "by_type")
@@ -1579,7 +1579,8 @@ def evaluate_run(args, student, student_dir, base, found, prompts, report, t_sta
         rows["student"]["xstest"] = xstest_row(evaluation.over_refusal(student, base.tokenizer, xstest))
     table = evaluation.markdown_table(rows)
     payload = {"results": rows, "teacher_eval_on_training_prompts": report, "settings": evaluation.settings(
-        model=args.model, models={"base": base.key, **found.keys, "student": student_dir}, seed=args.seed, data_seed=args.data_seed,
+        model=args.model, models={"base": base.key, **found.keys, "student": student_dir}, seed=args.seed,
+        data_seed=args.data_seed,
         data={"harmful_test": args.harmful_test or args.harmful or "builtin:test",
               "harmless_test": args.harmless_test or args.harmless or "builtin:test",
               "builtin_sha256": data.file_sha256(data.BUILTIN),
