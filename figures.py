@@ -464,7 +464,9 @@ def row_cells(res, base, row, seeds, pick):
         return [(s, f"combination-s{s}") for s in seeds]
     if row == "lat" and not pick:
         return []
-    cells = {row_cell(res, base, row, s, pick)[0]: s for s in seeds}
+    cells = {}
+    for s in seeds:   # base and good teacher: one cell, listed under the first seed
+        cells.setdefault(row_cell(res, base, row, s, pick)[0], s)
     return [(s, c) for c, s in cells.items()]
 
 
