@@ -8,6 +8,8 @@
     python figures.py schedule-ablation --quick  # sequential / cyclic / mixed level order
     python figures.py training-curves --quick    # loss per level, γ and lr of the student run
     python figures.py all --quick
+    python figures.py ablation --quick [--rows …] [--seeds 0 1 2] [--jobs N] [--device cuda]
+                                                 # every mechanism against the student, paired over seeds
 
 The four models of the attack figures: the base, the SFT baseline (`train.py --loss sft=1`: plain
 refusal SFT), the good teacher and the student (default `train.py`). Every run shares one teacher
