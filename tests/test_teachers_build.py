@@ -135,7 +135,8 @@ def test_teacher_built_with_other_flags_stops_with_one_line_naming_them(tiny_fol
     with open(teacher_dir / "good" / "build.json") as f:
         assert json.load(f)["flags"]["teacher_lr"] == 5e-5
     for flags, named in [(["--teacher-lr", "1e-3"], "--teacher-lr 5e-05 → 0.001"),
-                         (["--seed", "1"], "--seed 0 → 1"),
+                         (["--seed", "1"], "--data-seed 0 → 1"),   # --data-seed follows --seed
+                         (["--data-seed", "1"], "--data-seed 0 → 1"),
                          (["--limit", "3"], "--limit 4 → 3"),
                          (["--max-response-tokens", "16"], "--max-response-tokens 32 → 16"),
                          (["--bad-harmless", "none"], "--bad-harmless derange → none")]:
@@ -160,6 +161,9 @@ def test_same_flags_reuse_the_built_teachers(tiny_folder, built, tmp_path, monke
     monkeypatch.setattr(train, "teacher_sft", lambda *a, **k: pytest.fail("a teacher was built again"))
     # --micro-batch only changes how the same gradient is summed: still the same teacher
     _, lines, _ = prepare(tiny_folder, tmp_path, "--micro-batch", "1")
+    assert lines[:2] == [f"bad teacher: reusing {teacher_dir / 'bad'}", f"good teacher: reusing {teacher_dir / 'good'}"]
+    # another student seed with the data seed fixed: still the same teachers (the ablation's seeds)
+    _, lines, _ = prepare(tiny_folder, tmp_path, "--seed", "1", "--data-seed", "0")
     assert lines[:2] == [f"bad teacher: reusing {teacher_dir / 'bad'}", f"good teacher: reusing {teacher_dir / 'good'}"]
 
 

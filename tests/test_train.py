@@ -134,13 +134,15 @@ def test_checkpoint_reload_gives_identical_logits(tiny, tokenizer, tmp_path):
 
 
 def pipeline_args(folder, out, *extra):
-    return train.build_parser().parse_args([
+    args = train.build_parser().parse_args([
         "--model", folder, "--out", str(out), "--limit", "8", "--levels", "2", "--batch-size", "2",
         "--micro-batch", "2", "--epochs", "2", "--max-new-tokens", "6", "--teacher-epochs", "1", "--force",
         "--eval-limit", "3", "--save-every", "3", "--loss", "dpo=1,npo=0.5,kl=1",
         "--no-filter-pairs",  # a tiny random teacher neither refuses nor complies
         "--harmless-ratio", "1",  # 8 steps of 2 harmful + 2 harmless examples
         *extra])
+    train.check_args(args)   # as run() does first: it also fills --data-seed from --seed
+    return args
 
 
 def run_interrupted_at_step_5(monkeypatch, args):
