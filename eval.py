@@ -101,6 +101,8 @@ def share(k, n, scale=1.0):
 
 def mcnemar(a, b):
     """(only a true, only b true, two-sided exact McNemar p) for paired boolean outcomes on the same items."""
+    if len(a) != len(b):
+        raise ValueError(f"paired outcomes of different lengths: {len(a)} and {len(b)}")
     only_a = sum(bool(x) and not y for x, y in zip(a, b))
     only_b = sum(bool(y) and not x for x, y in zip(a, b))
     n = only_a + only_b
