@@ -175,9 +175,8 @@ def bad_teacher_pairs(run_dir):
         raise ValueError(f"--attack-data {run_dir}: not a finished train.py run (needs teacher_eval.json and "
                          f"checkpoints/step-*/args.json)") from None
     with open(args_file) as f:
-        run_args = argparse.Namespace(**{"data_seed": None, **json.load(f)})
-    if run_args.data_seed is None:  # a run saved before --data-seed split with --seed
-        run_args.data_seed = run_args.seed
+        run_args = argparse.Namespace(**json.load(f))
+    train.fill_derived_flags(run_args)  # a run saved before --data-seed split with --seed
     harmful = {e.prompt for e in train.load_pools(run_args).harmful}
     pairs = {}
     for row in data.read_jsonl(os.path.join(run_args.cache_dir, "responses.jsonl")):

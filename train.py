@@ -27,6 +27,7 @@ import argparse
 import contextlib
 import copy
 import datetime
+import functools
 import glob
 import hashlib
 import json
@@ -92,6 +93,12 @@ FLAG_RANGES = {
 }
 
 
+def fill_derived_flags(args):
+    """Flags whose default is another flag's value (also for args saved before the flag existed)."""
+    if getattr(args, "data_seed", None) is None:
+        args.data_seed = args.seed
+
+
 def check_args(args):
     """Every flag's range and every rule across flags, right after parsing, in one line naming the
     flags (unset optional flags are skipped)."""
@@ -99,8 +106,7 @@ def check_args(args):
         value = getattr(args, name, None)
         if value is not None and (not math.isfinite(value) or not ok(value)):
             raise ValueError(f"--{name.replace('_', '-')} must be {what}, got {value}")
-    if args.data_seed is None:
-        args.data_seed = args.seed
+    fill_derived_flags(args)
     if args.resume and args.overwrite:
         raise ValueError("--resume and --overwrite: choose one")
     if args.lora_r and args.canary_mode != "off":
@@ -1556,14 +1562,8 @@ def evaluate_run(args, student, student_dir, base, found, prompts, report, t_sta
     test_b = data.stratified_sample(prompts.harmless_test, args.eval_limit, args.data_seed)
     good_path = os.path.join(args.teacher_dir, "good") if args.good_teacher == "align" else args.good_teacher
     # the good teacher was freed for training by --teacher-topk: reloaded only on a cache miss, once
-    loaded = []
-
-    def get_good():
-        if not args.teacher_topk:
-            return found.good
-        if not loaded:
-            loaded.append(load_frozen(good_path, args, base.device, "good")[0])
-        return loaded[0]
+    get_good = functools.cache(lambda: found.good if not args.teacher_topk
+                               else load_frozen(good_path, args, base.device, "good")[0])
 
     cached = lambda key, get_model: evaluate_frozen(key, get_model, base.tokenizer, test_h, test_b, args, base.device,
                                                     base.key)
