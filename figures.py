@@ -403,8 +403,8 @@ def run_cells(res, jobs, cells):
 
 
 def run_ablation(res, size, base, seeds, jobs, device, rows=None):
-    """Every cell: the default student of seed 0 alone first (it builds the shared teachers, and its bad
-    teacher's answers are the attack data), then the LAT sweep (first seed) and every row in parallel,
+    """Every cell: the default student of seed 0 is trained alone first (it builds the shared teachers, and
+    its bad teacher's answers are the attack data), then the LAT sweep (first seed) and every row in parallel,
     then the sweep's pick at the other seeds, then the best combination at every seed. `rows`: only
     these (default: all; "lat" includes its sweep, "combination" the rows it needs)."""
     rows = rows or [*ABLATION_ROWS, "combination"]
@@ -414,11 +414,13 @@ def run_ablation(res, size, base, seeds, jobs, device, rows=None):
             cell, flags, model = row_cell(res, base, row, seed, pick)
             out[cell] = cell_commands(res, size, base, cell, flags, model, seed, device)
         return list(out.items())
-    if run_cells(res, 1, cells([("student", 0)])):
-        raise RuntimeError(f"the first run failed: every other cell needs its teachers (log: {res}/logs/student-s0.log)")
+    (first, commands), = cells([("student", 0)])
+    if run_cells(res, 1, [(first, commands[:1])]):
+        raise RuntimeError(f"the first run failed: every other cell needs its teachers (log: {res}/logs/{first}.log)")
     # seed by seed, so that a run cut short leaves whole seeds of every row
     lat = "lat" in rows or "combination" in rows
     run_cells(res, jobs, cells([(r, seeds[0]) for r in LAT_SWEEP if lat]
+                               + [("student", 0)]
                                + [(r, s) for s in seeds for r in ABLATION_ROWS
                                   if r != "lat" and (r in rows or "combination" in rows)]))
     pick = lat_pick(res, seeds[0])
