@@ -581,7 +581,7 @@ def over_refusal(model, tokenizer, prompts, max_new_tokens=MAX_NEW_TOKENS, n_sam
 
 FA_TASKS = ("arith", "agnews", "gsm8k", "sst2")
 FA_MAX_NEW_TOKENS = {"arith": 16, "agnews": 16, "sst2": 16, "gsm8k": 256}
-SHARED_DATA = os.path.join(data.HERE, "..", "shared", "data")
+SHARED_DATA = os.path.normpath(os.path.join(data.HERE, "..", "shared", "data"))  # the same argv from any checkout
 # Instructions of the Vaccine/Booster/Antidote task builders.
 SST2_INSTRUCTION = "Analyze the sentiment of the input, and respond only positive or negative"
 AGNEWS_INSTRUCTION = ("Categorize the news article given in the input into one of the 4 categories:\n\n"

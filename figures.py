@@ -603,19 +603,24 @@ def ablation_markdown(stats, pick, combo, size):
 
 
 def ablation_figure(stats, png):
-    """HS after the p = 0.1 attack against XSTest over-refusal, one point per row, 95 % interval bars."""
-    fig, ax = plt.subplots(figsize=(7.5, 5.5))
-    for i, (row, st) in enumerate(stats.items()):
-        if st["xstest"] is None or st["attack_p0.1"] is None or row in LAT_SWEEP:
-            continue
-        x, y = st["xstest"], st["attack_p0.1"]
-        bar = lambda v, ci: [[max(0.0, v - ci[0])], [max(0.0, ci[1] - v)]]   # rounding can cross the point
-        ax.errorbar(x, y, xerr=bar(x, st["xstest_ci"]), yerr=bar(y, st["attack_p0.1_ci"]),
-                    fmt="o", color=f"C{i % 10}", capsize=3, label=st["label"])
-    ax.set(xlabel="over-refusal on XSTest's safe prompts (%) ↓", ylabel="HS after the p = 0.1 attack (%) ↓",
-           title="safer after attack vs. over-refusal (95 % intervals)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="best")
+    """HS before attack, after the benign-only attack (p = 0) and after p = 0.1, each against XSTest
+    over-refusal: one point per row, 95 % interval bars."""
+    panels = [("hs", "HS, no attack"), ("attack_p0", "HS after the p = 0 attack"),
+              ("attack_p0.1", "HS after the p = 0.1 attack")]
+    fig, axes = plt.subplots(1, 3, figsize=(15, 5), sharey=True)
+    bar = lambda v, ci: [[max(0.0, v - ci[0])], [max(0.0, ci[1] - v)]]   # rounding can cross the point
+    for ax, (key, title) in zip(axes, panels):
+        for i, (row, st) in enumerate(stats.items()):
+            if st["xstest"] is None or st[key] is None or row in LAT_SWEEP:
+                continue
+            ax.errorbar(st["xstest"], st[key], xerr=bar(st["xstest"], st["xstest_ci"]),
+                        yerr=bar(st[key], st[f"{key}_ci"]), fmt="o", color=f"C{i % 10}", capsize=3,
+                        label=st["label"])
+        ax.set(xlabel="over-refusal on XSTest's safe prompts (%) ↓", title=title)
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("harmful answers on StrongREJECT (%) ↓")
+    axes[-1].legend(fontsize=7, loc="best")
+    fig.suptitle("safety against over-refusal, before and after fine-tuning attacks (95 % intervals)")
     _save(fig, png)
 
 
@@ -631,7 +636,7 @@ def ablation_grid(res, out, size, base, seeds, jobs, device, run_missing, rows=N
          "seeds": seeds, "rows": {r: ABLATION_ROWS[r][1] for r in ABLATION_ROWS}, "lat_sweep": LAT_SWEEP}, indent=1))
     data.write_atomic(os.path.join(res, "ablation.md"), table)
     print(table)
-    png = os.path.join(out, "ablation.png")
+    png = os.path.join(out, "ablation-quick.png" if size == "quick" else "ablation.png")
     ablation_figure(stats, png)
     return png
 

@@ -125,7 +125,7 @@ def test_ablation_cells_run_resume_and_reproduce_from_their_argv(tiny_folder, tm
     figures.main(argv)
     saved = json.load(open(os.path.join(res, "ablation.json")))
     assert list(saved["stats"]) == ["student"] and saved["stats"]["student"]["hs_n"] == 6
-    assert saved["stats"]["student"]["xstest_n"] == 10 and os.path.isfile(os.path.join(out, "ablation.png"))
+    assert saved["stats"]["student"]["xstest_n"] == 10 and os.path.isfile(os.path.join(out, "ablation-quick.png"))
     log = os.path.join(res, "logs", "student-s0.log")
     ran = lambda: [line.split()[2] for line in open(log) if line.startswith("$ python")]
     assert ran() == ["train.py", "eval.py", "attack.py", "attack.py"]
