@@ -22,6 +22,7 @@ import glob
 import io
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -382,6 +383,10 @@ def run_cell(res, commands, log_path, threads):
                                   stderr=subprocess.STDOUT, env=env)
             if proc.returncode:
                 return f"python {script} exited {proc.returncode} (log: {log_path})"
+            run = argv[argv.index("--out") + 1] if script == "train.py" else None
+            if run and run != run_dir(res, "student-s0"):   # that one is the attack data (its args.json)
+                # the other cells need only the student; a 135M checkpoint with Adam moments is 1.6 GB
+                shutil.rmtree(os.path.join(run, "checkpoints"))
             data.write_atomic(record, json.dumps([script, *argv]))
     return None
 

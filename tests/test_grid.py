@@ -1,5 +1,6 @@
 """The ablation's numbers (figures.py ablation) from hand-written cell results: pooled rates, paired
 McNemar tests against the student, diverged attacks, the LAT pick and the combination."""
+import glob
 import json
 import math
 import os
@@ -121,14 +122,18 @@ def test_ablation_cells_run_resume_and_reproduce_from_their_argv(tiny_folder, tm
     monkeypatch.setitem(figures.ABLATION_SIZES, "quick", TINY_SIZE)
     res, out = str(tmp_path / "res"), str(tmp_path / "png")
     argv = ["ablation", "--quick", "--results", res, "--out", out, "--model", tiny_folder, "--seeds", "0",
-            "--rows", "student"]
+            "--rows", "student", "sft-baseline"]
     figures.main(argv)
     saved = json.load(open(os.path.join(res, "ablation.json")))
-    assert list(saved["stats"]) == ["student"] and saved["stats"]["student"]["hs_n"] == 6
+    assert list(saved["stats"]) == ["sft-baseline", "student"] and saved["stats"]["student"]["hs_n"] == 6
     assert saved["stats"]["student"]["xstest_n"] == 10 and os.path.isfile(os.path.join(out, "ablation-quick.png"))
     log = os.path.join(res, "logs", "student-s0.log")
     ran = lambda: [line.split()[2] for line in open(log) if line.startswith("$ python")]
     assert ran() == ["train.py", "eval.py", "attack.py", "attack.py"]
+    # the attack data (student-s0) keeps its checkpoint (args.json), another cell only its student (disk)
+    assert glob.glob(os.path.join(res, "runs", "student-s0", "checkpoints", "step-*", "args.json"))
+    sft = os.path.join(res, "runs", "sft-baseline-s0")
+    assert os.path.isfile(os.path.join(sft, "student", "config.json")) and not os.path.exists(os.path.join(sft, "checkpoints"))
 
     figures.main(argv)                      # everything is done: nothing runs again
     assert len(ran()) == 4
