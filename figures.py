@@ -277,6 +277,7 @@ LAT_SWEEP = {
     "lat-b10-8": ["--lat-eps", "8", "--lat-layers", "10"],
 }
 FIXED_ROWS = ("base", "good-teacher", "sft-baseline", "student")
+ATTACK_DATA_CELL = "student-s0"   # its run's bad-teacher answers are every cell's harmful attack data
 ATTACK_PS = (0.0, 0.1)
 # quick: the embedded model on a 2-core CPU; full: the default run's training and the big held-out sets
 # (StrongREJECT 313, XSTest 250 safe, FA 200), the attack at Booster's lr 1e-5 (docs/results.md says why).
@@ -353,7 +354,7 @@ def cell_commands(res, size, base, cell, flags, model, seed, device):
     cmds.append(("eval.py", [*common, "--hs-set", hs_set(res, size), "--max-new-tokens", str(sz["max_new_tokens"]),
                              "--xstest", xstest_set(res, size), "--fa-task", "arith", "--fa-n", str(sz["fa_n"]), *sz["eval"],
                              "--out", os.path.join(out, "eval.json")], os.path.join(out, "eval.json")))
-    attack_common = [*common, "--attack-data", run_dir(res, "student-s0"), "--harmful", STRONGREJECT,
+    attack_common = [*common, "--attack-data", run_dir(res, ATTACK_DATA_CELL), "--harmful", STRONGREJECT,
                      "--limit", str(a["hs_n"]), "--attack-max-new-tokens", "32", "--attack-out",
                      os.path.join(out, "attacks")]
     cmds.append(("attack.py", ["finetune", *attack_common, "--attack-p", *map(str, ATTACK_PS),
@@ -384,7 +385,7 @@ def run_cell(res, commands, log_path, threads):
             if proc.returncode:
                 return f"python {script} exited {proc.returncode} (log: {log_path})"
             run = argv[argv.index("--out") + 1] if script == "train.py" else None
-            if run and run != run_dir(res, "student-s0"):   # that one is the attack data (its args.json)
+            if run and run != run_dir(res, ATTACK_DATA_CELL):   # the attack data needs its args.json
                 # the other cells need only the student; a 135M checkpoint with Adam moments is 1.6 GB
                 shutil.rmtree(os.path.join(run, "checkpoints"))
             data.write_atomic(record, json.dumps([script, *argv]))
@@ -619,7 +620,7 @@ def ablation_figure(stats, png):
             if st["xstest"] is None or st[key] is None or row in LAT_SWEEP:
                 continue
             ax.errorbar(st["xstest"], st[key], xerr=bar(st["xstest"], st["xstest_ci"]),
-                        yerr=bar(st[key], st[f"{key}_ci"]), fmt="o", color=f"C{i % 10}", capsize=3,
+                        yerr=bar(st[key], st[f"{key}_ci"]), fmt="os^D"[i // 10 % 4], color=f"C{i % 10}", capsize=3,
                         label=st["label"])
         ax.set(xlabel="over-refusal on XSTest's safe prompts (%) ↓", title=title)
         ax.grid(alpha=0.3)
