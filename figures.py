@@ -340,8 +340,9 @@ def xstest_set(res, size):
 
 
 def cell_commands(res, size, base, cell, flags, model, seed, device):
-    """[(script, argv, the output that marks it done)] of one cell: train (unless flags is None),
-    evaluate, fine-tuning attacks at p = 0 and 0.1 with a curve, the in-context attack."""
+    """[(script, argv, the output that marks it done, a folder to remove once it is done or None)] of
+    one cell: train (unless flags is None), evaluate, fine-tuning attacks at p = 0 and 0.1 with a
+    curve, the in-context attack."""
     sz, a = ABLATION_SIZES[size], ABLATION_SIZES[size]["attack"]
     out, run = os.path.join(res, "cells", cell), run_dir(res, cell)
     cmds = []
@@ -349,11 +350,14 @@ def cell_commands(res, size, base, cell, flags, model, seed, device):
         cmds.append(("train.py", ["--model", base, "--out", run, "--teacher-dir", os.path.join(res, "teachers"),
                                   "--cache-dir", os.path.join(res, "cache"), "--seed", str(seed), "--data-seed", "0",
                                   "--no-eval", "--overwrite", "--device", device, *sz["train"], *flags],
-                     os.path.join(run, "student", "config.json")))
+                     os.path.join(run, "student", "config.json"),
+                     # the cell needs only the student (a 135M checkpoint with Adam moments is 1.6 GB);
+                     # the attack data's run keeps its checkpoint for its args.json
+                     None if cell == ATTACK_DATA_CELL else os.path.join(run, "checkpoints")))
     common = ["--model", model, "--device", device]
     cmds.append(("eval.py", [*common, "--hs-set", hs_set(res, size), "--max-new-tokens", str(sz["max_new_tokens"]),
                              "--xstest", xstest_set(res, size), "--fa-task", "arith", "--fa-n", str(sz["fa_n"]), *sz["eval"],
-                             "--out", os.path.join(out, "eval.json")], os.path.join(out, "eval.json")))
+                             "--out", os.path.join(out, "eval.json")], os.path.join(out, "eval.json"), None))
     attack_common = [*common, "--attack-data", run_dir(res, ATTACK_DATA_CELL), "--harmful", STRONGREJECT,
                      "--limit", str(a["hs_n"]), "--attack-max-new-tokens", "32", "--attack-out",
                      os.path.join(out, "attacks")]
@@ -361,20 +365,21 @@ def cell_commands(res, size, base, cell, flags, model, seed, device):
                                "--attack-n", str(a["n"]), "--attack-lr", str(a["lr"]), "--attack-epochs",
                                str(a["epochs"]), "--attack-batch", str(a["batch"]), "--attack-eval-every",
                                str(a["eval_every"]), "--attack-fa-n", str(a["fa_n"]), "--attack-micro-tokens", "512"],
-                 os.path.join(out, "attacks", attack.attack_filename(ATTACK_PS[-1], a["n"], a["lr"]))))
+                 os.path.join(out, "attacks", attack.attack_filename(ATTACK_PS[-1], a["n"], a["lr"])), None))
     cmds.append(("attack.py", ["incontext", *attack_common, "--shots", *map(str, sz["shots"])],
-                 os.path.join(out, "attacks", "incontext.json")))
+                 os.path.join(out, "attacks", "incontext.json"), None))
     return cmds
 
 
 def run_cell(res, commands, log_path, threads):
     """Run a cell's commands in order as subprocesses (each result's JSON holds its argv), skipping one
     whose output exists and whose argv is the one recorded when it finished (changed sizes or flags run
-    again); output goes to log_path. Returns None or the failure."""
+    again) and removing what a finished command leaves that is not needed; output goes to log_path.
+    Returns None or the failure."""
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "TOKENIZERS_PARALLELISM": "false"}
     here = os.path.dirname(os.path.abspath(__file__))
     with open(log_path, "a") as log_file:
-        for script, argv, done in commands:
+        for script, argv, done, remove_when_done in commands:
             record = done + ".argv"
             if os.path.isfile(done) and os.path.isfile(record) and load_json(record) == [script, *argv]:
                 continue
@@ -384,10 +389,8 @@ def run_cell(res, commands, log_path, threads):
                                   stderr=subprocess.STDOUT, env=env)
             if proc.returncode:
                 return f"python {script} exited {proc.returncode} (log: {log_path})"
-            run = argv[argv.index("--out") + 1] if script == "train.py" else None
-            if run and run != run_dir(res, ATTACK_DATA_CELL):   # the attack data needs its args.json
-                # the other cells need only the student; a 135M checkpoint with Adam moments is 1.6 GB
-                shutil.rmtree(os.path.join(run, "checkpoints"))
+            if remove_when_done:
+                shutil.rmtree(remove_when_done)
             data.write_atomic(record, json.dumps([script, *argv]))
     return None
 
