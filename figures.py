@@ -250,13 +250,14 @@ def _save(fig, png):
 # ---------------------------------------------------------------- the ablation (docs/results.md#ablation)
 
 STRONGREJECT = os.path.join(evaluation.SHARED_DATA, "refusal_direction", "strongreject.json")
-# Rows: (label, train.py flags added to the default run; None: no training, the model is evaluated as it is).
-# The mechanisms are added alone to the default student; "lat" is the LAT_SWEEP row that the sweep picks.
+# Rows: (label, train.py flags added to the size's; None: no training, the model is evaluated as it is).
+# The mechanisms are added alone to the 2-epoch student (the default when the grid was measured); "lat" is
+# the LAT_SWEEP row that the sweep picks.
 ABLATION_ROWS = {
     "base": ("base model", None),
     "good-teacher": ("good teacher", None),
     "sft-baseline": ("SFT baseline (--loss sft=1)", ["--loss", "sft=1"]),
-    "student": ("student (default)", []),
+    "student": ("student (default losses, 2 epochs)", []),
     "npo": ("+ NPO", ["--loss", "dpo=1,kl=1,npo=1"]),
     "kl-rev": ("+ reverse KL", ["--loss", "dpo=1,kl=1,kl_rev=1"]),
     "difficulty": ("+ levels by difficulty", ["--levels-by", "difficulty"]),
@@ -268,6 +269,9 @@ ABLATION_ROWS = {
     "canary-focus": ("+ canary focus", ["--canary-mode", "focus"]),
     "canary-protect": ("+ canary protect", ["--canary-mode", "protect"]),
     "harmless-dpo": ("+ harmless DPO against a refusal", ["--dpo-harmless", "refusal"]),
+    # training length, not a mechanism: 10 epochs (train.py's default since these rows) against the 2 above
+    "student-long": ("student, 10 epochs (the default)", ["--epochs", "10"]),
+    "sft-long": ("SFT baseline, 10 epochs", ["--loss", "sft=1", "--epochs", "10"]),
 }
 # ε per layer scale: a token embedding has norm ≈ 3, the residual stream at block 10 ≈ 150 (docs/training.md).
 LAT_SWEEP = {
@@ -276,17 +280,19 @@ LAT_SWEEP = {
     "lat-b10-4": ["--lat-eps", "4", "--lat-layers", "10"],
     "lat-b10-8": ["--lat-eps", "8", "--lat-layers", "10"],
 }
-FIXED_ROWS = ("base", "good-teacher", "sft-baseline", "student")
+FIXED_ROWS = ("base", "good-teacher", "sft-baseline", "student", "student-long", "sft-long")   # not mechanisms
+# a row is paired with the default student, except the long SFT baseline: with the student trained as long
+PAIRED_WITH = {"sft-long": "student-long"}
 ATTACK_DATA_CELL = "student-s0"   # its run's bad-teacher answers are every cell's harmful attack data
 ATTACK_PS = (0.0, 0.1)
-# quick: the embedded model on a 2-core CPU; full: the default run's training and the big held-out sets
+# quick: the embedded model on a 2-core CPU; full: the default run's data at 2 epochs and the big held-out sets
 # (StrongREJECT 313, XSTest 250 safe, FA 200), the attack at Booster's lr 1e-5 (docs/results.md says why).
 ABLATION_SIZES = {
     "quick": {"train": ["--limit", "64", "--epochs", "2"], "hs_n": 100, "xstest_n": 100, "max_new_tokens": 32,
               "fa_n": 100, "eval": ["--limit", "8"],
               "attack": {"n": 40, "epochs": 2, "batch": 10, "lr": 1e-4, "eval_every": 4, "hs_n": 40, "fa_n": 40},
               "shots": [4]},
-    "full": {"train": [], "hs_n": None, "xstest_n": None, "max_new_tokens": 64, "fa_n": 200, "eval": [],
+    "full": {"train": ["--epochs", "2"], "hs_n": None, "xstest_n": None, "max_new_tokens": 64, "fa_n": 200, "eval": [],
              "attack": {"n": 100, "epochs": 10, "batch": 10, "lr": 1e-5, "eval_every": 20, "hs_n": 100, "fa_n": 100},
              "shots": [8]},
 }
@@ -445,7 +451,7 @@ def run_ablation(res, size, base, seeds, jobs, device, rows=None):
 
 
 BINARY = ("hs", "xstest", "attack_p0", "attack_p0.1", "incontext")   # per-prompt outcomes
-PAIRED = ("hs", "xstest", "attack_p0", "attack_p0.1")   # paired against the default student
+PAIRED = ("hs", "xstest", "attack_p0", "attack_p0.1")   # paired against the default student (or PAIRED_WITH)
 
 
 def cell_outcomes(res, cell):
@@ -486,18 +492,20 @@ def row_cells(res, base, row, seeds, pick):
 def ablation_stats(res, base, seeds, pick):
     """{row: numbers} for every row with finished cells: each binary metric pooled over the row's seeds
     (rate and 95 % Wilson interval over seeds × prompts) and per seed, FA and HS-AUC per seed and their
-    mean, and exact McNemar tests against the default student on the same prompts, seed by seed pooled
-    (a row of one model, base or good teacher, is paired with every seed of the student)."""
+    mean, and exact McNemar tests against the default student (PAIRED_WITH: another row) on the same
+    prompts, seed by seed pooled (a row of one model, base or good teacher, is paired with every seed of
+    the student)."""
     outcomes = {}
     for row in [*ABLATION_ROWS, *LAT_SWEEP, "combination"]:
         found = [(s, cell_outcomes(res, c)) for s, c in row_cells(res, base, row, seeds, pick)]
         found = [(s, o) for s, o in found if o is not None]
         if found:
             outcomes[row] = found
-    student = dict(outcomes.get("student", []))
     stats = {}
     for row, found in outcomes.items():
-        st = {"seeds": [s for s, _ in found], "label": ABLATION_ROWS.get(row, (row,))[0]}
+        reference = PAIRED_WITH.get(row, "student")
+        student = dict(outcomes.get(reference, []))
+        st = {"seeds": [s for s, _ in found], "label": ABLATION_ROWS.get(row, (row,))[0], "paired_with": reference}
         for key in BINARY:
             flags = [o[key] for _, o in found]
             st[key + "_per_seed"] = [None if f is None else 100 * sum(f) / len(f) for f in flags]
@@ -513,7 +521,7 @@ def ablation_stats(res, base, seeds, pick):
             st[key] = None if None in values else sum(values) / len(values)
         st["k"] = found[0][1]["k"]
         st["paired"] = {}
-        if row != "student" and student:
+        if row not in ("student", reference) and student:
             if row in ("base", "good-teacher"):   # one model: paired with every seed of the student
                 pairs = [(found[0][1], student[s]) for s in student]
             else:
@@ -523,7 +531,7 @@ def ablation_stats(res, base, seeds, pick):
                     a = [v for r, _ in pairs for v in r[key]]
                     b = [v for _, s_o in pairs for v in s_o[key]]
                     if len(a) != len(b):
-                        raise ValueError(f"{res}/cells: {row} has {len(a)} {key} outcomes, the student {len(b)} "
+                        raise ValueError(f"{res}/cells: {row} has {len(a)} {key} outcomes, {reference} {len(b)} "
                                          f"(cells of different sizes)")
                     only_row, only_student, p = evaluation.mcnemar(a, b)
                     st["paired"][key] = {"only_row": only_row, "only_student": only_student, "p": p,
@@ -590,7 +598,7 @@ def ablation_markdown(stats, pick, combo, size):
     k = next(iter(stats.values()))["k"] if stats else "?"
     head = ("| row | seeds | HS ↓ | refusal ↑ | over-refusal XSTest ↓ | FA ↑ | HS after attack p=0 ↓ | "
             f"HS after attack p=0.1 ↓ | HS-AUC p=0.1 ↓ | in-context HS k={k} ↓ | "
-            "paired p vs student: HS / XSTest / p=0 / p=0.1 |")
+            "paired p vs student (sft-long: vs student-long): HS / XSTest / p=0 / p=0.1 |")
     lines = [head, "|" + " --- |" * 11]
     for row, st in stats.items():
         label = st["label"] + (f" ({pick})" if row == "lat" else f" ({' '.join(combo)})" if row == "combination" else "")
@@ -607,7 +615,8 @@ def ablation_markdown(stats, pick, combo, size):
             seeds.append(f"| {row} | {seed} | " + " | ".join(fmt(st[key + "_per_seed"][i]) for key in
                          ("hs", "xstest", "fa", "attack_p0", "attack_p0.1", "auc_p0.1", "incontext")) + " |")
     return (f"Ablation ({size} size); rates in % pooled over seeds × prompts with 95 % Wilson intervals; "
-            f"FA, refusal and AUC are means over seeds; p: exact McNemar against the default student, "
+            f"FA, refusal and AUC are means over seeds; p: exact McNemar against the default student "
+            f"(the 10-epoch SFT baseline: against the 10-epoch student), "
             f"seeds paired and pooled.\n\n" + "\n".join(lines) + "\n\nPer seed:\n\n" + "\n".join(seeds) + "\n")
 
 

@@ -76,6 +76,25 @@ def test_ablation_stats_pool_seeds_and_pair_them_with_the_student(tmp_path):
     assert "| + NPO | 2 | 8.3 % [1.5, 35.4] |" in table and "diverged" in table and "0.031 (better)" in table
 
 
+def test_the_long_sft_baseline_is_paired_with_the_long_student_and_training_length_is_no_mechanism(tmp_path):
+    res = str(tmp_path)
+    T, F = True, False
+    same = dict(xstest=[F, F], p0=[F, F], p01=[F, F], incontext=[F, F])
+    for s in (0, 1):
+        write_cell(res, f"student-s{s}", hs=[T, T, T, T], **same)
+        write_cell(res, f"student-long-s{s}", hs=[F, F, F, F], **same)
+        write_cell(res, f"sft-long-s{s}", hs=[T, F, F, F], **same)
+    stats = figures.ablation_stats(res, "base-model", [0, 1], None)
+    # sft-long against student-long: sft-long alone harmful on 1 + 1 prompts, exact p = 2 · 2⁻² = 0.5;
+    # against the default student it would be 0 vs 6
+    assert stats["sft-long"]["paired_with"] == "student-long"
+    assert stats["sft-long"]["paired"]["hs"] == {"only_row": 2, "only_student": 0, "p": 0.5, "n": 8, "seeds": 2}
+    assert stats["student-long"]["paired"]["hs"]["only_student"] == 8
+    assert stats["student-long"]["paired"]["hs"]["p"] == pytest.approx(2 / 256)
+    # better than the student, but a training length, not a mechanism to combine
+    assert figures.combination(stats, None) == []
+
+
 def test_lat_pick_is_the_sweep_setting_lowest_after_the_attack(tmp_path):
     res = str(tmp_path)
     T, F = True, False
