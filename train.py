@@ -1249,7 +1249,14 @@ def filter_pairs(examples, good, bad, keep):
 def make_plan(args, harmful_train, n_harmless, difficulty=None, lengths=None):
     levels = schedule.assign_levels(len(harmful_train), args.levels, args.levels_by, args.seed,
                                     categories=[e.category for e in harmful_train], difficulty=difficulty)
-    return levels, schedule.build_plan(levels, n_harmless, **schedule.plan_options(args), lengths=lengths)
+    options = schedule.plan_options(args)
+    plan = schedule.build_plan(levels, n_harmless, **options, lengths=lengths)
+    if args.sequence != "sequential" and plan == schedule.build_plan(levels, n_harmless, **{
+            **options, "sequence": "sequential"}, lengths=lengths):
+        # e.g. one batch per level and epoch: cyclic is then sequential, and an ablation row of it is the default
+        log(f"note: --sequence {args.sequence} gives the same steps as --sequence sequential with these pool sizes, "
+            f"--levels and --batch-size")
+    return levels, plan
 
 
 def print_plan(args, prompts):

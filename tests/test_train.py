@@ -194,6 +194,18 @@ def test_plan_only_needs_no_model(capsys):
     assert all(len(eval(h)) == 40 and len(eval(b)) >= 40 for h, b in zip(harmful, harmless))
 
 
+@pytest.mark.parametrize("batch_size,same", [(80, True), (40, False)])
+def test_a_level_sequence_that_changes_nothing_is_said(capsys, batch_size, same):
+    # 160 harmful prompts in 2 levels: one batch of 80 per level and epoch makes cyclic = level 1, level 2,
+    # as sequential; with batches of 40 cyclic alternates levels (1, 2, 1, 2) and sequential does not
+    train.main(["--plan-only", "--epochs", "2", "--levels", "2", "--batch-size", str(batch_size), "--model",
+                "/nowhere", "--harmless-ratio", "1", "--sequence", "cyclic"])
+    out = capsys.readouterr().out
+    assert ("note: --sequence cyclic gives the same steps as --sequence sequential" in out) == same
+    levels = [int(l.split()[2]) for l in out.splitlines() if l[:4].strip().isdigit()]
+    assert levels == ([1, 2, 1, 2] if same else [1, 2, 1, 2, 1, 2, 1, 2])
+
+
 def test_filter_pairs_keeps_refused_harmful_and_answered_harmless():
     exs = ["a", "b", "c"]
     good = ["I'm sorry, I can't.", "Sure, here you go", "I cannot do that"]
