@@ -25,6 +25,7 @@ import os
 import shutil
 import subprocess
 import sys
+from typing import NamedTuple
 
 import matplotlib
 
@@ -73,12 +74,23 @@ def run_dir(res, name):
 
 
 def ensure_run(res, name, extra, size, base):
+    """The train.py run `name` in res, trained unless it is there; one made by other flags (a changed
+    size or default) stops with an error rather than join the figures."""
     out = run_dir(res, name)
-    if not os.path.isfile(os.path.join(out, "eval.json")):
-        print(f"[figures] train.py run {name}")
-        train.main(["--model", base, "--out", out, "--teacher-dir", os.path.join(res, "teachers"),
-                    "--cache-dir", os.path.join(res, "cache"), "--overwrite",  # a run cut short starts over
-                    *SIZES[size]["train"], *extra])
+    argv = ["--model", base, "--out", out, "--teacher-dir", os.path.join(res, "teachers"),
+            "--cache-dir", os.path.join(res, "cache"), "--overwrite",  # a run cut short starts over
+            *SIZES[size]["train"], *extra]
+    record = os.path.join(out, "figures_argv.json")
+    if os.path.isfile(os.path.join(out, "eval.json")):
+        if not os.path.isfile(record):
+            print(f"[figures] reusing {out} (made before its argv was recorded)")
+        elif load_json(record) != argv:
+            raise ValueError(f"{out} was trained with other flags than this size's ({record}): remove it or use "
+                             f"another --results")
+        return out
+    print(f"[figures] train.py run {name}")
+    train.main(argv)
+    data.write_atomic(record, json.dumps(argv))
     return out
 
 
@@ -270,7 +282,7 @@ ABLATION_ROWS = {
     "canary-protect": ("+ canary protect", ["--canary-mode", "protect"]),
     "harmless-dpo": ("+ harmless DPO against a refusal", ["--dpo-harmless", "refusal"]),
     # training length, not a mechanism: 10 epochs (train.py's default since these rows) against the 2 above
-    "student-long": ("student, 10 epochs (the default)", ["--epochs", "10"]),
+    "student-long": ("student, 10 epochs", ["--epochs", "10"]),
     "sft-long": ("SFT baseline, 10 epochs", ["--loss", "sft=1", "--epochs", "10"]),
 }
 # ε per layer scale: a token embedding has norm ≈ 3, the residual stream at block 10 ≈ 150 (docs/training.md).
@@ -281,8 +293,9 @@ LAT_SWEEP = {
     "lat-b10-8": ["--lat-eps", "8", "--lat-layers", "10"],
 }
 FIXED_ROWS = ("base", "good-teacher", "sft-baseline", "student", "student-long", "sft-long")   # not mechanisms
-# a row is paired with the default student, except the long SFT baseline: with the student trained as long
+# every row is paired with the student row, except the long SFT baseline: with the student trained as long
 PAIRED_WITH = {"sft-long": "student-long"}
+assert set(PAIRED_WITH) | set(PAIRED_WITH.values()) <= set(ABLATION_ROWS), "PAIRED_WITH names an unknown row"
 ATTACK_DATA_CELL = "student-s0"   # its run's bad-teacher answers are every cell's harmful attack data
 ATTACK_PS = (0.0, 0.1)
 # quick: the embedded model on a 2-core CPU; full: the default run's data at 2 epochs and the big held-out sets
@@ -345,34 +358,41 @@ def xstest_set(res, size):
     return path
 
 
+class CellCommand(NamedTuple):
+    script: str
+    argv: list
+    done: str                     # the output that marks it done
+    remove_when_done: str = None  # a folder it leaves that the cell does not need
+    read_later: bool = False      # the later commands read its output (the training: its student)
+
+
 def cell_commands(res, size, base, cell, flags, model, seed, device):
-    """[(script, argv, the output that marks it done, a folder to remove once it is done or None)] of
-    one cell: train (unless flags is None), evaluate, fine-tuning attacks at p = 0 and 0.1 with a
-    curve, the in-context attack."""
+    """[CellCommand] of one cell: train (unless flags is None), evaluate, fine-tuning attacks at p = 0
+    and 0.1 with a curve, the in-context attack."""
     sz, a = ABLATION_SIZES[size], ABLATION_SIZES[size]["attack"]
     out, run = os.path.join(res, "cells", cell), run_dir(res, cell)
     cmds = []
     if flags is not None:
-        cmds.append(("train.py", ["--model", base, "--out", run, "--teacher-dir", os.path.join(res, "teachers"),
+        cmds.append(CellCommand("train.py", ["--model", base, "--out", run, "--teacher-dir", os.path.join(res, "teachers"),
                                   "--cache-dir", os.path.join(res, "cache"), "--seed", str(seed), "--data-seed", "0",
                                   "--no-eval", "--overwrite", "--device", device, *sz["train"], *flags],
                      os.path.join(run, "student", "config.json"),
                      # the cell needs only the student (a 135M checkpoint with Adam moments is 1.6 GB);
                      # the attack data's run keeps its checkpoint for its args.json
-                     None if cell == ATTACK_DATA_CELL else os.path.join(run, "checkpoints")))
+                     None if cell == ATTACK_DATA_CELL else os.path.join(run, "checkpoints"), read_later=True))
     common = ["--model", model, "--device", device]
-    cmds.append(("eval.py", [*common, "--hs-set", hs_set(res, size), "--max-new-tokens", str(sz["max_new_tokens"]),
+    cmds.append(CellCommand("eval.py", [*common, "--hs-set", hs_set(res, size), "--max-new-tokens", str(sz["max_new_tokens"]),
                              "--xstest", xstest_set(res, size), "--fa-task", "arith", "--fa-n", str(sz["fa_n"]), *sz["eval"],
-                             "--out", os.path.join(out, "eval.json")], os.path.join(out, "eval.json"), None))
+                             "--out", os.path.join(out, "eval.json")], os.path.join(out, "eval.json")))
     attack_common = [*common, "--attack-data", run_dir(res, ATTACK_DATA_CELL), "--harmful", STRONGREJECT,
                      "--limit", str(a["hs_n"]), "--attack-max-new-tokens", "32", "--attack-out",
                      os.path.join(out, "attacks")]
-    cmds.append(("attack.py", ["finetune", *attack_common, "--attack-p", *map(str, ATTACK_PS),
+    cmds.append(CellCommand("attack.py", ["finetune", *attack_common, "--attack-p", *map(str, ATTACK_PS),
                                "--attack-n", str(a["n"]), "--attack-lr", str(a["lr"]), "--attack-epochs",
                                str(a["epochs"]), "--attack-batch", str(a["batch"]), "--attack-eval-every",
                                str(a["eval_every"]), "--attack-fa-n", str(a["fa_n"]), "--attack-micro-tokens", "512"],
                  os.path.join(out, "attacks", attack.attack_filename(ATTACK_PS[-1], a["n"], a["lr"])), None))
-    cmds.append(("attack.py", ["incontext", *attack_common, "--shots", *map(str, sz["shots"])],
+    cmds.append(CellCommand("attack.py", ["incontext", *attack_common, "--shots", *map(str, sz["shots"])],
                  os.path.join(out, "attacks", "incontext.json"), None))
     return cmds
 
@@ -380,15 +400,18 @@ def cell_commands(res, size, base, cell, flags, model, seed, device):
 def run_cell(res, commands, log_path, threads):
     """Run a cell's commands in order as subprocesses (each result's JSON holds its argv), skipping one
     whose output exists and whose argv is the one recorded when it finished (changed sizes or flags run
-    again) and removing what a finished command leaves that is not needed; output goes to log_path.
-    Returns None or the failure."""
+    again, and after a re-run training so does everything that reads its student) and removing what a
+    finished command leaves that is not needed; output goes to log_path. Returns None or the failure."""
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "TOKENIZERS_PARALLELISM": "false"}
     here = os.path.dirname(os.path.abspath(__file__))
+    input_changed = False
     with open(log_path, "a") as log_file:
-        for script, argv, done, remove_when_done in commands:
+        for script, argv, done, remove_when_done, read_later in commands:
             record = done + ".argv"
-            if os.path.isfile(done) and os.path.isfile(record) and load_json(record) == [script, *argv]:
+            if (not input_changed and os.path.isfile(done) and os.path.isfile(record)
+                    and load_json(record) == [script, *argv]):
                 continue
+            input_changed = input_changed or read_later
             log_file.write(f"$ python {script} {' '.join(argv)}\n")
             log_file.flush()
             proc = subprocess.run([sys.executable, os.path.join(here, script), *argv], stdout=log_file,
@@ -418,7 +441,7 @@ def run_cells(res, jobs, cells):
 
 
 def run_ablation(res, size, base, seeds, jobs, device, rows=None):
-    """Every cell: the default student of seed 0 is trained alone first (it builds the shared teachers, and
+    """Every cell: the student row's seed 0 is trained alone first (it builds the shared teachers, and
     its bad teacher's answers are the attack data), then the LAT sweep (first seed) and every row in parallel,
     then the sweep's pick at the other seeds, then the best combination at every seed. `rows`: only
     these (default: all; "lat" includes its sweep, "combination" the rows it needs)."""
@@ -451,7 +474,7 @@ def run_ablation(res, size, base, seeds, jobs, device, rows=None):
 
 
 BINARY = ("hs", "xstest", "attack_p0", "attack_p0.1", "incontext")   # per-prompt outcomes
-PAIRED = ("hs", "xstest", "attack_p0", "attack_p0.1")   # paired against the default student (or PAIRED_WITH)
+PAIRED = ("hs", "xstest", "attack_p0", "attack_p0.1")   # paired against the student row (or PAIRED_WITH)
 
 
 def cell_outcomes(res, cell):
@@ -492,7 +515,7 @@ def row_cells(res, base, row, seeds, pick):
 def ablation_stats(res, base, seeds, pick):
     """{row: numbers} for every row with finished cells: each binary metric pooled over the row's seeds
     (rate and 95 % Wilson interval over seeds × prompts) and per seed, FA and HS-AUC per seed and their
-    mean, and exact McNemar tests against the default student (PAIRED_WITH: another row) on the same
+    mean, and exact McNemar tests against the student row (PAIRED_WITH: another row) on the same
     prompts, seed by seed pooled (a row of one model, base or good teacher, is paired with every seed of
     the student)."""
     outcomes = {}
@@ -558,7 +581,7 @@ def lat_pick(res, seed):
 
 
 def combination(stats, pick):
-    """train.py flags of every mechanism that is better than the default student on HS or HS after the
+    """train.py flags of every mechanism that is better than the student row on HS or HS after the
     p = 0.1 attack (paired p < 0.05) and not worse on XSTest over-refusal; [] when none is."""
     chosen = []
     for row, st in stats.items():
@@ -596,9 +619,11 @@ def ablation_markdown(stats, pick, combo, size):
     """The ablation table (pooled rates with 95 % Wilson intervals, paired p against the student) and
     the per-seed table."""
     k = next(iter(stats.values()))["k"] if stats else "?"
+    others = "".join(f"; {row}: vs {st['paired_with']}" for row, st in stats.items() if st["paired_with"] != "student")
+    others = f" ({others[2:]})" if others else ""
     head = ("| row | seeds | HS ↓ | refusal ↑ | over-refusal XSTest ↓ | FA ↑ | HS after attack p=0 ↓ | "
             f"HS after attack p=0.1 ↓ | HS-AUC p=0.1 ↓ | in-context HS k={k} ↓ | "
-            "paired p vs student (sft-long: vs student-long): HS / XSTest / p=0 / p=0.1 |")
+            f"paired p vs student{others}: HS / XSTest / p=0 / p=0.1 |")
     lines = [head, "|" + " --- |" * 11]
     for row, st in stats.items():
         label = st["label"] + (f" ({pick})" if row == "lat" else f" ({' '.join(combo)})" if row == "combination" else "")
@@ -615,8 +640,7 @@ def ablation_markdown(stats, pick, combo, size):
             seeds.append(f"| {row} | {seed} | " + " | ".join(fmt(st[key + "_per_seed"][i]) for key in
                          ("hs", "xstest", "fa", "attack_p0", "attack_p0.1", "auc_p0.1", "incontext")) + " |")
     return (f"Ablation ({size} size); rates in % pooled over seeds × prompts with 95 % Wilson intervals; "
-            f"FA, refusal and AUC are means over seeds; p: exact McNemar against the default student "
-            f"(the 10-epoch SFT baseline: against the 10-epoch student), "
+            f"FA, refusal and AUC are means over seeds; p: exact McNemar against the student row{others}, "
             f"seeds paired and pooled.\n\n" + "\n".join(lines) + "\n\nPer seed:\n\n" + "\n".join(seeds) + "\n")
 
 

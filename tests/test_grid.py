@@ -159,6 +159,12 @@ def test_ablation_cells_run_resume_and_reproduce_from_their_argv(tiny_folder, tm
     monkeypatch.setitem(figures.ABLATION_SIZES, "quick", {**TINY_SIZE, "fa_n": 3})
     figures.main(argv)                      # a changed eval size runs eval.py again, not the training
     assert ran()[4:] == ["eval.py"]
+    attacked = os.path.getmtime(os.path.join(res, "cells", "student-s0", "attacks", "incontext.json"))
+    monkeypatch.setitem(figures.ABLATION_SIZES, "quick", {**TINY_SIZE, "fa_n": 3,
+                                                           "train": [*TINY_SIZE["train"], "--lr", "3e-5"]})
+    figures.main(argv)                      # a changed training: its student is new, so all that reads it runs again
+    assert ran()[5:] == ["train.py", "eval.py", "attack.py", "attack.py"]
+    assert os.path.getmtime(os.path.join(res, "cells", "student-s0", "attacks", "incontext.json")) > attacked
 
     # the cell's evaluation again from the argv in its JSON gives the same per-prompt outcomes
     cell = json.load(open(os.path.join(res, "cells", "student-s0", "eval.json")))
@@ -170,3 +176,20 @@ def test_ablation_cells_run_resume_and_reproduce_from_their_argv(tiny_folder, tm
     redo = json.load(open(again))["metrics"]
     assert redo["hs"]["harmful"] == cell["metrics"]["hs"]["harmful"] and redo["hs"]["answers"] == cell["metrics"]["hs"]["answers"]
     assert redo["xstest"]["refused"] == cell["metrics"]["xstest"]["refused"] and redo["fa"]["n"] == 3
+
+
+def test_a_figure_run_is_reused_only_when_made_by_the_same_flags(tmp_path, monkeypatch):
+    trained = []
+    def fake_train(argv):
+        out = argv[argv.index("--out") + 1]
+        os.makedirs(out, exist_ok=True)
+        open(os.path.join(out, "eval.json"), "w").write("{}")
+        trained.append(argv)
+    monkeypatch.setattr(figures.train, "main", fake_train)
+    res = str(tmp_path)
+    figures.ensure_run(res, "student", [], "quick", "base-model")
+    figures.ensure_run(res, "student", [], "quick", "base-model")
+    assert len(trained) == 1 and trained[0][-6:] == ["--limit", "64", "--epochs", "1", "--eval-limit", "40"]
+    with pytest.raises(ValueError, match="trained with other flags"):   # e.g. the size's epochs changed
+        figures.ensure_run(res, "student", ["--epochs", "10"], "quick", "base-model")
+    assert len(trained) == 1
