@@ -400,27 +400,28 @@ def cell_commands(res, size, base, cell, flags, model, seed, device):
 def run_cell(res, commands, log_path, threads):
     """Run a cell's commands in order as subprocesses (each result's JSON holds its argv), skipping one
     whose output exists and whose argv is the one recorded when it finished (changed sizes or flags run
-    again, and after a re-run training so does everything that reads its student) and removing what a
-    finished command leaves that is not needed; output goes to log_path. Returns None or the failure."""
+    again, and so does one older than a student it reads: a training re-run by an earlier call) and
+    removing what a finished command leaves that is not needed; output goes to log_path. Returns None
+    or the failure."""
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "TOKENIZERS_PARALLELISM": "false"}
     here = os.path.dirname(os.path.abspath(__file__))
-    input_changed = False
+    input_made = 0.0   # when the newest output that later commands read was written
     with open(log_path, "a") as log_file:
         for script, argv, done, remove_when_done, read_later in commands:
             record = done + ".argv"
-            if (not input_changed and os.path.isfile(done) and os.path.isfile(record)
+            if not (os.path.isfile(done) and os.path.getmtime(done) >= input_made and os.path.isfile(record)
                     and load_json(record) == [script, *argv]):
-                continue
-            input_changed = input_changed or read_later
-            log_file.write(f"$ python {script} {' '.join(argv)}\n")
-            log_file.flush()
-            proc = subprocess.run([sys.executable, os.path.join(here, script), *argv], stdout=log_file,
-                                  stderr=subprocess.STDOUT, env=env)
-            if proc.returncode:
-                return f"python {script} exited {proc.returncode} (log: {log_path})"
-            if remove_when_done:
-                shutil.rmtree(remove_when_done)
-            data.write_atomic(record, json.dumps([script, *argv]))
+                log_file.write(f"$ python {script} {' '.join(argv)}\n")
+                log_file.flush()
+                proc = subprocess.run([sys.executable, os.path.join(here, script), *argv], stdout=log_file,
+                                      stderr=subprocess.STDOUT, env=env)
+                if proc.returncode:
+                    return f"python {script} exited {proc.returncode} (log: {log_path})"
+                if remove_when_done:
+                    shutil.rmtree(remove_when_done)
+                data.write_atomic(record, json.dumps([script, *argv]))
+            if read_later:
+                input_made = max(input_made, os.path.getmtime(done))
     return None
 
 
