@@ -391,9 +391,9 @@ def cell_commands(res, size, base, cell, flags, model, seed, device):
                                "--attack-n", str(a["n"]), "--attack-lr", str(a["lr"]), "--attack-epochs",
                                str(a["epochs"]), "--attack-batch", str(a["batch"]), "--attack-eval-every",
                                str(a["eval_every"]), "--attack-fa-n", str(a["fa_n"]), "--attack-micro-tokens", "512"],
-                 os.path.join(out, "attacks", attack.attack_filename(ATTACK_PS[-1], a["n"], a["lr"])), None))
+                 os.path.join(out, "attacks", attack.attack_filename(ATTACK_PS[-1], a["n"], a["lr"]))))
     cmds.append(CellCommand("attack.py", ["incontext", *attack_common, "--shots", *map(str, sz["shots"])],
-                 os.path.join(out, "attacks", "incontext.json"), None))
+                 os.path.join(out, "attacks", "incontext.json")))
     return cmds
 
 
@@ -545,7 +545,7 @@ def ablation_stats(res, base, seeds, pick):
             st[key] = None if None in values else sum(values) / len(values)
         st["k"] = found[0][1]["k"]
         st["paired"] = {}
-        if row not in ("student", reference) and student:
+        if row != reference and student:
             if row in ("base", "good-teacher"):   # one model: paired with every seed of the student
                 pairs = [(found[0][1], student[s]) for s in student]
             else:
