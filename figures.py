@@ -73,6 +73,16 @@ def run_dir(res, name):
     return os.path.join(res, "runs", name)
 
 
+def recorded_argv(done):
+    """The argv recorded when the command that wrote `done` finished (None: no record)."""
+    record = done + ".argv"
+    return load_json(record) if os.path.isfile(record) else None
+
+
+def record_argv(done, argv):
+    data.write_atomic(done + ".argv", json.dumps(argv))
+
+
 def ensure_run(res, name, extra, size, base):
     """The train.py run `name` in res, trained unless it is there; one made by other flags (a changed
     size or default) stops with an error rather than join the figures."""
@@ -80,17 +90,18 @@ def ensure_run(res, name, extra, size, base):
     argv = ["--model", base, "--out", out, "--teacher-dir", os.path.join(res, "teachers"),
             "--cache-dir", os.path.join(res, "cache"), "--overwrite",  # a run cut short starts over
             *SIZES[size]["train"], *extra]
-    record = os.path.join(out, "figures_argv.json")
-    if os.path.isfile(os.path.join(out, "eval.json")):
-        if not os.path.isfile(record):
+    done = os.path.join(out, "eval.json")
+    if os.path.isfile(done):
+        recorded = recorded_argv(done)
+        if recorded is None:
             print(f"[figures] reusing {out} (made before its argv was recorded)")
-        elif load_json(record) != argv:
-            raise ValueError(f"{out} was trained with other flags than this size's ({record}): remove it or use "
-                             f"another --results")
+        elif recorded != argv:
+            raise ValueError(f"{out} was trained with other flags than this size's ({done}.argv): remove it or "
+                             f"use another --results")
         return out
     print(f"[figures] train.py run {name}")
     train.main(argv)
-    data.write_atomic(record, json.dumps(argv))
+    record_argv(done, argv)
     return out
 
 
@@ -408,9 +419,8 @@ def run_cell(res, commands, log_path, threads):
     input_made = 0.0   # when the newest output that later commands read was written
     with open(log_path, "a") as log_file:
         for script, argv, done, remove_when_done, read_later in commands:
-            record = done + ".argv"
-            if not (os.path.isfile(done) and os.path.getmtime(done) >= input_made and os.path.isfile(record)
-                    and load_json(record) == [script, *argv]):
+            if not (os.path.isfile(done) and os.path.getmtime(done) >= input_made
+                    and recorded_argv(done) == [script, *argv]):
                 log_file.write(f"$ python {script} {' '.join(argv)}\n")
                 log_file.flush()
                 proc = subprocess.run([sys.executable, os.path.join(here, script), *argv], stdout=log_file,
@@ -419,7 +429,7 @@ def run_cell(res, commands, log_path, threads):
                     return f"python {script} exited {proc.returncode} (log: {log_path})"
                 if remove_when_done:
                     shutil.rmtree(remove_when_done)
-                data.write_atomic(record, json.dumps([script, *argv]))
+                record_argv(done, [script, *argv])
             if read_later:
                 input_made = max(input_made, os.path.getmtime(done))
     return None
@@ -528,7 +538,7 @@ def ablation_stats(res, base, seeds, pick):
     stats = {}
     for row, found in outcomes.items():
         reference = PAIRED_WITH.get(row, "student")
-        student = dict(outcomes.get(reference, []))
+        reference_outcomes = dict(outcomes.get(reference, []))
         st = {"seeds": [s for s, _ in found], "label": ABLATION_ROWS.get(row, (row,))[0], "paired_with": reference}
         for key in BINARY:
             flags = [o[key] for _, o in found]
@@ -545,11 +555,11 @@ def ablation_stats(res, base, seeds, pick):
             st[key] = None if None in values else sum(values) / len(values)
         st["k"] = found[0][1]["k"]
         st["paired"] = {}
-        if row != reference and student:
-            if row in ("base", "good-teacher"):   # one model: paired with every seed of the student
-                pairs = [(found[0][1], student[s]) for s in student]
+        if row != reference and reference_outcomes:
+            if row in ("base", "good-teacher"):   # one model: paired with every seed of the reference
+                pairs = [(found[0][1], o) for o in reference_outcomes.values()]
             else:
-                pairs = [(o, student[s]) for s, o in found if s in student]
+                pairs = [(o, reference_outcomes[s]) for s, o in found if s in reference_outcomes]
             for key in PAIRED:   # a diverged attack on either side: no test
                 if pairs and all(r[key] is not None and s_o[key] is not None for r, s_o in pairs):
                     a = [v for r, _ in pairs for v in r[key]]
@@ -620,8 +630,8 @@ def ablation_markdown(stats, pick, combo, size):
     """The ablation table (pooled rates with 95 % Wilson intervals, paired p against the student) and
     the per-seed table."""
     k = next(iter(stats.values()))["k"] if stats else "?"
-    others = "".join(f"; {row}: vs {st['paired_with']}" for row, st in stats.items() if st["paired_with"] != "student")
-    others = f" ({others[2:]})" if others else ""
+    repaired = [f"{row}: vs {st['paired_with']}" for row, st in stats.items() if st["paired_with"] != "student"]
+    others = f" ({'; '.join(repaired)})" if repaired else ""
     head = ("| row | seeds | HS ↓ | refusal ↑ | over-refusal XSTest ↓ | FA ↑ | HS after attack p=0 ↓ | "
             f"HS after attack p=0.1 ↓ | HS-AUC p=0.1 ↓ | in-context HS k={k} ↓ | "
             f"paired p vs student{others}: HS / XSTest / p=0 / p=0.1 |")
