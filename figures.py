@@ -295,6 +295,8 @@ ABLATION_ROWS = {
     # training length, not a mechanism: 10 epochs (train.py's default since these rows) against the 2 above
     "student-long": ("student, 10 epochs", ["--epochs", "10"]),
     "sft-long": ("SFT baseline, 10 epochs", ["--loss", "sft=1", "--epochs", "10"]),
+    # a mechanism at 10 epochs, against the 10-epoch student: the 2-epoch rows do not show it helps at the default length
+    "gamma-long": ("+ γ annealing, 10 epochs", ["--gamma-schedule", "cosine", "--gamma-end", "0.25", "--epochs", "10"]),
 }
 # ε per layer scale: a token embedding has norm ≈ 3, the residual stream at block 10 ≈ 150 (docs/training.md).
 LAT_SWEEP = {
@@ -304,8 +306,8 @@ LAT_SWEEP = {
     "lat-b10-8": ["--lat-eps", "8", "--lat-layers", "10"],
 }
 FIXED_ROWS = ("base", "good-teacher", "sft-baseline", "student", "student-long", "sft-long")   # not mechanisms
-# every row is paired with the student row, except the long SFT baseline: with the student trained as long
-PAIRED_WITH = {"sft-long": "student-long"}
+# every row is paired with the student row, except the 10-epoch rows: with the student trained as long
+PAIRED_WITH = {"sft-long": "student-long", "gamma-long": "student-long"}
 assert set(PAIRED_WITH) | set(PAIRED_WITH.values()) <= set(ABLATION_ROWS), "PAIRED_WITH names an unknown row"
 ATTACK_DATA_CELL = "student-s0"   # its run's bad-teacher answers are every cell's harmful attack data
 ATTACK_PS = (0.0, 0.1)
@@ -596,7 +598,8 @@ def combination(stats, pick):
     p = 0.1 attack (paired p < 0.05) and not worse on XSTest over-refusal; [] when none is."""
     chosen = []
     for row, st in stats.items():
-        if row in FIXED_ROWS or row in LAT_SWEEP or row == "combination":
+        if (row in FIXED_ROWS or row in LAT_SWEEP or row == "combination"
+                or PAIRED_WITH.get(row, "student") != "student"):   # the combination is built at the student's length
             continue
         helps = any(verdict(st["paired"].get(k)) == "better" for k in ("hs", "attack_p0.1"))
         if helps and verdict(st["paired"].get("xstest")) != "worse":

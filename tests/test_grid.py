@@ -76,22 +76,27 @@ def test_ablation_stats_pool_seeds_and_pair_them_with_the_student(tmp_path):
     assert "| + NPO | 2 | 8.3 % [1.5, 35.4] |" in table and "diverged" in table and "0.031 (better)" in table
 
 
-def test_the_long_sft_baseline_is_paired_with_the_long_student_and_training_length_is_no_mechanism(tmp_path):
+def test_the_10_epoch_rows_are_paired_with_the_10_epoch_student_and_left_out_of_the_combination(tmp_path):
     res = str(tmp_path)
     T, F = True, False
     same = dict(xstest=[F, F], p0=[F, F], p01=[F, F], incontext=[F, F])
     for s in (0, 1):
-        write_cell(res, f"student-s{s}", hs=[T, T, T, T], **same)
-        write_cell(res, f"student-long-s{s}", hs=[F, F, F, F], **same)
-        write_cell(res, f"sft-long-s{s}", hs=[T, F, F, F], **same)
+        write_cell(res, f"student-s{s}", hs=[T] * 6, **same)
+        write_cell(res, f"student-long-s{s}", hs=[T, T, T, F, F, F], **same)
+        write_cell(res, f"sft-long-s{s}", hs=[T] * 6, **same)
+        write_cell(res, f"gamma-long-s{s}", hs=[F] * 6, **same)
     stats = figures.ablation_stats(res, "base-model", [0, 1], None)
-    # sft-long against student-long: sft-long alone harmful on 1 + 1 prompts, exact p = 2 · 2⁻² = 0.5;
-    # against the default student it would be 0 vs 6
+    # against student-long: sft-long alone harmful on 3 + 3 prompts, gamma-long never when it is,
+    # exact p = 2 · 2⁻⁶ (against the default student: sft-long 0 vs 0, gamma-long 0 vs 12)
     assert stats["sft-long"]["paired_with"] == "student-long"
-    assert stats["sft-long"]["paired"]["hs"] == {"only_row": 2, "only_student": 0, "p": 0.5, "n": 8, "seeds": 2}
-    assert stats["student-long"]["paired"]["hs"]["only_student"] == 8
-    assert stats["student-long"]["paired"]["hs"]["p"] == pytest.approx(2 / 256)
-    # better than the student, but a training length, not a mechanism to combine
+    assert stats["sft-long"]["paired"]["hs"] == {"only_row": 6, "only_student": 0, "p": pytest.approx(2 / 64),
+                                                 "n": 12, "seeds": 2}
+    assert stats["gamma-long"]["paired"]["hs"] == {"only_row": 0, "only_student": 6, "p": pytest.approx(2 / 64),
+                                                   "n": 12, "seeds": 2}
+    assert stats["student-long"]["paired_with"] == "student"
+    assert stats["student-long"]["paired"]["hs"]["only_student"] == 6
+    # student-long and gamma-long are better than the student, but one is a training length and the
+    # other a mechanism at another length: the combination is built at the student's
     assert figures.combination(stats, None) == []
 
 
