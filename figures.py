@@ -295,8 +295,9 @@ ABLATION_ROWS = {
     # training length, not a mechanism: 10 epochs (train.py's default since these rows) against the 2 above
     "student-long": ("student, 10 epochs", ["--epochs", "10"]),
     "sft-long": ("SFT baseline, 10 epochs", ["--loss", "sft=1", "--epochs", "10"]),
-    # a mechanism at 10 epochs, against the 10-epoch student: the 2-epoch rows do not show it helps at the default length
+    # mechanisms at 10 epochs, against the 10-epoch student: the 2-epoch rows do not show one helps at the default length
     "gamma-long": ("+ γ annealing, 10 epochs", ["--gamma-schedule", "cosine", "--gamma-end", "0.25", "--epochs", "10"]),
+    "lat-long": ("+ LAT (ε 0.1 at the embeddings), 10 epochs", ["--lat-eps", "0.1", "--lat-layers", "0", "--epochs", "10"]),
 }
 # ε per layer scale: a token embedding has norm ≈ 3, the residual stream at block 10 ≈ 150 (docs/training.md).
 LAT_SWEEP = {
@@ -307,7 +308,7 @@ LAT_SWEEP = {
 }
 FIXED_ROWS = ("base", "good-teacher", "sft-baseline", "student", "student-long", "sft-long")   # not mechanisms
 # every row is paired with the student row, except the 10-epoch rows: with the student trained as long
-PAIRED_WITH = {"sft-long": "student-long", "gamma-long": "student-long"}
+PAIRED_WITH = {row: "student-long" for row in ("sft-long", "gamma-long", "lat-long")}
 assert set(PAIRED_WITH) | set(PAIRED_WITH.values()) <= set(ABLATION_ROWS), "PAIRED_WITH names an unknown row"
 ATTACK_DATA_CELL = "student-s0"   # its run's bad-teacher answers are every cell's harmful attack data
 ATTACK_PS = (0.0, 0.1)
