@@ -274,8 +274,8 @@ def _save(fig, png):
 
 STRONGREJECT = os.path.join(evaluation.SHARED_DATA, "refusal_direction", "strongreject.json")
 # Rows: (label, train.py flags added to the size's; None: no training, the model is evaluated as it is).
-# The mechanisms are added alone to the 2-epoch student (the default when the grid was measured); "lat" is
-# the LAT_SWEEP row that the sweep picks.
+# The mechanisms are added alone to the 2-epoch student (the default when the grid was measured), the
+# "-long" ones to the 10-epoch student; "lat" is the LAT_SWEEP row that the sweep picks.
 ABLATION_ROWS = {
     "base": ("base model", None),
     "good-teacher": ("good teacher", None),
@@ -297,6 +297,7 @@ ABLATION_ROWS = {
     "sft-long": ("SFT baseline, 10 epochs", ["--loss", "sft=1", "--epochs", "10"]),
     # mechanisms at 10 epochs, against the 10-epoch student: the 2-epoch rows do not show one helps at the default length
     "gamma-long": ("+ γ annealing, 10 epochs", ["--gamma-schedule", "cosine", "--gamma-end", "0.25", "--epochs", "10"]),
+    # the quick sweep's pick, fixed: the full size's sweep may pick another
     "lat-long": ("+ LAT (ε 0.1 at the embeddings), 10 epochs", ["--lat-eps", "0.1", "--lat-layers", "0", "--epochs", "10"]),
 }
 # ε per layer scale: a token embedding has norm ≈ 3, the residual stream at block 10 ≈ 150 (docs/training.md).
