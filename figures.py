@@ -292,13 +292,6 @@ ABLATION_ROWS = {
     "canary-focus": ("+ canary focus", ["--canary-mode", "focus"]),
     "canary-protect": ("+ canary protect", ["--canary-mode", "protect"]),
     "harmless-dpo": ("+ harmless DPO against a refusal", ["--dpo-harmless", "refusal"]),
-    # training length, not a mechanism: 10 epochs (train.py's default since these rows) against the 2 above
-    "student-long": ("student, 10 epochs", ["--epochs", "10"]),
-    "sft-long": ("SFT baseline, 10 epochs", ["--loss", "sft=1", "--epochs", "10"]),
-    # mechanisms at 10 epochs, against the 10-epoch student: the 2-epoch rows do not show one helps at the default length
-    "gamma-long": ("+ γ annealing, 10 epochs", ["--gamma-schedule", "cosine", "--gamma-end", "0.25", "--epochs", "10"]),
-    # the quick sweep's pick, fixed: the full size's sweep may pick another
-    "lat-long": ("+ LAT (ε 0.1 at the embeddings), 10 epochs", ["--lat-eps", "0.1", "--lat-layers", "0", "--epochs", "10"]),
 }
 # ε per layer scale: a token embedding has norm ≈ 3, the residual stream at block 10 ≈ 150 (docs/training.md).
 LAT_SWEEP = {
@@ -307,6 +300,16 @@ LAT_SWEEP = {
     "lat-b10-4": ["--lat-eps", "4", "--lat-layers", "10"],
     "lat-b10-8": ["--lat-eps", "8", "--lat-layers", "10"],
 }
+# 10 epochs (train.py's default since these rows) against the 2 above: the student and the SFT baseline (a
+# training length, not a mechanism), and two mechanisms, paired with the 10-epoch student (PAIRED_WITH)
+TEN_EPOCHS = ["--epochs", "10"]
+ABLATION_ROWS.update({
+    "student-long": ("student, 10 epochs", TEN_EPOCHS),
+    "sft-long": ("SFT baseline, 10 epochs", [*ABLATION_ROWS["sft-baseline"][1], *TEN_EPOCHS]),
+    "gamma-long": ("+ γ annealing, 10 epochs", [*ABLATION_ROWS["gamma"][1], *TEN_EPOCHS]),
+    # the quick sweep's pick, fixed: the full size's sweep may pick another
+    "lat-long": ("+ LAT (ε 0.1 at the embeddings), 10 epochs", [*LAT_SWEEP["lat-emb-0.1"], *TEN_EPOCHS]),
+})
 FIXED_ROWS = ("base", "good-teacher", "sft-baseline", "student", "student-long", "sft-long")   # not mechanisms
 # every row is paired with the student row, except the 10-epoch rows: with the student trained as long
 PAIRED_WITH = {row: "student-long" for row in ("sft-long", "gamma-long", "lat-long")}
