@@ -310,9 +310,21 @@ ABLATION_ROWS.update({
     # the quick sweep's pick, fixed: the full size's sweep may pick another
     "lat-long": ("+ LAT (ε 0.1 at the embeddings), 10 epochs", [*LAT_SWEEP["lat-emb-0.1"], *TEN_EPOCHS]),
 })
-FIXED_ROWS = ("base", "good-teacher", "sft-baseline", "student", "student-long", "sft-long")   # not mechanisms
-# every row is paired with the student row, except the 10-epoch rows: with the student trained as long
-PAIRED_WITH = {row: "student-long" for row in ("sft-long", "gamma-long", "lat-long")}
+# Another good teacher: refusal SFT with the harmless pairs 4 times instead of 2 (more helpful data),
+# against the shared teacher's over-refusal. It is built in its own folder (teacher_folder); the bad
+# teacher stays the shared one.
+HELPFUL_TEACHER = ["--teacher-harmless-repeat", "4"]
+GOOD_TEACHER_FLAGS = ("--teacher-harmless-repeat", "--teacher-epochs", "--teacher-lr")
+ABLATION_ROWS.update({
+    "good-teacher-helpful": ("good teacher, harmless pairs ×4", None),
+    "student-long-helpful": ("student, 10 epochs, good teacher with harmless pairs ×4", [*TEN_EPOCHS, *HELPFUL_TEACHER]),
+})
+TEACHER_ROWS = {"good-teacher": [], "good-teacher-helpful": HELPFUL_TEACHER}   # a teacher evaluated: its flags
+FIXED_ROWS = ("base", *TEACHER_ROWS, "sft-baseline", "student", "student-long", "sft-long")   # not mechanisms
+# every row is paired with the student row, except the 10-epoch rows: with the student trained as long;
+# the other teacher with the shared one
+PAIRED_WITH = {**{row: "student-long" for row in ("sft-long", "gamma-long", "lat-long", "student-long-helpful")},
+               "good-teacher-helpful": "good-teacher"}
 assert set(PAIRED_WITH) | set(PAIRED_WITH.values()) <= set(ABLATION_ROWS), "PAIRED_WITH names an unknown row"
 ATTACK_DATA_CELL = "student-s0"   # its run's bad-teacher answers are every cell's harmful attack data
 ATTACK_PS = (0.0, 0.1)
@@ -329,12 +341,19 @@ ABLATION_SIZES = {
 }
 
 
+def teacher_folder(res, flags):
+    """The --teacher-dir of a run with these train.py flags: the shared one, or for flags that change the
+    good teacher's SFT a folder inside it named by them (its bad teacher is the shared one's)."""
+    changed = [f"{flag[2:]}-{value}" for flag, value in zip(flags[::2], flags[1::2]) if flag in GOOD_TEACHER_FLAGS]
+    return os.path.join(res, "teachers", *(["_".join(changed)] if changed else []))
+
+
 def row_cell(res, base, row, seed, lat_pick=None):
     """(cell name, train.py flags or None for a model evaluated as it is, the model evaluated)."""
     if row == "base":
         return "base", None, base
-    if row == "good-teacher":
-        return "good-teacher", None, os.path.join(res, "teachers", "good")
+    if row in TEACHER_ROWS:
+        return row, None, os.path.join(teacher_folder(res, TEACHER_ROWS[row]), "good")
     name = lat_pick if row == "lat" else row
     flags = LAT_SWEEP[name] if name in LAT_SWEEP else ABLATION_ROWS[name][1]
     cell = f"{name}-s{seed}"
@@ -391,7 +410,9 @@ def cell_commands(res, size, base, cell, flags, model, seed, device):
     out, run = os.path.join(res, "cells", cell), run_dir(res, cell)
     cmds = []
     if flags is not None:
-        cmds.append(CellCommand("train.py", ["--model", base, "--out", run, "--teacher-dir", os.path.join(res, "teachers"),
+        teachers = teacher_folder(res, flags)
+        bad = [] if teachers == teacher_folder(res, []) else ["--bad-teacher", os.path.join(teacher_folder(res, []), "bad")]
+        cmds.append(CellCommand("train.py", ["--model", base, "--out", run, "--teacher-dir", teachers, *bad,
                                   "--cache-dir", os.path.join(res, "cache"), "--seed", str(seed), "--data-seed", "0",
                                   "--no-eval", "--overwrite", "--device", device, *sz["train"], *flags],
                      os.path.join(run, "student", "config.json"),
@@ -446,7 +467,7 @@ def run_cells(res, jobs, cells):
     """cells: [(name, commands)] run `jobs` at a time; a failed cell is reported and the others go on.
     Returns the names of the failed cells."""
     os.makedirs(os.path.join(res, "logs"), exist_ok=True)
-    threads = max(1, (os.cpu_count() or 1) // jobs)
+    threads = max(1, (os.cpu_count() or 1) // min(jobs, max(1, len(cells))))
     with concurrent.futures.ThreadPoolExecutor(jobs) as pool:
         futures = {pool.submit(run_cell, res, cmds, os.path.join(res, "logs", f"{name}.log"), threads): name
                    for name, cmds in cells}
@@ -473,6 +494,16 @@ def run_ablation(res, size, base, seeds, jobs, device, rows=None):
     (first, commands), = cells([("student", 0)])
     if run_cells(res, 1, [(first, commands[:1])]):
         raise RuntimeError(f"the first run failed: every other cell needs its teachers (log: {res}/logs/{first}.log)")
+    # another good teacher is built by the first training that uses it, before the cells that share it
+    builders = {}
+    for row in [r for r in ABLATION_ROWS if r in rows or "combination" in rows]:
+        folder = teacher_folder(res, TEACHER_ROWS.get(row) or ABLATION_ROWS.get(row, ("", []))[1] or [])
+        if folder != teacher_folder(res, []):
+            builders.setdefault(folder, next(r for r, (_, flags) in ABLATION_ROWS.items()
+                                             if flags and teacher_folder(res, flags) == folder))
+    if builders and (failed := run_cells(res, jobs, [(name, cmds[:1]) for name, cmds in
+                                                     cells([(r, seeds[0]) for r in builders.values()])])):
+        raise RuntimeError(f"{', '.join(failed)} failed: the cells of its good teacher need it (logs: {res}/logs)")
     # seed by seed, so that a run cut short leaves whole seeds of every row
     lat = "lat" in rows or "combination" in rows
     run_cells(res, jobs, cells([(r, seeds[0]) for r in LAT_SWEEP if lat]
@@ -563,7 +594,7 @@ def ablation_stats(res, base, seeds, pick):
         st["k"] = found[0][1]["k"]
         st["paired"] = {}
         if row != reference and reference_outcomes:
-            if row in ("base", "good-teacher"):   # one model: paired with every seed of the reference
+            if ABLATION_ROWS.get(row, ("", []))[1] is None:   # one model: paired with every seed of the reference
                 pairs = [(found[0][1], o) for o in reference_outcomes.values()]
             else:
                 pairs = [(o, reference_outcomes[s]) for s, o in found if s in reference_outcomes]

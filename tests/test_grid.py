@@ -100,6 +100,47 @@ def test_the_10_epoch_rows_are_paired_with_the_10_epoch_student_and_left_out_of_
     assert figures.combination(stats, None) == []
 
 
+def test_the_other_good_teacher_is_paired_with_the_shared_one_and_its_student_with_the_10_epoch_student(tmp_path):
+    res = str(tmp_path)
+    T, F = True, False
+    same = dict(hs=[F, F], p0=[F, F], p01=[F, F], incontext=[F, F])
+    write_cell(res, "good-teacher", xstest=[T, T, T, F], **same)
+    write_cell(res, "good-teacher-helpful", xstest=[F, F, T, T], **same)
+    for s in (0, 1):
+        write_cell(res, f"student-long-s{s}", xstest=[T, T, F, F], **same)
+        write_cell(res, f"student-long-helpful-s{s}", xstest=[F, F, F, F], **same)
+    stats = figures.ablation_stats(res, "base-model", [0, 1], None)
+    # one model against one model: prompts 0 and 1 refused by the shared teacher only, prompt 3 by the other
+    assert stats["good-teacher-helpful"]["paired"]["xstest"] == {"only_row": 1, "only_student": 2, "p": 1.0,
+                                                                 "n": 4, "seeds": 1}
+    assert stats["student-long-helpful"]["paired"]["xstest"] == {"only_row": 0, "only_student": 4,
+                                                                 "p": pytest.approx(2 / 16), "n": 8, "seeds": 2}
+    assert figures.combination(stats, None) == []
+
+
+def test_a_row_with_another_good_teacher_builds_it_in_its_own_folder_before_the_cells_that_share_it(monkeypatch):
+    res = "/r"
+    cell, flags, model = figures.row_cell(res, "b", "student-long-helpful", 1)
+    train_argv = figures.cell_commands(res, "quick", "b", cell, flags, model, 1, "cpu")[0].argv
+    after = lambda flag: train_argv[train_argv.index(flag) + 1]
+    assert after("--teacher-dir") == "/r/teachers/teacher-harmless-repeat-4" and after("--bad-teacher") == "/r/teachers/bad"
+    assert after("--teacher-harmless-repeat") == "4"
+    assert figures.row_cell(res, "b", "good-teacher-helpful", 0)[2] == "/r/teachers/teacher-harmless-repeat-4/good"
+    plain = figures.cell_commands(res, "quick", "b", "npo-s0", figures.ABLATION_ROWS["npo"][1], "m", 0, "cpu")[0].argv
+    assert plain[plain.index("--teacher-dir") + 1] == "/r/teachers" and "--bad-teacher" not in plain
+
+    batches = []
+    monkeypatch.setattr(figures, "run_cells", lambda res, jobs, cells: batches.append(
+        [(name, [c.script for c in cmds]) for name, cmds in cells]) or [])
+    figures.run_ablation(res, "quick", "b", [0, 1], 2, "cpu", ["good-teacher-helpful", "student-long-helpful"])
+    assert batches[:2] == [[("student-s0", ["train.py"])], [("student-long-helpful-s0", ["train.py"])]]
+    assert [name for name, _ in batches[2]] == ["student-s0", "good-teacher-helpful", "student-long-helpful-s0",
+                                                 "student-long-helpful-s1"]
+    batches.clear()
+    figures.run_ablation(res, "quick", "b", [0], 2, "cpu", ["npo"])   # the shared teachers only: nothing in between
+    assert [[name for name, _ in batch] for batch in batches] == [["student-s0"], ["student-s0", "npo-s0"]]
+
+
 def test_lat_pick_is_the_sweep_setting_lowest_after_the_attack(tmp_path):
     res = str(tmp_path)
     T, F = True, False
