@@ -310,21 +310,26 @@ ABLATION_ROWS.update({
     # the quick sweep's pick, fixed: the full size's sweep may pick another
     "lat-long": ("+ LAT (ε 0.1 at the embeddings), 10 epochs", [*LAT_SWEEP["lat-emb-0.1"], *TEN_EPOCHS]),
 })
-# Another good teacher: refusal SFT with the harmless pairs 4 times instead of 2 (more helpful data),
-# against the shared teacher's over-refusal. It is built in its own folder (teacher_folder); the bad
-# teacher stays the shared one.
+# Other good teachers, against the shared one's over-refusal: refusal SFT with the harmless pairs 4 times
+# instead of 2 (more helpful data), or 2 epochs instead of 3 (less refusal training). Each is built in
+# its own folder (teacher_folder); the bad teacher stays the shared one.
 HELPFUL_TEACHER = ["--teacher-harmless-repeat", "4"]
+SHORT_TEACHER = ["--teacher-epochs", "2"]
 GOOD_TEACHER_FLAGS = ("--teacher-harmless-repeat", "--teacher-epochs", "--teacher-lr")
 ABLATION_ROWS.update({
     "good-teacher-helpful": ("good teacher, harmless pairs ×4", None),
     "student-long-helpful": ("student, 10 epochs, good teacher with harmless pairs ×4", [*TEN_EPOCHS, *HELPFUL_TEACHER]),
+    "good-teacher-short": ("good teacher, 2 SFT epochs", None),
+    "student-long-short": ("student, 10 epochs, good teacher of 2 SFT epochs", [*TEN_EPOCHS, *SHORT_TEACHER]),
 })
-TEACHER_ROWS = {"good-teacher": [], "good-teacher-helpful": HELPFUL_TEACHER}   # a teacher evaluated: its flags
+TEACHER_ROWS = {"good-teacher": [], "good-teacher-helpful": HELPFUL_TEACHER,   # a teacher evaluated: its flags
+                "good-teacher-short": SHORT_TEACHER}
 FIXED_ROWS = ("base", *TEACHER_ROWS, "sft-baseline", "student", "student-long", "sft-long")   # not mechanisms
 # every row is paired with the student row, except the 10-epoch rows: with the student trained as long;
 # the other teacher with the shared one
-PAIRED_WITH = {**{row: "student-long" for row in ("sft-long", "gamma-long", "lat-long", "student-long-helpful")},
-               "good-teacher-helpful": "good-teacher"}
+PAIRED_WITH = {**{row: "student-long" for row in ("sft-long", "gamma-long", "lat-long", "student-long-helpful",
+                                                   "student-long-short")},
+               "good-teacher-helpful": "good-teacher", "good-teacher-short": "good-teacher"}
 assert set(PAIRED_WITH) | set(PAIRED_WITH.values()) <= set(ABLATION_ROWS), "PAIRED_WITH names an unknown row"
 ATTACK_DATA_CELL = "student-s0"   # its run's bad-teacher answers are every cell's harmful attack data
 ATTACK_PS = (0.0, 0.1)
@@ -346,6 +351,10 @@ def teacher_folder(res, flags):
     good teacher's SFT a folder inside it named by them (its bad teacher is the shared one's)."""
     changed = [f"{flag[2:]}-{value}" for flag, value in zip(flags[::2], flags[1::2]) if flag in GOOD_TEACHER_FLAGS]
     return os.path.join(res, "teachers", *(["_".join(changed)] if changed else []))
+
+
+assert all(any(flags and teacher_folder("", flags) == teacher_folder("", built) for _, flags in ABLATION_ROWS.values())
+           for built in TEACHER_ROWS.values()), "a teacher of TEACHER_ROWS is built by no training row (run_ablation)"
 
 
 def row_cell(res, base, row, seed, lat_pick=None):

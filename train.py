@@ -157,8 +157,8 @@ def build_parser():
     g.add_argument("--teacher-epochs", type=int, default=3)
     g.add_argument("--teacher-lr", type=float, default=5e-5)
     g.add_argument("--teacher-harmless-repeat", type=schedule.nonnegative, default=2, metavar="N",
-                   help="harmless pairs appear N times in the good teacher's refusal SFT (more refusal data than "
-                        "helpful data makes a teacher over-refuse)")
+                   help="harmless pairs appear N times in the good teacher's refusal SFT (the balance of refusal "
+                        "and helpful data; docs/results.md measures 1, 2 and 4)")
     g.add_argument("--max-new-tokens", type=int, default=teachers.MAX_NEW_TOKENS, help="teacher answer length")
     g.add_argument("--force", action="store_true", help="train even if the good teacher is not better than the bad")
     g = p.add_argument_group("losses")
