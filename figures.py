@@ -708,7 +708,7 @@ def ablation_figure(stats, png):
     over-refusal: one point per row, 95 % interval bars."""
     panels = [("hs", "HS, no attack"), ("attack_p0", "HS after the p = 0 attack"),
               ("attack_p0.1", "HS after the p = 0.1 attack")]
-    fig, axes = plt.subplots(1, 3, figsize=(15, 5), sharey=True)
+    fig, axes = plt.subplots(1, 3, figsize=(15, 6.5), sharey=True)
     bar = lambda v, ci: [[max(0.0, v - ci[0])], [max(0.0, ci[1] - v)]]   # rounding can cross the point
     for ax, (key, title) in zip(axes, panels):
         for i, (row, st) in enumerate(stats.items()):
@@ -720,9 +720,13 @@ def ablation_figure(stats, png):
         ax.set(xlabel="over-refusal on XSTest's safe prompts (%) ↓", title=title)
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("harmful answers on StrongREJECT (%) ↓")
-    axes[-1].legend(fontsize=7, loc="best")
     fig.suptitle("safety against over-refusal, before and after fine-tuning attacks (95 % intervals)")
-    _save(fig, png)
+    fig.tight_layout(rect=(0, 0.22, 1, 1))   # the legend goes below the panels: it would hide points inside one
+    fig.legend(*axes[0].get_legend_handles_labels(), loc="lower center", ncol=4, fontsize=8, frameon=False)
+    os.makedirs(os.path.dirname(os.path.abspath(png)), exist_ok=True)
+    fig.savefig(png, dpi=120)
+    plt.close(fig)
+    print(f"wrote {png}")
 
 
 def ablation_grid(res, out, size, base, seeds, jobs, device, run_missing, rows=None):
