@@ -13,7 +13,8 @@
 
 The four models of the attack figures: the base, the SFT baseline (`train.py --loss sft=1`: plain
 refusal SFT), the good teacher and the student (default `train.py`). Every run shares one teacher
-folder and one answer cache, so the teachers are built once. PNGs go to --out (docs/).
+folder and one answer cache, so the teachers are built once (the ablation's teacher rows build other
+good teachers beside them). PNGs go to --out (docs/).
 """
 import argparse
 import concurrent.futures
@@ -36,6 +37,7 @@ import attack  # noqa: E402
 import data  # noqa: E402
 import eval as evaluation  # noqa: E402
 import schedule  # noqa: E402
+import teachers  # noqa: E402
 import train  # noqa: E402
 
 FIGURES = ("hs-vs-p", "hs-vs-steps", "hs-vs-shots", "loss-ablation", "schedule-ablation", "training-curves")
@@ -357,6 +359,11 @@ assert all(any(flags and teacher_folder("", flags) == teacher_folder("", built) 
            for built in TEACHER_ROWS.values()), "a teacher of TEACHER_ROWS is built by no training row (run_ablation)"
 
 
+def row_teachers(res, row):
+    """The --teacher-dir that `row`'s model comes from (a teacher row) or is trained with."""
+    return teacher_folder(res, TEACHER_ROWS.get(row) or ABLATION_ROWS.get(row, ("", []))[1] or [])
+
+
 def row_cell(res, base, row, seed, lat_pick=None):
     """(cell name, train.py flags or None for a model evaluated as it is, the model evaluated)."""
     if row == "base":
@@ -419,9 +426,9 @@ def cell_commands(res, size, base, cell, flags, model, seed, device):
     out, run = os.path.join(res, "cells", cell), run_dir(res, cell)
     cmds = []
     if flags is not None:
-        teachers = teacher_folder(res, flags)
-        bad = [] if teachers == teacher_folder(res, []) else ["--bad-teacher", os.path.join(teacher_folder(res, []), "bad")]
-        cmds.append(CellCommand("train.py", ["--model", base, "--out", run, "--teacher-dir", teachers, *bad,
+        teacher_dir = teacher_folder(res, flags)
+        bad = [] if teacher_dir == teacher_folder(res, []) else ["--bad-teacher", os.path.join(teacher_folder(res, []), "bad")]
+        cmds.append(CellCommand("train.py", ["--model", base, "--out", run, "--teacher-dir", teacher_dir, *bad,
                                   "--cache-dir", os.path.join(res, "cache"), "--seed", str(seed), "--data-seed", "0",
                                   "--no-eval", "--overwrite", "--device", device, *sz["train"], *flags],
                      os.path.join(run, "student", "config.json"),
@@ -490,9 +497,11 @@ def run_cells(res, jobs, cells):
 
 def run_ablation(res, size, base, seeds, jobs, device, rows=None):
     """Every cell: the student row's seed 0 is trained alone first (it builds the shared teachers, and
-    its bad teacher's answers are the attack data), then the LAT sweep (first seed) and every row in parallel,
-    then the sweep's pick at the other seeds, then the best combination at every seed. `rows`: only
-    these (default: all; "lat" includes its sweep, "combination" the rows it needs)."""
+    its bad teacher's answers are the attack data), then the first training of each other good teacher
+    (it builds that teacher; for a teacher row alone, a student that is trained but not evaluated), then
+    the LAT sweep (first seed) and every row in parallel, then the sweep's pick at the other seeds, then
+    the best combination at every seed. `rows`: only these (default: all; "lat" includes its sweep,
+    "combination" the rows it needs); a row whose teacher failed to build is left out."""
     rows = rows or [*ABLATION_ROWS, "combination"]
     def cells(rows_seeds, pick=None):
         out = {}
@@ -504,21 +513,25 @@ def run_ablation(res, size, base, seeds, jobs, device, rows=None):
     if run_cells(res, 1, [(first, commands[:1])]):
         raise RuntimeError(f"the first run failed: every other cell needs its teachers (log: {res}/logs/{first}.log)")
     # another good teacher is built by the first training that uses it, before the cells that share it
+    wanted = [r for r in ABLATION_ROWS if r in rows or "combination" in rows]
     builders = {}
-    for row in [r for r in ABLATION_ROWS if r in rows or "combination" in rows]:
-        folder = teacher_folder(res, TEACHER_ROWS.get(row) or ABLATION_ROWS.get(row, ("", []))[1] or [])
-        if folder != teacher_folder(res, []):
-            builders.setdefault(folder, next(r for r, (_, flags) in ABLATION_ROWS.items()
-                                             if flags and teacher_folder(res, flags) == folder))
-    if builders and (failed := run_cells(res, jobs, [(name, cmds[:1]) for name, cmds in
-                                                     cells([(r, seeds[0]) for r in builders.values()])])):
-        raise RuntimeError(f"{', '.join(failed)} failed: the cells of its good teacher need it (logs: {res}/logs)")
+    for folder in dict.fromkeys(row_teachers(res, r) for r in wanted if row_teachers(res, r) != teacher_folder(res, [])):
+        builders[folder] = next(r for r, (_, flags) in ABLATION_ROWS.items() if flags and teacher_folder(res, flags) == folder)
+    first_trainings = cells([(r, seeds[0]) for r in builders.values()])
+    for (name, commands), folder in zip(first_trainings, builders):
+        if not os.path.isfile(os.path.join(folder, "good", teachers.BUILD_FILE)) and os.path.isfile(commands[0].done + ".argv"):
+            os.remove(commands[0].done + ".argv")   # its teacher went after it finished: train it again
+    failed = run_cells(res, jobs, [(name, commands[:1]) for name, commands in first_trainings]) if builders else []
+    broken = {folder for folder, row in builders.items() if f"{row}-s{seeds[0]}" in failed}
+    if broken:
+        print(f"[ablation] left out, their good teacher was not built: "
+              f"{', '.join(r for r in wanted if row_teachers(res, r) in broken)}", flush=True)
     # seed by seed, so that a run cut short leaves whole seeds of every row
     lat = "lat" in rows or "combination" in rows
     run_cells(res, jobs, cells([(r, seeds[0]) for r in LAT_SWEEP if lat]
                                + [("student", 0)]
-                               + [(r, s) for s in seeds for r in ABLATION_ROWS
-                                  if r != "lat" and (r in rows or "combination" in rows)]))
+                               + [(r, s) for s in seeds for r in wanted
+                                  if r != "lat" and row_teachers(res, r) not in broken]))
     pick = lat_pick(res, seeds[0])
     if pick and lat:
         run_cells(res, jobs, cells([("lat", s) for s in seeds], pick))
@@ -603,7 +616,7 @@ def ablation_stats(res, base, seeds, pick):
         st["k"] = found[0][1]["k"]
         st["paired"] = {}
         if row != reference and reference_outcomes:
-            if ABLATION_ROWS.get(row, ("", []))[1] is None:   # one model: paired with every seed of the reference
+            if row == "base" or row in TEACHER_ROWS:   # one model: paired with every seed of the reference
                 pairs = [(found[0][1], o) for o in reference_outcomes.values()]
             else:
                 pairs = [(o, reference_outcomes[s]) for s, o in found if s in reference_outcomes]

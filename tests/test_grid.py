@@ -109,7 +109,11 @@ def test_the_other_good_teacher_is_paired_with_the_shared_one_and_its_student_wi
     for s in (0, 1):
         write_cell(res, f"student-long-s{s}", xstest=[T, T, F, F], **same)
         write_cell(res, f"student-long-helpful-s{s}", xstest=[F, F, F, F], **same)
-    stats = figures.ablation_stats(res, "base-model", [0, 1], None)
+    for s in (0, 1):   # the LAT row: its pick's cells, paired seed by seed, not as one model
+        write_cell(res, f"lat-emb-0.1-s{s}", xstest=[T, T, F, F], **{**same, "hs": [T, F] if s else [F, F]})
+        write_cell(res, f"student-s{s}", xstest=[T, T, F, F], **{**same, "hs": [T, T]})
+    stats = figures.ablation_stats(res, "base-model", [0, 1], "lat-emb-0.1")
+    assert stats["lat"]["paired"]["hs"] == {"only_row": 0, "only_student": 3, "p": 0.25, "n": 4, "seeds": 2}
     # one model against one model: prompts 0 and 1 refused by the shared teacher only, prompt 3 by the other
     assert stats["good-teacher-helpful"]["paired"]["xstest"] == {"only_row": 1, "only_student": 2, "p": 1.0,
                                                                  "n": 4, "seeds": 1}
@@ -139,6 +143,30 @@ def test_a_row_with_another_good_teacher_builds_it_in_its_own_folder_before_the_
     batches.clear()
     figures.run_ablation(res, "quick", "b", [0], 2, "cpu", ["npo"])   # the shared teachers only: nothing in between
     assert [[name for name, _ in batch] for batch in batches] == [["student-s0"], ["student-s0", "npo-s0"]]
+
+    # a teacher that failed to build leaves out only the rows that need it
+    batches.clear()
+    monkeypatch.setattr(figures, "run_cells", lambda res, jobs, cells: batches.append([n for n, _ in cells]) or
+                        [n for n, _ in cells if n == "student-long-helpful-s0"])
+    figures.run_ablation(res, "quick", "b", [0], 2, "cpu", ["npo", "good-teacher-helpful", "student-long-helpful"])
+    assert batches[1:] == [["student-long-helpful-s0"], ["student-s0", "npo-s0"]]
+
+
+def test_a_teacher_removed_after_its_first_training_finished_trains_it_again(tmp_path, monkeypatch):
+    res = str(tmp_path)
+    done = os.path.join(res, "runs", "student-long-helpful-s0", "student", "config.json")
+    os.makedirs(os.path.dirname(done))
+    for path in (done, done + ".argv"):
+        open(path, "w").write("[]")
+    monkeypatch.setattr(figures, "run_cells", lambda res, jobs, cells: [])
+    figures.run_ablation(res, "quick", "b", [0], 2, "cpu", ["student-long-helpful"])
+    assert not os.path.exists(done + ".argv")   # no record: run_cell trains it again, and builds the teacher
+    open(done + ".argv", "w").write("[]")
+    good = os.path.join(res, "teachers", "teacher-harmless-repeat-4", "good")
+    os.makedirs(good)
+    open(os.path.join(good, "build.json"), "w").write("{}")
+    figures.run_ablation(res, "quick", "b", [0], 2, "cpu", ["student-long-helpful"])
+    assert os.path.exists(done + ".argv")        # the teacher is there: the finished training is kept
 
 
 def test_lat_pick_is_the_sweep_setting_lowest_after_the_attack(tmp_path):
