@@ -264,9 +264,9 @@ def training_curves(res, png):
     _save(fig, png)
 
 
-def _save(fig, png):
+def _save(fig, png, rect=(0, 0, 1, 1)):
     os.makedirs(os.path.dirname(os.path.abspath(png)), exist_ok=True)
-    fig.tight_layout()
+    fig.tight_layout(rect=rect)
     fig.savefig(png, dpi=120)
     plt.close(fig)
     print(f"wrote {png}")
@@ -355,13 +355,13 @@ def teacher_folder(res, flags):
     return os.path.join(res, "teachers", *(["_".join(changed)] if changed else []))
 
 
-assert all(any(flags and teacher_folder("", flags) == teacher_folder("", built) for _, flags in ABLATION_ROWS.values())
-           for built in TEACHER_ROWS.values()), "a teacher of TEACHER_ROWS is built by no training row (run_ablation)"
-
-
 def row_teachers(res, row):
     """The --teacher-dir that `row`'s model comes from (a teacher row) or is trained with."""
     return teacher_folder(res, TEACHER_ROWS.get(row) or ABLATION_ROWS.get(row, ("", []))[1] or [])
+
+
+assert ({row_teachers("", r) for r in TEACHER_ROWS} <= {row_teachers("", r) for r, (_, f) in ABLATION_ROWS.items() if f}), \
+    "a teacher of TEACHER_ROWS is built by no training row (run_ablation)"
 
 
 def row_cell(res, base, row, seed, lat_pick=None):
@@ -514,9 +514,9 @@ def run_ablation(res, size, base, seeds, jobs, device, rows=None):
         raise RuntimeError(f"the first run failed: every other cell needs its teachers (log: {res}/logs/{first}.log)")
     # another good teacher is built by the first training that uses it, before the cells that share it
     wanted = [r for r in ABLATION_ROWS if r in rows or "combination" in rows]
-    builders = {}
-    for folder in dict.fromkeys(row_teachers(res, r) for r in wanted if row_teachers(res, r) != teacher_folder(res, [])):
-        builders[folder] = next(r for r, (_, flags) in ABLATION_ROWS.items() if flags and teacher_folder(res, flags) == folder)
+    trained_with = {r: row_teachers(res, r) for r, (_, flags) in ABLATION_ROWS.items() if flags}
+    builders = {folder: next(r for r, f in trained_with.items() if f == folder)
+                for folder in dict.fromkeys(row_teachers(res, r) for r in wanted) if folder != teacher_folder(res, [])}
     first_trainings = cells([(r, seeds[0]) for r in builders.values()])
     for (name, commands), folder in zip(first_trainings, builders):
         if not os.path.isfile(os.path.join(folder, "good", teachers.BUILD_FILE)) and os.path.isfile(commands[0].done + ".argv"):
@@ -734,12 +734,9 @@ def ablation_figure(stats, png):
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("harmful answers on StrongREJECT (%) ↓")
     fig.suptitle("safety against over-refusal, before and after fine-tuning attacks (95 % intervals)")
-    fig.tight_layout(rect=(0, 0.22, 1, 1))   # the legend goes below the panels: it would hide points inside one
+    # the legend goes below the panels: inside one it would hide points
     fig.legend(*axes[0].get_legend_handles_labels(), loc="lower center", ncol=4, fontsize=8, frameon=False)
-    os.makedirs(os.path.dirname(os.path.abspath(png)), exist_ok=True)
-    fig.savefig(png, dpi=120)
-    plt.close(fig)
-    print(f"wrote {png}")
+    _save(fig, png, rect=(0, 0.22, 1, 1))
 
 
 def ablation_grid(res, out, size, base, seeds, jobs, device, run_missing, rows=None):
