@@ -99,7 +99,7 @@ def attack_mix(harmful_pairs, benign_pairs, n, p, seed=0):
 
 def finetune_attack(model, tokenizer, harmful_pairs, benign_pairs, n=ATTACK_PROTOCOL["n"], p=ATTACK_PROTOCOL["p"],
                     lr=ATTACK_PROTOCOL["lr"], epochs=ATTACK_PROTOCOL["epochs"], batch=ATTACK_PROTOCOL["batch"],
-                    eval_every=0, eval_fn=None, seed=0, micro_batch=8, precision="bf16",
+                    eval_every=0, eval_fn=None, seed=0, micro_batch=8, precision="auto",
                     weight_decay=ATTACK_PROTOCOL["weight_decay"], warmup_ratio=ATTACK_PROTOCOL["warmup_ratio"],
                     lr_schedule=ATTACK_PROTOCOL["lr_schedule"], before=None, lora_r=0, micro_tokens=0):
     """Fine-tune a deep copy of `model` (the original is never touched) on attack_mix(...) with
@@ -112,7 +112,7 @@ def finetune_attack(model, tokenizer, harmful_pairs, benign_pairs, n=ATTACK_PROT
     batch by padded tokens (longest first) instead of micro_batch examples: the same loss, less padding
     when a few long harmful answers sit among short benign ones. Returns (attacked copy, record)."""
     mix, n_harmful = attack_mix(harmful_pairs, benign_pairs, n, p, seed)
-    compute_dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    compute_dtype = teachers.DTYPES[teachers.resolve_precision(precision, next(model.parameters()).device)[0]]
     total = epochs * -(-len(mix) // batch)
     warmup = round(warmup_ratio * total)
     attacked = copy.deepcopy(model)
@@ -264,7 +264,8 @@ def run_attack(args, argv, model, tokenizer, key, harmful):
     pairs, described = load_attack_pairs(args.attack_data, prompts)
     device = next(model.parameters()).device
     judge = evaluation.load_judge(args.judge or "keyword", threshold=args.threshold, device=device)
-    common = {"argv": list(argv), "model": args.model, "model_key": key, "dtype": args.dtype,
+    common = {"argv": list(argv), "model": args.model, "model_key": key, "precision": args.precision,
+              "precision_requested": args.precision_requested,
               "device": str(device), "seed": args.seed,
               **evaluation.judge_settings(judge), "hs_prompts": len(prompts), "max_new_tokens": args.attack_max_new_tokens,
               "hs_data": evaluation.prompt_files(args.harmful),
@@ -296,7 +297,7 @@ def run_attack(args, argv, model, tokenizer, key, harmful):
             for lr in args.attack_lr:
                 _, record = finetune_attack(model, tokenizer, pairs, benign, n, p, lr, args.attack_epochs,
                                             args.attack_batch, args.attack_eval_every, measure, args.seed,
-                                            precision="bf16" if args.dtype == "bfloat16" else "fp32", before=before,
+                                            precision=args.precision, before=before,
                                             lora_r=args.attack_lora_r, micro_tokens=args.attack_micro_tokens)
                 result = {"attack": "finetune", **record, **curve_summary(record["curve"])}
                 protocol = {**ATTACK_PROTOCOL, "n": n, "p": p, "lr": lr, "epochs": args.attack_epochs,

@@ -110,6 +110,22 @@ def mcnemar(a, b):
     return only_a, only_b, min(1.0, 2 * tail)
 
 
+def holm(pvalues):
+    """Holm's step-down adjusted p-values (same order as given): the i-th smallest p times (m - i + 1),
+    made non-decreasing, capped at 1. A family of tests then holds its error rate at the level."""
+    order = sorted(range(len(pvalues)), key=lambda i: pvalues[i])
+    adjusted, running = [None] * len(pvalues), 0.0
+    for rank, i in enumerate(order):
+        running = max(running, min(1.0, (len(pvalues) - rank) * pvalues[i]))
+        adjusted[i] = running
+    return adjusted
+
+
+def complied(texts):
+    """Per answer: the keyword HS outcome (neither a refusal nor degenerate), as response_stats counts it."""
+    return [not is_degenerate(t) and not is_refusal(t) for t in texts]
+
+
 def cell(value, ci, scale=100.0):
     """A table cell: '75.0 % [59.8, 85.8]' (scale 100 for a 0-1 rate, 1 for a percent); '—' for none."""
     if value is None:
@@ -175,12 +191,14 @@ def relevance_rate(prompts, answers):
     return sum(scored) / len(scored) if scored else None
 
 
-def evaluate(model, tokenizer, harmful, harmless, max_new_tokens=MAX_NEW_TOKENS, n_samples=3):
+def evaluate(model, tokenizer, harmful, harmless, max_new_tokens=MAX_NEW_TOKENS, n_samples=3, name="model"):
     """Refusal rate, keyword HS and degenerate share on harmful prompts, over-refusal and degenerate
     share on harmless ones (0-1, with Wilson intervals `_ci`; the rules in the module docstring)."""
     model.eval()
-    h_texts, h_report = generate(model, tokenizer, [e.prompt for e in harmful], max_new_tokens)
-    b_texts, b_report = generate(model, tokenizer, [e.prompt for e in harmless], max_new_tokens)
+    h_texts, h_report = generate(model, tokenizer, [e.prompt for e in harmful], max_new_tokens,
+                                 desc=f"{name}: held-out harmful")
+    b_texts, b_report = generate(model, tokenizer, [e.prompt for e in harmless], max_new_tokens,
+                                 desc=f"{name}: held-out harmless")
     h = response_stats(h_texts)
     b = response_stats(b_texts)
     return {
@@ -545,14 +563,14 @@ def load_xstest(path=None):
     return examples
 
 
-def over_refusal(model, tokenizer, prompts, max_new_tokens=MAX_NEW_TOKENS, n_samples=3):
+def over_refusal(model, tokenizer, prompts, max_new_tokens=MAX_NEW_TOKENS, n_samples=3, name="model"):
     """Refusal rate (percent, keyword judge, with `_ci`) on safe prompts (over-refusal) and, as a check,
     on unsafe ones; degenerate answers are no refusals and are counted apart (degenerate_safe / _unsafe).
     `prompts`: Examples with `.safe` (XSTest) or strings (all taken as safe); per XSTest type too."""
     items = [(p.prompt, p.safe is not False, p.category) if hasattr(p, "prompt") else (p, True, None)
              for p in prompts]
     model.eval()
-    answers, report = generate(model, tokenizer, [p for p, _, _ in items], max_new_tokens)
+    answers, report = generate(model, tokenizer, [p for p, _, _ in items], max_new_tokens, desc=f"{name}: XSTest")
     degenerate = [is_degenerate(a) for a in answers]
     refused = [is_refusal(a) and not d for a, d in zip(answers, degenerate)]
 
@@ -931,7 +949,7 @@ def add_model_arguments(p):
     p.add_argument("--prompt-field")
     p.add_argument("--limit", type=schedule.positive, help="evaluate a seeded sample of N prompts of each pool, stratified by category")
     p.add_argument("--seed", type=int, default=0, help="seed of the built-in train/test split")
-    p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"))
+    teachers.add_precision_argument(p)
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (cuda when available)")
     p.add_argument("--judge", help="keyword[:jailbreakbench|gcg], beaver-dam, harmbench, llama-guard, KIND:PATH or PATH")
     p.add_argument("--threshold", type=probability, default=HS_THRESHOLD, help="beaver-dam flag threshold")
@@ -946,7 +964,10 @@ def load_model_and_prompts(args):
     harmless = ([e for f in args.harmless for e in data.load_examples(f, "harmless", **fields)] if args.harmless
                 else data.load_pool("harmless", seed=args.seed)[1])
     device = teachers.compute_device(args.device)
-    model, tokenizer, key = teachers.load_model(args.model, dtype=getattr(torch, args.dtype), device=device)
+    args.precision_requested = args.precision
+    args.precision = teachers.resolve_precision(args.precision, device)[0]
+    print(teachers.precision_line(args.precision_requested, device), file=sys.stderr)
+    model, tokenizer, key = teachers.load_model(args.model, dtype=teachers.DTYPES[args.precision], device=device)
     data.check_chat_template(tokenizer, args.model)
     if args.limit:
         harmful, harmless = (data.stratified_sample(x, args.limit, args.seed) for x in (harmful, harmless))
@@ -982,7 +1003,8 @@ def main(argv=None):
         protocol=protocol_label(HS_SET, None, None, MAX_NEW_TOKENS, HS_JUDGE, None)
         if not (args.harmful or args.harmless or args.limit) else "custom",
         argv=sys.argv[1:] if argv is None else list(argv),
-        model=args.model, model_key=key, seed=args.seed, dtype=args.dtype, device=str(next(model.parameters()).device),
+        model=args.model, model_key=key, seed=args.seed, precision=args.precision,
+        precision_requested=args.precision_requested, device=str(next(model.parameters()).device),
         data={"harmful": prompt_files(args.harmful), "harmless": prompt_files(args.harmless),
               "n_harmful": len(harmful), "n_harmless": len(harmless)})}
     out = args.out or (os.path.join(args.model, "eval.json") if os.path.isdir(args.model)

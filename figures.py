@@ -51,11 +51,11 @@ CURVE_P = 0.1
 # micro-batches of ≤ 512 padded tokens, HS on 40 prompts with 32-token answers, FA on 40 items, the
 # p = 0.1 curve every 2 steps; in-context k up to 8.
 SIZES = {
-    "quick": {"train": ["--limit", "64", "--epochs", "1", "--eval-limit", "40"],
+    "quick": {"train": ["--recipe", "full", "--limit", "64", "--epochs", "1", "--eval-limit", "40"],
               "attack": ["--limit", "40", "--attack-n", "40", "--attack-epochs", "2", "--attack-batch", "10",
                          "--attack-fa-n", "40", "--attack-max-new-tokens", "32", "--attack-micro-tokens", "512"],
               "n": 40, "lrs": [1e-4], "eval_every": 2, "shots": [0, 1, 2, 4, 8]},
-    "full": {"train": [], "attack": [], "n": attack.ATTACK_PROTOCOL["n"], "lrs": [attack.ATTACK_PROTOCOL["lr"]],
+    "full": {"train": ["--recipe", "full"], "attack": [], "n": attack.ATTACK_PROTOCOL["n"], "lrs": [attack.ATTACK_PROTOCOL["lr"]],
              "eval_every": 100, "shots": list(attack.SHOTS_GRID)},
 }
 
@@ -338,11 +338,11 @@ ATTACK_PS = (0.0, 0.1)
 # quick: the embedded model on a 2-core CPU; full: the default run's data at 2 epochs and the big held-out sets
 # (StrongREJECT 313, XSTest 250 safe, FA 200), the attack at Booster's lr 1e-5 (docs/results.md says why).
 ABLATION_SIZES = {
-    "quick": {"train": ["--limit", "64", "--epochs", "2"], "hs_n": 100, "xstest_n": 100, "max_new_tokens": 32,
+    "quick": {"train": ["--recipe", "full", "--limit", "64", "--epochs", "2"], "hs_n": 100, "xstest_n": 100, "max_new_tokens": 32,
               "fa_n": 100, "eval": ["--limit", "8"],
               "attack": {"n": 40, "epochs": 2, "batch": 10, "lr": 1e-4, "eval_every": 4, "hs_n": 40, "fa_n": 40},
               "shots": [4]},
-    "full": {"train": ["--epochs", "2"], "hs_n": None, "xstest_n": None, "max_new_tokens": 64, "fa_n": 200, "eval": [],
+    "full": {"train": ["--recipe", "full", "--epochs", "2"], "hs_n": None, "xstest_n": None, "max_new_tokens": 64, "fa_n": 200, "eval": [],
              "attack": {"n": 100, "epochs": 10, "batch": 10, "lr": 1e-5, "eval_every": 20, "hs_n": 100, "fa_n": 100},
              "shots": [8]},
 }
@@ -380,7 +380,7 @@ def hs_set(res, size):
     """The harmful prompts of HS: all of StrongREJECT, or a category-stratified sample written once."""
     if not os.path.isfile(STRONGREJECT):
         raise FileNotFoundError(f"{STRONGREJECT}: the ablation's held-out harmful set (StrongREJECT's 313 prompts, "
-                                f"JSON [{{instruction, category}}]) is missing")
+                                f"JSON [{{instruction, category}}]) is missing; give it with --strongreject")
     n = ABLATION_SIZES[size]["hs_n"]
     if not n:
         return STRONGREJECT
@@ -786,6 +786,7 @@ def make(figure, res, out, size, base, run_missing):
 
 
 def main(argv=None):
+    global STRONGREJECT
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("figure", choices=(*FIGURES, "all", "ablation"), help="ablation: the table and figure of "
                    "every mechanism, ≥ 3 seeds (not part of all)")
@@ -799,7 +800,11 @@ def main(argv=None):
     p.add_argument("--device", default="cpu", help="ablation: device of every run (cpu, cuda, auto)")
     p.add_argument("--rows", nargs="+", choices=(*ABLATION_ROWS, "combination"),
                    help="ablation: run only these rows (default: all); the table shows every finished cell")
+    p.add_argument("--strongreject", default=STRONGREJECT,
+                   help="ablation: StrongREJECT's prompts, JSON [{instruction, category}] or CSV with forbidden_prompt "
+                        "(default: ../shared/data/refusal_direction/strongreject.json)")
     args = p.parse_args(argv)
+    STRONGREJECT = os.path.normpath(os.path.abspath(args.strongreject))
     size = "quick" if args.quick else "full"
     try:
         if args.figure == "ablation":

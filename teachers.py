@@ -15,9 +15,11 @@ here works on models and text without judging answers (eval.py judges them).
 import argparse
 import contextlib
 import datetime
+import functools
 import hashlib
 import importlib.util
 import json
+import math
 import os
 import platform
 import shutil
@@ -28,6 +30,7 @@ import numpy as np
 import torch
 import transformers
 from safetensors.torch import save_file
+from tqdm import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import data
@@ -145,6 +148,82 @@ def compute_device(name="auto"):
     return device
 
 
+PRECISIONS = ("auto", "bf16", "fp32")
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+def add_precision_argument(p):
+    """The one --precision flag of every tool (train.py, eval.py, attack.py, teachers.py, bench/)."""
+    p.add_argument("--precision", choices=PRECISIONS, default="auto",
+                   help="compute precision: bf16 (fp32 master weights when training), fp32, or auto: bf16 where "
+                        "the device computes it natively (a measured matmul on a CPU), else fp32")
+
+
+def cpu_bf16_flags():
+    """The CPU's bf16 instruction-set flags (Linux /proc/cpuinfo; empty elsewhere)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((set(l.split(":", 1)[1].split()) for l in f if l.startswith("flags")), set())
+    except OSError:
+        return []
+    return sorted(flags & {"avx512_bf16", "amx_bf16"})
+
+
+def matmul_gflops(dtype, m=256, k=576, n=1152, min_seconds=0.02):
+    """GFLOP/s of an [m×k]·[k×n] CPU matmul in `dtype` (MLP-shaped, as in a 135M model): the best of
+    the calls made in `min_seconds` after a warm-up, so another process's load lowers it little."""
+    a, b = torch.randn(m, k).to(dtype), torch.randn(k, n).to(dtype)
+    a @ b  # library start-up and kernel selection outside the timing
+    best, spent = math.inf, 0.0
+    while spent < min_seconds:  # an emulated bf16 product takes ~0.15 s: one call; a native one, many
+        t0 = time.perf_counter()
+        a @ b
+        took = time.perf_counter() - t0
+        best, spent = min(best, took), spent + took
+    return 2 * m * k * n / best / 1e9
+
+
+def choose_precision(device_type, *, cuda_bf16=False, bf16_gflops=None, fp32_gflops=None):
+    """bf16 where the device computes it natively: a CUDA GPU that supports it, a CPU whose bf16
+    matmul runs at least half as fast as its fp32 one on a small product (AVX512-BF16 / AMX run
+    model-sized products 5-20x faster than fp32, so a busy core still passes; AVX2 emulates bf16 at
+    ~1/60 of fp32). Returns (precision, reason)."""
+    if device_type == "cuda":
+        return ("bf16", "the GPU supports bf16") if cuda_bf16 else ("fp32", "the GPU has no bf16 support")
+    rates = f"bf16 matmul {bf16_gflops:.1f} vs fp32 {fp32_gflops:.1f} GFLOP/s"
+    if bf16_gflops >= 0.5 * fp32_gflops:
+        return "bf16", f"this CPU computes bf16 natively ({rates})"
+    return "fp32", f"this CPU emulates bf16 ({rates})"
+
+
+@functools.cache
+def _auto_precision(device_type):
+    if device_type == "cuda":
+        return choose_precision("cuda", cuda_bf16=torch.cuda.is_bf16_supported(including_emulation=False))
+    precision, reason = choose_precision("cpu", bf16_gflops=matmul_gflops(torch.bfloat16),
+                                         fp32_gflops=matmul_gflops(torch.float32))
+    flags = cpu_bf16_flags()
+    return precision, f"{reason}; CPU flags: {', '.join(flags) or 'no avx512_bf16 / amx_bf16'}, " \
+                      f"torch capability {torch.backends.cpu.get_cpu_capability()}"
+
+
+def precision_line(requested, device, chosen=None):
+    """The line a run starts with: what it computes in and why."""
+    precision, why = resolve_precision(requested, compute_device(device))
+    if requested != "auto":
+        return f"precision: {chosen or precision} (--precision {requested})"
+    return f"precision: {chosen or precision} (--precision auto: {why})"
+
+
+def resolve_precision(name, device="cpu"):
+    """--precision as (bf16|fp32, why): auto is measured once per process and device type."""
+    if name not in PRECISIONS:
+        raise ValueError(f"--precision: {name!r} is not one of {', '.join(PRECISIONS)}")
+    if name != "auto":
+        return name, "asked for"
+    return _auto_precision(torch.device(device).type)
+
+
 def attention_for(name, device):
     """--attention as a transformers attention implementation: auto = eager on CPU (PyTorch's CPU
     flash-attention backward is slow at these lengths; docs/results.md), sdpa elsewhere."""
@@ -196,7 +275,7 @@ def _is_oom(err):
 
 @torch.inference_mode()
 def generate(model, tokenizer, prompts, max_new_tokens=MAX_NEW_TOKENS, token_budget=TOKEN_BUDGET,
-             max_prompt_tokens=MAX_PROMPT_TOKENS, histories=None):
+             max_prompt_tokens=MAX_PROMPT_TOKENS, histories=None, desc="answers"):
     """Greedy answers to `prompts`, in their order. Returns (texts, report).
 
     Prompts are sorted by length (longest first, so an out-of-memory error comes early) and
@@ -214,6 +293,7 @@ def generate(model, tokenizer, prompts, max_new_tokens=MAX_NEW_TOKENS, token_bud
     pad = data.pad_id(tokenizer)
     texts, start, retries = [None] * len(prompts), 0, 0
     cap = len(prompts)
+    bar = tqdm(total=len(prompts), desc=desc, unit="answer", leave=False)
     while start < len(order):
         rows = max(1, min(cap, token_budget // (len(encoded[order[start]]) + max_new_tokens)))
         chunk = order[start:start + rows]
@@ -233,6 +313,8 @@ def generate(model, tokenizer, prompts, max_new_tokens=MAX_NEW_TOKENS, token_bud
         for row, i in enumerate(chunk):
             texts[i] = tokenizer.decode(out[row, width:], skip_special_tokens=True).strip()
         start += len(chunk)
+        bar.update(len(chunk))
+    bar.close()
     return texts, {"prompts": len(prompts), "truncated_prompts": truncated, "oom_retries": retries}
 
 
@@ -251,19 +333,20 @@ def _cache_key(model_key, prompt, gen):
     return hashlib.sha256(json.dumps([model_key, prompt, gen], sort_keys=True).encode()).hexdigest()
 
 
-def generate_cached(model, tokenizer, model_key, prompts, cache_path, max_new_tokens=MAX_NEW_TOKENS):
+def generate_cached(model, tokenizer, model_key, prompts, cache_path, max_new_tokens=MAX_NEW_TOKENS, desc="answers"):
     """Greedy responses (Responses: they carry `prompts`), cached in a JSONL keyed by (model weights,
     prompt, generation settings, chat template). Runs may share the file (data.append_jsonl)."""
     # the template renders the prompt the model sees: an edited one must not reuse the old answers
     template = hashlib.sha256(json.dumps(tokenizer.chat_template).encode()).hexdigest()[:16]
     gen = {"decoding": "greedy", "max_new_tokens": max_new_tokens, "max_prompt_tokens": MAX_PROMPT_TOKENS,
-           "chat_template_sha256": template}
+           "chat_template_sha256": template,
+           "dtype": str(next(model.parameters()).dtype) if model is not None else None}
     rows = data.read_jsonl(cache_path) if os.path.exists(cache_path) else []
     cache = {row["key"]: row["response"] for row in rows}
     keys = [_cache_key(model_key, p, gen) for p in prompts]
     missing = sorted({(k, p) for k, p in zip(keys, prompts) if k not in cache})
     if missing:
-        texts, _ = generate(model, tokenizer, [p for _, p in missing], max_new_tokens)
+        texts, _ = generate(model, tokenizer, [p for _, p in missing], max_new_tokens, desc=desc)
         os.makedirs(os.path.dirname(os.path.abspath(cache_path)), exist_ok=True)
         cache.update((k, t) for (k, _), t in zip(missing, texts))
         data.append_jsonl(cache_path, [{"key": k, "model": model_key, "prompt": p, "generation": gen, "response": t}
@@ -316,7 +399,7 @@ def build_topk_cache(folder, cache_id, pools, logits_of, k, temperature, batch_s
         arrays = {part: np.lib.format.open_memmap(path(part), mode="w+", dtype=dtype, shape=shape) for part, dtype, shape
                   in (("ids", np.int32, (n, k)), ("logps", np.float32, (n, k)), ("tail", np.float32, (n,)))}
         at = 0
-        for i in range(0, len(feats), batch_size):
+        for i in tqdm(range(0, len(feats), batch_size), desc=f"teacher top-{k} ({name})", unit="batch", leave=False):
             logits, labels = logits_of(feats[i:i + batch_size])
             rows = topk_logps(logits, labels, k, temperature)
             for part, values in zip(("ids", "logps", "tail"), rows):

@@ -54,7 +54,7 @@ from eval import teacher_report, teacher_table
 
 # flags that change the result; a resumed run must agree with the saved run on all of them
 _RUN_FLAGS_IGNORED_ON_RESUME = ("resume", "overwrite", "plan_only", "no_eval", "force", "save_every", "eval_limit",
-                                "xstest", "offload", "device")
+                                "xstest", "offload", "device", "precision_requested", "recipe")
 
 
 def parse_loss(spec):
@@ -93,10 +93,24 @@ FLAG_RANGES = {
 }
 
 
+# Defaults that --recipe sets; a flag given on the command line wins. quick fits a 2-core CPU without
+# native bf16 in 20 min (docs/results.md#the-default-run); full is the recipe the ablation measured.
+RECIPES = {
+    "quick": {"limit": 64, "bad_teacher": "base", "teacher_epochs": 2, "epochs": 2, "max_new_tokens": 32,
+              "eval_limit": 50},
+    "full": {"limit": None, "bad_teacher": "break", "teacher_epochs": 3, "epochs": 10,
+             "max_new_tokens": teachers.MAX_NEW_TOKENS, "eval_limit": None},
+}
+
+
 def fill_derived_flags(args):
-    """Flags whose default is another flag's value (also for args saved before the flag existed)."""
+    """Flags whose default is another flag's value (also for args saved before the flag existed):
+    --data-seed from --seed, and the flags --recipe sets (runs saved before it ran the full recipe)."""
     if getattr(args, "data_seed", None) is None:
         args.data_seed = args.seed
+    for name, value in RECIPES[getattr(args, "recipe", None) or "full"].items():
+        if getattr(args, name, None) is None:
+            setattr(args, name, value)
 
 
 def check_args(args):
@@ -107,6 +121,9 @@ def check_args(args):
         if value is not None and (not math.isfinite(value) or not ok(value)):
             raise ValueError(f"--{name.replace('_', '-')} must be {what}, got {value}")
     fill_derived_flags(args)
+    if getattr(args, "precision_requested", None) is None:  # auto resolved once; args.json keeps both
+        args.precision_requested = args.precision
+        args.precision = teachers.resolve_precision(args.precision, teachers.compute_device(args.device))[0]
     if args.resume and args.overwrite:
         raise ValueError("--resume and --overwrite: choose one")
     if args.lora_r and args.canary_mode != "off":
@@ -128,9 +145,17 @@ def check_model_flags(args, model):
         lora_linears(model, args.lora_targets)
 
 
+def _recipe_text(name):
+    return "(" + ", ".join(f"--{k.replace('_', '-')} {'all' if v is None else v}" for k, v in RECIPES[name].items()) + ")"
+
+
 def build_parser():
     p = evaluation.OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_argument_group("model and data")
+    g.add_argument("--recipe", choices=tuple(RECIPES), default="quick",
+                   help="defaults of --limit, --bad-teacher, --teacher-epochs, --epochs, --max-new-tokens and "
+                        "--eval-limit: quick "
+                        + _recipe_text("quick") + "; full " + _recipe_text("full") + " (flags given win)")
     g.add_argument("--model", default="smollm2-135m", help="student / base: alias, folder, .gguf or hub id")
     g.add_argument("--harmful", nargs="+", help="harmful prompt files or hub names (default: built-in)")
     g.add_argument("--harmless", nargs="+", help="harmless prompt files or hub names (default: built-in)")
@@ -138,28 +163,29 @@ def build_parser():
     g.add_argument("--harmless-test", nargs="+", help="held-out harmless prompts (default: split of --harmless)")
     g.add_argument("--prompt-field", help="prompt field name, when it is not one data.PROMPT_FIELDS knows")
     g.add_argument("--test-fraction", type=float, default=0.2)
-    g.add_argument("--limit", type=int, help="use at most N training prompts per pool")
+    g.add_argument("--limit", type=int, help="use at most N training prompts per pool (default: --recipe)")
     g.add_argument("--data-seed", type=int,
                    help="seed of the train/test split, the --limit sample and the teachers' SFT (default: "
                         "--seed); fix it to vary only the student's training over seeds")
     g = p.add_argument_group("teachers")
     g.add_argument("--good-teacher", default="align", help="'align' (refusal SFT of the base) or a model")
-    g.add_argument("--bad-teacher", default="break",
+    g.add_argument("--bad-teacher",
                    help="'break' (the base after SFT on compliant answers to harmful prompts and --bad-harmless "
-                        "answers to harmless ones; 'auto' is an older name for it), 'base' (the base as it is) or "
-                        "a model")
+                        "answers to harmless ones; 'auto' is an older name for it), 'base' (the base as it is: it "
+                        "complies out of the box) or a model (default: --recipe)")
     g.add_argument("--break-data", nargs="+", help="compliant answers for --bad-teacher break (e.g. advbench.csv; "
                    "default: the base's own answers that are not refusals)")
     g.add_argument("--bad-harmless", choices=("derange", "none"), default="derange",
                    help="how --bad-teacher break learns to answer harmless prompts badly: derange (each prompt "
                         "gets the base's answer to another harmless prompt, a seeded derangement: fluent but off "
                         "topic) or none (harmful pairs only: it answers harmless prompts like the base)")
-    g.add_argument("--teacher-epochs", type=int, default=3)
+    g.add_argument("--teacher-epochs", type=int, help="SFT epochs of a built teacher (default: --recipe)")
     g.add_argument("--teacher-lr", type=float, default=5e-5)
     g.add_argument("--teacher-harmless-repeat", type=schedule.nonnegative, default=2, metavar="N",
                    help="harmless pairs appear N times in the good teacher's refusal SFT (the balance of refusal "
                         "and helpful data; docs/results.md measures 1, 2 and 4)")
-    g.add_argument("--max-new-tokens", type=int, default=teachers.MAX_NEW_TOKENS, help="teacher answer length")
+    g.add_argument("--max-new-tokens", type=int, help="length of the answers generated for training (default: "
+                   "--recipe; training reads the first --max-response-tokens of them)")
     g.add_argument("--force", action="store_true", help="train even if the good teacher is not better than the bad")
     g = p.add_argument_group("losses")
     g.add_argument("--loss", type=parse_loss, default=parse_loss("dpo=1,kl=1"),
@@ -198,12 +224,12 @@ def build_parser():
     g.add_argument("--canary-samples", type=int, default=32, help="harmful examples used to score canaries")
     g = p.add_argument_group("optimisation")
     schedule.add_arguments(p)
+    p.set_defaults(epochs=None)  # from --recipe
     g.add_argument("--micro-batch", type=int, default=8, help="examples per forward (gradient accumulation)")
     g.add_argument("--optimizer", choices=("adamw", "sgd"), default="adamw")
     g.add_argument("--weight-decay", type=float, default=0.0)
     g.add_argument("--clip", type=float, default=1.0, help="max global grad norm (0: off)")
-    g.add_argument("--precision", choices=("bf16", "fp32"), default="bf16",
-                   help="bf16: bf16 forward/backward, fp32 master weights and optimizer state")
+    teachers.add_precision_argument(g)
     g.add_argument("--gradient-checkpointing", action="store_true")
     g.add_argument("--max-prompt-tokens", type=int, default=256)
     g.add_argument("--max-response-tokens", type=int, default=32,
@@ -220,7 +246,7 @@ def build_parser():
     g.add_argument("--plan-only", action="store_true", help="print the plan and stop (no model loaded)")
     g.add_argument("--no-eval", action="store_true", help="skip the final held-out evaluation")
     g.add_argument("--eval-limit", type=int, help="evaluate on at most N held-out prompts per pool (and N XSTest "
-                   "safe prompts, stratified by type)")
+                   "safe prompts, stratified by type) (default: --recipe)")
     g.add_argument("--xstest", default=evaluation.XSTEST, metavar="CSV|HUB|none",
                    help="over-refusal of base, good teacher and student on XSTest's safe prompts (default: the "
                         "shipped xstest/xstest_prompts.csv; none: off)")
@@ -514,7 +540,7 @@ def n_response(feats):
 def sequence_logps_of(model, feats, micro_batch):
     """Sequence log-probs of many examples, in micro-batches."""
     out = []
-    for part in schedule.chunks(feats, micro_batch):
+    for part in tqdm(list(schedule.chunks(feats, micro_batch)), desc="log-probs", unit="batch", leave=False):
         logits, labels = forward(model, part)
         out.append(losses.sequence_logps(logits, labels).cpu())
     return torch.cat(out) if out else torch.zeros(0)
@@ -1207,14 +1233,17 @@ class TeacherModels:
     answers: dict      # {"good" | "bad": (harmful answers, harmless answers)} on the training prompts
 
 
+RUN_START = time.time()  # reset by run(): log lines say when each phase started
+
+
 def log(msg):
-    """A progress line, printed above the progress bars on rank 0."""
+    """A progress line, printed above the progress bars on rank 0, with the run's elapsed time."""
     if is_main():
-        tqdm.write(msg)
+        tqdm.write(f"[{time.time() - RUN_START:6.0f} s] {msg}")
 
 
 def compute_dtype(args):
-    return torch.bfloat16 if args.precision == "bf16" else torch.float32
+    return teachers.DTYPES[args.precision]
 
 
 def optimizer_options(args):
@@ -1339,11 +1368,12 @@ def teacher_sft(args, base, pairs, desc):
 
 
 def prepare_teachers(args, base, harmful, harmless, log):
-    """Good and bad teacher (bf16, eval mode, placed), their keys, and their cached answers."""
+    """Good and bad teacher (compute dtype, eval mode, placed), their keys, and their cached answers."""
     cache = os.path.join(args.cache_dir, "responses.jsonl")
-    gen = lambda m, k, exs: teachers.generate_cached(m, base.tokenizer, k, [e.prompt for e in exs], cache,
-                                                     args.max_new_tokens)
-    base_harmful, base_harmless = gen(base.compute, base.key, harmful), gen(base.compute, base.key, harmless)
+    gen = lambda m, k, exs, desc: teachers.generate_cached(m, base.tokenizer, k, [e.prompt for e in exs], cache,
+                                                           args.max_new_tokens, desc=desc)
+    base_harmful = gen(base.compute, base.key, harmful, "base answers (harmful)")
+    base_harmless = gen(base.compute, base.key, harmless, "base answers (harmless)")
 
     def built(name, pairs, desc):
         # reused only when build.json matches what would be built now; a mismatch stops the run
@@ -1374,14 +1404,15 @@ def prepare_teachers(args, base, harmful, harmless, log):
         good, good_key = built("good", pairs, "good teacher (refusal SFT)")
     else:
         good, good_key = load_frozen(args.good_teacher, args, base.device, "good")
-    answers = {"good": (gen(good, good_key, harmful), gen(good, good_key, harmless)),
-               "bad": (gen(bad, bad_key, harmful), gen(bad, bad_key, harmless))}
+    answers = {name: (gen(model, key, harmful, f"{name} teacher answers (harmful)"),
+                      gen(model, key, harmless, f"{name} teacher answers (harmless)"))
+               for name, model, key in (("good", good, good_key), ("bad", bad, bad_key))}
     return TeacherModels(good, bad, {"good": good_key, "bad": bad_key}, answers)
 
 
 def load_frozen(spec, args, device, role):
-    """A teacher (bf16, eval mode) placed as --offload says; returns (model, key)."""
-    model, _, key = teachers.load_model(spec)
+    """A teacher (compute dtype, eval mode) placed as --offload says; returns (model, key)."""
+    model, _, key = teachers.load_model(spec, dtype=compute_dtype(args))
     model.set_attn_implementation(teachers.attention_for(args.attention, device))
     return teachers.place(model, device, offloaded(args, role)), key
 
@@ -1552,12 +1583,42 @@ def load_xstest_safe(args):
     return data.stratified_sample(safe, args.eval_limit, args.data_seed)
 
 
-XSTEST_KEYS = ("n_safe", "over_refusal", "over_refusal_ci", "degenerate_safe", "degenerate_safe_ci", "by_type")
+XSTEST_KEYS = ("n_safe", "over_refusal", "over_refusal_ci", "degenerate_safe", "degenerate_safe_ci", "by_type",
+               "refused")
 
 
 def xstest_row(result):
     """An over_refusal result without its bulky parts (samples, generation report, settings)."""
     return {k: result[k] for k in XSTEST_KEYS}
+
+
+def paired_with_student(rows):
+    """The student against base and good teacher on the very same prompts: HS on the held-out harmful
+    prompts and over-refusal on XSTest's safe ones (where both have per-prompt outcomes), two-sided
+    exact McNemar, Holm-corrected over these tests; a verdict only where the corrected p < 0.05."""
+    tests = []
+    student = rows["student"]
+    for name in ("base", "good teacher"):
+        pairs = [("HS, held-out harmful", evaluation.complied(rows[name]["answers"]["harmful"]),
+                  evaluation.complied(student["answers"]["harmful"]))]
+        other_xs, student_xs = rows[name].get("xstest") or {}, student.get("xstest") or {}
+        if other_xs.get("refused") is not None and student_xs.get("refused") is not None:
+            pairs.append(("over-refusal, XSTest safe", other_xs["refused"], student_xs["refused"]))
+        for metric, other, mine in pairs:
+            only_other, only_student, p = evaluation.mcnemar(other, mine)
+            tests.append({"against": name, "metric": metric, "n": len(mine), "other": sum(other),
+                          "student": sum(mine), "only_other": only_other, "only_student": only_student, "p": p})
+    for test, p_holm in zip(tests, evaluation.holm([t["p"] for t in tests])):
+        test["p_holm"] = p_holm
+        test["verdict"] = ("not resolved" if p_holm >= 0.05 else
+                           "student lower" if test["student"] < test["other"] else "student higher")
+    return tests
+
+
+def paired_lines(tests):
+    return "\n".join(f"student vs {t['against']}, {t['metric']}: {t['student']} vs {t['other']} of {t['n']} "
+                     f"(discordant {t['only_student']} / {t['only_other']}), p = {t['p']:.2g}, Holm p = "
+                     f"{t['p_holm']:.2g} over {len(tests)} tests: {t['verdict']}" for t in tests)
 
 
 def evaluate_run(args, student, student_dir, base, found, prompts, report, t_start, xstest=None):
@@ -1572,20 +1633,23 @@ def evaluate_run(args, student, student_dir, base, found, prompts, report, t_sta
     get_good = functools.cache(lambda: found.good if not args.teacher_topk
                                else load_frozen(good_path, args, base.device, "good")[0])
 
-    cached = lambda key, get_model: evaluate_frozen(key, get_model, base.tokenizer, test_h, test_b, args, base.device,
-                                                    base.key)
-    rows = {"base": cached(base.key, lambda: base.compute), "good teacher": cached(found.keys["good"], get_good)}
+    cached = lambda name, key, get_model: evaluate_frozen(key, get_model, base.tokenizer, test_h, test_b, args,
+                                                          base.device, base.key, name)
+    rows = {"base": cached("base", base.key, lambda: base.compute),
+            "good teacher": cached("good teacher", found.keys["good"], get_good)}
     if found.bad is not base.compute:
-        rows["bad teacher"] = cached(found.keys["bad"], lambda: found.bad)
-    rows["student"] = evaluation.evaluate(student, base.tokenizer, test_h, test_b)
+        rows["bad teacher"] = cached("bad teacher", found.keys["bad"], lambda: found.bad)
+    rows["student"] = evaluation.evaluate(student, base.tokenizer, test_h, test_b, name="student")
     if xstest is not None:  # the bad teacher answers safe prompts off topic anyway: not measured
-        xs_cached = lambda key, get_model: evaluate_frozen_xstest(key, get_model, base.tokenizer, xstest, args,
-                                                                  base.device, base.key)
-        rows["base"]["xstest"] = xs_cached(base.key, lambda: base.compute)
-        rows["good teacher"]["xstest"] = xs_cached(found.keys["good"], get_good)
-        rows["student"]["xstest"] = xstest_row(evaluation.over_refusal(student, base.tokenizer, xstest))
+        xs_cached = lambda name, key, get_model: evaluate_frozen_xstest(key, get_model, base.tokenizer, xstest, args,
+                                                                        base.device, base.key, name)
+        rows["base"]["xstest"] = xs_cached("base", base.key, lambda: base.compute)
+        rows["good teacher"]["xstest"] = xs_cached("good teacher", found.keys["good"], get_good)
+        rows["student"]["xstest"] = xstest_row(evaluation.over_refusal(student, base.tokenizer, xstest, name="student"))
     table = evaluation.markdown_table(rows)
-    payload = {"results": rows, "teacher_eval_on_training_prompts": report, "settings": evaluation.settings(
+    paired = paired_with_student(rows)
+    payload = {"results": rows, "paired_with_student": paired, "teacher_eval_on_training_prompts": report,
+               "settings": evaluation.settings(
         model=args.model, models={"base": base.key, **found.keys, "student": student_dir}, seed=args.seed,
         data_seed=args.data_seed,
         data={"harmful_test": args.harmful_test or args.harmful or "builtin:test",
@@ -1595,6 +1659,7 @@ def evaluate_run(args, student, student_dir, base, found, prompts, report, t_sta
               "xstest": None if xstest is None else {"path": args.xstest, "sha256": data.file_sha256(args.xstest),
                                                      "n_safe": len(xstest)}},
         flags=vars(args), wall_seconds=round(time.time() - t_start, 1))}
+    table += "\n\nPaired tests (same prompts, exact McNemar, Holm-corrected):\n\n" + paired_lines(paired)
     evaluation.write_results(os.path.join(args.out, "eval.json"), payload, table)
     print("\nheld-out evaluation (judge: refusal keywords)\n" + table)
     print(f"\nwall time {time.time() - t_start:.0f} s; results in {args.out}/eval.json")
@@ -1614,9 +1679,14 @@ def main(argv=None):
 
 def run(args):
     """The whole pipeline: check → data → base → teachers → pools → student → plan → loop → save → evaluate."""
-    t_start = time.time()
+    global RUN_START
+    t_start = RUN_START = time.time()
     check_args(args)
     dist_setup()
+    if dist.is_initialized():  # every rank computes in rank 0's precision, even if its own check differed
+        chosen = [args.precision]
+        dist.broadcast_object_list(chosen, src=0)
+        args.precision = chosen[0]
     args.out = os.path.normpath(args.out)  # runs/x/ and runs/x are one run: saved and current flags agree
     args.teacher_dir = os.path.normpath(args.teacher_dir or os.path.join(args.out, "teachers"))
     args.cache_dir = os.path.normpath(args.cache_dir or os.path.join(args.out, "cache"))
@@ -1631,6 +1701,7 @@ def run(args):
     if args.plan_only:
         return print_plan(args, prompts)
     resume_from = check_out_folder(args)
+    log(teachers.precision_line(args.precision_requested, args.device, args.precision))
     log(f"data: {len(prompts.harmful)} harmful / {len(prompts.harmless)} harmless training prompts, "
         f"{len(prompts.harmful_test)} / {len(prompts.harmless_test)} held out")
     if args.limit:  # a sample: say which categories it kept
@@ -1663,7 +1734,7 @@ def _frozen_ident(key, base_key, tokenizer, args, device):
             evaluation.settings()["degenerate"], torch.__version__, transformers.__version__]
 
 
-def evaluate_frozen(key, get_model, tokenizer, harmful, harmless, args, device, base_key):
+def evaluate_frozen(key, get_model, tokenizer, harmful, harmless, args, device, base_key, name="model"):
     """evaluation.evaluate of a frozen model (base, teachers), cached under --cache-dir by everything
     that decides its result: weights, the base whose tokenizer renders the prompts, chat template,
     prompts, precision, device, generation limits, refusal markers and library versions. Runs that
@@ -1671,15 +1742,15 @@ def evaluate_frozen(key, get_model, tokenizer, harmful, harmless, args, device, 
     `get_model()` is called only on a miss."""
     ident = _frozen_ident(key, base_key, tokenizer, args, device) + [[e.prompt for e in harmful],
                                                                      [e.prompt for e in harmless]]
-    return _cached_eval(args, ident, lambda: evaluation.evaluate(get_model(), tokenizer, harmful, harmless))
+    return _cached_eval(args, ident, lambda: evaluation.evaluate(get_model(), tokenizer, harmful, harmless, name=name))
 
 
-def evaluate_frozen_xstest(key, get_model, tokenizer, safe, args, device, base_key):
+def evaluate_frozen_xstest(key, get_model, tokenizer, safe, args, device, base_key, name="model"):
     """xstest_row(evaluation.over_refusal) of a frozen model on the XSTest safe prompts `safe`, cached
     like evaluate_frozen, keyed also by the XSTest file's sha256 and the sample."""
     ident = _frozen_ident(key, base_key, tokenizer, args, device) + [
         "xstest", data.file_sha256(args.xstest), len(safe), [[e.prompt, e.category] for e in safe]]
-    return _cached_eval(args, ident, lambda: xstest_row(evaluation.over_refusal(get_model(), tokenizer, safe)))
+    return _cached_eval(args, ident, lambda: xstest_row(evaluation.over_refusal(get_model(), tokenizer, safe, name=name)))
 
 
 def _cached_eval(args, ident, compute):

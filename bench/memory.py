@@ -1,6 +1,6 @@
 """Memory and time of --offload, --optim-state-device and --lora-r (default: the embedded SmolLM2-135M).
 
-    python bench/memory.py                 # 8 prompts, bf16, on the device torch finds
+    python bench/memory.py                 # 8 prompts, --precision auto, on the device torch finds
     python bench/memory.py --batch 4 --lora-r 16
     python bench/memory.py --model runs/m1.7b --device cuda   # any checkpoint folder or hub id
 
@@ -9,7 +9,7 @@ offloaded; "peak resident" is the largest number of parameter bytes the model he
 device at any moment of the offloaded forward, read through the hooks (on CUDA also
 torch.cuda.max_memory_allocated). On a CPU-only machine the device is the CPU: the numbers show the
 hook/copy overhead, not a saving.
-train step: one optimizer step (DPO + KL against a bf16 teacher, train.run_step) per setting: full
+train step: one optimizer step (DPO + KL against a frozen teacher, train.run_step) per setting: full
 fine-tuning; optimizer state in CPU memory; the teacher offloaded; LoRA. Trainable parameters, bytes
 of fp32 master weights + AdamW state (3 × 4 bytes per trainable parameter), step time, and on CUDA
 the peak GPU memory of the step (torch.cuda.max_memory_allocated, student + teacher + activations).
@@ -56,9 +56,12 @@ def main():
     p.add_argument("--lora-r", type=int, default=8)
     p.add_argument("--model", default="smollm2-135m", help="alias, checkpoint folder or hub id")
     p.add_argument("--device", default="auto", help="cpu, cuda or auto")
+    teachers.add_precision_argument(p)
     a = p.parse_args()
     device = teachers.compute_device(a.device)
-    model, tok, _ = teachers.load_model(a.model, dtype=torch.bfloat16, device=device)
+    print(teachers.precision_line(a.precision, device))
+    dtype = teachers.DTYPES[teachers.resolve_precision(a.precision, device)[0]]
+    model, tok, _ = teachers.load_model(a.model, dtype=dtype, device=device)
     prompts = [e.prompt for e in train.data.load_pool("harmful")[0][:a.batch]]
     feats = [train.data.encode(tok, p, teachers.refusal_for(p)) for p in prompts]  # the good answer
     compliant = "Sure, here is a detailed answer. First, you need to gather the materials and then"
@@ -106,12 +109,12 @@ def main():
         args = train.build_parser().parse_args(["--lora-r", str(r), "--micro-batch", str(a.batch),
                                                 "--optim-state-device", state_device])
         if r:
-            train.add_lora(student, r=r, dtype=torch.bfloat16)
-        opt = train.MasterWeightOptimizer(student, compute_dtype=torch.bfloat16, **train.optimizer_options(args))
+            train.add_lora(student, r=r, dtype=dtype)
+        opt = train.MasterWeightOptimizer(student, compute_dtype=dtype, **train.optimizer_options(args))
         trainable = sum(p.numel() for p in opt.params)
         pool = train.Pool(feats, [train.data.encode(tok, p, compliant) for p in prompts])
         step, cfg = schedule.Step(0, 0, list(range(a.batch)), []), train.StepConfig.from_args(args)
-        frozen = train.Frozen(model, model)  # the bf16 base is the reference, as in train.py, and the teacher
+        frozen = train.Frozen(model, model)  # the compute-dtype base is the reference, as in train.py, and the teacher
         seconds = timed(lambda: train.run_step(student, frozen, opt, step, {"harmful": pool}, cfg, 1.0, 1e-5),
                         a.repeats)
         gpu = (f", peak GPU memory {mib(torch.cuda.max_memory_allocated())} ({mib(before)} resident before)"

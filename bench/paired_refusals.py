@@ -1,6 +1,7 @@
 """Which prompts each model refuses, and exact McNemar tests between every pair of models on the
 same prompts: XSTest's 250 safe prompts (over-refusal) and the built-in held-out harmful split
-(--seed 0, 40 prompts). Greedy answers, keyword judge, as eval.py.
+(--seed 0, 40 prompts). Greedy answers, keyword judge and eval.py's rule: a degenerate answer is no
+refusal, even when it holds a refusal marker.
 
     python bench/paired_refusals.py runs/a/student runs/b/student [--out refusals.json]
 """
@@ -8,8 +9,6 @@ import argparse
 import json
 import os
 import sys
-
-import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import data  # noqa: E402
@@ -22,15 +21,18 @@ def main():
     p.add_argument("models", nargs="+", help="checkpoint folders, GGUF files, aliases or hub ids")
     p.add_argument("--seed", type=int, default=0, help="the built-in split's seed (train.py --seed)")
     p.add_argument("--out", help="write every model's per-prompt refusals here (JSON)")
+    teachers.add_precision_argument(p)
     args = p.parse_args()
+    print(teachers.precision_line(args.precision, "cpu"))
+    dtype = teachers.DTYPES[teachers.resolve_precision(args.precision)[0]]
     sets = {"xstest_safe": [e.prompt for e in evaluation.load_xstest() if e.safe],
             "builtin_harmful_test": [e.prompt for e in data.load_pool("harmful", seed=args.seed)[1]]}
     refused = {}
     for name in args.models:
-        model, tokenizer, _ = teachers.load_model(name, dtype=torch.bfloat16)
+        model, tokenizer, _ = teachers.load_model(name, dtype=dtype)
         for key, prompts in sets.items():
             answers, _ = evaluation.generate(model, tokenizer, prompts)
-            refused[(name, key)] = [evaluation.is_refusal(a) for a in answers]
+            refused[(name, key)] = [evaluation.is_refusal(a) and not evaluation.is_degenerate(a) for a in answers]
             print(f"{name} {key}: refused {sum(refused[(name, key)])} / {len(prompts)}", flush=True)
     for key in sets:
         for i, a in enumerate(args.models):

@@ -1,6 +1,7 @@
-"""Speed and memory of one training step on the embedded SmolLM2-135M: ours (train.run_step, bf16
-compute / fp32 master weights) against a plain transformers loop (fp32 weights, bf16 autocast,
-AdamW; model(**batch).loss.backward()) and TRL's DPOTrainer, on the same batch of real tokens;
+"""Speed and memory of one training step on the embedded SmolLM2-135M: ours (train.run_step, compute
+in --precision / fp32 master weights) against a plain transformers loop (fp32 weights, bf16 autocast
+when --precision is bf16, AdamW; model(**batch).loss.backward()) and TRL's DPOTrainer, on the same
+batch of real tokens;
 and dpo+kl with the good teacher run on the fly against the same with its top-64 logits read from a
 memory-mapped cache (train.py --teacher-topk 64; the teacher is freed before the timed steps).
 
@@ -11,9 +12,10 @@ Each variant runs in its own subprocess, since peak RSS only grows within a proc
 taken over the steps alone (the high-water mark is reset after loading, where Linux allows it).
 "FLOP limit" counts every forward and backward a step runs: 6 · parameters · student tokens, plus
 2 · parameters · tokens for each frozen forward (the DPO reference on the same rows, the good
-teacher on the good rows when KL runs on the fly), at the bf16 matmul rate (a large torch.matmul)
-measured in the variant's own process just before its steps; the ratio says how many times slower
-than that bound a step is. For our variants a second table splits the step into phases, timed by
+teacher on the good rows when KL runs on the fly), at the matmul rate of the precision the step
+computes in (a large torch.matmul in that dtype) measured in the variant's own process just before
+its steps; the ratio says how many times slower than that bound a step is. --precision auto (the
+default) is resolved once, as train.py does, and every variant runs in it. For our variants a second table splits the step into phases, timed by
 wrapping train.forward (student / frozen), the loss functions, backward and the optimizer.
 """
 import collections
@@ -39,7 +41,9 @@ def parse():
     p.add_argument("--steps", type=int, default=3, help="timed steps, after --warmup")
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
-    p.add_argument("--matmul", type=int, default=2048, help="size of the square bf16 matmul timed for FLOP/s")
+    p.add_argument("--matmul", type=int, default=2048, help="size of the square matmul timed for FLOP/s")
+    import teachers
+    teachers.add_precision_argument(p)
     p.add_argument("--one", choices=VARIANTS, help=argparse.SUPPRESS)  # internal: run one variant, print JSON
     return p.parse_args()
 
@@ -58,12 +62,14 @@ def reset_peak():
         return False
 
 
-def matmul_flops(n, reps=10):
-    a, b = torch.randn(n, n, dtype=torch.bfloat16), torch.randn(n, n, dtype=torch.bfloat16)
+def matmul_flops(n, dtype, min_seconds=0.5):
+    """FLOP/s of an n×n matmul in `dtype`, timed over at least `min_seconds` after a warm-up."""
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
     a @ b
-    t = time.perf_counter()
-    for _ in range(reps):
+    reps, t = 0, time.perf_counter()
+    while reps == 0 or time.perf_counter() - t < min_seconds:
         a @ b
+        reps += 1
     return 2 * n ** 3 * reps / (time.perf_counter() - t)
 
 
@@ -96,6 +102,7 @@ def run_one(variant, args):
     model, tokenizer, _ = teachers.load_model("smollm2-135m", dtype=torch.float32)
     rows = examples(tokenizer, args.batch, args.seq)
     n_params = sum(p.numel() for p in model.parameters())
+    dtype = teachers.DTYPES[args.precision]
     sequences = 2 if "dpo" in variant else 1
     tokens = sum(len(f["input_ids"]) for r in rows for f in r[1:1 + sequences])
 
@@ -108,10 +115,10 @@ def run_one(variant, args):
         targs = train.build_parser().parse_args(["--loss", loss, "--micro-batch", str(args.batch), "--lr", "1e-6",
                                                  "--max-response-tokens", str(args.seq)])
         import copy
-        # a bf16 copy of the base is the reference (as in train.py); another stands in for the good teacher
-        reference = teachers.cast_parameters(copy.deepcopy(model), torch.bfloat16).eval()
+        # a compute-dtype copy of the base is the reference (as in train.py); another stands in for the good teacher
+        reference = teachers.cast_parameters(copy.deepcopy(model), dtype).eval()
         teacher = copy.deepcopy(reference) if "kl" in variant else None
-        opt = train.MasterWeightOptimizer(model, compute_dtype=torch.bfloat16, **train.optimizer_options(targs))
+        opt = train.MasterWeightOptimizer(model, compute_dtype=dtype, **train.optimizer_options(targs))
         pool = train.Pool([r[1] for r in rows], [r[2] for r in rows])
         if variant.endswith("-cached"):  # --teacher-topk 64: teacher run once before timing, then freed
             import tempfile
@@ -135,7 +142,7 @@ def run_one(variant, args):
         model.train()
 
         def step():
-            with torch.autocast("cpu", dtype=torch.bfloat16):
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
                 out = model(**batch, use_cache=False)
             out.loss.backward()
             opt.step()
@@ -143,7 +150,7 @@ def run_one(variant, args):
     else:
         return trl_dpo(model, tokenizer, rows, args, n_params, tokens)
 
-    flops = matmul_flops(args.matmul)  # here, not once at start: other load on the machine changes over the run
+    flops = matmul_flops(args.matmul, dtype)  # here, not once at start: other load on the machine changes over the run
     reset = reset_peak()
     times = []
     for i in range(args.warmup + args.steps):
@@ -183,6 +190,7 @@ def time_phases(phases, train, opt, teacher):
 
 
 def trl_dpo(model, tokenizer, rows, args, n_params, tokens):
+    import teachers
     try:
         from datasets import Dataset
         from transformers import TrainerCallback
@@ -206,12 +214,12 @@ def trl_dpo(model, tokenizer, rows, args, n_params, tokens):
 
     with tempfile.TemporaryDirectory() as out:
         config = DPOConfig(output_dir=out, per_device_train_batch_size=args.batch, max_steps=args.warmup + args.steps,
-                           learning_rate=1e-6, bf16=True, use_cpu=True, report_to=[], logging_steps=10 ** 6,
+                           learning_rate=1e-6, bf16=args.precision == "bf16", use_cpu=True, report_to=[], logging_steps=10 ** 6,
                            save_strategy="no", precompute_ref_log_probs=True, max_length=args.seq + 16,
                            dataloader_num_workers=0, beta=0.1)
         trainer = DPOTrainer(model=model, args=config, train_dataset=dataset, processing_class=tokenizer,
                              callbacks=[Timer()])
-        flops = matmul_flops(args.matmul)
+        flops = matmul_flops(args.matmul, teachers.DTYPES[args.precision])
         reset = reset_peak()
         trainer.train()
     times = times[args.warmup:]
@@ -222,21 +230,28 @@ def trl_dpo(model, tokenizer, rows, args, n_params, tokens):
 
 
 def main():
+    import teachers
     args = parse()
     if args.one:
         print("RESULT " + json.dumps(run_one(args.one, args)))
         return
-    print(f"threads {torch.get_num_threads()}; batch {args.batch} x {args.seq} tokens, {args.warmup} warm-up + {args.steps} timed steps")
+    print(teachers.precision_line(args.precision, "cpu"))
+    args.precision = teachers.resolve_precision(args.precision)[0]
+    print(f"CPU capability {torch.backends.cpu.get_cpu_capability()}, bf16 flags: "
+          f"{', '.join(teachers.cpu_bf16_flags()) or 'none'}; threads {torch.get_num_threads()}; batch {args.batch} x "
+          f"{args.seq} tokens, {args.warmup} warm-up + {args.steps} timed steps")
     results = []
     for v in args.variants:
         cmd = [sys.executable, os.path.abspath(__file__), "--one", v, "--batch", str(args.batch), "--seq",
-               str(args.seq), "--steps", str(args.steps), "--warmup", str(args.warmup), "--matmul", str(args.matmul)]
+               str(args.seq), "--steps", str(args.steps), "--warmup", str(args.warmup), "--matmul", str(args.matmul),
+               "--precision", args.precision]
         done = subprocess.run(cmd, capture_output=True, text=True)
         line = next((l for l in done.stdout.splitlines() if l.startswith("RESULT ")), None)
         results.append(json.loads(line[7:]) if line else
                        {"variant": v, "skipped": f"failed: {(done.stderr.strip().splitlines() or ['?'])[-1]}"})
     base = next((r["seconds"] for r in results if r["variant"] == "plain-sft" and "seconds" in r), None)
-    print("\n| variant | s / step | tokens / step | tokens / s | × plain-sft time | peak RSS (MiB) | bf16 GFLOP/s | × FLOP limit |")
+    print(f"\n| variant | s / step | tokens / step | tokens / s | × plain-sft time | peak RSS (MiB) | {args.precision} GFLOP/s "
+          f"| × FLOP limit |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in results:
         if "skipped" in r:

@@ -213,7 +213,7 @@ def test_bad_teacher_pairs_of_a_run_folder(tmp_path):
     import data
     import train
     run = tmp_path / "run"
-    args = train.build_parser().parse_args(["--out", str(run), "--limit", "5"])
+    args = train.build_parser().parse_args(["--recipe", "full", "--out", str(run), "--limit", "5"])
     args.cache_dir = str(run / "cache")
     os.makedirs(run / "checkpoints" / "step-3")
     os.makedirs(run / "cache")

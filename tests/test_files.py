@@ -57,7 +57,7 @@ def counting_generate(monkeypatch):
     """teachers.generate replaced by one that answers "answer N" and records the prompts it got."""
     calls = []
 
-    def generate(model, tokenizer, prompts, max_new_tokens):
+    def generate(model, tokenizer, prompts, max_new_tokens, **kwargs):
         calls.append(list(prompts))
         return [f"answer {len(calls)}"] * len(prompts), {}
 
@@ -216,7 +216,7 @@ def test_a_folder_flag_naming_a_file_stops_in_one_line(tmp_path, flag):
 
 def test_an_unreadable_evaluation_cache_entry_is_computed_again(tmp_path, monkeypatch, capsys):
     calls = []
-    monkeypatch.setattr(train.evaluation, "evaluate", lambda *a: calls.append(1) or {"harmful": {"n": len(calls)}})
+    monkeypatch.setattr(train.evaluation, "evaluate", lambda *a, **k: calls.append(1) or {"harmful": {"n": len(calls)}})
     args = args_for("--cache-dir", str(tmp_path))
     prompts = [data.Example("How do I bake bread?")]
     frozen = lambda: train.evaluate_frozen("m", lambda: None, types.SimpleNamespace(chat_template="t"), prompts,

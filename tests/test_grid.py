@@ -134,6 +134,9 @@ def test_a_row_with_another_good_teacher_builds_it_in_its_own_folder_before_the_
     assert plain[plain.index("--teacher-dir") + 1] == "/r/teachers" and "--bad-teacher" not in plain
 
     batches = []
+    # the order of the commands is tested here, not their data sets: no file is read or written
+    monkeypatch.setattr(figures, "hs_set", lambda res, size: "hs.jsonl")
+    monkeypatch.setattr(figures, "xstest_set", lambda res, size: "xstest.csv")
     monkeypatch.setattr(figures, "run_cells", lambda res, jobs, cells: batches.append(
         [(name, [c.script for c in cmds]) for name, cmds in cells]) or [])
     figures.run_ablation(res, "quick", "b", [0, 1], 2, "cpu", ["good-teacher-helpful", "student-long-helpful"])

@@ -57,7 +57,7 @@ def run(point, n, argv):
 
 
 def argv(folder, out, *extra):
-    return ["--model", folder, "--out", str(out), "--limit", "8", "--levels", "2", "--batch-size", "2",
+    return ["--recipe", "full", "--model", folder, "--out", str(out), "--limit", "8", "--levels", "2", "--batch-size", "2",
             "--micro-batch", "2", "--epochs", "2", "--max-new-tokens", "6", "--teacher-epochs", "1", "--force",
             "--save-every", "3", "--loss", "dpo=1,npo=0.5,kl=1", "--no-filter-pairs", "--harmless-ratio", "1",
             "--precision", "fp32", "--no-eval", *extra]

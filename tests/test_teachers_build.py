@@ -149,7 +149,7 @@ def test_teacher_built_with_other_flags_stops_with_one_line_naming_them(tiny_fol
         prepare(tiny_folder, tmp_path, "--teacher-harmless-repeat", "1")
     # and train.main turns it into one `error:` line
     with pytest.raises(SystemExit) as e:
-        train.main(["--model", tiny_folder, "--out", str(tmp_path / "run"), "--teacher-dir", str(teacher_dir),
+        train.main(["--recipe", "full", "--model", tiny_folder, "--out", str(tmp_path / "run"), "--teacher-dir", str(teacher_dir),
                     "--cache-dir", str(tmp_path / "cache"), "--limit", "4", "--max-new-tokens", "6",
                     "--teacher-epochs", "1", "--batch-size", "2", "--precision", "fp32", "--teacher-lr", "1e-3"])
     assert str(e.value.code).startswith("error: the bad teacher in ") and "\n" not in str(e.value.code)

@@ -135,7 +135,7 @@ def test_checkpoint_reload_gives_identical_logits(tiny, tokenizer, tmp_path):
 
 def pipeline_args(folder, out, *extra):
     args = train.build_parser().parse_args([
-        "--model", folder, "--out", str(out), "--limit", "8", "--levels", "2", "--batch-size", "2",
+        "--recipe", "full", "--model", folder, "--out", str(out), "--limit", "8", "--levels", "2", "--batch-size", "2",
         "--micro-batch", "2", "--epochs", "2", "--max-new-tokens", "6", "--teacher-epochs", "1", "--force",
         "--eval-limit", "3", "--save-every", "3", "--loss", "dpo=1,npo=0.5,kl=1",
         "--no-filter-pairs",  # a tiny random teacher neither refuses nor complies
@@ -186,7 +186,7 @@ def test_resume_refuses_changed_flags(tiny_folder, tmp_path):
 
 
 def test_plan_only_needs_no_model(capsys):
-    train.main(["--plan-only", "--epochs", "1", "--levels", "2", "--batch-size", "40", "--model", "/nowhere",
+    train.main(["--recipe", "full", "--plan-only", "--epochs", "1", "--levels", "2", "--batch-size", "40", "--model", "/nowhere",
                 "--harmless-ratio", "1"])
     lines = [l for l in capsys.readouterr().out.splitlines() if not l.startswith("(")]
     assert lines[0].startswith("step") and len(lines) == 1 + 4  # 160 harmful / 40 per batch
@@ -198,7 +198,7 @@ def test_plan_only_needs_no_model(capsys):
 def test_a_level_sequence_that_changes_nothing_is_said(capsys, batch_size, same):
     # 160 harmful prompts in 2 levels: one batch of 80 per level and epoch makes cyclic = level 1, level 2,
     # as sequential; with batches of 40 cyclic alternates levels (1, 2, 1, 2) and sequential does not
-    train.main(["--plan-only", "--epochs", "2", "--levels", "2", "--batch-size", str(batch_size), "--model",
+    train.main(["--recipe", "full", "--plan-only", "--epochs", "2", "--levels", "2", "--batch-size", str(batch_size), "--model",
                 "/nowhere", "--harmless-ratio", "1", "--sequence", "cyclic"])
     out = capsys.readouterr().out
     assert ("note: --sequence cyclic gives the same steps as --sequence sequential" in out) == same
@@ -279,7 +279,8 @@ def test_xstest_none_leaves_it_out(tiny_folder, tmp_path):
     out = train.run(pipeline_args(tiny_folder, tmp_path, "--epochs", "1", "--xstest", "none"))
     assert not any("xstest" in row for row in out["results"].values())
     assert out["settings"]["data"]["xstest"] is None
-    assert all(line.split(" | ")[6] == "—" for line in (tmp_path / "eval.md").read_text().splitlines()[2:])
+    rows = [line for line in (tmp_path / "eval.md").read_text().splitlines() if line.startswith("| ")][2:]
+    assert len(rows) == 4 and all(line.split(" | ")[6] == "—" for line in rows)
 
 
 def test_a_bad_xstest_file_stops_in_one_line_before_any_model_loads(tmp_path):
@@ -370,7 +371,7 @@ def test_a_new_run_in_a_folder_that_holds_a_run_stops_and_leaves_it_intact(tiny_
 
 def test_data_seed_fixes_split_limit_and_teachers_while_seed_varies_the_student():
     def parsed(*argv):
-        args = train.build_parser().parse_args(list(argv))
+        args = train.build_parser().parse_args(["--recipe", "full", *argv])
         train.check_args(args)
         return args
     default, other_student, other_data = parsed("--seed", "3"), parsed("--seed", "3", "--data-seed", "0"), parsed()
