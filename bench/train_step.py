@@ -5,7 +5,8 @@ batch of real tokens;
 and dpo+kl with the good teacher run on the fly against the same with its top-64 logits read from a
 memory-mapped cache (train.py --teacher-topk 64; the teacher is freed before the timed steps).
 
-    python bench/train_step.py                         # 8 x 128 tokens, 1 warm-up + 3 timed steps
+    python bench/train_step.py                         # 8 x 128 tokens, 1 warm-up + 1 timed step
+    python bench/train_step.py --steps 5               # steadier figures, 3x the time
     python bench/train_step.py --batch 16 --seq 256 --steps 5 --variants ours-sft plain-sft
 
 Each variant runs in its own subprocess, since peak RSS only grows within a process; the peak is
@@ -24,6 +25,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 
 import torch
@@ -32,15 +34,20 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 VARIANTS = ("ours-sft", "plain-sft", "ours-dpo", "trl-dpo", "ours-dpo+kl", "ours-dpo+kl-cached")
+DEFAULT_VARIANTS = ("ours-sft", "plain-sft", "ours-dpo+kl", "ours-dpo+kl-cached")  # ≤ 5 min on a 2-core AVX2 CPU
 
 
 def parse():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--batch", type=int, default=8, help="examples per optimizer step")
     p.add_argument("--seq", type=int, default=128, help="tokens per example (prompt + answer)")
-    p.add_argument("--steps", type=int, default=3, help="timed steps, after --warmup")
+    p.add_argument("--steps", type=int, default=1, help="timed steps, after --warmup")
+    p.add_argument("--model", default="smollm2-135m", help="alias, GGUF file, folder or hub id; a GGUF is "
+                   "converted to a safetensors folder once, so that each variant's process loads it fast")
     p.add_argument("--warmup", type=int, default=1)
-    p.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
+    p.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(DEFAULT_VARIANTS),
+                   help="default: ours-sft plain-sft ours-dpo+kl ours-dpo+kl-cached (ours-dpo and trl-dpo, which "
+                        "needs trl and datasets, on request)")
     p.add_argument("--matmul", type=int, default=2048, help="size of the square matmul timed for FLOP/s")
     import teachers
     teachers.add_precision_argument(p)
@@ -99,7 +106,7 @@ def run_one(variant, args):
     import teachers
     import train
     torch.manual_seed(0)
-    model, tokenizer, _ = teachers.load_model("smollm2-135m", dtype=torch.float32)
+    model, tokenizer, _ = teachers.load_model(args.model, dtype=torch.float32)
     rows = examples(tokenizer, args.batch, args.seq)
     n_params = sum(p.numel() for p in model.parameters())
     dtype = teachers.DTYPES[args.precision]
@@ -121,7 +128,6 @@ def run_one(variant, args):
         opt = train.MasterWeightOptimizer(model, compute_dtype=dtype, **train.optimizer_options(targs))
         pool = train.Pool([r[1] for r in rows], [r[2] for r in rows])
         if variant.endswith("-cached"):  # --teacher-topk 64: teacher run once before timing, then freed
-            import tempfile
             import teachers
             folder = os.path.join(tempfile.mkdtemp(), "topk")
             teachers.build_topk_cache(folder, ["bench"], {"harmful": pool.good},
@@ -197,7 +203,6 @@ def trl_dpo(model, tokenizer, rows, args, n_params, tokens):
         from trl import DPOConfig, DPOTrainer
     except ImportError as e:
         return {"variant": "trl-dpo", "skipped": f"trl not importable ({e})"}
-    import tempfile
     model.is_quantized, model.hf_quantizer = False, None  # GGUF weights are dequantized to plain fp32
     dataset = Dataset.from_list([{"prompt": [{"role": "user", "content": p}],
                                   "chosen": [{"role": "assistant", "content": answer_text(tokenizer, c)}],
@@ -240,10 +245,17 @@ def main():
     print(f"CPU capability {torch.backends.cpu.get_cpu_capability()}, bf16 flags: "
           f"{', '.join(teachers.cpu_bf16_flags()) or 'none'}; threads {torch.get_num_threads()}; batch {args.batch} x "
           f"{args.seq} tokens, {args.warmup} warm-up + {args.steps} timed steps")
+    model = args.model
+    if model in teachers.ALIASES or model.endswith(".gguf"):  # de-quantizing a GGUF takes ~15 s a process
+        model = os.path.join(tempfile.mkdtemp(), "model")
+        loaded, tokenizer, _ = teachers.load_model(args.model, dtype=torch.float32)
+        teachers.save_model(loaded, tokenizer, model)
+        del loaded
     results = []
     for v in args.variants:
         cmd = [sys.executable, os.path.abspath(__file__), "--one", v, "--batch", str(args.batch), "--seq",
                str(args.seq), "--steps", str(args.steps), "--warmup", str(args.warmup), "--matmul", str(args.matmul),
+               "--model", model,
                "--precision", args.precision]
         done = subprocess.run(cmd, capture_output=True, text=True)
         line = next((l for l in done.stdout.splitlines() if l.startswith("RESULT ")), None)
