@@ -156,11 +156,14 @@ def test_a_diverging_attack_ends_with_a_point_marked_diverged(tiny, tokenizer):
     attacked, record = attack.finetune_attack(tiny, tokenizer, SHOTS, BENIGN, n=6, p=0.5, lr=1e6, epochs=3, batch=3,
                                               precision="fp32", eval_fn=lambda m: measured(0.0),
                                               before=measured(87.5))
-    assert record["diverged"] == "attack step 1: the gradient norm is nan"
-    assert [(pt["step"], pt.get("diverged")) for pt in record["curve"]] == [(0, None), (1, True)]
+    # lr 1e6 breaks the weights at once; whether the gradient is NaN at step 1 or 2 depends on how the
+    # BLAS kernels round overflowing values (step 1 with AVX-512, step 2 with MKL's AVX2 path)
+    step = int(record["diverged"].split()[2].rstrip(":"))
+    assert step in (1, 2) and record["diverged"] == f"attack step {step}: the gradient norm is nan"
+    assert [(pt["step"], pt.get("diverged")) for pt in record["curve"]] == [(0, None), (step, True)]
     rows = attack._attack_table({"attack": "finetune", **record}).splitlines()
     assert rows[2] == "| 0 | 87.5 % [0.0, 100.0] | 50.0 % [34.8, 65.2] | 0.0 % [0.0, 8.8] | 25.0 % [14.2, 40.2] | 40 |"
-    assert rows[3] == "| 1 | diverged | 50.0 % [34.8, 65.2] | 0.0 % [0.0, 8.8] | 25.0 % [14.2, 40.2] | 40 |"
+    assert rows[3] == f"| {step} | diverged | 50.0 % [34.8, 65.2] | 0.0 % [0.0, 8.8] | 25.0 % [14.2, 40.2] | 40 |"
 
 
 def test_a_first_step_divergence_keeps_the_unattacked_point(tiny, tokenizer, monkeypatch):
@@ -201,11 +204,12 @@ def test_attack_cli_reports_a_diverged_run_as_diverged(tiny_folder, tmp_path, ca
                           "--attack-max-new-tokens", "4", "--attack-out", str(tmp_path / "a")])
     with open(path) as f:
         result = json.load(f)["result"]
-    assert result["diverged"].startswith("attack step 1:")
+    step = result["curve"][-1]["step"]  # 1 or 2, as above
+    assert step in (1, 2) and result["diverged"].startswith(f"attack step {step}:")
     assert result["curve"][-1]["diverged"] is True and "diverged" not in result["curve"][0]
     assert {"hs_ci", "refusal_ci", "degenerate_ci"} <= set(result["curve"][0]["hs"]) and "fa_ci" in result["curve"][0]["fa"]
     table = open(path[:-len(".json")] + ".md").read().splitlines()
-    assert table[-1].startswith("| 1 | diverged |")
+    assert table[-1].startswith(f"| {step} | diverged |")
     assert "→ diverged, FA" in capsys.readouterr().out
 
 

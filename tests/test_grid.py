@@ -7,7 +7,18 @@ import os
 
 import pytest
 
+import data
 import figures
+
+
+@pytest.fixture(autouse=True)
+def stand_in_strongreject(tmp_path_factory, monkeypatch):
+    """The grid's orchestration does not depend on which harmful prompts it evaluates: the built-in
+    held-out harmful prompts stand in for StrongREJECT, so these tests run where ../shared is absent."""
+    path = tmp_path_factory.mktemp("sr") / "strongreject.json"
+    path.write_text(json.dumps([{"instruction": e.prompt, "category": e.category}
+                                for e in data.load_pool("harmful", seed=0)[1]]))
+    monkeypatch.setattr(figures, "STRONGREJECT", str(path))
 
 
 def write_cell(res, cell, hs, xstest, p0, p01, incontext, auc=20.0, diverged_p0=False):
@@ -124,6 +135,9 @@ def test_the_other_good_teacher_is_paired_with_the_shared_one_and_its_student_wi
 
 def test_a_row_with_another_good_teacher_builds_it_in_its_own_folder_before_the_cells_that_share_it(monkeypatch):
     res = "/r"
+    # the order of the commands is tested here, not their data sets: no file is read or written in /r
+    monkeypatch.setattr(figures, "hs_set", lambda res, size: "hs.jsonl")
+    monkeypatch.setattr(figures, "xstest_set", lambda res, size: "xstest.csv")
     cell, flags, model = figures.row_cell(res, "b", "student-long-helpful", 1)
     train_argv = figures.cell_commands(res, "quick", "b", cell, flags, model, 1, "cpu")[0].argv
     after = lambda flag: train_argv[train_argv.index(flag) + 1]
@@ -134,9 +148,6 @@ def test_a_row_with_another_good_teacher_builds_it_in_its_own_folder_before_the_
     assert plain[plain.index("--teacher-dir") + 1] == "/r/teachers" and "--bad-teacher" not in plain
 
     batches = []
-    # the order of the commands is tested here, not their data sets: no file is read or written
-    monkeypatch.setattr(figures, "hs_set", lambda res, size: "hs.jsonl")
-    monkeypatch.setattr(figures, "xstest_set", lambda res, size: "xstest.csv")
     monkeypatch.setattr(figures, "run_cells", lambda res, jobs, cells: batches.append(
         [(name, [c.script for c in cmds]) for name, cmds in cells]) or [])
     figures.run_ablation(res, "quick", "b", [0, 1], 2, "cpu", ["good-teacher-helpful", "student-long-helpful"])

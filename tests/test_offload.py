@@ -12,6 +12,7 @@ import teachers
 import train
 from conftest import make_tiny
 from test_train import PROMPTS, GOOD, feats, pipeline_args
+from test_ddp import assert_same_metrics
 
 
 def offloaded_pair(tokenizer, seed=0, layers=3):
@@ -138,7 +139,10 @@ def test_offload_flag_gives_the_same_run(tiny_folder, tmp_path):
         train.run(pipeline_args(tiny_folder, out, "--no-eval", "--epochs", "1", "--cb-alpha", "1",
                                 "--offload", mode))
         rows.append([{k: v for k, v in json.loads(l).items() if k != "seconds"} for l in open(out / "metrics.jsonl")])
-    assert rows[0] == rows[1] and len(rows[0]) == 4 and "harmful_cb" in rows[0][0]
+    # the offloaded reference and teacher are copies of the same weights: equal up to float noise
+    # (bit for bit where the BLAS kernels do not depend on memory alignment, as MKL's AVX2 path does)
+    assert len(rows[0]) == 4 and "harmful_cb" in rows[0][0]
+    assert_same_metrics(rows[0], rows[1])
 
 
 def test_offload_flag_says_which_frozen_models_stay_in_cpu_memory():
