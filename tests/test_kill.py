@@ -68,19 +68,26 @@ def outcome(out):
     return rows, load_file(str(out / "student" / "model.safetensors"))
 
 
+@pytest.fixture(scope="module")
+def uninterrupted(tiny_folder, tmp_path_factory):
+    """The run every killed one must end as (the same for each kill point)."""
+    out = tmp_path_factory.mktemp("full") / "full"
+    full = run("none", 0, argv(tiny_folder, out))
+    assert full.returncode == 0, full.stderr[-2000:]
+    return out
+
+
 @pytest.mark.parametrize("point,n,then", [
     ("teacher-save", 1, []),        # killed while the bad teacher is saved: the rerun rebuilds it
     ("cache-append", 2, []),        # killed mid-line in the answer cache: the rerun drops the cut line
     ("checkpoint", 2, ["--resume"]),  # killed inside the second checkpoint: --resume starts from the first
 ])
-def test_a_killed_run_recovers_to_the_uninterrupted_result(tiny_folder, tmp_path, point, n, then):
-    full = run("none", 0, argv(tiny_folder, tmp_path / "full"))
-    assert full.returncode == 0, full.stderr[-2000:]
+def test_a_killed_run_recovers_to_the_uninterrupted_result(tiny_folder, uninterrupted, tmp_path, point, n, then):
     killed = run(point, n, argv(tiny_folder, tmp_path / "cut"))
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
     again = run("none", 0, argv(tiny_folder, tmp_path / "cut", *then))
     assert again.returncode == 0, again.stderr[-2000:]
-    (rows_a, weights_a), (rows_b, weights_b) = outcome(tmp_path / "full"), outcome(tmp_path / "cut")
+    (rows_a, weights_a), (rows_b, weights_b) = outcome(uninterrupted), outcome(tmp_path / "cut")
     assert rows_a == rows_b and len(rows_a) == 8
     assert weights_a.keys() == weights_b.keys() and all(torch.equal(weights_a[k], weights_b[k]) for k in weights_a)
     assert os.listdir(tmp_path / "cut" / "checkpoints") == ["step-8"]  # nothing half-written left behind
