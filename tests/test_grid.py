@@ -229,7 +229,7 @@ def test_ablation_cells_run_resume_and_reproduce_from_their_argv(tiny_folder, tm
     monkeypatch.setitem(figures.ABLATION_SIZES, "quick", TINY_SIZE)
     res, out = str(tmp_path / "res"), str(tmp_path / "png")
     argv = ["ablation", "--quick", "--results", res, "--out", out, "--model", tiny_folder, "--seeds", "0",
-            "--rows", "student", "sft-baseline"]
+            "--rows", "student", "sft-baseline", "--jobs", "2"]  # two cells at once: their processes mostly start up
     figures.main(argv)
     saved = json.load(open(os.path.join(res, "ablation.json")))
     assert list(saved["stats"]) == ["sft-baseline", "student"] and saved["stats"]["student"]["hs_n"] == 6
