@@ -160,12 +160,12 @@ def add_precision_argument(p):
 
 
 def cpu_bf16_flags():
-    """The CPU's bf16 instruction-set flags (Linux /proc/cpuinfo; empty elsewhere)."""
+    """The CPU's bf16 instruction-set flags from /proc/cpuinfo (None where it cannot be read)."""
     try:
         with open("/proc/cpuinfo") as f:
             flags = next((set(l.split(":", 1)[1].split()) for l in f if l.startswith("flags")), set())
     except OSError:
-        return []
+        return None
     return sorted(flags & {"avx512_bf16", "amx_bf16"})
 
 
@@ -200,11 +200,13 @@ def choose_precision(device_type, *, cuda_bf16=False, bf16_gflops=None, fp32_gfl
 def _auto_precision(device_type):
     if device_type == "cuda":
         return choose_precision("cuda", cuda_bf16=torch.cuda.is_bf16_supported(including_emulation=False))
+    flags, capability = cpu_bf16_flags(), torch.backends.cpu.get_cpu_capability()
+    if flags == [] and platform.machine().lower() in ("x86_64", "amd64"):  # nothing to measure
+        return "fp32", f"this CPU has no bf16 instructions (no avx512_bf16 / amx_bf16 flag; torch capability {capability})"
+    # flags can be there while torch or its libraries are kept from using them: the rate decides
     precision, reason = choose_precision("cpu", bf16_gflops=matmul_gflops(torch.bfloat16),
                                          fp32_gflops=matmul_gflops(torch.float32))
-    flags = cpu_bf16_flags()
-    return precision, f"{reason}; CPU flags: {', '.join(flags) or 'no avx512_bf16 / amx_bf16'}, " \
-                      f"torch capability {torch.backends.cpu.get_cpu_capability()}"
+    return precision, f"{reason}; CPU flags: {', '.join(flags or []) or 'none read'}, torch capability {capability}"
 
 
 def precision_line(requested, device, chosen=None):

@@ -52,7 +52,8 @@ import schedule
 import teachers
 from eval import teacher_report, teacher_table
 
-# flags that change the result; a resumed run must agree with the saved run on all of them
+# flags that do not change the result (or, like --recipe, only fill flags compared themselves): a
+# resumed run may differ from the saved run in these, and must agree on every other flag
 _RUN_FLAGS_IGNORED_ON_RESUME = ("resume", "overwrite", "plan_only", "no_eval", "force", "save_every", "eval_limit",
                                 "xstest", "offload", "device", "precision_requested", "recipe")
 

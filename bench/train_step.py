@@ -243,7 +243,7 @@ def main():
     print(teachers.precision_line(args.precision, "cpu"))
     args.precision = teachers.resolve_precision(args.precision)[0]
     print(f"CPU capability {torch.backends.cpu.get_cpu_capability()}, bf16 flags: "
-          f"{', '.join(teachers.cpu_bf16_flags()) or 'none'}; threads {torch.get_num_threads()}; batch {args.batch} x "
+          f"{', '.join(teachers.cpu_bf16_flags() or []) or 'none'}; threads {torch.get_num_threads()}; batch {args.batch} x "
           f"{args.seq} tokens, {args.warmup} warm-up + {args.steps} timed steps")
     model = args.model
     if model in teachers.ALIASES or model.endswith(".gguf"):  # de-quantizing a GGUF takes ~15 s a process

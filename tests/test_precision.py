@@ -24,6 +24,18 @@ def test_auto_precision_is_bf16_only_where_the_device_computes_it_natively(kind,
         assert f"{rates['bf16_gflops']:.1f} vs fp32 {rates['fp32_gflops']:.1f} GFLOP/s" in why
 
 
+def test_an_x86_cpu_without_bf16_flags_gets_fp32_without_a_measurement(monkeypatch):
+    monkeypatch.setattr(teachers, "cpu_bf16_flags", lambda: [])
+    monkeypatch.setattr(teachers.platform, "machine", lambda: "x86_64")
+    monkeypatch.setattr(teachers, "matmul_gflops", lambda dtype: pytest.fail("measured"))
+    teachers._auto_precision.cache_clear()
+    try:
+        precision, why = teachers.resolve_precision("auto", "cpu")
+    finally:
+        teachers._auto_precision.cache_clear()
+    assert precision == "fp32" and why.startswith("this CPU has no bf16 instructions")
+
+
 def test_a_named_precision_is_taken_as_asked_and_a_bad_one_is_refused_in_one_line():
     assert teachers.resolve_precision("bf16") == ("bf16", "asked for")
     assert teachers.resolve_precision("fp32", "cpu")[0] == "fp32"
@@ -33,6 +45,7 @@ def test_a_named_precision_is_taken_as_asked_and_a_bad_one_is_refused_in_one_lin
 
 def test_train_resolves_auto_once_and_records_what_it_chose(monkeypatch):
     monkeypatch.setattr(teachers, "matmul_gflops", lambda dtype: 1.0 if dtype == torch.bfloat16 else 64.0)
+    monkeypatch.setattr(teachers, "cpu_bf16_flags", lambda: ["amx_bf16"])  # flags there, bf16 kept from them
     teachers._auto_precision.cache_clear()
     try:
         args = train.build_parser().parse_args([])
