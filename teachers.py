@@ -153,7 +153,8 @@ DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
 
 def add_precision_argument(p):
-    """The one --precision flag of every tool (train.py, eval.py, attack.py, teachers.py, bench/)."""
+    """The one --precision flag of every tool that computes (train.py, eval.py, attack.py, bench/);
+    `teachers.py break` always computes in fp32 for exact projections."""
     p.add_argument("--precision", choices=PRECISIONS, default="auto",
                    help="compute precision: bf16 (fp32 master weights when training), fp32, or auto: bf16 where "
                         "the device computes it natively (a measured matmul on a CPU), else fp32")
