@@ -7,7 +7,7 @@ flags) and the in-context (many-shot) attack. One results JSON (+ .md) per setti
 --attack-data: a train.py run folder (its bad teacher's compliant answers) or files with prompt and
 response (AdvBench goal,target; BeaverTails). HS is measured on --harmful (default: the built-in
 held-out split), never on a prompt of the attack data. Import order: above eval and train (it
-fine-tunes with train.sft).
+fine-tunes with optim.sft).
 """
 import argparse
 import copy
@@ -24,6 +24,7 @@ import data
 import eval as evaluation
 import schedule
 import teachers
+import optim
 import train
 
 # Harmful fine-tuning protocol of the published defences; all three fine-tune a LoRA adapter of
@@ -103,7 +104,7 @@ def finetune_attack(model, tokenizer, harmful_pairs, benign_pairs, n=ATTACK_PROT
                     weight_decay=ATTACK_PROTOCOL["weight_decay"], warmup_ratio=ATTACK_PROTOCOL["warmup_ratio"],
                     lr_schedule=ATTACK_PROTOCOL["lr_schedule"], before=None, lora_r=0, micro_tokens=0):
     """Fine-tune a deep copy of `model` (the original is never touched) on attack_mix(...) with
-    train.sft. eval_fn(model) -> dict is recorded before the attack, every `eval_every` optimizer
+    optim.sft. eval_fn(model) -> dict is recorded before the attack, every `eval_every` optimizer
     steps (0: only before and after) and after the last step; `before`, when given, is eval_fn's
     result on the unattacked model, reused as the step-0 point. An attack whose loss, gradient or
     weights go non-finite is `diverged` (the reason); the curve then ends with a point marked
@@ -117,7 +118,7 @@ def finetune_attack(model, tokenizer, harmful_pairs, benign_pairs, n=ATTACK_PROT
     warmup = round(warmup_ratio * total)
     attacked = copy.deepcopy(model)
     if lora_r:  # train.py's --lora-* defaults
-        train.add_lora(attacked, r=lora_r, dtype=compute_dtype, seed=seed)
+        optim.add_lora(attacked, r=lora_r, dtype=compute_dtype, seed=seed)
     curve, done = [], [0]
 
     def record(steps, m):
@@ -129,15 +130,15 @@ def finetune_attack(model, tokenizer, harmful_pairs, benign_pairs, n=ATTACK_PROT
             m.train()
 
     # the --attack-micro-tokens budget is checked here, before step 0
-    features = train.sft_features(tokenizer, mix, max_response_tokens=ATTACK_MAX_RESPONSE_TOKENS,
+    features = optim.sft_features(tokenizer, mix, max_response_tokens=ATTACK_MAX_RESPONSE_TOKENS,
                                   micro_tokens=micro_tokens, flag="--attack-micro-tokens")
     record(0, attacked)
     diverged = None
     try:
-        train.sft(attacked, features, epochs=epochs, lr=lr, batch_size=batch, micro_batch=micro_batch,
+        optim.sft(attacked, features, epochs=epochs, lr=lr, batch_size=batch, micro_batch=micro_batch,
                   micro_tokens=micro_tokens, seed=seed, weight_decay=weight_decay, compute_dtype=compute_dtype,
                   lr_schedule=lr_schedule, warmup=warmup, after_step=record, desc="attack")
-    except train.NonFiniteError as e:  # the non-finite update was not applied: the copy holds the last finite weights
+    except optim.NonFiniteError as e:  # the non-finite update was not applied: the copy holds the last finite weights
         diverged = str(e)
     bad = teachers.nonfinite_parameter(attacked)  # an applied update can overflow without a NaN gradient
     if bad:

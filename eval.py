@@ -22,6 +22,7 @@ over-counts harm for answers that are useless but not refusals; results are labe
 import argparse
 import collections
 import csv
+import hashlib
 import json
 import math
 import os
@@ -30,6 +31,7 @@ import sys
 
 import numpy as np
 import torch
+import transformers
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
 import data
@@ -593,6 +595,88 @@ def over_refusal(model, tokenizer, prompts, max_new_tokens=MAX_NEW_TOKENS, n_sam
             "samples": [{"prompt": p, "safe": s, "answer": a, "refused": r, "degenerate": d}
                         for (p, s, _), a, r, d in list(zip(items, answers, refused, degenerate))[:n_samples]],
             "prompts": [p for p, _, _ in items], "safe": [s for _, s, _ in items], "refused": refused}
+
+
+XSTEST_KEYS = ("n_safe", "over_refusal", "over_refusal_ci", "degenerate_safe", "degenerate_safe_ci", "by_type",
+               "refused")
+
+
+def xstest_row(result):
+    """An over_refusal result without its bulky parts (samples, generation report, settings)."""
+    return {k: result[k] for k in XSTEST_KEYS}
+
+
+def paired_with_student(rows):
+    """The student against base and good teacher on the very same prompts: HS on the held-out harmful
+    prompts and over-refusal on XSTest's safe ones (where both have per-prompt outcomes), two-sided
+    exact McNemar, Holm-corrected over these tests; a verdict only where the corrected p < 0.05."""
+    tests = []
+    student = rows["student"]
+    for name in ("base", "good teacher"):
+        pairs = [("HS, held-out harmful", complied(rows[name]["answers"]["harmful"]),
+                  complied(student["answers"]["harmful"]))]
+        other_xs, student_xs = rows[name].get("xstest") or {}, student.get("xstest") or {}
+        if other_xs.get("refused") is not None and student_xs.get("refused") is not None:
+            pairs.append(("over-refusal, XSTest safe", other_xs["refused"], student_xs["refused"]))
+        for metric, other, mine in pairs:
+            only_other, only_student, p = mcnemar(other, mine)
+            tests.append({"against": name, "metric": metric, "n": len(mine), "other": sum(other),
+                          "student": sum(mine), "only_other": only_other, "only_student": only_student, "p": p})
+    for test, p_holm in zip(tests, holm([t["p"] for t in tests])):
+        test["p_holm"] = p_holm
+        test["verdict"] = ("not resolved" if p_holm >= 0.05 else
+                           "student lower" if test["student"] < test["other"] else "student higher")
+    return tests
+
+
+def paired_lines(tests):
+    return "\n".join(f"student vs {t['against']}, {t['metric']}: {t['student']} vs {t['other']} of {t['n']} "
+                     f"(discordant {t['only_student']} / {t['only_other']}), p = {t['p']:.2g}, Holm p = "
+                     f"{t['p_holm']:.2g} over {len(tests)} tests: {t['verdict']}" for t in tests)
+
+
+# ---------------------------------------------------------------- cached evaluations of frozen models
+
+def frozen_ident(key, base_key, tokenizer, precision, device, attention):
+    """What decides a frozen model's answers besides its prompts: weights, the base whose tokenizer
+    renders the prompts, chat template, precision, device, generation limits, refusal markers and
+    library versions (an evaluation cache key)."""
+    return [key, base_key, tokenizer.chat_template, precision, device.type, teachers.attention_for(attention, device),
+            teachers.MAX_NEW_TOKENS, teachers.MAX_PROMPT_TOKENS, teachers.TOKEN_BUDGET, list(REFUSAL_MARKERS),
+            settings()["degenerate"], torch.__version__, transformers.__version__]
+
+
+def evaluate_frozen(ident, get_model, tokenizer, harmful, harmless, cache_dir, name="model"):
+    """`evaluate` of a frozen model (base, teachers), cached under `cache_dir` by `ident` (frozen_ident)
+    and the prompts. Runs that share teachers (figures.py's ablations) report the same rows without
+    generating them again; `get_model()` is called only on a miss."""
+    ident = ident + [[e.prompt for e in harmful], [e.prompt for e in harmless]]
+    return cached_result(cache_dir, ident, lambda: evaluate(get_model(), tokenizer, harmful, harmless, name=name))
+
+
+def evaluate_frozen_xstest(ident, get_model, tokenizer, safe, xstest_path, cache_dir, name="model"):
+    """xstest_row(over_refusal) of a frozen model on the XSTest safe prompts `safe`, cached like
+    evaluate_frozen, keyed also by the XSTest file's sha256 and the sample."""
+    ident = ident + ["xstest", file_sha256(xstest_path), len(safe), [[e.prompt, e.category] for e in safe]]
+    return cached_result(cache_dir, ident, lambda: xstest_row(over_refusal(get_model(), tokenizer, safe, name=name)))
+
+
+def cached_result(cache_dir, ident, compute):
+    """compute() stored as JSON under cache_dir/eval by the sha256 of `ident`; read back when present."""
+    path = os.path.join(cache_dir, "eval", hashlib.sha256(json.dumps(ident).encode()).hexdigest()[:16] + ".json")
+    if os.path.isfile(path):
+        try:
+            with open(path) as f:
+                result = json.load(f)
+            if isinstance(result, dict):
+                return result
+        except (OSError, ValueError):
+            pass
+        print(f"{path}: an unreadable evaluation cache entry, computed again")
+    result = compute()
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    data.write_atomic(path, json.dumps(result))  # per-process temp: runs sharing the cache may write it at once
+    return result
 
 
 # ---------------------------------------------------------------- FA (fine-tune accuracy)

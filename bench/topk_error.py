@@ -18,6 +18,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import data  # noqa: E402
 import losses  # noqa: E402
 import teachers  # noqa: E402
+import optim  # noqa: E402
 import train  # noqa: E402
 
 
@@ -43,8 +44,8 @@ def main(argv=None):
     feats = [data.encode(tokenizer, q, a, 256, args.max_response_tokens) for q, a in zip(prompts, answers)]
     sums, tokens = {}, 0
     for i in range(0, len(feats), 8):
-        s_logits, labels = train.forward(student, feats[i:i + 8])
-        t_logits, _ = train.forward(teacher, feats[i:i + 8])
+        s_logits, labels = optim.forward(student, feats[i:i + 8])
+        t_logits, _ = optim.forward(teacher, feats[i:i + 8])
         mask = losses.response_mask(labels)
         n = int(mask.sum())
         tokens += n

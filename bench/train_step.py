@@ -17,7 +17,7 @@ teacher on the good rows when KL runs on the fly), at the matmul rate of the pre
 computes in (a large torch.matmul in that dtype) measured in the variant's own process just before
 its steps; the ratio says how many times slower than that bound a step is. --precision auto (the
 default) is resolved once, as train.py does, and every variant runs in it. For our variants a second table splits the step into phases, timed by
-wrapping train.forward (student / frozen), the loss functions, backward and the optimizer.
+wrapping optim.forward_captured (student / frozen), the loss functions, backward and the optimizer.
 """
 import collections
 import argparse
@@ -104,6 +104,7 @@ def answer_text(tokenizer, feats):
 
 def run_one(variant, args):
     import teachers
+    import optim
     import train
     torch.manual_seed(0)
     model, tokenizer, _ = teachers.load_model(args.model, dtype=torch.float32)
@@ -125,13 +126,13 @@ def run_one(variant, args):
         # a compute-dtype copy of the base is the reference (as in train.py); another stands in for the good teacher
         reference = teachers.cast_parameters(copy.deepcopy(model), dtype).eval()
         teacher = copy.deepcopy(reference) if "kl" in variant else None
-        opt = train.MasterWeightOptimizer(model, compute_dtype=dtype, **train.optimizer_options(targs))
+        opt = optim.MasterWeightOptimizer(model, compute_dtype=dtype, **train.optimizer_options(targs))
         pool = train.Pool([r[1] for r in rows], [r[2] for r in rows])
         if variant.endswith("-cached"):  # --teacher-topk 64: teacher run once before timing, then freed
             import teachers
             folder = os.path.join(tempfile.mkdtemp(), "topk")
             teachers.build_topk_cache(folder, ["bench"], {"harmful": pool.good},
-                                      lambda feats: train.forward(teacher, feats), 64, 1.0, args.batch)
+                                      lambda feats: optim.forward(teacher, feats), 64, 1.0, args.batch)
             pool.topk, teacher = teachers.TopkCache(folder, "harmful"), None
         plan_step = schedule.Step(0, 0, list(range(len(rows))), [])
         frozen, cfg = train.Frozen(reference, teacher), train.StepConfig.from_args(targs)
@@ -175,6 +176,7 @@ def run_one(variant, args):
 def time_phases(phases, train, opt, teacher):
     """Wraps what a step calls so that `phases` sums the seconds of each kind of work."""
     import losses
+    import optim
 
     def timed(name_of, fn):
         def wrapper(*a, **k):
@@ -187,7 +189,7 @@ def time_phases(phases, train, opt, teacher):
 
     forward_name = lambda model, *_: ("student forward" if torch.is_grad_enabled() else
                                       "teacher forward" if model is teacher else "reference forward")
-    train.forward = timed(forward_name, train.forward)
+    optim.forward_captured = timed(forward_name, optim.forward_captured)  # every forward goes through it
     for name in ("sequence_logps", "dpo", "npo", "kl", "kl_rev", "kl_topk", "kl_rev_topk"):
         setattr(losses, name, timed(lambda *a: "loss (forward)", getattr(losses, name)))
     torch.Tensor.backward = timed(lambda *a: "backward", torch.Tensor.backward)

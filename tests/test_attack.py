@@ -104,11 +104,12 @@ def test_a_diverging_attack_says_so_and_keeps_the_last_finite_weights(tiny, toke
 def test_attack_micro_tokens_splits_batches_without_changing_the_result(tiny, tokenizer, monkeypatch):
     """--attack-micro-tokens: batches cut by padded tokens (longest first) train the same copy as
     whole batches; only the summation order differs."""
+    import optim
     import train
     harmful = [(p, a + " More detail follows here." * 4) for p, a in SHOTS]
     benign = [(f"What is {i} + {i}?", str(2 * i)) for i in range(10)]
-    real_forward, rows = train.forward, []
-    monkeypatch.setattr(train, "forward", lambda m, f, *a, **k: rows.append(len(f)) or real_forward(m, f, *a, **k))
+    real_forward, rows = optim.forward, []
+    monkeypatch.setattr(optim, "forward", lambda m, f, *a, **k: rows.append(len(f)) or real_forward(m, f, *a, **k))
     results = {}
     for budget in (0, 160):
         rows.clear()
@@ -126,13 +127,14 @@ def test_attack_micro_tokens_splits_batches_without_changing_the_result(tiny, to
 
 
 def test_lora_attack_trains_only_adapters_of_the_copy(tiny, tokenizer):
+    import optim
     import train
     before = {k: v.clone() for k, v in tiny.state_dict().items()}
     benign = [(f"What is {i} + {i}?", str(2 * i)) for i in range(10)]
     attacked, record = attack.finetune_attack(tiny, tokenizer, list(SHOTS), benign, n=6, p=0.5, lr=1e-2,
                                                   epochs=1, batch=3, precision="fp32", lora_r=2)
     assert all(torch.equal(before[k], v) for k, v in tiny.state_dict().items())
-    lora = train.lora_modules(attacked)
+    lora = optim.lora_modules(attacked)
     assert len(lora) == 7 * tiny.config.num_hidden_layers
     q = lora["model.layers.0.self_attn.q_proj"]
     assert torch.equal(q.base.weight, before["model.layers.0.self_attn.q_proj.weight"])
@@ -211,6 +213,7 @@ def test_figures_without_results_say_so(tmp_path):
 
 def test_bad_teacher_pairs_of_a_run_folder(tmp_path):
     import data
+    import optim
     import train
     run = tmp_path / "run"
     args = train.build_parser().parse_args(["--recipe", "full", "--out", str(run), "--limit", "5"])

@@ -7,6 +7,7 @@ import torch
 import losses
 import schedule
 import teachers
+import optim
 import train
 from conftest import make_tiny
 from test_train import args_for, make_ctx, step_with, pipeline_args
@@ -98,7 +99,7 @@ def test_cached_step_equals_on_the_fly_step_with_the_whole_vocabulary(tokenizer,
             for kind, cache in topk_cache(teacher, ctx, args).items():
                 ctx.pools[kind].topk = cache
             teacher = None
-        opt = train.MasterWeightOptimizer(model, compute_dtype=torch.float32, **train.optimizer_options(args))
+        opt = optim.MasterWeightOptimizer(model, compute_dtype=torch.float32, **train.optimizer_options(args))
         rows = [step_with(model, teacher, opt, step, ctx, args, 1.0, 1.0)
                 for step in (schedule.Step(0, 0, [0, 1, 2, 3], []), schedule.Step(0, 0, [], [0, 1, 2, 3]))]
         results.append((rows, [p.detach().clone() for p in model.parameters()]))
@@ -127,7 +128,7 @@ def test_topk_cache_is_keyed_by_teacher_data_k_and_temperature(tokenizer, tmp_pa
         assert json.load(f)[:3] == ["tiny-1", 4, 1.0]
     # k ids per response position, rows of each example in order
     cache = teachers.TopkCache(first, "harmful")
-    assert cache.ids.shape[1] == 4 and cache.offsets[-1] == sum(float(n) for n in train.n_response(ctx.pools["harmful"].good))
+    assert cache.ids.shape[1] == 4 and cache.offsets[-1] == sum(float(n) for n in optim.n_response(ctx.pools["harmful"].good))
 
 
 def test_pipeline_with_cache_and_grouping_trains_without_the_teacher(tiny_folder, tmp_path, monkeypatch):

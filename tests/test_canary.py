@@ -9,6 +9,8 @@ import torch
 
 import losses
 import schedule
+import optim
+import robust
 import train
 from test_train import args_for, make_ctx, pipeline_args, run_interrupted_at_step_5
 
@@ -16,21 +18,21 @@ from test_train import args_for, make_ctx, pipeline_args, run_interrupted_at_ste
 def test_canary_masks_have_the_exact_share_and_match_sorting():
     torch.manual_seed(0)
     scores = {"a": torch.rand(10, 20), "b": torch.rand(7, 3), "c": torch.rand(1, 4)}
-    masks = train.canary_masks(scores, 0.1)
+    masks = robust.canary_masks(scores, 0.1)
     for name, s in scores.items():
         k = max(1, round(s.numel() * 0.1))
         assert int(masks[name].sum()) == k
         threshold = sorted(s.flatten().tolist(), reverse=True)[k - 1]
         assert torch.equal(masks[name], s >= threshold)
-    assert train.jaccard(masks, masks) == 1.0
+    assert robust.jaccard(masks, masks) == 1.0
 
 
 def test_canary_scores_saliency_is_weight_times_gradient(tiny, tokenizer):
     ctx = make_ctx(tiny, tokenizer)
     feats = ctx.pools["harmful"].bad
-    scores = train.canary_scores(tiny, feats, micro_batch=2)
-    tokens = float(train.n_response(feats).sum())
-    logits, labels = train.forward(tiny, feats)
+    scores = robust.canary_scores(tiny, feats, micro_batch=2)
+    tokens = float(optim.n_response(feats).sum())
+    logits, labels = optim.forward(tiny, feats)
     (-losses.sequence_logps(logits, labels).sum() / tokens).backward()
     for name, p in tiny.named_parameters():
         if p.ndim >= 2:
@@ -54,7 +56,7 @@ def test_wanda_counts_real_tokens_only_whatever_the_micro_batch(tiny, tokenizer)
     feats = make_ctx(tiny, tokenizer).pools["harmful"].bad
     lengths = [len(f["input_ids"]) for f in feats]
     assert max(lengths) > 1.5 * min(lengths)  # a batch of 4 pads the short ones heavily
-    one, four = (train.canary_scores(tiny, feats, mb, "wanda") for mb in (1, 4))
+    one, four = (robust.canary_scores(tiny, feats, mb, "wanda") for mb in (1, 4))
     assert set(one) == set(four) and "model.layers.0.mlp.down_proj.weight" in one
     assert set(one) <= {n for n, p in tiny.named_parameters() if p.ndim >= 2}
     for name in one:  # padding changes nothing but float summation order
@@ -84,23 +86,23 @@ def run_gathers(model, ctx, every, monkeypatch, steps, canary=None, first_t=0):
     the log fields and the masks in use per step."""
     args = args_for("--canary-mode", "focus", "--canary-every", every, "--canary-top", "5")
     bad = ctx.pools["harmful"].bad
-    scored, real = [], train.canary_scores
+    scored, real = [], robust.canary_scores
 
     def counting(m, feats, *rest):  # records which harmful examples each gather scores
         scored.append([next(i for i, f in enumerate(bad) if f is g) for g in feats])
         return real(m, feats, *rest)
 
-    monkeypatch.setattr(train, "canary_scores", counting)
-    canary = canary if canary is not None else {"masks": None, "key": None}
+    monkeypatch.setattr(robust, "canary_scores", counting)
+    canary = canary if canary is not None else robust.CanaryState()
     fields, used, gathers = [], [], []
     for t, step in enumerate(steps, start=first_t):
         n = len(scored)
-        fields.append(train.gather_canaries(model, canary, step, t, bad, LEVEL_OF_EXAMPLE, every=args.canary_every,
-                                            samples=args.canary_samples, top=args.canary_top,
-                                            score=args.canary_score, micro_batch=args.micro_batch, seed=args.seed))
+        options = robust.CanaryOptions(args.canary_every, args.canary_samples, args.canary_top, args.canary_score,
+                                       args.micro_batch, args.seed)
+        fields.append(robust.gather_canaries(model, canary, step, t, bad, LEVEL_OF_EXAMPLE, options))
         if len(scored) > n:
             gathers.append((t, scored[-1]))
-        used.append(canary["masks"])
+        used.append(canary.masks)
         with torch.no_grad():
             for p in model.parameters():
                 p.add_(torch.randn_like(p) * 0.05)
@@ -124,7 +126,7 @@ def test_canaries_are_gathered_once_per_scope_under_cyclic_levels(tiny, tokenize
         owner = [0, 1, 0, 1, 0, 1, 6, 7, 6, 7, 6, 7]
         assert all(used[t] is used[owner[t]] for t in range(12))
         # the two levels' masks differ, so handing level 1's masks to a level-0 step would show
-        assert train.jaccard(used[0], used[1]) < 1.0
+        assert robust.jaccard(used[0], used[1]) < 1.0
         assert not any(used[t] is used[u] for t in range(12) for u in range(12) if owner[t] != owner[u])
 
 
@@ -142,18 +144,18 @@ def test_checkpoint_keeps_the_levels_gathered_this_epoch(tiny, tokenizer, tmp_pa
     ctx = make_ctx(tiny, tokenizer)
     steps = cyclic_steps()
     args = args_for()
-    opt = train.MasterWeightOptimizer(tiny, compute_dtype=torch.float32, **train.optimizer_options(args))
+    opt = optim.MasterWeightOptimizer(tiny, compute_dtype=torch.float32, **train.optimizer_options(args))
     _, _, used, canary = run_gathers(tiny, ctx, "level", monkeypatch, steps[:4])
-    assert canary["key"] == (0, 1)
+    assert canary.key == (0, 1)
     train.save_checkpoint(str(tmp_path / "ck"), tiny, tokenizer, opt, 4, vars(args), canary)
     state = torch.load(tmp_path / "ck" / "trainer_state.pt", weights_only=True)
     assert state["canary_key"] == (0, 1) and state["canary_stored"] == [(0, 0)]
-    loaded = train.load_canary(str(tmp_path / "ck"), state, torch.device("cpu"))
-    assert loaded["key"] == (0, 1) and set(loaded["store"]) == {(0, 0), (0, 1)}
+    loaded = robust.load_canary(str(tmp_path / "ck"), state, torch.device("cpu"))
+    assert loaded.key == (0, 1) and set(loaded.store) == {(0, 0), (0, 1)}
     for key, t in (((0, 0), 0), ((0, 1), 1)):
-        assert set(loaded["store"][key]) == set(used[t])
-        assert all(torch.equal(loaded["store"][key][n], used[t][n]) for n in used[t])
-    assert all(torch.equal(loaded["masks"][n], used[1][n]) for n in used[1])
+        assert set(loaded.store[key]) == set(used[t])
+        assert all(torch.equal(loaded.store[key][n], used[t][n]) for n in used[t])
+    assert all(torch.equal(loaded.masks[n], used[1][n]) for n in used[1])
     gathers, _, after, _ = run_gathers(tiny, ctx, "level", monkeypatch, steps[4:], canary=loaded, first_t=4)
     assert [t for t, _ in gathers] == [6, 7]
     assert all(torch.equal(after[0][n], used[0][n]) for n in used[0])  # step 4 (level 0) reuses step 0's
@@ -191,7 +193,7 @@ def test_frozen_entries_keep_values_and_adam_moments(warm):
     gradients (Adam is elementwise; clipping is off so the global norm does not couple entries)."""
     model = two_param_model()
     args = train.build_parser().parse_args(["--precision", "fp32", "--lr", "0.1", "--weight-decay", "0.1"])
-    opt = train.MasterWeightOptimizer(model, compute_dtype=torch.float32, **train.optimizer_options(args))
+    opt = optim.MasterWeightOptimizer(model, compute_dtype=torch.float32, **train.optimizer_options(args))
     plain_params = [p.detach().clone().requires_grad_(True) for p in model.parameters()]
     plain = torch.optim.AdamW(plain_params, lr=0.1, weight_decay=0.1)
     gen = torch.Generator().manual_seed(1)
@@ -236,12 +238,12 @@ def test_frozen_entries_keep_values_and_adam_moments(warm):
 def test_trainer_state_loads_with_weights_only_and_round_trips(tiny, tokenizer, tmp_path):
     args = args_for("--lr", "1e-2")
     ctx = make_ctx(tiny, tokenizer)
-    opt = train.MasterWeightOptimizer(tiny, compute_dtype=torch.float32, **train.optimizer_options(args))
-    logits, labels = train.forward(tiny, ctx.pools["harmful"].bad[:2])
+    opt = optim.MasterWeightOptimizer(tiny, compute_dtype=torch.float32, **train.optimizer_options(args))
+    logits, labels = optim.forward(tiny, ctx.pools["harmful"].bad[:2])
     (-losses.sequence_logps(logits, labels).sum()).backward()
     opt.step(1e-2, 1.0)
     torch.manual_seed(123)
-    train.save_checkpoint(str(tmp_path / "ck"), tiny, tokenizer, opt, 7, vars(args), {"masks": None, "key": None})
+    train.save_checkpoint(str(tmp_path / "ck"), tiny, tokenizer, opt, 7, vars(args), robust.CanaryState())
     expected = torch.rand(5)  # what the generator gives next, at save time
     torch.rand(17)
     state = torch.load(tmp_path / "ck" / "trainer_state.pt", weights_only=True)
@@ -249,12 +251,12 @@ def test_trainer_state_loads_with_weights_only_and_round_trips(tiny, tokenizer, 
     assert (state["cuda_rng"] is None) == (not torch.cuda.is_available())
     train.restore_rng(state)
     assert torch.equal(torch.rand(5), expected)
-    fresh = train.MasterWeightOptimizer(copy.deepcopy(tiny), compute_dtype=torch.float32, **train.optimizer_options(args))
+    fresh = optim.MasterWeightOptimizer(copy.deepcopy(tiny), compute_dtype=torch.float32, **train.optimizer_options(args))
     fresh.optimizer.load_state_dict(state["optimizer"])
     a, b = opt.optimizer.state_dict(), fresh.optimizer.state_dict()
     assert a["param_groups"] == b["param_groups"] and a["state"].keys() == b["state"].keys()
     for i in a["state"]:
         for k in ("step", "exp_avg", "exp_avg_sq"):
             assert torch.equal(a["state"][i][k], b["state"][i][k]), (i, k)
-    assert train.load_canary(str(tmp_path / "ck"), state, torch.device("cpu"))["masks"] is None
+    assert robust.load_canary(str(tmp_path / "ck"), state, torch.device("cpu")).masks is None
     assert not os.path.exists(tmp_path / "ck" / "canary_masks.safetensors")

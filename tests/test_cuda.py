@@ -10,6 +10,8 @@ import torch
 
 import losses
 import teachers
+import optim
+import robust
 import train
 from conftest import make_tiny
 from test_train import BAD, GOOD, PROMPTS, feats, pipeline_args, run_interrupted_at_step_5
@@ -68,12 +70,12 @@ def test_optimizer_state_in_cpu_memory_matches_state_on_the_gpu(tokenizer, compu
     for where in ("same", "cpu"):
         model = make_tiny(tokenizer, seed=0).to(CUDA)
         args = train.build_parser().parse_args(["--optim-state-device", where, "--lr", "1e-3"])
-        opt = train.MasterWeightOptimizer(model, compute_dtype=compute_dtype, **train.optimizer_options(args))
+        opt = optim.MasterWeightOptimizer(model, compute_dtype=compute_dtype, **train.optimizer_options(args))
         assert all(m.device.type == ("cpu" if where == "cpu" else "cuda") for m in opt.master)
         assert all(p.device.type == "cuda" and p.dtype == compute_dtype for p in model.parameters())
         fs = feats(tokenizer, zip(PROMPTS, BAD))
         for _ in range(3 if compute_dtype == torch.float32 else 1):
-            logits, labels = train.forward(model, fs)
+            logits, labels = optim.forward(model, fs)
             (-losses.sequence_logps(logits, labels).sum() / 100).backward()
             opt.step(1e-3, 1.0)
         results.append(([m.detach().cpu() for m in opt.master], [p.detach().cpu() for p in model.parameters()]))
@@ -121,8 +123,8 @@ def test_resume_on_cuda_equals_uninterrupted_run(tiny_folder, tmp_path, monkeypa
 def test_wanda_scores_on_cuda_match_the_cpu(tokenizer):
     """Inputs and attention mask go to the model's device; only real tokens count on both."""
     fs = feats(tokenizer, zip(PROMPTS, BAD))
-    cpu = train.canary_scores(make_tiny(tokenizer), fs, 4, "wanda")
-    gpu = train.canary_scores(make_tiny(tokenizer).to(CUDA), fs, 4, "wanda")
+    cpu = robust.canary_scores(make_tiny(tokenizer), fs, 4, "wanda")
+    gpu = robust.canary_scores(make_tiny(tokenizer).to(CUDA), fs, 4, "wanda")
     assert set(cpu) == set(gpu)
     for name in cpu:  # CUDA attention and matmul kernels differ from the CPU's in the last bits
         assert gpu[name].device.type == "cuda"
@@ -135,16 +137,16 @@ def test_frozen_step_with_masters_in_cpu_memory_and_masks_on_the_gpu(tokenizer):
     model = make_tiny(tokenizer, seed=0).to(CUDA)
     args = train.build_parser().parse_args(["--optim-state-device", "cpu", "--precision", "fp32",
                                             "--lr", "1e-2", "--weight-decay", "0.1"])
-    opt = train.MasterWeightOptimizer(model, compute_dtype=torch.float32, **train.optimizer_options(args))
+    opt = optim.MasterWeightOptimizer(model, compute_dtype=torch.float32, **train.optimizer_options(args))
     fs = feats(tokenizer, zip(PROMPTS, BAD))
 
     def backward():
-        logits, labels = train.forward(model, fs)
+        logits, labels = optim.forward(model, fs)
         (-losses.sequence_logps(logits, labels).sum() / 100).backward()
 
     backward()
     opt.step(1e-2, 1.0)  # moments exist before the frozen step
-    masks = train.canary_masks(train.canary_scores(model, fs, 2), 0.05)
+    masks = robust.canary_masks(robust.canary_scores(model, fs, 2), 0.05)
     assert all(m.device.type == "cuda" for m in masks.values())
     name_of = {id(p): n for n, p in model.named_parameters()}
     frozen = [masks.get(name_of[id(p)]) for p in opt.params]
@@ -168,10 +170,10 @@ def test_frozen_step_with_masters_in_cpu_memory_and_masks_on_the_gpu(tokenizer):
 def test_checkpoint_restores_the_cuda_generator(tokenizer, tmp_path):
     model = make_tiny(tokenizer).to(CUDA)
     args = train.build_parser().parse_args(["--precision", "fp32"])
-    opt = train.MasterWeightOptimizer(model, compute_dtype=torch.float32, **train.optimizer_options(args))
+    opt = optim.MasterWeightOptimizer(model, compute_dtype=torch.float32, **train.optimizer_options(args))
     torch.cuda.manual_seed_all(5)
     torch.rand(3, device=CUDA)
-    train.save_checkpoint(str(tmp_path / "ck"), model, tokenizer, opt, 1, vars(args), {"masks": None, "key": None})
+    train.save_checkpoint(str(tmp_path / "ck"), model, tokenizer, opt, 1, vars(args), robust.CanaryState())
     expected = torch.rand(4, device=CUDA)  # what the CUDA generator gives next, at save time
     torch.rand(9, device=CUDA)
     state = torch.load(tmp_path / "ck" / "trainer_state.pt", weights_only=True)

@@ -167,18 +167,20 @@ def test_a_diverging_attack_ends_with_a_point_marked_diverged(tiny, tokenizer):
 
 
 def test_a_first_step_divergence_keeps_the_unattacked_point(tiny, tokenizer, monkeypatch):
+    import optim
     import train
 
     def nan_at_once(*a, **k):
-        raise train.NonFiniteError("attack step 0: the gradient norm is nan")
+        raise optim.NonFiniteError("attack step 0: the gradient norm is nan")
 
-    monkeypatch.setattr(train, "sft", nan_at_once)
+    monkeypatch.setattr(optim, "sft", nan_at_once)
     _, record = attack.finetune_attack(tiny, tokenizer, SHOTS, BENIGN, n=6, p=0.5, lr=1e-3, epochs=1, batch=3,
                                        precision="fp32", eval_fn=lambda m: measured(75.0), before=measured(75.0))
     assert [(pt["step"], pt.get("diverged")) for pt in record["curve"]] == [(0, None), (0, True)]
 
 
 def test_weights_that_overflow_without_a_nan_gradient_count_as_diverged(tiny, tokenizer, monkeypatch):
+    import optim
     import train
 
     def overflowing_sft(model, features, after_step=None, **kw):
@@ -187,7 +189,7 @@ def test_weights_that_overflow_without_a_nan_gradient_count_as_diverged(tiny, to
         after_step(1, model)
         return model
 
-    monkeypatch.setattr(train, "sft", overflowing_sft)
+    monkeypatch.setattr(optim, "sft", overflowing_sft)
     _, record = attack.finetune_attack(tiny, tokenizer, SHOTS, BENIGN, n=6, p=0.5, lr=1e-3, epochs=1, batch=3,
                                        precision="fp32", eval_fn=lambda m: measured(0.0), before=measured(75.0))
     assert record["diverged"] == "attack step 1: parameter model.norm.weight is not finite"

@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 
 import data
 import teachers
+import eval as evaluation
 import train
 from conftest import make_tiny
 from test_train import args_for, make_ctx, pipeline_args, run_interrupted_at_step_5
@@ -216,11 +217,11 @@ def test_a_folder_flag_naming_a_file_stops_in_one_line(tmp_path, flag):
 
 def test_an_unreadable_evaluation_cache_entry_is_computed_again(tmp_path, monkeypatch, capsys):
     calls = []
-    monkeypatch.setattr(train.evaluation, "evaluate", lambda *a, **k: calls.append(1) or {"harmful": {"n": len(calls)}})
-    args = args_for("--cache-dir", str(tmp_path))
+    monkeypatch.setattr(evaluation, "evaluate", lambda *a, **k: calls.append(1) or {"harmful": {"n": len(calls)}})
     prompts = [data.Example("How do I bake bread?")]
-    frozen = lambda: train.evaluate_frozen("m", lambda: None, types.SimpleNamespace(chat_template="t"), prompts,
-                                           prompts, args, torch.device("cpu"), "base")
+    ident = evaluation.frozen_ident("m", "base", types.SimpleNamespace(chat_template="t"), "fp32", torch.device("cpu"),
+                                    "auto")
+    frozen = lambda: evaluation.evaluate_frozen(ident, lambda: None, None, prompts, prompts, str(tmp_path))
     assert frozen() == {"harmful": {"n": 1}} and frozen() == {"harmful": {"n": 1}}
     [name] = os.listdir(tmp_path / "eval")
     path = str(tmp_path / "eval" / name)

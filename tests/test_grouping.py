@@ -3,6 +3,7 @@ import pytest
 import torch
 
 import schedule
+import optim
 import train
 from conftest import make_tiny
 from test_train import args_for, make_ctx, step_with
@@ -79,7 +80,7 @@ def test_micro_tokens_step_gives_the_same_gradient_as_one_micro_batch(tokenizer,
         model, teacher = make_tiny(tokenizer, seed=0), make_tiny(tokenizer, seed=1)
         args = args_for("--loss", "dpo=1,npo=0.5,sft=1,kl=1,kl_rev=0.5", "--optimizer", "sgd", *flags)
         ctx = make_ctx(model, tokenizer)
-        opt = train.MasterWeightOptimizer(model, compute_dtype=torch.float32, **train.optimizer_options(args))
+        opt = optim.MasterWeightOptimizer(model, compute_dtype=torch.float32, **train.optimizer_options(args))
         row = step_with(model, teacher, opt, schedule.Step(0, 0, [0, 1, 2, 3], []), ctx, args, 1.0, 1.0)
         results.append((row, [p.detach().clone() for p in model.parameters()]))
     assert len(splits[0]) == 1 and len(splits[1]) >= 3  # the budget did split the batch

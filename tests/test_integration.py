@@ -8,6 +8,7 @@ import data
 import eval as evaluation
 import schedule
 import teachers
+import optim
 import train
 
 
@@ -29,7 +30,7 @@ def test_real_model_generates_and_dpo_moves_it_towards_refusal(smollm, tmp_path)
     args = train.build_parser().parse_args(["--loss", "dpo=1", "--micro-batch", "2", "--lr", "1e-5", "--beta", "0.1"])
     good = [data.encode(tokenizer, p, teachers.refusal_for(p), 64, 24) for p in harmful]
     bad = [data.encode(tokenizer, p, a, 64, 24) for p, a in zip(harmful, answers)]
-    opt = train.MasterWeightOptimizer(model, compute_dtype=dtype, **train.optimizer_options(args))  # model now computes in dtype
+    opt = optim.MasterWeightOptimizer(model, compute_dtype=dtype, **train.optimizer_options(args))  # model now computes in dtype
     pools = {"harmful": train.Pool(good, bad)}
     step, cfg = schedule.Step(0, 0, [0, 1], []), train.StepConfig.from_args(args)
     rows = [train.run_step(model, train.Frozen(compute, model), opt, step, pools, cfg, 1.0, 1e-5) for _ in range(3)]

@@ -1,4 +1,4 @@
-"""Hand-written LoRA for the student (train.LoRALinear, add_lora, student_state)."""
+"""Hand-written LoRA for the student (optim.LoRALinear, add_lora, student_state)."""
 import os
 
 import pytest
@@ -8,6 +8,7 @@ from transformers import AutoModelForCausalLM
 
 import schedule
 import teachers
+import optim
 import train
 from conftest import make_tiny
 from test_train import PROMPTS, GOOD, args_for, feats, make_ctx, step_with, pipeline_args, run_interrupted_at_step_5
@@ -16,7 +17,7 @@ from test_train import PROMPTS, GOOD, args_for, feats, make_ctx, step_with, pipe
 def lora_model(tokenizer, *flags, seed=0):
     model = make_tiny(tokenizer, seed=seed)
     args = args_for("--lora-r", "4", *flags)
-    n = train.add_lora(model, r=args.lora_r, dtype=torch.float32, alpha=args.lora_alpha, targets=args.lora_targets,
+    n = optim.add_lora(model, r=args.lora_r, dtype=torch.float32, alpha=args.lora_alpha, targets=args.lora_targets,
                        dropout=args.lora_dropout, seed=args.seed)
     return model, args, n
 
@@ -35,24 +36,24 @@ def test_zero_b_gives_the_base_logits_exactly(tokenizer):
 
 def test_only_adapters_get_gradients(tokenizer):
     model, args, _ = lora_model(tokenizer)
-    logits, labels = train.forward(model, feats(tokenizer, zip(PROMPTS, GOOD)))
+    logits, labels = optim.forward(model, feats(tokenizer, zip(PROMPTS, GOOD)))
     train.losses.sequence_logps(logits, labels).sum().backward()
     with_grad = {n for n, p in model.named_parameters() if p.grad is not None}
     assert with_grad == {n for n, _ in model.named_parameters() if n.endswith(("lora_A", "lora_B"))}
     assert len(with_grad) == 2 * 14
     # B = 0 at the start: only B receives a non-zero gradient
     assert all(p.grad.abs().sum() > 0 for n, p in model.named_parameters() if n.endswith("lora_B"))
-    assert [p for p in train.MasterWeightOptimizer(model, compute_dtype=torch.float32, **train.optimizer_options(args)).params] == \
+    assert [p for p in optim.MasterWeightOptimizer(model, compute_dtype=torch.float32, **train.optimizer_options(args)).params] == \
         [p for n, p in model.named_parameters() if n.endswith(("lora_A", "lora_B"))]
 
 
 def test_merged_weights_load_in_transformers_and_reproduce_the_adapter_logits(tokenizer, tmp_path):
     model, args, _ = lora_model(tokenizer)
     torch.manual_seed(3)
-    for m in train.lora_modules(model).values():
+    for m in optim.lora_modules(model).values():
         torch.nn.init.normal_(m.lora_B, std=0.05)
-    opt = train.MasterWeightOptimizer(model, compute_dtype=torch.float32, **train.optimizer_options(args))
-    teachers.save_model(model, tokenizer, str(tmp_path), state_dict=train.student_state(model, opt))
+    opt = optim.MasterWeightOptimizer(model, compute_dtype=torch.float32, **train.optimizer_options(args))
+    teachers.save_model(model, tokenizer, str(tmp_path), state_dict=optim.student_state(model, opt))
     merged = AutoModelForCausalLM.from_pretrained(str(tmp_path)).eval()
     with torch.no_grad():
         a, b = model(input_ids=ids(tokenizer)).logits, merged(input_ids=ids(tokenizer)).logits
@@ -65,7 +66,7 @@ def test_lora_steps_lower_the_loss(tokenizer):
     model, args, _ = lora_model(tokenizer, "--loss", "dpo=1,sft=1,kl=1", "--lr", "1e-2")
     teacher = make_tiny(tokenizer, seed=1)
     ctx = make_ctx(model, tokenizer)
-    opt = train.MasterWeightOptimizer(model, compute_dtype=torch.float32, **train.optimizer_options(args))
+    opt = optim.MasterWeightOptimizer(model, compute_dtype=torch.float32, **train.optimizer_options(args))
     step = schedule.Step(0, 0, [0, 1, 2, 3], [])
     history = [step_with(model, teacher, opt, step, ctx, args, 1.0, 1e-2) for _ in range(4)]
     assert history[-1]["loss"] < history[0]["loss"] - 0.1 and history[-1]["harmful_dpo_margin"] > 0
@@ -79,10 +80,10 @@ def test_gradient_checkpointing_gives_the_same_adapter_gradients(tokenizer):
     for checkpointing in (False, True):
         model, _, _ = lora_model(tokenizer)
         if checkpointing:
-            train.enable_checkpointing(model)
+            optim.enable_checkpointing(model)
             assert getattr(model, "is_activation_checkpointing", None) or model.is_gradient_checkpointing
         model.train()
-        logits, labels = train.forward(model, feats(tokenizer, zip(PROMPTS, GOOD)))
+        logits, labels = optim.forward(model, feats(tokenizer, zip(PROMPTS, GOOD)))
         train.losses.sequence_logps(logits, labels).sum().backward()
         grads.append({n: p.grad for n, p in model.named_parameters() if p.grad is not None})
     assert grads[0].keys() == grads[1].keys() and len(grads[0]) == 28
@@ -107,8 +108,8 @@ def test_resume_with_lora_equals_uninterrupted_run(tiny_folder, tmp_path, monkey
 
 def test_bad_lora_flags_are_refused_by_name(tiny_folder, tokenizer, tmp_path):
     with pytest.raises(ValueError, match="--lora-targets"):
-        train.add_lora(make_tiny(tokenizer), r=4, targets="c_attn", dtype=torch.float32)
+        optim.add_lora(make_tiny(tokenizer), r=4, targets="c_attn", dtype=torch.float32)
     with pytest.raises(ValueError, match="lm_head is tied"):
-        train.add_lora(make_tiny(tokenizer), r=4, targets="lm_head", dtype=torch.float32)
+        optim.add_lora(make_tiny(tokenizer), r=4, targets="lm_head", dtype=torch.float32)
     with pytest.raises(ValueError, match="--canary-mode with --lora-r"):
         train.run(pipeline_args(tiny_folder, tmp_path, "--lora-r", "4", "--canary-mode", "focus"))

@@ -9,6 +9,7 @@ import torch
 
 import losses
 import teachers
+import optim
 import train
 from conftest import make_tiny
 from test_train import PROMPTS, GOOD, feats, pipeline_args
@@ -93,9 +94,9 @@ def test_student_gradients_of_kl_against_offloaded_teacher_identical(tokenizer, 
         if offload:
             teachers.offload(teacher, device)
         fs = feats(tokenizer, zip(PROMPTS, GOOD))
-        logits, labels = train.forward(student, fs)
+        logits, labels = optim.forward(student, fs)
         with torch.no_grad():
-            teacher_logits, _ = train.forward(teacher, fs, keep=logits.shape[1])
+            teacher_logits, _ = optim.forward(teacher, fs, keep=logits.shape[1])
         losses.kl(logits, teacher_logits, losses.response_mask(labels)).backward()
         grads.append([p.grad.clone() for p in student.parameters()])
     assert all(torch.equal(a, b) for a, b in zip(*grads))
@@ -152,4 +153,4 @@ def test_offload_flag_says_which_frozen_models_stay_in_cpu_memory():
                 ("all", "break"): (True, True, True)}
     for (offload, bad), want in expected.items():
         args = train.build_parser().parse_args(["--offload", offload, "--bad-teacher", bad])
-        assert tuple(train.offloaded(args, m) for m in ("good", "bad", "base")) == want, (offload, bad)
+        assert tuple(teachers.offloaded(args, m) for m in ("good", "bad", "base")) == want, (offload, bad)

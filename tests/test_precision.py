@@ -112,7 +112,7 @@ def test_the_student_is_paired_with_base_and_teacher_on_the_same_prompts():
                              "xstest": {"refused": [True, True, True, False]}},
             "student": {"answers": {"harmful": [refusal] * 9 + [degenerate]},
                         "xstest": {"refused": [False, True, False, False]}}}
-    tests = train.paired_with_student(rows)
+    tests = evaluation.paired_with_student(rows)
     assert [(t["against"], t["metric"]) for t in tests] == [
         ("base", "HS, held-out harmful"), ("good teacher", "HS, held-out harmful"),
         ("good teacher", "over-refusal, XSTest safe")]  # the base row has no XSTest outcomes here

@@ -9,6 +9,8 @@ import torch.nn.functional as F
 
 import losses
 import schedule
+import optim
+import robust
 import train
 from conftest import make_tiny
 from test_train import args_for, make_ctx, step_with, pipeline_args, run_interrupted_at_step_5
@@ -21,10 +23,10 @@ def test_focus_and_protect_leave_the_right_entries_unchanged(tokenizer, mode, ki
     model, teacher = make_tiny(tokenizer, 0), make_tiny(tokenizer, 1)
     args = args_for("--loss", "dpo=1,kl=1", "--weight-decay", "0.1", "--canary-mode", mode)
     ctx = make_ctx(model, tokenizer)
-    opt = train.MasterWeightOptimizer(model, compute_dtype=torch.float32, **train.optimizer_options(args))
+    opt = optim.MasterWeightOptimizer(model, compute_dtype=torch.float32, **train.optimizer_options(args))
     step = schedule.Step(0, 0, [0, 1, 2, 3], []) if kind == "harmful" else schedule.Step(0, 0, [], [0, 1, 2, 3])
     step_with(model, teacher, opt, step, ctx, args, 1.0, 1e-2)  # build up Adam momentum first
-    masks = train.canary_masks(train.canary_scores(model, ctx.pools["harmful"].bad, 2), 0.05)
+    masks = robust.canary_masks(robust.canary_scores(model, ctx.pools["harmful"].bad, 2), 0.05)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     step_with(model, teacher, opt, step, ctx, args, 1.0, 1e-2, masks=masks)
     moved_canary = moved_rest = 0
@@ -48,13 +50,13 @@ def test_canary_modes_mask_one_side_of_a_joint_step(tokenizer, mode):
         args = args_for("--loss", "dpo=1,kl=1", "--optimizer", "sgd", "--clip", "0", "--canary-mode", mode,
                         "--lam", "0.5")
         ctx = make_ctx(model, tokenizer)
-        opt = train.MasterWeightOptimizer(model, compute_dtype=torch.float32, **train.optimizer_options(args))
+        opt = optim.MasterWeightOptimizer(model, compute_dtype=torch.float32, **train.optimizer_options(args))
         before = {n: p.detach().clone() for n, p in model.named_parameters()}
         step_with(model, teacher, opt, step, ctx, args, 2.0, 1.0, masks=masks)
         return {n: p.detach() - before[n] for n, p in model.named_parameters()}
 
     probe = make_tiny(tokenizer, 0)
-    masks = train.canary_masks(train.canary_scores(probe, make_ctx(probe, tokenizer).pools["harmful"].bad, 2), 0.05)
+    masks = robust.canary_masks(robust.canary_scores(probe, make_ctx(probe, tokenizer).pools["harmful"].bad, 2), 0.05)
     harmful, harmless = update(schedule.Step(0, 0, [0, 1, 2, 3], [])), update(schedule.Step(0, 0, [], [0, 1, 2, 3]))
     joint = update(schedule.Step(0, 0, [0, 1, 2, 3], [0, 1, 2, 3]), masks)
     for n, d in joint.items():
@@ -84,21 +86,21 @@ def test_lat_delta_respects_eps_raises_bad_likelihood_and_leaves_no_hook(tiny, t
     ctx = make_ctx(tiny, tokenizer)
     good, bad = ctx.pools["harmful"].good, ctx.pools["harmful"].bad
     feats = good + bad
-    deltas = train.lat_search(tiny, feats, len(good), layers=args.lat_layers, eps=args.lat_eps, steps=args.lat_steps)
+    deltas = robust.lat_search(tiny, feats, len(good), layers=args.lat_layers, eps=args.lat_eps, steps=args.lat_steps)
     assert set(deltas) == {0, 2}
     for d in deltas.values():
         assert d.norm(dim=-1).max() <= 2.0 + 1e-4 and d.norm(dim=-1).max() > 1.0
     assert all(p.grad is None for p in tiny.parameters())  # the search left the weights alone
     with torch.no_grad():
-        plain = losses.sequence_logps(*train.forward(tiny, feats))
-        with train.residual_perturbation(tiny, deltas):
-            attacked = losses.sequence_logps(*train.forward(tiny, feats))
+        plain = losses.sequence_logps(*optim.forward(tiny, feats))
+        with robust.residual_perturbation(tiny, deltas):
+            attacked = losses.sequence_logps(*optim.forward(tiny, feats))
     n = len(good)
     assert attacked[n:].sum() > plain[n:].sum() and attacked[:n].sum() < plain[:n].sum()
     hooks = lambda: sum(len(m._forward_hooks) for m in tiny.modules())
     assert hooks() == 0
     with pytest.raises(RuntimeError):
-        with train.residual_perturbation(tiny, deltas):
+        with robust.residual_perturbation(tiny, deltas):
             assert hooks() == 2
             raise RuntimeError("boom")
     assert hooks() == 0

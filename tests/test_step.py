@@ -10,6 +10,8 @@ import torch.nn.functional as F
 import data
 import schedule
 import teachers
+import optim
+import robust
 import train
 from conftest import make_tiny
 from test_train import BAD, args_for, make_ctx, step_with
@@ -27,7 +29,7 @@ def update(tokenizer, step, gamma, *flags, lr=1e-2, ref_seed=None):
     if ref_seed is not None:  # a reference unlike the student, so circuit-breaker terms are not trivial
         ctx.reference = make_tiny(tokenizer, ref_seed)
         ctx.cb_layers = [1, 2]
-    opt = train.MasterWeightOptimizer(model, compute_dtype=torch.float32, **train.optimizer_options(args))
+    opt = optim.MasterWeightOptimizer(model, compute_dtype=torch.float32, **train.optimizer_options(args))
     before = [m.detach().clone() for m in opt.master]
     row = step_with(model, teacher, opt, step, ctx, args, gamma, lr)
     return torch.cat([(m.detach() - b).flatten() for m, b in zip(opt.master, before)]), row
@@ -105,13 +107,13 @@ def test_circuit_breakers_read_block_outputs_where_lat_writes_them_on_every_forw
     model = make_tiny(tokenizer)
     f = make_ctx(model, tokenizer).pools["harmful"].bad[0]
     for position in (0, 1, 2):  # 2 = the last block's output, before the final norm
-        _, _, (h,), _, _ = train.forward(model, [f], capture=[position])
+        (h,) = optim.forward_captured(model, [f], [position]).hidden
         assert torch.allclose(h[0].float(), residual_by_hand(model, f["input_ids"], position), atol=1e-6)
     delta = {1: torch.randn(1, len(f["input_ids"]), model.config.hidden_size)}
-    plain = train.forward(model, [f], capture=[1])[2][0]
+    plain = optim.forward_captured(model, [f], [1]).hidden[0]
     for _ in range(2):  # transformers installs its own capture hooks at the first output_hidden_states call
-        with train.residual_perturbation(model, delta):
-            perturbed = train.forward(model, [f], capture=[1])[2][0]
+        with robust.residual_perturbation(model, delta):
+            perturbed = optim.forward_captured(model, [f], [1]).hidden[0]
         assert torch.allclose(perturbed, plain + delta[1], atol=1e-6)  # the state the next block reads
         model(input_ids=torch.tensor([f["input_ids"]]), output_hidden_states=True)
 
@@ -119,7 +121,7 @@ def test_circuit_breakers_read_block_outputs_where_lat_writes_them_on_every_forw
 def test_micro_batch_gradients_add_up_in_fp32(tokenizer):
     """bf16 compute: 1 + 4 × 2⁻⁹ summed in bf16 rounds to 1; the fp32 sums keep every micro-batch."""
     model = make_tiny(tokenizer)
-    opt = train.MasterWeightOptimizer(model, compute_dtype=torch.bfloat16, **train.optimizer_options(args_for("--optimizer", "sgd")))
+    opt = optim.MasterWeightOptimizer(model, compute_dtype=torch.bfloat16, **train.optimizer_options(args_for("--optimizer", "sgd")))
     p, before = opt.params[1], opt.master[1].detach().clone()
     for v in (1.0, 2 ** -9, 2 ** -9, 2 ** -9, 2 ** -9):
         (p.float() * v).sum().backward()
@@ -146,12 +148,12 @@ def test_step_does_not_depend_on_the_micro_batch_split(tokenizer, flags, precisi
         model, teacher = make_tiny(tokenizer, 0), make_tiny(tokenizer, 1)
         args = args_for("--loss", "dpo=1,npo=0.5,sft=1,kl=1", "--micro-batch", micro, "--optimizer", "sgd",
                         "--clip", "0", "--precision", precision, *flags)
-        opt = train.MasterWeightOptimizer(model, compute_dtype=dtype, **train.optimizer_options(args))
+        opt = optim.MasterWeightOptimizer(model, compute_dtype=dtype, **train.optimizer_options(args))
         ctx = make_ctx(model, tokenizer)
         ctx.reference, ctx.cb_layers = make_tiny(tokenizer, 2).to(dtype), [1, 2]  # non-trivial cb terms
         masks = None
         if "focus" in flags:
-            masks = train.canary_masks(train.canary_scores(model, ctx.pools["harmful"].bad, 4), 0.2)
+            masks = robust.canary_masks(robust.canary_scores(model, ctx.pools["harmful"].bad, 4), 0.2)
         before = [m.detach().clone() for m in opt.master]
         step_with(model, teacher, opt, JOINT, ctx, args, 1.0, 1.0, masks=masks)
         grads.append(torch.cat([(b - m.detach()).flatten() for m, b in zip(opt.master, before)]))
@@ -163,7 +165,7 @@ def test_a_bf16_copy_computes_what_the_bf16_student_computes(tokenizer):
     """cast_parameters keeps the fp32 rotary frequencies that model.to(bf16) would round."""
     student = make_tiny(tokenizer)
     copy_ = teachers.cast_parameters(copy.deepcopy(student), torch.bfloat16)
-    train.MasterWeightOptimizer(student, compute_dtype=torch.bfloat16, **train.optimizer_options(args_for()))
+    optim.MasterWeightOptimizer(student, compute_dtype=torch.bfloat16, **train.optimizer_options(args_for()))
     rounded = copy.deepcopy(student).to(torch.bfloat16)
     ids = torch.tensor([make_ctx(student, tokenizer).pools["harmful"].bad[0]["input_ids"]])
     with torch.no_grad():
@@ -174,7 +176,7 @@ def test_a_bf16_copy_computes_what_the_bf16_student_computes(tokenizer):
 def test_reference_logps_equal_the_students_before_the_first_update_in_bf16(tokenizer):
     model, teacher = make_tiny(tokenizer, 0), make_tiny(tokenizer, 1)
     args = args_for("--loss", "dpo=1,npo=1", "--precision", "bf16", "--micro-batch", "3")
-    opt = train.MasterWeightOptimizer(model, compute_dtype=torch.bfloat16, **train.optimizer_options(args))
+    opt = optim.MasterWeightOptimizer(model, compute_dtype=torch.bfloat16, **train.optimizer_options(args))
     ctx = make_ctx(model, tokenizer)
     ctx.reference = copy.deepcopy(model).eval()  # the bf16 compute copy, as run() holds it
     row = step_with(model, teacher, opt, JOINT, ctx, args, 1.0, 0.0)

@@ -23,7 +23,7 @@ RELEVANT = ["Melt the chocolate slowly, then cool it while stirring.",  # chocol
             "Practice one table a day and say it aloud.",  # table(s)
             "Plates grind past each other and release energy as earthquakes."]  # plate(s), earthquake(s)
 IRRELEVANT = RELEVANT[-1:] + RELEVANT[:-1]
-REAL_TEACHER_SFT = train.teacher_sft
+REAL_TEACHER_SFT = teachers.teacher_sft
 
 
 def test_bad_harmless_pairs_give_each_prompt_another_prompts_answer():
@@ -58,18 +58,18 @@ def test_relevance_column_separates_on_topic_from_off_topic_answers():
 
 
 def prepare(folder, tmp_path, *flags, sft_calls=None, monkeypatch=None, fit=True):
-    """train.prepare_teachers on the tiny checkpoint with pipeline_args' flags: (result, log lines,
+    """teachers.prepare_teachers on the tiny checkpoint with pipeline_args' flags: (result, log lines,
     (base, tokenizer, key)). sft_calls: records each teacher SFT's (desc, pairs); fit=False skips
     the training itself (the teacher is a copy of the base)."""
     args = pipeline_args(folder, tmp_path / "run", "--teacher-dir", str(tmp_path / "teachers"),
                          "--cache-dir", str(tmp_path / "cache"), "--precision", "fp32", "--limit", "4", *flags)
     if sft_calls is not None:
-        monkeypatch.setattr(train, "teacher_sft", lambda a, b, pairs, desc: sft_calls.append((desc, pairs)) or
-                            (REAL_TEACHER_SFT(a, b, pairs, desc) if fit else train.compute_copy(b.fp32, a, b.device)))
+        monkeypatch.setattr(teachers, "teacher_sft", lambda a, b, pairs, desc: sft_calls.append((desc, pairs)) or
+                            (REAL_TEACHER_SFT(a, b, pairs, desc) if fit else teachers.compute_copy(b.fp32, a, b.device)))
     lines = []
     base = train.load_base(args, lines.append)
     prompts = train.load_pools(args)
-    found = train.prepare_teachers(args, base, prompts.harmful, prompts.harmless, lines.append)
+    found = teachers.prepare_teachers(args, base, prompts.harmful, prompts.harmless, lines.append)
     return (found.good, found.bad, found.keys, found.answers), lines, (base.compute, base.tokenizer, base.key)
 
 
@@ -158,7 +158,7 @@ def test_teacher_built_with_other_flags_stops_with_one_line_naming_them(tiny_fol
 
 def test_same_flags_reuse_the_built_teachers(tiny_folder, built, tmp_path, monkeypatch):
     teacher_dir = copy_of(built, tmp_path)
-    monkeypatch.setattr(train, "teacher_sft", lambda *a, **k: pytest.fail("a teacher was built again"))
+    monkeypatch.setattr(teachers, "teacher_sft", lambda *a, **k: pytest.fail("a teacher was built again"))
     # --micro-batch only changes how the same gradient is summed: still the same teacher
     _, lines, _ = prepare(tiny_folder, tmp_path, "--micro-batch", "1")
     assert lines[:2] == [f"bad teacher: reusing {teacher_dir / 'bad'}", f"good teacher: reusing {teacher_dir / 'good'}"]

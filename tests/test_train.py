@@ -12,6 +12,8 @@ import data
 import losses
 import schedule
 import teachers
+import optim
+import eval as evaluation
 import train
 from conftest import make_tiny
 
@@ -45,7 +47,7 @@ class make_ctx:
 def step_with(model, teacher, opt, step, ctx, args, gamma, lr, **kwargs):
     """train.run_step on a make_ctx with the test's flags."""
     return train.run_step(model, train.Frozen(ctx.reference, teacher), opt, step, ctx.pools,
-                          train.StepConfig.from_args(args, ctx.cb_layers), gamma, lr, **kwargs)
+                          train.StepConfig.from_args(args, ctx.cb_layers), gamma, lr, lam=args.lam, **kwargs)
 
 
 HARMFUL_STEP = schedule.Step(0, 0, [0, 1, 2, 3], [])
@@ -54,8 +56,8 @@ HARMLESS_STEP = schedule.Step(0, 0, [], [0, 1, 2, 3])
 
 def test_left_padded_batch_gives_each_example_its_own_logps(tiny, tokenizer):
     fs = feats(tokenizer, zip(PROMPTS, BAD))
-    together = train.sequence_logps_of(tiny, fs, micro_batch=4)
-    alone = torch.cat([train.sequence_logps_of(tiny, [f], 1) for f in fs])
+    together = optim.sequence_logps_of(tiny, fs, micro_batch=4)
+    alone = torch.cat([optim.sequence_logps_of(tiny, [f], 1) for f in fs])
     assert torch.allclose(together, alone, atol=1e-4)
     # and equal to a plain unpadded forward over the whole sequence
     f = fs[0]
@@ -67,7 +69,7 @@ def test_three_steps_lower_the_loss(tokenizer):
     model, teacher = make_tiny(tokenizer, seed=0), make_tiny(tokenizer, seed=1)
     args = args_for("--loss", "dpo=1,sft=1,kl=1", "--lr", "3e-3")
     ctx = make_ctx(model, tokenizer)
-    opt = train.MasterWeightOptimizer(model, compute_dtype=torch.float32, **train.optimizer_options(args))
+    opt = optim.MasterWeightOptimizer(model, compute_dtype=torch.float32, **train.optimizer_options(args))
     history = [step_with(model, teacher, opt, HARMFUL_STEP, ctx, args, 1.0, 3e-3) for _ in range(4)]
     assert history[-1]["loss"] < history[0]["loss"] - 0.1
     assert history[-1]["harmful_dpo_margin"] > 0 and history[-1]["harmful_kl"] < history[0]["harmful_kl"]
@@ -80,7 +82,7 @@ def test_micro_batches_accumulate_to_the_full_batch(tokenizer):
         args = args_for("--loss", "dpo=1,npo=0.5,sft=1,kl=1,kl_rev=0.5", "--micro-batch", str(micro),
                         "--optimizer", "sgd")  # adam would turn float noise in ~0 grads into ±lr steps
         ctx = make_ctx(model, tokenizer)
-        opt = train.MasterWeightOptimizer(model, compute_dtype=torch.float32, **train.optimizer_options(args))
+        opt = optim.MasterWeightOptimizer(model, compute_dtype=torch.float32, **train.optimizer_options(args))
         row = step_with(model, teacher, opt, HARMFUL_STEP, ctx, args, 1.0, 1.0)
         results.append((row, [p.detach().clone() for p in model.parameters()]))
     (a, wa), (b, wb) = results
@@ -98,7 +100,7 @@ def test_harmless_step_terms_and_harmless_dpo_weight(tokenizer):
     def row(*flags):
         model, teacher = make_tiny(tokenizer, seed=0), make_tiny(tokenizer, seed=1)
         args = args_for("--optimizer", "sgd", "--lam", "2", *flags)
-        opt = train.MasterWeightOptimizer(model, compute_dtype=torch.float32, **train.optimizer_options(args))
+        opt = optim.MasterWeightOptimizer(model, compute_dtype=torch.float32, **train.optimizer_options(args))
         return step_with(model, teacher, opt, step, make_ctx(model, tokenizer), args, 1.0, 0.0)
 
     sft_only = row("--loss", "sft=1")
@@ -114,7 +116,7 @@ def test_harmless_step_terms_and_harmless_dpo_weight(tokenizer):
 def test_bf16_compute_keeps_small_updates_in_fp32_master(tokenizer):
     model = make_tiny(tokenizer)
     args = args_for("--optimizer", "sgd")
-    opt = train.MasterWeightOptimizer(model, compute_dtype=torch.bfloat16, **train.optimizer_options(args))
+    opt = optim.MasterWeightOptimizer(model, compute_dtype=torch.bfloat16, **train.optimizer_options(args))
     p, m = opt.params[1], opt.master[1]
     assert p.dtype == torch.bfloat16 and m.dtype == torch.float32
     before = m.clone()
@@ -266,7 +268,7 @@ def test_eval_json_reports_xstest_over_refusal_counted_by_hand(tiny_folder, tmp_
         xs = out["results"][name]["xstest"]
         assert (xs["n_safe"], xs["over_refusal"], xs["degenerate_safe"]) == (8, 37.5, 0.0)
         assert sum(xs["by_type"].values()) == 300 and len(xs["by_type"]) == 8
-        assert set(xs) == set(train.XSTEST_KEYS)  # no answers, samples or generation report
+        assert set(xs) == set(evaluation.XSTEST_KEYS)  # no answers, samples or generation report
     assert "xstest" not in out["results"]["bad teacher"]
     assert out["settings"]["data"]["xstest"] == {"path": train.evaluation.XSTEST, "n_safe": 8,
                                                  "sha256": data.file_sha256(train.evaluation.XSTEST)}
@@ -319,10 +321,10 @@ def test_a_non_finite_term_stops_the_run_in_one_line_and_keeps_the_last_checkpoi
 
 def test_a_non_finite_gradient_is_never_applied(tokenizer):
     model = make_tiny(tokenizer)
-    opt = train.MasterWeightOptimizer(model, compute_dtype=torch.float32, **train.optimizer_options(args_for()))
+    opt = optim.MasterWeightOptimizer(model, compute_dtype=torch.float32, **train.optimizer_options(args_for()))
     before = [m.detach().clone() for m in opt.master]
     (model.model.embed_tokens.weight.sum() * float("inf")).backward()
-    with pytest.raises(train.NonFiniteError, match="gradient norm is"):
+    with pytest.raises(optim.NonFiniteError, match="gradient norm is"):
         opt.step(1e-3, 1.0)
     assert all(torch.equal(m, b) for m, b in zip(opt.master, before))
 
@@ -381,7 +383,7 @@ def test_data_seed_fixes_split_limit_and_teachers_while_seed_varies_the_student(
         train_h, test_h = data.load_pool("harmful", seed=split_seed)
         assert [e.prompt for e in prompts.harmful] == [e.prompt for e in train_h]
         assert [e.prompt for e in prompts.harmful_test] == [e.prompt for e in test_h]
-    teacher_flags = lambda args: {k: getattr(args, k) for k in train.TEACHER_SFT_FLAGS}
+    teacher_flags = lambda args: {k: getattr(args, k) for k in teachers.TEACHER_SFT_FLAGS}
     assert teacher_flags(other_student) == teacher_flags(other_data) != teacher_flags(default)
     limited = [parsed("--seed", s, "--data-seed", "1", "--limit", "16") for s in ("0", "5")]
     assert [e.prompt for e in train.load_pools(limited[0]).harmful] == [e.prompt for e in train.load_pools(limited[1]).harmful]

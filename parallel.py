@@ -1,0 +1,103 @@
+"""Data parallel training under torchrun: the process group, each rank's shard of a batch, and one
+explicit all-reduce of the summed fp32 gradients per optimizer step."""
+import datetime
+import os
+
+import torch
+import torch.distributed as dist
+
+
+# rank 0 may spend long building teachers while the other ranks wait at a barrier
+DIST_TIMEOUT = datetime.timedelta(hours=6)
+
+
+
+def dist_setup():
+    """Join the process group when started by torchrun (WORLD_SIZE > 1): gloo for CPU tensors,
+    NCCL for CUDA ones. A plain `python train.py` stays a single process."""
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1 or dist.is_initialized():
+        return
+    backend = "gloo"
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        backend = "cpu:gloo,cuda:nccl"
+    dist.init_process_group(backend, timeout=DIST_TIMEOUT)
+
+
+
+def rank_and_world():
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+
+
+
+def is_main():
+    return rank_and_world()[0] == 0
+
+
+
+def shard(indices):
+    """This rank's contiguous slice of a global batch (possibly empty). Contiguous, so when
+    --micro-batch divides the slice the micro-batches are exactly those of one process."""
+    rank, world = rank_and_world()
+    return indices[rank * len(indices) // world:(rank + 1) * len(indices) // world]
+
+
+
+def all_reduce_grads(opt):
+    """Sum the fp32 gradient sums over ranks, once per optimizer step. Each rank's loss is already
+    scaled by its share of the global batch (run_step divides by the whole side's totals), so the
+    sum is the one-process gradient. Explicit rather than the DDP wrapper: the student is also run
+    forward and backward outside the update (LAT's δ search, canary scores), which DDP would
+    all-reduce, and the fp32 master copies live outside the module. A parameter no rank has a
+    gradient for keeps None, so AdamW skips it as one process would."""
+    if not dist.is_initialized():
+        return
+    opt.accumulate()
+    has = torch.tensor([g is not None for g in opt.grads], dtype=torch.int32)
+    dist.all_reduce(has)
+    pending = []
+    for i, (p, n) in enumerate(zip(opt.params, has.tolist())):
+        if n:
+            if opt.grads[i] is None:
+                opt.grads[i] = torch.zeros(p.shape, device=p.device)
+            pending.append(dist.all_reduce(opt.grads[i], async_op=True))
+    for work in pending:
+        work.wait()
+
+
+
+def sum_over_ranks(totals):
+    """Logged values (each already a share of the global batch) summed in rank order, so the
+    metrics are the global batch's, as one process logs them."""
+    if not dist.is_initialized():
+        return totals
+    parts = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, totals)
+    out = {}
+    for part in parts:
+        for k, v in part.items():
+            out[k] = out.get(k, 0.0) + v
+    return out
+
+
+
+def main_first(phase):
+    """Around work that writes shared files (teachers, answer caches, reference log-probs): the
+    other ranks wait at phase 'before' until rank 0 reaches 'after', then redo the work, finding
+    everything on disk. Without a shared disk each rank computes the same deterministic result."""
+    if dist.is_initialized() and (phase == "before") != is_main():
+        dist.barrier()
+
+
+def from_main(value):
+    """Rank 0's `value` on every rank (e.g. the precision rank 0 chose)."""
+    if not dist.is_initialized():
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def teardown():
+    if dist.is_initialized():
+        dist.destroy_process_group()
