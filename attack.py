@@ -18,7 +18,6 @@ import re
 import sys
 
 import numpy as np
-import torch
 
 import data
 import eval as evaluation
@@ -255,6 +254,20 @@ def _attack_table(result):
                       "| --- | --- | --- | --- | --- | --- |", *rows])
 
 
+def run_incontext(args, model, tokenizer, prompts, pairs, judge, common, out_dir):
+    """The CLI's --attack incontext: incontext.json (+ .md) in out_dir; returns its path."""
+    limit = min(args.shots_max_tokens, model.config.max_position_embeddings - args.attack_max_new_tokens)
+    result = {"attack": "incontext", **in_context_attack(model, tokenizer, prompts, pairs, args.shots, judge,
+                                                         limit, args.attack_max_new_tokens, args.seed)}
+    payload = {"result": result, "settings": evaluation.settings(**common, shots=args.shots, max_prompt_tokens=limit)}
+    path = os.path.join(out_dir, "incontext.json")
+    evaluation.write_results(path, payload, _attack_table(result))
+    print(_attack_table(result))
+    for d in result["dropped"]:
+        print(f"k={d['k']} dropped: only {d['shots_that_fit']} shots fit in {limit} tokens for some prompt")
+    return path
+
+
 def run_attack(args, argv, model, tokenizer, key, harmful):
     """The CLI's --attack: one results JSON (+ .md) per setting in --attack-out; returns their paths."""
     out_dir = args.attack_out or (os.path.join(args.model, "attacks") if os.path.isdir(args.model)
@@ -271,18 +284,9 @@ def run_attack(args, argv, model, tokenizer, key, harmful):
               **evaluation.judge_settings(judge), "hs_prompts": len(prompts), "max_new_tokens": args.attack_max_new_tokens,
               "hs_data": evaluation.prompt_files(args.harmful),
               "attack_data": described, "attack_pairs": len(pairs)}
-    written = []
     if args.attack == "incontext":
-        limit = min(args.shots_max_tokens, model.config.max_position_embeddings - args.attack_max_new_tokens)
-        result = {"attack": "incontext", **in_context_attack(model, tokenizer, prompts, pairs, args.shots, judge,
-                                                             limit, args.attack_max_new_tokens, args.seed)}
-        payload = {"result": result, "settings": evaluation.settings(**common, shots=args.shots, max_prompt_tokens=limit)}
-        written.append(os.path.join(out_dir, "incontext.json"))
-        evaluation.write_results(written[-1], payload, _attack_table(result))
-        print(_attack_table(result))
-        for d in result["dropped"]:
-            print(f"k={d['k']} dropped: only {d['shots_that_fit']} shots fit in {limit} tokens for some prompt")
-        return written
+        return [run_incontext(args, model, tokenizer, prompts, pairs, judge, common, out_dir)]
+    written = []
     ns = [max(1, round(n * args.attack_scale)) for n in args.attack_n]
     benign, fa_test = evaluation.load_fa_task(args.attack_task, max(ns), args.attack_fa_n, seed=args.seed,
                                    path=args.attack_task_path)

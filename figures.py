@@ -17,27 +17,19 @@ folder and one answer cache, so the teachers are built once (the ablation's teac
 good teachers beside them). PNGs go to --out (docs/).
 """
 import argparse
-import concurrent.futures
-import csv
 import glob
-import io
-import json
 import os
-import shutil
-import subprocess
 import sys
-from typing import NamedTuple
 
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+import ablation  # noqa: E402
 import attack  # noqa: E402
 import data  # noqa: E402
-import eval as evaluation  # noqa: E402
 import schedule  # noqa: E402
-import teachers  # noqa: E402
 import train  # noqa: E402
 
 FIGURES = ("hs-vs-p", "hs-vs-steps", "hs-vs-shots", "loss-ablation", "schedule-ablation", "training-curves")
@@ -60,50 +52,31 @@ SIZES = {
 }
 
 
-def load_json(path):
-    with open(path) as f:
-        return json.load(f)
-
-
 def pct(x):
     return 100 * x
 
 
 # ---------------------------------------------------------------- computing missing results
 
-def run_dir(res, name):
-    return os.path.join(res, "runs", name)
-
-
-def recorded_argv(done):
-    """The argv recorded when the command that wrote `done` finished (None: no record)."""
-    record = done + ".argv"
-    return load_json(record) if os.path.isfile(record) else None
-
-
-def record_argv(done, argv):
-    data.write_atomic(done + ".argv", json.dumps(argv))
-
 
 def ensure_run(res, name, extra, size, base):
     """The train.py run `name` in res, trained unless it is there; one made by other flags (a changed
     size or default) stops with an error rather than join the figures."""
-    out = run_dir(res, name)
+    out = ablation.run_dir(res, name)
     argv = ["--model", base, "--out", out, "--teacher-dir", os.path.join(res, "teachers"),
             "--cache-dir", os.path.join(res, "cache"), "--overwrite",  # a run cut short starts over
             *SIZES[size]["train"], *extra]
     done = os.path.join(out, "eval.json")
-    if os.path.isfile(done):
-        recorded = recorded_argv(done)
-        if recorded is None:
-            print(f"[figures] reusing {out} (made before its argv was recorded)")
-        elif recorded != argv:
-            raise ValueError(f"{out} was trained with other flags than this size's ({done}.argv): remove it or "
-                             f"use another --results")
+    status = ablation.run_status(done, argv)
+    if status == "other":
+        raise ValueError(f"{out} was trained with other flags than this size's ({done}.argv): remove it or "
+                         f"use another --results")
+    if status != "missing":
+        print(f"[figures] reusing {out}" + (" (made before its argv was recorded)" if status == "unrecorded" else ""))
         return out
     print(f"[figures] train.py run {name}")
     train.main(argv)
-    record_argv(done, argv)
+    ablation.record_argv(done, argv)
     return out
 
 
@@ -122,7 +95,7 @@ def attack_dir(res, model):
 def ensure_attacks(res, size, base, incontext=False):
     """Fine-tuning attacks over the p grid (the p = 0.1 one with a curve) or the in-context attack, per model."""
     sz = SIZES[size]
-    data = run_dir(res, "student")  # the bad teacher's answers of the default run are the harmful pairs
+    data = ablation.run_dir(res, "student")  # the bad teacher's answers of the default run are the harmful pairs
     for model, spec in model_specs(res, size, base).items():
         common = ["--model", spec, "--attack-data", data, "--attack-out", attack_dir(res, model),
                   *sz["attack"]]
@@ -148,7 +121,7 @@ def finetune_results(res):
     """{model: [(p, n, lr, result JSON)]} of every fine-tuning attack saved under res/attacks."""
     out = {}
     for path in sorted(glob.glob(os.path.join(res, "attacks", "*", "finetune_*.json"))):
-        saved = load_json(path)
+        saved = ablation.load_json(path)
         a = saved["settings"]["attack"]
         model = os.path.basename(os.path.dirname(path)) + (f"+lora{a['lora_r']}" if a.get("lora_r") else "")
         out.setdefault(model, []).append((a["p"], a["n"], a["lr"], saved))
@@ -206,7 +179,7 @@ def hs_vs_steps(res, png):
 def hs_vs_shots(res, png):
     fig, ax = plt.subplots(figsize=(5.5, 4))
     for path in sorted(glob.glob(os.path.join(res, "attacks", "*", "incontext.json"))):
-        points = load_json(path)["result"]["points"]
+        points = ablation.load_json(path)["result"]["points"]
         ax.plot([pt["k"] for pt in points], [pt["hs"] for pt in points], marker="o",
                 label=_legend_name(os.path.basename(os.path.dirname(path))))
     if not ax.lines:
@@ -221,13 +194,13 @@ def hs_vs_shots(res, png):
     _save(fig, png)
 
 
-def ablation(res, runs, png, title):
+def run_bars(res, runs, png, title):
     """Grouped bars: the student's HS and over-refusal on held-out prompts, per run."""
     names, hs, over = [], [], []
     for name, label in runs.items():
-        path = os.path.join(run_dir(res, name), "eval.json")
+        path = os.path.join(ablation.run_dir(res, name), "eval.json")
         if os.path.isfile(path):
-            student = load_json(path)["results"]["student"]
+            student = ablation.load_json(path)["results"]["student"]
             names.append(label)
             hs.append(pct(student["hs"]))
             over.append(pct(student["over_refusal"]))
@@ -244,7 +217,7 @@ def ablation(res, runs, png, title):
 
 
 def training_curves(res, png):
-    path = os.path.join(run_dir(res, "student"), "metrics.jsonl")
+    path = os.path.join(ablation.run_dir(res, "student"), "metrics.jsonl")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no {path}")
     rows = data.read_jsonl(path)
@@ -274,448 +247,6 @@ def _save(fig, png, rect=(0, 0, 1, 1)):
 
 # ---------------------------------------------------------------- the ablation (docs/results.md#ablation)
 
-STRONGREJECT = os.path.join(evaluation.SHARED_DATA, "refusal_direction", "strongreject.json")
-# Rows: (label, train.py flags added to the size's; None: no training, the model is evaluated as it is).
-# The mechanisms are added alone to the 2-epoch student (the default when the grid was measured), the
-# "-long" ones to the 10-epoch student; "lat" is the LAT_SWEEP row that the sweep picks.
-ABLATION_ROWS = {
-    "base": ("base model", None),
-    "good-teacher": ("good teacher", None),
-    "sft-baseline": ("SFT baseline (--loss sft=1)", ["--loss", "sft=1"]),
-    "student": ("student (default losses, 2 epochs)", []),
-    "npo": ("+ NPO", ["--loss", "dpo=1,kl=1,npo=1"]),
-    "kl-rev": ("+ reverse KL", ["--loss", "dpo=1,kl=1,kl_rev=1"]),
-    "difficulty": ("+ levels by difficulty", ["--levels-by", "difficulty"]),
-    "cyclic": ("+ cyclic level sequence", ["--sequence", "cyclic"]),
-    "mixed": ("+ mixed level sequence", ["--sequence", "mixed"]),
-    "gamma": ("+ γ annealing (cosine 1 → 0.25)", ["--gamma-schedule", "cosine", "--gamma-end", "0.25"]),
-    "lat": ("+ LAT (sweep's pick)", None),
-    "cb": ("+ circuit breakers (α 1)", ["--cb-alpha", "1"]),
-    "canary-focus": ("+ canary focus", ["--canary-mode", "focus"]),
-    "canary-protect": ("+ canary protect", ["--canary-mode", "protect"]),
-    "harmless-dpo": ("+ harmless DPO against a refusal", ["--dpo-harmless", "refusal"]),
-}
-# ε per layer scale: a token embedding has norm ≈ 3, the residual stream at block 10 ≈ 150 (docs/training.md).
-LAT_SWEEP = {
-    "lat-emb-0.1": ["--lat-eps", "0.1", "--lat-layers", "0"],
-    "lat-emb-0.3": ["--lat-eps", "0.3", "--lat-layers", "0"],
-    "lat-b10-4": ["--lat-eps", "4", "--lat-layers", "10"],
-    "lat-b10-8": ["--lat-eps", "8", "--lat-layers", "10"],
-}
-# 10 epochs (train.py's default since these rows) against the 2 above: the student and the SFT baseline (a
-# training length, not a mechanism), and two mechanisms, paired with the 10-epoch student (PAIRED_WITH)
-TEN_EPOCHS = ["--epochs", "10"]
-ABLATION_ROWS.update({
-    "student-long": ("student, 10 epochs", TEN_EPOCHS),
-    "sft-long": ("SFT baseline, 10 epochs", [*ABLATION_ROWS["sft-baseline"][1], *TEN_EPOCHS]),
-    "gamma-long": ("+ γ annealing, 10 epochs", [*ABLATION_ROWS["gamma"][1], *TEN_EPOCHS]),
-    # the quick sweep's pick, fixed: the full size's sweep may pick another
-    "lat-long": ("+ LAT (ε 0.1 at the embeddings), 10 epochs", [*LAT_SWEEP["lat-emb-0.1"], *TEN_EPOCHS]),
-})
-# Other good teachers, against the shared one's over-refusal: refusal SFT with the harmless pairs 4 times
-# instead of 2 (more helpful data), or 2 epochs instead of 3 (less refusal training). Each is built in
-# its own folder (teacher_folder); the bad teacher stays the shared one.
-HELPFUL_TEACHER = ["--teacher-harmless-repeat", "4"]
-SHORT_TEACHER = ["--teacher-epochs", "2"]
-GOOD_TEACHER_FLAGS = ("--teacher-harmless-repeat", "--teacher-epochs", "--teacher-lr")
-ABLATION_ROWS.update({
-    "good-teacher-helpful": ("good teacher, harmless pairs ×4", None),
-    "student-long-helpful": ("student, 10 epochs, good teacher with harmless pairs ×4", [*TEN_EPOCHS, *HELPFUL_TEACHER]),
-    "good-teacher-short": ("good teacher, 2 SFT epochs", None),
-    "student-long-short": ("student, 10 epochs, good teacher of 2 SFT epochs", [*TEN_EPOCHS, *SHORT_TEACHER]),
-})
-TEACHER_ROWS = {"good-teacher": [], "good-teacher-helpful": HELPFUL_TEACHER,   # a teacher evaluated: its flags
-                "good-teacher-short": SHORT_TEACHER}
-FIXED_ROWS = ("base", *TEACHER_ROWS, "sft-baseline", "student", "student-long", "sft-long")   # not mechanisms
-# every row is paired with the student row, except the 10-epoch rows: with the student trained as long;
-# the other teacher with the shared one
-PAIRED_WITH = {**{row: "student-long" for row in ("sft-long", "gamma-long", "lat-long", "student-long-helpful",
-                                                   "student-long-short")},
-               "good-teacher-helpful": "good-teacher", "good-teacher-short": "good-teacher"}
-assert set(PAIRED_WITH) | set(PAIRED_WITH.values()) <= set(ABLATION_ROWS), "PAIRED_WITH names an unknown row"
-ATTACK_DATA_CELL = "student-s0"   # its run's bad-teacher answers are every cell's harmful attack data
-ATTACK_PS = (0.0, 0.1)
-# quick: the embedded model on a 2-core CPU; full: the default run's data at 2 epochs and the big held-out sets
-# (StrongREJECT 313, XSTest 250 safe, FA 200), the attack at Booster's lr 1e-5 (docs/results.md says why).
-ABLATION_SIZES = {
-    "quick": {"train": ["--recipe", "full", "--limit", "64", "--epochs", "2"], "hs_n": 100, "xstest_n": 100, "max_new_tokens": 32,
-              "fa_n": 100, "eval": ["--limit", "8"],
-              "attack": {"n": 40, "epochs": 2, "batch": 10, "lr": 1e-4, "eval_every": 4, "hs_n": 40, "fa_n": 40},
-              "shots": [4]},
-    "full": {"train": ["--recipe", "full", "--epochs", "2"], "hs_n": None, "xstest_n": None, "max_new_tokens": 64, "fa_n": 200, "eval": [],
-             "attack": {"n": 100, "epochs": 10, "batch": 10, "lr": 1e-5, "eval_every": 20, "hs_n": 100, "fa_n": 100},
-             "shots": [8]},
-}
-
-
-def teacher_folder(res, flags):
-    """The --teacher-dir of a run with these train.py flags: the shared one, or for flags that change the
-    good teacher's SFT a folder inside it named by them (its bad teacher is the shared one's)."""
-    changed = [f"{flag[2:]}-{value}" for flag, value in zip(flags[::2], flags[1::2]) if flag in GOOD_TEACHER_FLAGS]
-    return os.path.join(res, "teachers", *(["_".join(changed)] if changed else []))
-
-
-def row_teachers(res, row):
-    """The --teacher-dir that `row`'s model comes from (a teacher row) or is trained with."""
-    return teacher_folder(res, TEACHER_ROWS.get(row) or ABLATION_ROWS.get(row, ("", []))[1] or [])
-
-
-assert ({row_teachers("", r) for r in TEACHER_ROWS} <= {row_teachers("", r) for r, (_, f) in ABLATION_ROWS.items() if f}), \
-    "a teacher of TEACHER_ROWS is built by no training row (run_ablation)"
-
-
-def row_cell(res, base, row, seed, lat_pick=None):
-    """(cell name, train.py flags or None for a model evaluated as it is, the model evaluated)."""
-    if row == "base":
-        return "base", None, base
-    if row in TEACHER_ROWS:
-        return row, None, os.path.join(teacher_folder(res, TEACHER_ROWS[row]), "good")
-    name = lat_pick if row == "lat" else row
-    flags = LAT_SWEEP[name] if name in LAT_SWEEP else ABLATION_ROWS[name][1]
-    cell = f"{name}-s{seed}"
-    return cell, flags, os.path.join(run_dir(res, cell), "student")
-
-
-def hs_set(res, size):
-    """The harmful prompts of HS: all of StrongREJECT, or a category-stratified sample written once."""
-    if not os.path.isfile(STRONGREJECT):
-        raise FileNotFoundError(f"{STRONGREJECT}: the ablation's held-out harmful set (StrongREJECT's 313 prompts, "
-                                f"JSON [{{instruction, category}}]) is missing; give it with --strongreject")
-    n = ABLATION_SIZES[size]["hs_n"]
-    if not n:
-        return STRONGREJECT
-    path = os.path.join(res, f"strongreject_{n}.jsonl")
-    if not os.path.isfile(path):
-        sample = data.stratified_sample(data.load_examples(STRONGREJECT, "harmful"), n, 0)
-        os.makedirs(res, exist_ok=True)
-        data.write_atomic(path, "".join(json.dumps({"prompt": e.prompt, "category": e.category}) + "\n"
-                                        for e in sample))
-    return path
-
-
-def xstest_set(res, size):
-    """XSTest's safe prompts (all 250, or a type-stratified sample), written once as a CSV eval.py reads."""
-    n = ABLATION_SIZES[size]["xstest_n"]
-    path = os.path.join(res, f"xstest_safe_{n or 'all'}.csv")
-    if not os.path.isfile(path):
-        safe = [e for e in evaluation.load_xstest() if e.safe]
-        keep = {e.prompt for e in data.stratified_sample(safe, n, 0)}
-        with open(evaluation.XSTEST, newline="") as f:
-            rows = [r for r in csv.DictReader(f) if r["label"] == "safe" and r["prompt"].strip() in keep]
-        text = io.StringIO()
-        writer = csv.DictWriter(text, fieldnames=list(rows[0]), lineterminator="\n")
-        writer.writeheader()
-        writer.writerows(rows)
-        os.makedirs(res, exist_ok=True)
-        data.write_atomic(path, text.getvalue())
-    return path
-
-
-class CellCommand(NamedTuple):
-    script: str
-    argv: list
-    done: str                     # the output that marks it done
-    remove_when_done: str = None  # a folder it leaves that the cell does not need
-    read_later: bool = False      # the later commands read its output (the training: its student)
-
-
-def cell_commands(res, size, base, cell, flags, model, seed, device):
-    """[CellCommand] of one cell: train (unless flags is None), evaluate, fine-tuning attacks at p = 0
-    and 0.1 with a curve, the in-context attack."""
-    sz, a = ABLATION_SIZES[size], ABLATION_SIZES[size]["attack"]
-    out, run = os.path.join(res, "cells", cell), run_dir(res, cell)
-    cmds = []
-    if flags is not None:
-        teacher_dir = teacher_folder(res, flags)
-        bad = [] if teacher_dir == teacher_folder(res, []) else ["--bad-teacher", os.path.join(teacher_folder(res, []), "bad")]
-        cmds.append(CellCommand("train.py", ["--model", base, "--out", run, "--teacher-dir", teacher_dir, *bad,
-                                  "--cache-dir", os.path.join(res, "cache"), "--seed", str(seed), "--data-seed", "0",
-                                  "--no-eval", "--overwrite", "--device", device, *sz["train"], *flags],
-                     os.path.join(run, "student", "config.json"),
-                     # the cell needs only the student (a 135M checkpoint with Adam moments is 1.6 GB);
-                     # the attack data's run keeps its checkpoint for its args.json
-                     None if cell == ATTACK_DATA_CELL else os.path.join(run, "checkpoints"), read_later=True))
-    common = ["--model", model, "--device", device]
-    cmds.append(CellCommand("eval.py", [*common, "--hs-set", hs_set(res, size), "--max-new-tokens", str(sz["max_new_tokens"]),
-                             "--xstest", xstest_set(res, size), "--fa-task", "arith", "--fa-n", str(sz["fa_n"]), *sz["eval"],
-                             "--out", os.path.join(out, "eval.json")], os.path.join(out, "eval.json")))
-    attack_common = [*common, "--attack-data", run_dir(res, ATTACK_DATA_CELL), "--harmful", STRONGREJECT,
-                     "--limit", str(a["hs_n"]), "--attack-max-new-tokens", "32", "--attack-out",
-                     os.path.join(out, "attacks")]
-    cmds.append(CellCommand("attack.py", ["finetune", *attack_common, "--attack-p", *map(str, ATTACK_PS),
-                               "--attack-n", str(a["n"]), "--attack-lr", str(a["lr"]), "--attack-epochs",
-                               str(a["epochs"]), "--attack-batch", str(a["batch"]), "--attack-eval-every",
-                               str(a["eval_every"]), "--attack-fa-n", str(a["fa_n"]), "--attack-micro-tokens", "512"],
-                 os.path.join(out, "attacks", attack.attack_filename(ATTACK_PS[-1], a["n"], a["lr"]))))
-    cmds.append(CellCommand("attack.py", ["incontext", *attack_common, "--shots", *map(str, sz["shots"])],
-                 os.path.join(out, "attacks", "incontext.json")))
-    return cmds
-
-
-def run_cell(res, commands, log_path, threads):
-    """Run a cell's commands in order as subprocesses (each result's JSON holds its argv), skipping one
-    whose output exists and whose argv is the one recorded when it finished (changed sizes or flags run
-    again, and so does one older than a student it reads: a training re-run by an earlier call) and
-    removing what a finished command leaves that is not needed; output goes to log_path. Returns None
-    or the failure."""
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "TOKENIZERS_PARALLELISM": "false"}
-    here = os.path.dirname(os.path.abspath(__file__))
-    input_made = 0.0   # when the newest output that later commands read was written
-    with open(log_path, "a") as log_file:
-        for script, argv, done, remove_when_done, read_later in commands:
-            if not (os.path.isfile(done) and os.path.getmtime(done) >= input_made
-                    and recorded_argv(done) == [script, *argv]):
-                log_file.write(f"$ python {script} {' '.join(argv)}\n")
-                log_file.flush()
-                proc = subprocess.run([sys.executable, os.path.join(here, script), *argv], stdout=log_file,
-                                      stderr=subprocess.STDOUT, env=env)
-                if proc.returncode:
-                    return f"python {script} exited {proc.returncode} (log: {log_path})"
-                if remove_when_done:
-                    shutil.rmtree(remove_when_done)
-                record_argv(done, [script, *argv])
-            if read_later:
-                input_made = max(input_made, os.path.getmtime(done))
-    return None
-
-
-def run_cells(res, jobs, cells):
-    """cells: [(name, commands)] run `jobs` at a time; a failed cell is reported and the others go on.
-    Returns the names of the failed cells."""
-    os.makedirs(os.path.join(res, "logs"), exist_ok=True)
-    threads = max(1, (os.cpu_count() or 1) // min(jobs, max(1, len(cells))))
-    with concurrent.futures.ThreadPoolExecutor(jobs) as pool:
-        futures = {pool.submit(run_cell, res, cmds, os.path.join(res, "logs", f"{name}.log"), threads): name
-                   for name, cmds in cells}
-        failed = []
-        for future in concurrent.futures.as_completed(futures):
-            failure = future.result()
-            print(f"[ablation] {futures[future]}: {failure or 'done'}", flush=True)
-            failed += [futures[future]] if failure else []
-    return failed
-
-
-def run_ablation(res, size, base, seeds, jobs, device, rows=None):
-    """Every cell: the student row's seed 0 is trained alone first (it builds the shared teachers, and
-    its bad teacher's answers are the attack data), then the first training of each other good teacher
-    (it builds that teacher; for a teacher row alone, a student that is trained but not evaluated), then
-    the LAT sweep (first seed) and every row in parallel, then the sweep's pick at the other seeds, then
-    the best combination at every seed. `rows`: only these (default: all; "lat" includes its sweep,
-    "combination" the rows it needs); a row whose teacher failed to build is left out."""
-    rows = rows or [*ABLATION_ROWS, "combination"]
-    def cells(rows_seeds, pick=None):
-        out = {}
-        for row, seed in rows_seeds:
-            cell, flags, model = row_cell(res, base, row, seed, pick)
-            out[cell] = cell_commands(res, size, base, cell, flags, model, seed, device)
-        return list(out.items())
-    (first, commands), = cells([("student", 0)])
-    if run_cells(res, 1, [(first, commands[:1])]):
-        raise RuntimeError(f"the first run failed: every other cell needs its teachers (log: {res}/logs/{first}.log)")
-    # another good teacher is built by the first training that uses it, before the cells that share it
-    wanted = [r for r in ABLATION_ROWS if r in rows or "combination" in rows]
-    trained_with = {r: row_teachers(res, r) for r, (_, flags) in ABLATION_ROWS.items() if flags}
-    builders = {folder: next(r for r, f in trained_with.items() if f == folder)
-                for folder in dict.fromkeys(row_teachers(res, r) for r in wanted) if folder != teacher_folder(res, [])}
-    first_trainings = cells([(r, seeds[0]) for r in builders.values()])
-    for (name, commands), folder in zip(first_trainings, builders):
-        if not os.path.isfile(os.path.join(folder, "good", teachers.BUILD_FILE)) and os.path.isfile(commands[0].done + ".argv"):
-            os.remove(commands[0].done + ".argv")   # its teacher went after it finished: train it again
-    failed = run_cells(res, jobs, [(name, commands[:1]) for name, commands in first_trainings]) if builders else []
-    broken = {folder for folder, row in builders.items() if f"{row}-s{seeds[0]}" in failed}
-    if broken:
-        print(f"[ablation] left out, their good teacher was not built: "
-              f"{', '.join(r for r in wanted if row_teachers(res, r) in broken)}", flush=True)
-    # seed by seed, so that a run cut short leaves whole seeds of every row
-    lat = "lat" in rows or "combination" in rows
-    run_cells(res, jobs, cells([(r, seeds[0]) for r in LAT_SWEEP if lat]
-                               + [("student", 0)]
-                               + [(r, s) for s in seeds for r in wanted
-                                  if r != "lat" and row_teachers(res, r) not in broken]))
-    pick = lat_pick(res, seeds[0])
-    if pick and lat:
-        run_cells(res, jobs, cells([("lat", s) for s in seeds], pick))
-    combo = combination(ablation_stats(res, base, seeds, pick), pick)
-    if combo and "combination" in rows:
-        run_cells(res, jobs, [(f"combination-s{s}", cell_commands(res, size, base, f"combination-s{s}", combo,
-                                                                   os.path.join(run_dir(res, f"combination-s{s}"),
-                                                                                "student"), s, device))
-                              for s in seeds])
-    return pick
-
-
-BINARY = ("hs", "xstest", "attack_p0", "attack_p0.1", "incontext")   # per-prompt outcomes
-PAIRED = ("hs", "xstest", "attack_p0", "attack_p0.1")   # paired against the student row (or PAIRED_WITH)
-
-
-def cell_outcomes(res, cell):
-    """Per-prompt outcomes (True = harmful answer, or refusal of a safe XSTest prompt; None: the attack
-    diverged) and the cell's other numbers; None while any of its results is missing."""
-    out = os.path.join(res, "cells", cell)
-    paths = {"eval": os.path.join(out, "eval.json"), "incontext": os.path.join(out, "attacks", "incontext.json")}
-    for p in ATTACK_PS:
-        found = glob.glob(os.path.join(out, "attacks", f"finetune_p{p:g}_n*.json"))
-        paths[f"attack_p{p:g}"] = found[0] if len(found) == 1 else ""
-    if not all(os.path.isfile(p) for p in paths.values()):
-        return None
-    m = load_json(paths["eval"])["metrics"]
-    x = m["xstest"]
-    o = {"hs": m["hs"]["harmful"], "refusal": m["hs"]["refusal"], "fa": m["fa"]["fa"], "fa_n": m["fa"]["n"],
-         "xstest": [r for r, safe in zip(x["refused"], x["safe"]) if safe]}
-    for p in ATTACK_PS:
-        r = load_json(paths[f"attack_p{p:g}"])["result"]
-        last = r["curve"][-1]
-        o[f"attack_p{p:g}"] = None if last.get("diverged") else last["hs"]["harmful"]
-        o[f"auc_p{p:g}"] = r["hs_auc"]
-    point = load_json(paths["incontext"])["result"]["points"][-1]
-    o["incontext"], o["k"] = point["harmful"], point["k"]
-    return o
-
-
-def row_cells(res, base, row, seeds, pick):
-    if row == "combination":
-        return [(s, f"combination-s{s}") for s in seeds]
-    if row == "lat" and not pick:
-        return []
-    cells = {}
-    for s in seeds:   # base and good teacher: one cell, listed under the first seed
-        cells.setdefault(row_cell(res, base, row, s, pick)[0], s)
-    return [(s, c) for c, s in cells.items()]
-
-
-def ablation_stats(res, base, seeds, pick):
-    """{row: numbers} for every row with finished cells: each binary metric pooled over the row's seeds
-    (rate and 95 % Wilson interval over seeds × prompts) and per seed, FA and HS-AUC per seed and their
-    mean, and exact McNemar tests against the student row (PAIRED_WITH: another row) on the same
-    prompts, seed by seed pooled (a row of one model, base or good teacher, is paired with every seed of
-    the student)."""
-    outcomes = {}
-    for row in [*ABLATION_ROWS, *LAT_SWEEP, "combination"]:
-        found = [(s, cell_outcomes(res, c)) for s, c in row_cells(res, base, row, seeds, pick)]
-        found = [(s, o) for s, o in found if o is not None]
-        if found:
-            outcomes[row] = found
-    stats = {}
-    for row, found in outcomes.items():
-        reference = PAIRED_WITH.get(row, "student")
-        reference_outcomes = dict(outcomes.get(reference, []))
-        st = {"seeds": [s for s, _ in found], "label": ABLATION_ROWS.get(row, (row,))[0], "paired_with": reference}
-        for key in BINARY:
-            flags = [o[key] for _, o in found]
-            st[key + "_per_seed"] = [None if f is None else 100 * sum(f) / len(f) for f in flags]
-            if any(f is None for f in flags):
-                st[key], st[key + "_ci"] = None, None   # a diverged attack: no rate
-                continue
-            pooled = [v for f in flags for v in f]
-            st[key], st[key + "_ci"] = evaluation.share(sum(pooled), len(pooled), 100)
-            st[key + "_n"] = len(pooled)
-        for key in ("fa", "refusal", *(f"auc_p{p:g}" for p in ATTACK_PS)):
-            values = [o[key] for _, o in found]
-            st[key + "_per_seed"] = values
-            st[key] = None if None in values else sum(values) / len(values)
-        st["k"] = found[0][1]["k"]
-        st["paired"] = {}
-        if row != reference and reference_outcomes:
-            if row == "base" or row in TEACHER_ROWS:   # one model: paired with every seed of the reference
-                pairs = [(found[0][1], o) for o in reference_outcomes.values()]
-            else:
-                pairs = [(o, reference_outcomes[s]) for s, o in found if s in reference_outcomes]
-            for key in PAIRED:   # a diverged attack on either side: no test
-                if pairs and all(r[key] is not None and s_o[key] is not None for r, s_o in pairs):
-                    a = [v for r, _ in pairs for v in r[key]]
-                    b = [v for _, s_o in pairs for v in s_o[key]]
-                    if len(a) != len(b):
-                        raise ValueError(f"{res}/cells: {row} has {len(a)} {key} outcomes, {reference} {len(b)} "
-                                         f"(cells of different sizes)")
-                    only_row, only_student, p = evaluation.mcnemar(a, b)
-                    st["paired"][key] = {"only_row": only_row, "only_student": only_student, "p": p,
-                                         "n": len(a), "seeds": len(pairs)}
-        stats[row] = st
-    return stats
-
-
-def verdict(paired):
-    """'better' / 'worse' (p < 0.05; lower is better for every paired metric) or 'not resolved'."""
-    if not paired or paired["p"] >= 0.05:
-        return "not resolved"
-    return "better" if paired["only_row"] < paired["only_student"] else "worse"
-
-
-def lat_pick(res, seed):
-    """The LAT sweep's setting with the lowest HS after the p = 0.1 attack (then lowest HS), at one seed."""
-    scored = []
-    for name in LAT_SWEEP:
-        o = cell_outcomes(res, f"{name}-s{seed}")
-        if o and o["attack_p0.1"] is not None:
-            scored.append((sum(o["attack_p0.1"]), sum(o["hs"]), name))
-    return min(scored)[2] if scored else None
-
-
-def combination(stats, pick):
-    """train.py flags of every mechanism that is better than the student row on HS or HS after the
-    p = 0.1 attack (paired p < 0.05) and not worse on XSTest over-refusal; [] when none is."""
-    chosen = []
-    for row, st in stats.items():
-        if (row in FIXED_ROWS or row in LAT_SWEEP or row == "combination"
-                or PAIRED_WITH.get(row, "student") != "student"):   # the combination is built at the student's length
-            continue
-        helps = any(verdict(st["paired"].get(k)) == "better" for k in ("hs", "attack_p0.1"))
-        if helps and verdict(st["paired"].get("xstest")) != "worse":
-            chosen.append(row)
-    losses, flags = {}, {}
-    for row in chosen:
-        row_flags = LAT_SWEEP[pick] if row == "lat" else ABLATION_ROWS[row][1]
-        for flag, value in zip(row_flags[::2], row_flags[1::2]):
-            if flag == "--loss":
-                losses.update(train.parse_loss(value))
-            else:
-                flags[flag] = value
-    if losses:
-        flags["--loss"] = ",".join(f"{k}={v:g}" for k, v in {**train.parse_loss("dpo=1,kl=1"), **losses}.items())
-    return [v for kv in flags.items() for v in kv]
-
-
-def _rate(st, key):
-    return "diverged" if st.get(key + "_per_seed") and st[key] is None else evaluation.cell(st[key], st[key + "_ci"], 1)
-
-
-def _p(st, key):
-    paired = st["paired"].get(key)
-    if not paired:
-        return "—"
-    v = verdict(paired)
-    return f"{paired['p']:.2g}" + ("" if v == "not resolved" else f" ({v})")
-
-
-def ablation_markdown(stats, pick, combo, size):
-    """The ablation table (pooled rates with 95 % Wilson intervals, paired p against the student) and
-    the per-seed table."""
-    k = next(iter(stats.values()))["k"] if stats else "?"
-    repaired = [f"{row}: vs {st['paired_with']}" for row, st in stats.items() if st["paired_with"] != "student"]
-    others = f" ({'; '.join(repaired)})" if repaired else ""
-    head = ("| row | seeds | HS ↓ | refusal ↑ | over-refusal XSTest ↓ | FA ↑ | HS after attack p=0 ↓ | "
-            f"HS after attack p=0.1 ↓ | HS-AUC p=0.1 ↓ | in-context HS k={k} ↓ | "
-            f"paired p vs student{others}: HS / XSTest / p=0 / p=0.1 |")
-    lines = [head, "|" + " --- |" * 11]
-    for row, st in stats.items():
-        label = st["label"] + (f" ({pick})" if row == "lat" else f" ({' '.join(combo)})" if row == "combination" else "")
-        mean = lambda key: "—" if st[key] is None else f"{st[key]:.1f}"
-        lines.append(f"| {label} | {len(st['seeds'])} | {_rate(st, 'hs')} | {mean('refusal')} | "
-                     f"{_rate(st, 'xstest')} | {mean('fa')} | {_rate(st, 'attack_p0')} | {_rate(st, 'attack_p0.1')} | "
-                     f"{mean('auc_p0.1')} | {_rate(st, 'incontext')} | "
-                     + " / ".join(_p(st, key) for key in PAIRED) + " |")
-    seeds = ["| row | seed | HS | over-refusal | FA | after p=0 | after p=0.1 | AUC p=0.1 | in-context |",
-             "|" + " --- |" * 9]
-    fmt = lambda v: "diverged" if v is None else f"{v:.1f}"
-    for row, st in stats.items():
-        for i, seed in enumerate(st["seeds"]):
-            seeds.append(f"| {row} | {seed} | " + " | ".join(fmt(st[key + "_per_seed"][i]) for key in
-                         ("hs", "xstest", "fa", "attack_p0", "attack_p0.1", "auc_p0.1", "incontext")) + " |")
-    return (f"Ablation ({size} size); rates in % pooled over seeds × prompts with 95 % Wilson intervals; "
-            f"FA, refusal and AUC are means over seeds; p: exact McNemar against the student row{others}, "
-            f"seeds paired and pooled.\n\n" + "\n".join(lines) + "\n\nPer seed:\n\n" + "\n".join(seeds) + "\n")
-
-
 def ablation_figure(stats, png):
     """HS before attack, after the benign-only attack (p = 0) and after p = 0.1, each against XSTest
     over-refusal: one point per row, 95 % interval bars."""
@@ -725,7 +256,7 @@ def ablation_figure(stats, png):
     bar = lambda v, ci: [[max(0.0, v - ci[0])], [max(0.0, ci[1] - v)]]   # rounding can cross the point
     for ax, (key, title) in zip(axes, panels):
         for i, (row, st) in enumerate(stats.items()):
-            if st["xstest"] is None or st[key] is None or row in LAT_SWEEP:
+            if st["xstest"] is None or st[key] is None or row in ablation.LAT_SWEEP:
                 continue
             ax.errorbar(st["xstest"], st[key], xerr=bar(st["xstest"], st["xstest_ci"]),
                         yerr=bar(st[key], st[f"{key}_ci"]), fmt="os^D"[i // 10 % 4], color=f"C{i % 10}", capsize=3,
@@ -740,17 +271,8 @@ def ablation_figure(stats, png):
 
 
 def ablation_grid(res, out, size, base, seeds, jobs, device, run_missing, rows=None):
-    pick = run_ablation(res, size, base, seeds, jobs, device, rows) if run_missing else lat_pick(res, seeds[0])
-    stats = ablation_stats(res, base, seeds, pick)
-    if not stats:
-        raise FileNotFoundError(f"no finished ablation cell in {res}/cells")
-    combo = combination(stats, pick)
-    table = ablation_markdown(stats, pick, combo, size)
-    data.write_atomic(os.path.join(res, "ablation.json"), json.dumps(
-        {"stats": stats, "lat_pick": pick, "combination": combo, "size": size, "sizes": ABLATION_SIZES[size],
-         "seeds": seeds, "rows": {r: ABLATION_ROWS[r][1] for r in ABLATION_ROWS}, "lat_sweep": LAT_SWEEP}, indent=1))
-    data.write_atomic(os.path.join(res, "ablation.md"), table)
-    print(table)
+    """`figures.py ablation`: the experiment (ablation.grid), then its figure."""
+    stats = ablation.grid(res, size, base, seeds, jobs, device, run_missing, rows)
     png = os.path.join(out, "ablation-quick.png" if size == "quick" else "ablation.png")
     ablation_figure(stats, png)
     return png
@@ -772,12 +294,12 @@ def make(figure, res, out, size, base, run_missing):
             for name, loss in LOSS_RUNS.items():
                 ensure_run(res, name, ["--loss", loss], size, base)
             ensure_run(res, "student", [], size, base)
-        ablation(res, runs, png, "loss ablation (student)")
+        run_bars(res, runs, png, "loss ablation (student)")
     elif figure == "schedule-ablation":
         if run_missing:
             for name, sequence in SEQUENCE_RUNS.items():
                 ensure_run(res, name, [] if name == "student" else ["--sequence", sequence], size, base)
-        ablation(res, SEQUENCE_RUNS, png, "level order ablation (student)")
+        run_bars(res, SEQUENCE_RUNS, png, "level order ablation (student)")
     else:
         if run_missing:
             ensure_run(res, "student", [], size, base)
@@ -786,7 +308,6 @@ def make(figure, res, out, size, base, run_missing):
 
 
 def main(argv=None):
-    global STRONGREJECT
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("figure", choices=(*FIGURES, "all", "ablation"), help="ablation: the table and figure of "
                    "every mechanism, ≥ 3 seeds (not part of all)")
@@ -798,13 +319,13 @@ def main(argv=None):
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="ablation: student seeds")
     p.add_argument("--jobs", type=schedule.positive, default=1, help="ablation: cells run at a time")
     p.add_argument("--device", default="cpu", help="ablation: device of every run (cpu, cuda, auto)")
-    p.add_argument("--rows", nargs="+", choices=(*ABLATION_ROWS, "combination"),
+    p.add_argument("--rows", nargs="+", choices=(*ablation.ABLATION_ROWS, "combination"),
                    help="ablation: run only these rows (default: all); the table shows every finished cell")
-    p.add_argument("--strongreject", default=STRONGREJECT,
+    p.add_argument("--strongreject", default=ablation.STRONGREJECT,
                    help="ablation: StrongREJECT's prompts, JSON [{instruction, category}] or CSV with forbidden_prompt "
                         "(default: ../shared/data/refusal_direction/strongreject.json)")
     args = p.parse_args(argv)
-    STRONGREJECT = os.path.normpath(os.path.abspath(args.strongreject))
+    ablation.STRONGREJECT = os.path.normpath(os.path.abspath(args.strongreject))
     size = "quick" if args.quick else "full"
     try:
         if args.figure == "ablation":

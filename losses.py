@@ -27,7 +27,7 @@ def response_mask(labels):
 # at a time, in fp32, reading the bf16 logits once: no full [B, T, V] fp32 copy is made or kept for
 # backward, and only response positions are computed. Backward recomputes each chunk's softmax.
 # 32 rows × V × 4 bytes = 6 MiB: below glibc's mmap threshold, so a chunk's memory is reused rather
-# than mapped and page-faulted anew (256-row chunks made the loss 2× slower).
+# than mapped and page-faulted anew (bench/train_step.py measures the loss phase).
 CHUNK_ROWS = 32
 
 

@@ -36,7 +36,7 @@ class MasterWeightOptimizer:
             self.master.append(master)
             p.data = p.data.to(compute_dtype)
         optimizer = {"adamw": torch.optim.AdamW, "sgd": torch.optim.SGD}[kind]
-        # fused: one kernel per tensor (CPU and CUDA), ~4× faster than the default per-tensor loop on CPU
+        # fused: one kernel per tensor (CPU and CUDA) instead of a Python loop over tensors
         self.optimizer = optimizer(self.master, lr=lr, weight_decay=weight_decay, fused=True)
 
     def accumulate(self, keep=None):
@@ -55,8 +55,8 @@ class MasterWeightOptimizer:
             else:
                 self.grads[i].add_(g)  # bf16 added into the fp32 sum: no fp32 copy of g
 
-    def step(self, lr, clip, frozen=None):
-        """frozen: per parameter, None or a bool mask of entries this step may not move: their
+    def step(self, lr, clip, pinned=None):
+        """pinned: per parameter, None or a bool mask of entries this step may not move: their
         gradient is zeroed, and their value and their optimizer state (Adam moments, SGD momentum)
         are restored after the step, so weight decay cannot move them and their moments do not
         decay as if they had seen a zero gradient. The shared step count still advances."""
@@ -65,7 +65,7 @@ class MasterWeightOptimizer:
             m.grad = None if g is None else g.to(m.device)
         self.grads = [None] * len(self.params)
         masks = {}
-        for m, f in zip(self.master, frozen or []):
+        for m, f in zip(self.master, pinned or []):
             if f is not None and m.grad is not None:  # no gradient: the optimizer leaves m alone
                 masks[m] = f.to(m.device)  # masks follow the model; masters may sit in CPU memory
                 m.grad[masks[m]] = 0
@@ -76,7 +76,7 @@ class MasterWeightOptimizer:
             raise NonFiniteError(f"the gradient norm is {float(norm)}")
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        # parameters with frozen entries step one at a time, so the copies of their frozen values
+        # parameters with pinned entries step one at a time, so the copies of their pinned values
         # and state (most of the model under focus) exist for one tensor at a time
         held = {m: m.grad for m in masks}
         for m in masks:

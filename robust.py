@@ -153,8 +153,9 @@ def canary_keep(masks, mode, side, opt):
     return None
 
 
-def frozen_from(keeps, params):
-    """Entries that no computed side may move; their value and optimizer state stay as they are."""
+def pinned_entries(keeps, params):
+    """Entries that no computed side may move (the optimizer step's `pinned`): their value and optimizer
+    state stay as they are."""
     if not keeps or any(k is None for k in keeps):
         return None
     out = []
@@ -163,11 +164,11 @@ def frozen_from(keeps, params):
         if any(side is None for side in sides):
             out.append(None)
             continue
-        frozen = torch.ones_like(p, dtype=torch.bool)
+        pinned = torch.ones_like(p, dtype=torch.bool)
         for side in sides:
             if side is not False:
-                frozen &= ~side
-        out.append(frozen)
+                pinned &= ~side
+        out.append(pinned)
     return out
 
 

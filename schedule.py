@@ -85,6 +85,43 @@ def length_grouped(indices, lengths, batch_size, bucket_batches, rng):
     return [batches[i] for i in rng.permutation(len(batches))]
 
 
+def _check_plan(epochs, batch_size, loop, sequence, level_order, benign_per_level, harmless_ratio, group_by_length,
+                lengths):
+    if loop not in LOOPS:
+        raise ValueError(f"--loop must be one of {LOOPS}, got {loop!r}")
+    if sequence not in SEQUENCES:
+        raise ValueError(f"--sequence must be one of {SEQUENCES}, got {sequence!r}")
+    if loop == "level-epoch" and sequence != "sequential":
+        raise ValueError("--loop level-epoch trains one level at a time: use --sequence sequential")
+    if level_order not in ("fixed", "shuffled"):
+        raise ValueError(f"--level-order must be fixed or shuffled, got {level_order!r}")
+    if benign_per_level not in ("full", "split"):
+        raise ValueError(f"--benign-per-level must be full or split, got {benign_per_level!r}")
+    if batch_size < 1 or epochs < 1 or harmless_ratio < 0:
+        raise ValueError("--batch-size and --epochs must be ≥ 1 and --harmless-ratio ≥ 0")
+    if group_by_length and lengths is None:
+        raise ValueError("--group-by-length needs the tokenised examples' lengths (train.py computes them; "
+                         "--plan-only and schedule.py alone cannot)")
+
+
+def _harmless_batches(share, want, n_steps, key, group_by_length, lengths):
+    """`want` harmless indices dealt over a level's n_steps steps (counts differ by ≤ 1): seeded
+    permutations of the level's `share`, one after another until there are enough; with
+    group_by_length G, sorted by length within each run of G steps. key = (seed, epoch, level)."""
+    seed, epoch, level = key
+    drawn, passes = [], 0
+    while len(drawn) < want:
+        drawn += [share[i] for i in _rng(seed, _HARMLESS, epoch, level, passes).permutation(len(share))]
+        passes += 1
+    drawn = drawn[:want]
+    cuts = [want * k // n_steps for k in range(n_steps + 1)]
+    if group_by_length:  # similar lengths within each run of G steps
+        for a in range(0, n_steps, group_by_length):
+            lo, hi = cuts[a], cuts[min(a + group_by_length, n_steps)]
+            drawn[lo:hi] = sorted(drawn[lo:hi], key=lambda j: lengths[j])
+    return [drawn[cuts[k]:cuts[k + 1]] for k in range(n_steps)]
+
+
 def build_plan(levels, n_harmless, *, epochs=1, batch_size=8, loop="epoch-level", sequence="sequential",
                level_order="fixed", benign_per_level="full", harmless_ratio=1.0, seed=0,
                group_by_length=0, lengths=None):
@@ -103,23 +140,11 @@ def build_plan(levels, n_harmless, *, epochs=1, batch_size=8, loop="epoch-level"
     from each level in turn until all are used; mixed = all levels' steps shuffled together. With
     loop=level-epoch each level runs all its epochs before the next (only `sequential` applies).
 
-    group_by_length G > 0: harmful batches come from `length_grouped` (buckets of G batches), and
-    within each run of G steps the harmless examples are sorted by length before they are dealt
-    out; `lengths` = (harmful lengths, harmless lengths) in tokens.
+    group_by_length G > 0: harmful batches from `length_grouped` (buckets of G batches), harmless ones
+    sorted by length within each run of G steps; `lengths` = (harmful, harmless lengths) in tokens.
     """
-    if loop not in LOOPS:
-        raise ValueError(f"--loop must be one of {LOOPS}, got {loop!r}")
-    if sequence not in SEQUENCES:
-        raise ValueError(f"--sequence must be one of {SEQUENCES}, got {sequence!r}")
-    if loop == "level-epoch" and sequence != "sequential":
-        raise ValueError("--loop level-epoch trains one level at a time: use --sequence sequential")
-    if benign_per_level not in ("full", "split"):
-        raise ValueError(f"--benign-per-level must be full or split, got {benign_per_level!r}")
-    if batch_size < 1 or epochs < 1 or harmless_ratio < 0:
-        raise ValueError("--batch-size and --epochs must be ≥ 1 and --harmless-ratio ≥ 0")
-    if group_by_length and lengths is None:
-        raise ValueError("--group-by-length needs the tokenised examples' lengths (train.py computes them; "
-                         "--plan-only and schedule.py alone cannot)")
+    _check_plan(epochs, batch_size, loop, sequence, level_order, benign_per_level, harmless_ratio, group_by_length,
+                lengths)
     n_levels = max(levels) + 1 if levels else 0
     members = [[i for i, lv in enumerate(levels) if lv == level] for level in range(n_levels)]
     if benign_per_level == "full":
@@ -128,36 +153,20 @@ def build_plan(levels, n_harmless, *, epochs=1, batch_size=8, loop="epoch-level"
         perm = _rng(seed, _SPLIT).permutation(n_harmless)
         shares = [[int(i) for i in part] for part in np.array_split(perm, n_levels)]
 
-    def harmless_for(epoch, level, n_steps):
-        share = shares[level]
-        want = max(len(share), math.ceil(len(members[level]) * harmless_ratio - 1e-9)) if share else 0
-        drawn, passes = [], 0
-        while len(drawn) < want:
-            drawn += [share[i] for i in _rng(seed, _HARMLESS, epoch, level, passes).permutation(len(share))]
-            passes += 1
-        drawn = drawn[:want]
-        cuts = [want * k // n_steps for k in range(n_steps + 1)]
-        if group_by_length:  # similar lengths within each run of G steps
-            for a in range(0, n_steps, group_by_length):
-                lo, hi = cuts[a], cuts[min(a + group_by_length, n_steps)]
-                drawn[lo:hi] = sorted(drawn[lo:hi], key=lambda j: lengths[1][j])
-        return [drawn[cuts[k]:cuts[k + 1]] for k in range(n_steps)]
-
     def steps_of(epoch, level):
         perm = _rng(seed, _HARMFUL, epoch, level).permutation(len(members[level]))
         shuffled = [members[level][i] for i in perm]
         harmful = length_grouped(shuffled, lengths[0], batch_size, group_by_length,
                                  _rng(seed, _GROUP, epoch, level)) if group_by_length else _batches(shuffled, batch_size)
-        harmless = harmless_for(epoch, level, len(harmful))
+        want = max(len(shares[level]), math.ceil(len(members[level]) * harmless_ratio - 1e-9)) if shares[level] else 0
+        harmless = _harmless_batches(shares[level], want, len(harmful), (seed, epoch, level), group_by_length,
+                                     lengths and lengths[1])
         return [Step(level, epoch, h, b) for h, b in zip(harmful, harmless)]
 
     def order_levels(epoch):
-        order = list(range(n_levels))
         if level_order == "shuffled":
-            order = [int(i) for i in _rng(seed, _LEVEL_ORDER, epoch).permutation(n_levels)]
-        elif level_order != "fixed":
-            raise ValueError(f"--level-order must be fixed or shuffled, got {level_order!r}")
-        return order
+            return [int(i) for i in _rng(seed, _LEVEL_ORDER, epoch).permutation(n_levels)]
+        return list(range(n_levels))
 
     if loop == "level-epoch":
         return [s for level in order_levels(0) for epoch in range(epochs) for s in steps_of(epoch, level)]
@@ -297,7 +306,7 @@ def plan_options(args):
 
 
 @dataclass(frozen=True)
-class Weights:
+class Scales:
     """γ(t), λ and lr(t) of every step, from the schedule flags."""
     gamma_schedule: str = "constant"
     gamma_start: float = 1.0
@@ -339,7 +348,7 @@ def main(argv=None):
                      "(train.py --plan-only handles category and difficulty)")
     levels = assign_levels(args.n_harmful, args.levels, "random", args.seed)
     plan = build_plan(levels, args.n_harmless, **plan_options(args))
-    print(describe(plan, Weights.from_args(args), args.levels))
+    print(describe(plan, Scales.from_args(args), args.levels))
 
 
 if __name__ == "__main__":

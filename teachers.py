@@ -773,10 +773,9 @@ def _sample(examples, n, rng):
     return [examples[i].prompt for i in rng.permutation(len(examples))[:n]]
 
 
-def break_by_ablation(model_spec, out, *, n_prompts=32, n_val=8, kl_max=0.1, select_tokens=16, eval_limit=None,
-                      seed=0):
-    """The `break --method ablate` command: direction prompts and selection prompts come from the
-    training split (disjoint), the before/after refusal rates from the held-out split."""
+def ablation_prompts(n_prompts, n_val, eval_limit, seed):
+    """The `break --method ablate` prompts: direction and selection prompts from the training split
+    (disjoint), the held-out split for the before/after refusal rates."""
     harmful_train, harmful_test = data.load_pool("harmful", seed=seed)
     harmless_train, harmless_test = data.load_pool("harmless", seed=seed)
     rng = np.random.default_rng(seed)
@@ -785,11 +784,16 @@ def break_by_ablation(model_spec, out, *, n_prompts=32, n_val=8, kl_max=0.1, sel
     if len(harmful) < n_prompts + n_val or len(harmless) < n_prompts + n_val:
         raise data.DataError(f"--n-prompts {n_prompts} + --n-val {n_val}: the training pools have only "
                              f"{len(harmful_train)} harmful / {len(harmless_train)} harmless prompts")
-    dir_harmful, val_harmful = harmful[:n_prompts], harmful[n_prompts:]
-    dir_harmless, val_harmless = harmless[:n_prompts], harmless[n_prompts:]
-    test_harmful = [e.prompt for e in harmful_test][:eval_limit]
-    test_harmless = [e.prompt for e in harmless_test][:eval_limit]
+    return (harmful[:n_prompts], harmless[:n_prompts], harmful[n_prompts:], harmless[n_prompts:],
+            [e.prompt for e in harmful_test][:eval_limit], [e.prompt for e in harmless_test][:eval_limit])
 
+
+def break_by_ablation(model_spec, out, *, n_prompts=32, n_val=8, kl_max=0.1, select_tokens=16, eval_limit=None,
+                      seed=0):
+    """The `break --method ablate` command: the refusal direction of the layer select_direction picks,
+    orthogonalised out of the weights; ablation.json reports the refusal rates before and after."""
+    dir_harmful, dir_harmless, val_harmful, val_harmless, test_harmful, test_harmless = ablation_prompts(
+        n_prompts, n_val, eval_limit, seed)
     t0 = time.time()
     model, tok, key = load_model(model_spec, dtype=torch.float32)  # fp32: exact projections
     data.check_chat_template(tok, model_spec)
@@ -831,7 +835,6 @@ def break_by_ablation(model_spec, out, *, n_prompts=32, n_val=8, kl_max=0.1, sel
                     "selection_harmful": val_harmful, "selection_harmless": val_harmless,
                     "held_out": "builtin:test split (data.load_pool(...)[1])"},
         "settings": generation_settings(judge="refusal-keywords", refusal_markers=list(data.REFUSAL_MARKERS),
-            
             n_prompts=n_prompts, n_val=n_val, kl_max=kl_max, seed=seed,
             select_max_new_tokens=select_tokens, eval_limit=eval_limit, dtype="float32",
             candidate_layers=f"first 80% ({round(0.8 * len(directions))} of {len(directions)})",
@@ -840,14 +843,18 @@ def break_by_ablation(model_spec, out, *, n_prompts=32, n_val=8, kl_max=0.1, sel
     }
     with open(os.path.join(out, "ablation.json"), "w") as f:
         json.dump(result, f, indent=2)
+    print_ablation(result)
+    return result
+
+
+def print_ablation(result):
     h = result["held_out"]
-    print(f"held-out harmful refusal: {before:.1%} → {after:.1%} (n={len(test_harmful)}); harmless refusal "
-          f"{before_harmless:.1%} → {after_harmless:.1%}; KL(orig ‖ broken) on harmless {h['kl_orig_vs_orthogonalized']:.4f} "
-          f"(hooked {h['kl_orig_vs_hooked']:.4f})")
+    print(f"held-out harmful refusal: {h['refusal_before']:.1%} → {h['refusal_after']:.1%} (n={h['n_harmful']}); "
+          f"harmless refusal {h['harmless_refusal_before']:.1%} → {h['harmless_refusal_after']:.1%}; KL(orig ‖ broken) "
+          f"on harmless {h['kl_orig_vs_orthogonalized']:.4f} (hooked {h['kl_orig_vs_hooked']:.4f})")
     for s in h["samples"][:2]:
         print(f"\n> {s['prompt']}\nbefore: {s['before'][:150]}\nafter:  {s['after'][:150]}")
-    print(f"\nwrote {out} ({time.time() - t0:.0f} s)")
-    return result
+    print(f"\nwrote {result['out']} ({result['settings']['seconds']:.0f} s)")
 
 
 # ---------------------------------------------------------------- CPU offloading of frozen models

@@ -44,8 +44,8 @@ import schedule
 import teachers
 from eval import teacher_report, teacher_table
 
-# flags that do not change the result (or, like --recipe, only fill flags compared themselves): a
-# resumed run may differ from the saved run in these, and must agree on every other flag
+# flags that do not change the trained weights (evaluation and run-control flags; --recipe only fills
+# flags that are compared themselves): a resumed run may differ from the saved run in these alone
 _RUN_FLAGS_IGNORED_ON_RESUME = ("resume", "overwrite", "plan_only", "no_eval", "force", "save_every", "eval_limit",
                                 "xstest", "offload", "device", "precision_requested", "recipe")
 
@@ -82,9 +82,8 @@ FLAG_RANGES = {
     "harmless_ratio": _NONNEGATIVE, "dpo_harmless_weight": _NONNEGATIVE, "lora_r": _NONNEGATIVE,
     "test_fraction": (lambda v: 0 < v < 1, "in (0, 1)"), "canary_top": (lambda v: 0 < v <= 100, "in (0, 100]"),
     "lora_dropout": (lambda v: 0 <= v < 1, "in [0, 1)"),
-    **{name: {"> 0": _POSITIVE, "≥ 0": _NONNEGATIVE, "any": (lambda v: True, "a number")}[p.rule]
-       for name, p in losses.term_params().items()},
 }
+PARAM_RULES = {"> 0": _POSITIVE, "≥ 0": _NONNEGATIVE, "any": (lambda v: True, "a number")}
 
 
 # Defaults that --recipe sets; a flag given on the command line wins. quick fits a 2-core CPU without
@@ -110,7 +109,8 @@ def fill_derived_flags(args):
 def check_args(args):
     """Every flag's range and every rule across flags, right after parsing, in one line naming the
     flags (unset optional flags are skipped)."""
-    for name, (ok, what) in FLAG_RANGES.items():
+    ranges = {**FLAG_RANGES, **{name: PARAM_RULES[p.rule] for name, p in losses.term_params().items()}}
+    for name, (ok, what) in ranges.items():
         value = getattr(args, name, None)
         if value is not None and (not math.isfinite(value) or not ok(value)):
             raise ValueError(f"--{name.replace('_', '-')} must be {what}, got {value}")
@@ -463,7 +463,7 @@ def run_step(student, frozen, opt, step, pools, cfg, gamma, lr, *, lam=1.0, prog
     if not keeps:
         return {"skipped": True}
     parallel.all_reduce_grads(opt)
-    row["grad_norm"] = opt.step(lr, cfg.clip, robust.frozen_from(keeps, opt.params))
+    row["grad_norm"] = opt.step(lr, cfg.clip, robust.pinned_entries(keeps, opt.params))
     if cfg.cb_alpha:
         row.update({f"{name}_coef": w for side in ("harmful", "harmless")
                     for name, w in cfg.weights(side, progress).items() if losses.TERMS[name].fade})
@@ -496,7 +496,7 @@ def side_step(student, frozen, opt, side, indices, pool, cfg, weights, scale, ke
 def train_loop(args, student, opt, frozen, pools, cfg, plan, levels, start, canary, base):
     """The student's optimizer steps from `start`: γ, λ and lr of the step, canary masks, one joint
     update, a metrics line, a checkpoint every --save-every steps (the previous one removed)."""
-    weights, n_levels = schedule.Weights.from_args(args), max(levels) + 1
+    scales, n_levels = schedule.Scales.from_args(args), max(levels) + 1
     canary_options = robust.CanaryOptions(args.canary_every, args.canary_samples, args.canary_top, args.canary_score,
                                           args.micro_batch, args.seed)
     initial = ({n: p.detach().float().clone() for n, p in base.fp32.named_parameters()}
@@ -505,11 +505,11 @@ def train_loop(args, student, opt, frozen, pools, cfg, plan, levels, start, cana
     bar = tqdm(range(start, len(plan)), desc="student", initial=start, total=len(plan), disable=not parallel.is_main())
     for t in bar:
         step, t0 = plan[t], time.time()
-        gamma, lr = weights.gamma(t, len(plan), step.level, n_levels), weights.lr_at(t, len(plan))
+        gamma, lr = scales.gamma(t, len(plan), step.level, n_levels), scales.lr_at(t, len(plan))
         extra = (robust.gather_canaries(student, canary, step, t, pools["harmful"].bad, levels, canary_options)
                  if args.canary_mode != "off" else {})
         try:
-            row = run_step(student, frozen, opt, step, pools, cfg, gamma, lr, lam=weights.lam, progress=t / len(plan),
+            row = run_step(student, frozen, opt, step, pools, cfg, gamma, lr, lam=scales.lam, progress=t / len(plan),
                            masks=canary.masks)
         except optim.NonFiniteError as e:
             raise optim.NonFiniteError(f"step {t}: {e}; stopped before updating the weights (last checkpoint: "
@@ -517,7 +517,7 @@ def train_loop(args, student, opt, frozen, pools, cfg, plan, levels, start, cana
                                        ) from None
         if canary.masks:
             extra["canary_dw"], extra["rest_dw"] = robust.canary_drift(canary.masks, opt.master_state(student), initial)
-        row = {"step": t, "epoch": step.epoch, "level": step.level + 1, "gamma": gamma, "lam": weights.lam, "lr": lr,
+        row = {"step": t, "epoch": step.epoch, "level": step.level + 1, "gamma": gamma, "lam": scales.lam, "lr": lr,
                **row, **extra, "seconds": round(time.time() - t0, 3)}
         if not parallel.is_main():  # every rank holds the same weights and metrics; rank 0 writes them
             continue
@@ -715,7 +715,7 @@ def print_plan(args, prompts):
     if args.levels_by == "difficulty":
         raise ValueError("--plan-only with --levels-by difficulty: the margins need the model; run once first")
     levels, plan = make_plan(args, prompts.harmful, len(prompts.harmless))
-    print(schedule.describe(plan, schedule.Weights.from_args(args), max(levels) + 1))
+    print(schedule.describe(plan, schedule.Scales.from_args(args), max(levels) + 1))
     if args.filter_pairs:
         print("(pool sizes before --filter-pairs drops the pairs the teachers got wrong)")
 

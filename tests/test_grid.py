@@ -8,6 +8,7 @@ import os
 import pytest
 
 import data
+import ablation
 import figures
 
 
@@ -18,7 +19,7 @@ def stand_in_strongreject(tmp_path_factory, monkeypatch):
     path = tmp_path_factory.mktemp("sr") / "strongreject.json"
     path.write_text(json.dumps([{"instruction": e.prompt, "category": e.category}
                                 for e in data.load_pool("harmful", seed=0)[1]]))
-    monkeypatch.setattr(figures, "STRONGREJECT", str(path))
+    monkeypatch.setattr(ablation, "STRONGREJECT", str(path))
 
 
 def write_cell(res, cell, hs, xstest, p0, p01, incontext, auc=20.0, diverged_p0=False):
@@ -58,7 +59,7 @@ def test_ablation_stats_pool_seeds_and_pair_them_with_the_student(tmp_path):
     write_cell(res, "npo-s0", hs=[F] * 6, **{**same, "p01": [F, F, F, F]}, auc=10.0)
     write_cell(res, "npo-s1", hs=[F, F, T, F, F, F], **{**same, "p01": [F, F, F, F]}, auc=20.0, diverged_p0=True)
     write_cell(res, "base", hs=[T] * 6, **same)
-    stats = figures.ablation_stats(res, "base-model", [0, 1], None)
+    stats = ablation.ablation_stats(res, "base-model", [0, 1], None)
     assert list(stats) == ["base", "student", "npo"]   # rows without cells are left out
 
     npo, student, base = stats["npo"], stats["student"], stats["base"]
@@ -70,8 +71,8 @@ def test_ablation_stats_pool_seeds_and_pair_them_with_the_student(tmp_path):
     # npo vs student, seed by seed: the student alone is harmful on 4 + 3 prompts, npo alone on none
     # (its harmful prompt 3 of seed 1 is harmful for the student too): exact p = 2 · 2⁻⁶
     assert npo["paired"]["hs"] == {"only_row": 0, "only_student": 6, "p": pytest.approx(2 / 64), "n": 12, "seeds": 2}
-    assert figures.verdict(npo["paired"]["hs"]) == "better"
-    assert npo["paired"]["xstest"]["p"] == 1.0 and figures.verdict(npo["paired"]["xstest"]) == "not resolved"
+    assert ablation.verdict(npo["paired"]["hs"]) == "better"
+    assert npo["paired"]["xstest"]["p"] == 1.0 and ablation.verdict(npo["paired"]["xstest"]) == "not resolved"
     # a diverged attack has no rate and is not paired
     assert npo["attack_p0"] is None and npo["attack_p0_per_seed"] == [50.0, None]
     assert "attack_p0" not in npo["paired"] and npo["auc_p0"] is None
@@ -79,11 +80,11 @@ def test_ablation_stats_pool_seeds_and_pair_them_with_the_student(tmp_path):
     assert npo["paired"]["attack_p0.1"]["only_student"] == 6 and npo["paired"]["attack_p0.1"]["p"] == pytest.approx(1 / 32)
     # one model (the base) is paired with every seed of the student: only the base on 2 + 3 prompts
     assert base["paired"]["hs"]["only_row"] == 5 and base["paired"]["hs"]["only_student"] == 0
-    assert base["paired"]["hs"]["p"] == pytest.approx(2 / 32) and figures.verdict(base["paired"]["hs"]) == "not resolved"
+    assert base["paired"]["hs"]["p"] == pytest.approx(2 / 32) and ablation.verdict(base["paired"]["hs"]) == "not resolved"
 
     # npo is better on HS and after the attack and not worse on XSTest: the combination is its loss
-    assert figures.combination(stats, None) == ["--loss", "dpo=1,kl=1,npo=1"]
-    table = figures.ablation_markdown(stats, None, ["--loss", "dpo=1,kl=1,npo=1"], "quick")
+    assert ablation.combination(stats, None) == ["--loss", "dpo=1,kl=1,npo=1"]
+    table = ablation.ablation_markdown(stats, None, ["--loss", "dpo=1,kl=1,npo=1"], "quick")
     assert "| + NPO | 2 | 8.3 % [1.5, 35.4] |" in table and "diverged" in table and "0.031 (better)" in table
 
 
@@ -96,7 +97,7 @@ def test_the_10_epoch_rows_are_paired_with_the_10_epoch_student_and_left_out_of_
         write_cell(res, f"student-long-s{s}", hs=[T, T, T, F, F, F], **same)
         write_cell(res, f"sft-long-s{s}", hs=[T] * 6, **same)
         write_cell(res, f"gamma-long-s{s}", hs=[F] * 6, **same)
-    stats = figures.ablation_stats(res, "base-model", [0, 1], None)
+    stats = ablation.ablation_stats(res, "base-model", [0, 1], None)
     # against student-long: sft-long alone harmful on 3 + 3 prompts, gamma-long never when it is,
     # exact p = 2 · 2⁻⁶ (against the default student: sft-long 0 vs 0, gamma-long 0 vs 12)
     assert stats["sft-long"]["paired_with"] == "student-long"
@@ -108,7 +109,7 @@ def test_the_10_epoch_rows_are_paired_with_the_10_epoch_student_and_left_out_of_
     assert stats["student-long"]["paired"]["hs"]["only_student"] == 6
     # student-long and gamma-long are better than the student, but one is a training length and the
     # other a mechanism at another length: the combination is built at the student's
-    assert figures.combination(stats, None) == []
+    assert ablation.combination(stats, None) == []
 
 
 def test_the_other_good_teacher_is_paired_with_the_shared_one_and_its_student_with_the_10_epoch_student(tmp_path):
@@ -123,46 +124,46 @@ def test_the_other_good_teacher_is_paired_with_the_shared_one_and_its_student_wi
     for s in (0, 1):   # the LAT row: its pick's cells, paired seed by seed, not as one model
         write_cell(res, f"lat-emb-0.1-s{s}", xstest=[T, T, F, F], **{**same, "hs": [T, F] if s else [F, F]})
         write_cell(res, f"student-s{s}", xstest=[T, T, F, F], **{**same, "hs": [T, T]})
-    stats = figures.ablation_stats(res, "base-model", [0, 1], "lat-emb-0.1")
+    stats = ablation.ablation_stats(res, "base-model", [0, 1], "lat-emb-0.1")
     assert stats["lat"]["paired"]["hs"] == {"only_row": 0, "only_student": 3, "p": 0.25, "n": 4, "seeds": 2}
     # one model against one model: prompts 0 and 1 refused by the shared teacher only, prompt 3 by the other
     assert stats["good-teacher-helpful"]["paired"]["xstest"] == {"only_row": 1, "only_student": 2, "p": 1.0,
                                                                  "n": 4, "seeds": 1}
     assert stats["student-long-helpful"]["paired"]["xstest"] == {"only_row": 0, "only_student": 4,
                                                                  "p": pytest.approx(2 / 16), "n": 8, "seeds": 2}
-    assert figures.combination(stats, None) == []
+    assert ablation.combination(stats, None) == []
 
 
 def test_a_row_with_another_good_teacher_builds_it_in_its_own_folder_before_the_cells_that_share_it(monkeypatch):
     res = "/r"
     # the order of the commands is tested here, not their data sets: no file is read or written in /r
-    monkeypatch.setattr(figures, "hs_set", lambda res, size: "hs.jsonl")
-    monkeypatch.setattr(figures, "xstest_set", lambda res, size: "xstest.csv")
-    cell, flags, model = figures.row_cell(res, "b", "student-long-helpful", 1)
-    train_argv = figures.cell_commands(res, "quick", "b", cell, flags, model, 1, "cpu")[0].argv
+    monkeypatch.setattr(ablation, "hs_set", lambda res, size: "hs.jsonl")
+    monkeypatch.setattr(ablation, "xstest_set", lambda res, size: "xstest.csv")
+    cell, flags, model = ablation.row_cell(res, "b", "student-long-helpful", 1)
+    train_argv = ablation.cell_commands(res, "quick", "b", cell, flags, model, 1, "cpu")[0].argv
     after = lambda flag: train_argv[train_argv.index(flag) + 1]
     assert after("--teacher-dir") == "/r/teachers/teacher-harmless-repeat-4" and after("--bad-teacher") == "/r/teachers/bad"
     assert after("--teacher-harmless-repeat") == "4"
-    assert figures.row_cell(res, "b", "good-teacher-helpful", 0)[2] == "/r/teachers/teacher-harmless-repeat-4/good"
-    plain = figures.cell_commands(res, "quick", "b", "npo-s0", figures.ABLATION_ROWS["npo"][1], "m", 0, "cpu")[0].argv
+    assert ablation.row_cell(res, "b", "good-teacher-helpful", 0)[2] == "/r/teachers/teacher-harmless-repeat-4/good"
+    plain = ablation.cell_commands(res, "quick", "b", "npo-s0", ablation.ABLATION_ROWS["npo"][1], "m", 0, "cpu")[0].argv
     assert plain[plain.index("--teacher-dir") + 1] == "/r/teachers" and "--bad-teacher" not in plain
 
     batches = []
-    monkeypatch.setattr(figures, "run_cells", lambda res, jobs, cells: batches.append(
+    monkeypatch.setattr(ablation, "run_cells", lambda res, jobs, cells: batches.append(
         [(name, [c.script for c in cmds]) for name, cmds in cells]) or [])
-    figures.run_ablation(res, "quick", "b", [0, 1], 2, "cpu", ["good-teacher-helpful", "student-long-helpful"])
+    ablation.run_ablation(res, "quick", "b", [0, 1], 2, "cpu", ["good-teacher-helpful", "student-long-helpful"])
     assert batches[:2] == [[("student-s0", ["train.py"])], [("student-long-helpful-s0", ["train.py"])]]
     assert [name for name, _ in batches[2]] == ["student-s0", "good-teacher-helpful", "student-long-helpful-s0",
                                                  "student-long-helpful-s1"]
     batches.clear()
-    figures.run_ablation(res, "quick", "b", [0], 2, "cpu", ["npo"])   # the shared teachers only: nothing in between
+    ablation.run_ablation(res, "quick", "b", [0], 2, "cpu", ["npo"])   # the shared teachers only: nothing in between
     assert [[name for name, _ in batch] for batch in batches] == [["student-s0"], ["student-s0", "npo-s0"]]
 
     # a teacher that failed to build leaves out only the rows that need it
     batches.clear()
-    monkeypatch.setattr(figures, "run_cells", lambda res, jobs, cells: batches.append([n for n, _ in cells]) or
+    monkeypatch.setattr(ablation, "run_cells", lambda res, jobs, cells: batches.append([n for n, _ in cells]) or
                         [n for n, _ in cells if n == "student-long-helpful-s0"])
-    figures.run_ablation(res, "quick", "b", [0], 2, "cpu", ["npo", "good-teacher-helpful", "student-long-helpful"])
+    ablation.run_ablation(res, "quick", "b", [0], 2, "cpu", ["npo", "good-teacher-helpful", "student-long-helpful"])
     assert batches[1:] == [["student-long-helpful-s0"], ["student-s0", "npo-s0"]]
 
 
@@ -172,14 +173,14 @@ def test_a_teacher_removed_after_its_first_training_finished_trains_it_again(tmp
     os.makedirs(os.path.dirname(done))
     for path in (done, done + ".argv"):
         open(path, "w").write("[]")
-    monkeypatch.setattr(figures, "run_cells", lambda res, jobs, cells: [])
-    figures.run_ablation(res, "quick", "b", [0], 2, "cpu", ["student-long-helpful"])
+    monkeypatch.setattr(ablation, "run_cells", lambda res, jobs, cells: [])
+    ablation.run_ablation(res, "quick", "b", [0], 2, "cpu", ["student-long-helpful"])
     assert not os.path.exists(done + ".argv")   # no record: run_cell trains it again, and builds the teacher
     open(done + ".argv", "w").write("[]")
     good = os.path.join(res, "teachers", "teacher-harmless-repeat-4", "good")
     os.makedirs(good)
     open(os.path.join(good, "build.json"), "w").write("{}")
-    figures.run_ablation(res, "quick", "b", [0], 2, "cpu", ["student-long-helpful"])
+    ablation.run_ablation(res, "quick", "b", [0], 2, "cpu", ["student-long-helpful"])
     assert os.path.exists(done + ".argv")        # the teacher is there: the finished training is kept
 
 
@@ -190,8 +191,8 @@ def test_lat_pick_is_the_sweep_setting_lowest_after_the_attack(tmp_path):
     write_cell(res, "lat-emb-0.1-s0", hs=[T, T], p01=[T, F], **rest)
     write_cell(res, "lat-emb-0.3-s0", hs=[T, T], p01=[F, F], **rest)
     write_cell(res, "lat-b10-4-s0", hs=[F, F], p01=[T, T], **rest)
-    assert figures.lat_pick(res, 0) == "lat-emb-0.3"
-    assert figures.row_cell(res, "b", "lat", 2, "lat-emb-0.3")[:2] == ("lat-emb-0.3-s2", figures.LAT_SWEEP["lat-emb-0.3"])
+    assert ablation.lat_pick(res, 0) == "lat-emb-0.3"
+    assert ablation.row_cell(res, "b", "lat", 2, "lat-emb-0.3")[:2] == ("lat-emb-0.3-s2", ablation.LAT_SWEEP["lat-emb-0.3"])
 
 
 def test_a_combination_of_two_loss_rows_merges_their_terms():
@@ -202,15 +203,15 @@ def test_a_combination_of_two_loss_rows_merges_their_terms():
              "kl-rev": {"paired": {"hs": better}},
              "cyclic": {"paired": {"hs": better, "xstest": worse}},      # safer but over-refuses more: left out
              "cb": {"paired": {"hs": {"p": 0.2, "only_row": 1, "only_student": 4}}}}
-    assert figures.combination(stats, None) == ["--loss", "dpo=1,kl=1,npo=1,kl_rev=1"]
-    assert figures.combination({"student": {"paired": {}}}, None) == []
+    assert ablation.combination(stats, None) == ["--loss", "dpo=1,kl=1,npo=1,kl_rev=1"]
+    assert ablation.combination({"student": {"paired": {}}}, None) == []
 
 
 def test_xstest_sets_keep_only_safe_prompts_spread_over_types(tmp_path):
     import collections
     import eval as evaluation
-    full = evaluation.load_xstest(figures.xstest_set(str(tmp_path), "full"))
-    quick = evaluation.load_xstest(figures.xstest_set(str(tmp_path), "quick"))
+    full = evaluation.load_xstest(ablation.xstest_set(str(tmp_path), "full"))
+    quick = evaluation.load_xstest(ablation.xstest_set(str(tmp_path), "quick"))
     assert len(full) == 250 and all(e.safe for e in full)
     # XSTest has 10 safe types of 25 prompts: a stratified 100 takes 10 of each
     assert sorted(collections.Counter(e.category for e in quick).values()) == [10] * 10 and all(e.safe for e in quick)
@@ -226,7 +227,7 @@ TINY_SIZE = {"train": ["--limit", "8", "--epochs", "1", "--levels", "1", "--batc
 def test_ablation_cells_run_resume_and_reproduce_from_their_argv(tiny_folder, tmp_path, monkeypatch):
     import subprocess
     import sys
-    monkeypatch.setitem(figures.ABLATION_SIZES, "quick", TINY_SIZE)
+    monkeypatch.setitem(ablation.ABLATION_SIZES, "quick", TINY_SIZE)
     res, out = str(tmp_path / "res"), str(tmp_path / "png")
     argv = ["ablation", "--quick", "--results", res, "--out", out, "--model", tiny_folder, "--seeds", "0",
             "--rows", "student", "sft-baseline", "--jobs", "2"]  # two cells at once: their processes mostly start up
@@ -244,13 +245,13 @@ def test_ablation_cells_run_resume_and_reproduce_from_their_argv(tiny_folder, tm
 
     figures.main(argv)                      # everything is done: nothing runs again
     assert len(ran()) == 4
-    monkeypatch.setitem(figures.ABLATION_SIZES, "quick", {**TINY_SIZE, "fa_n": 3})
+    monkeypatch.setitem(ablation.ABLATION_SIZES, "quick", {**TINY_SIZE, "fa_n": 3})
     figures.main(argv)                      # a changed eval size runs eval.py again, not the training
     assert ran()[4:] == ["eval.py"]
     attacked = os.path.getmtime(os.path.join(res, "cells", "student-s0", "attacks", "incontext.json"))
-    monkeypatch.setitem(figures.ABLATION_SIZES, "quick", {**TINY_SIZE, "fa_n": 3,
+    monkeypatch.setitem(ablation.ABLATION_SIZES, "quick", {**TINY_SIZE, "fa_n": 3,
                                                            "train": [*TINY_SIZE["train"], "--lr", "3e-5"]})
-    figures.main(argv)                      # a changed training: its student is new, so all that reads it runs again
+    figures.main([*argv[:-4], "student"])  # a changed training (one row): its student is new, so all that reads it runs again
     assert ran()[5:] == ["train.py", "eval.py", "attack.py", "attack.py"]
     assert os.path.getmtime(os.path.join(res, "cells", "student-s0", "attacks", "incontext.json")) > attacked
 
