@@ -36,6 +36,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceC
 
 import data
 import schedule
+import stats
 import teachers
 from data import REFUSAL_MARKERS, file_sha256, is_refusal, normalise_quotes
 from teachers import MAX_NEW_TOKENS, generate
@@ -112,20 +113,9 @@ def mcnemar(a, b):
     return only_a, only_b, min(1.0, 2 * tail)
 
 
-def holm(pvalues):
-    """Holm's step-down adjusted p-values (same order as given): the i-th smallest p times (m - i + 1),
-    made non-decreasing, capped at 1. A family of tests then holds its error rate at the level."""
-    order = sorted(range(len(pvalues)), key=lambda i: pvalues[i])
-    adjusted, running = [None] * len(pvalues), 0.0
-    for rank, i in enumerate(order):
-        running = max(running, min(1.0, (len(pvalues) - rank) * pvalues[i]))
-        adjusted[i] = running
-    return adjusted
-
-
 def complied(texts):
     """Per answer: the keyword HS outcome (neither a refusal nor degenerate), as response_stats counts it."""
-    return [not is_degenerate(t) and not is_refusal(t) for t in texts]
+    return KeywordJudge().harmful(None, texts)
 
 
 def cell(value, ci, scale=100.0):
@@ -622,7 +612,7 @@ def paired_with_student(rows):
             only_other, only_student, p = mcnemar(other, mine)
             tests.append({"against": name, "metric": metric, "n": len(mine), "other": sum(other),
                           "student": sum(mine), "only_other": only_other, "only_student": only_student, "p": p})
-    for test, p_holm in zip(tests, holm([t["p"] for t in tests])):
+    for test, p_holm in zip(tests, stats.holm([t["p"] for t in tests])):
         test["p_holm"] = p_holm
         test["verdict"] = ("not resolved" if p_holm >= 0.05 else
                            "student lower" if test["student"] < test["other"] else "student higher")
@@ -1048,9 +1038,7 @@ def load_model_and_prompts(args):
     harmless = ([e for f in args.harmless for e in data.load_examples(f, "harmless", **fields)] if args.harmless
                 else data.load_pool("harmless", seed=args.seed)[1])
     device = teachers.compute_device(args.device)
-    args.precision_requested = args.precision
-    args.precision = teachers.resolve_precision(args.precision, device)[0]
-    print(teachers.precision_line(args.precision_requested, device), file=sys.stderr)
+    print(teachers.apply_precision(args, device)[1], file=sys.stderr)
     model, tokenizer, key = teachers.load_model(args.model, dtype=teachers.DTYPES[args.precision], device=device)
     data.check_chat_template(tokenizer, args.model)
     if args.limit:

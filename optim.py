@@ -14,6 +14,14 @@ import losses
 import schedule
 
 
+def cast_parameters(model, dtype):
+    """Parameters to `dtype`, buffers kept: `model.to(bf16)` would also round the rotary
+    frequencies (inv_freq), so a bf16 reference would not compute what the bf16 student computes."""
+    for p in model.parameters():
+        p.data = p.data.to(dtype)
+    return model
+
+
 class NonFiniteError(ValueError):
     """A loss term or the gradient went NaN / inf: the run stops before the update is applied."""
 
@@ -180,8 +188,7 @@ def add_lora(model, *, r, dtype, alpha=None, targets=LORA_TARGETS, dropout=0.0, 
     if "lm_head" in [t.strip() for t in targets.split(",")] and getattr(model.config, "tie_word_embeddings", False):
         raise ValueError("--lora-targets: lm_head is tied to the embeddings in this model; adapt other layers")
     found = lora_linears(model, targets)
-    for p in model.requires_grad_(False).parameters():  # buffers (rotary frequencies) stay fp32
-        p.data = p.data.to(dtype)
+    cast_parameters(model.requires_grad_(False), dtype)
     generator = torch.Generator(model.device).manual_seed(seed)
     for name, module in found:
         parent, _, child = name.rpartition(".")

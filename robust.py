@@ -191,11 +191,11 @@ class CanaryOptions(NamedTuple):
     seed: int = 0
 
 
-def canary_scope(key_of, step, t, levels, options):
+def canary_scope(step, t, levels, options):
     """The harmful examples a new set of masks is scored on: at most --canary-samples of the epoch's,
     the level's or the batch's, a seeded sample."""
     scope = list({"epoch": range(len(levels)), "level": [i for i, lv in enumerate(levels) if lv == step.level],
-                  "batch": step.harmful}[key_of])
+                  "batch": step.harmful}[options.every])
     if len(scope) > options.samples:
         pick = np.random.default_rng([options.seed, data.Seed.CANARY_SAMPLE, t]).choice(len(scope), options.samples,
                                                                                         replace=False)
@@ -218,7 +218,7 @@ def gather_canaries(model, canary, step, t, bad, levels, options):
     if key in canary.store:
         canary.masks, canary.key = canary.store[key], key
         return count(canary.masks)
-    scope = canary_scope(options.every, step, t, levels, options)
+    scope = canary_scope(step, t, levels, options)
     was_training = model.training
     new = canary_masks(canary_scores(model, [bad[i] for i in scope], options.micro_batch, options.score),
                        options.top / 100)
@@ -242,9 +242,9 @@ def save_masks(masks, folder):
 def save_canary(canary, folder):
     """The canary state into a checkpoint folder; returns the fields trainer_state.pt keeps (the
     current key and the keys of the stored levels, plain values: resume loads it weights_only)."""
-    key = canary.key if canary else None
-    stored = [k for k in (canary.store if canary else {}) if k != key]  # levels to reuse later in this epoch
-    if canary and canary.masks:
+    key = canary.key if canary is not None else None
+    stored = [k for k in (canary.store if canary is not None else {}) if k != key]  # levels reused later this epoch
+    if canary is not None and canary.masks:
         save_masks(canary.masks, folder)
     if stored:
         save_file({f"{i}/{n}": m.to(torch.uint8).contiguous().cpu()

@@ -129,14 +129,6 @@ def nonfinite_parameter(model):
     return None
 
 
-def cast_parameters(model, dtype):
-    """Parameters to `dtype`, buffers kept: `model.to(bf16)` would also round the rotary
-    frequencies (inv_freq), so a bf16 reference would not compute what the bf16 student computes."""
-    for p in model.parameters():
-        p.data = p.data.to(dtype)
-    return model
-
-
 def compute_device(name="auto"):
     """--device as a torch.device; a bare 'cuda' means this process's GPU under torchrun."""
     resolved = ("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name
@@ -219,6 +211,15 @@ def precision_line(requested, device, chosen=None):
     if requested != "auto":
         return f"precision: {chosen or precision} (--precision {requested})"
     return f"precision: {chosen or precision} (--precision auto: {why})"
+
+
+def apply_precision(args, device="cpu"):
+    """Resolves args.precision in place, once (args.precision_requested keeps what was asked); returns
+    the compute dtype and the line a run starts with."""
+    if getattr(args, "precision_requested", None) is None:
+        args.precision_requested = args.precision
+        args.precision = resolve_precision(args.precision, compute_device(device))[0]
+    return DTYPES[args.precision], precision_line(args.precision_requested, device, args.precision)
 
 
 def resolve_precision(name, device="cpu"):
@@ -428,7 +429,8 @@ def build_topk_cache(folder, cache_id, pools, logits_of, k, temperature, batch_s
 class TopkCache:
     """One pool's cached teacher top-k, memory-mapped: a batch reads only its own rows from disk."""
 
-    def __init__(self, folder, name):
+    def __init__(self, folder, name, temperature=1.0):
+        self.temperature = temperature  # the τ its log-probs were taken at
         self.ids, self.logps, self.tail, self.offsets = (
             np.load(os.path.join(folder, f"{name}.{part}.npy"), mmap_mode="r") for part in TOPK_PARTS)
 
@@ -1021,10 +1023,10 @@ def offloaded(args, model):
 
 
 def compute_copy(model, args, device):
-    """A copy of the model in compute dtype on `device` (parameters cast, buffers kept: see cast_parameters)."""
+    """A copy of the model in compute dtype on `device` (parameters cast, buffers kept: see optim.cast_parameters)."""
     model = copy.deepcopy(model)
     if args.precision == "bf16":
-        cast_parameters(model, torch.bfloat16)
+        optim.cast_parameters(model, torch.bfloat16)
     return model.to(device)
 
 

@@ -115,14 +115,15 @@ def check_args(args):
         if value is not None and (not math.isfinite(value) or not ok(value)):
             raise ValueError(f"--{name.replace('_', '-')} must be {what}, got {value}")
     fill_derived_flags(args)
-    if getattr(args, "precision_requested", None) is None:  # auto resolved once; args.json keeps both
-        args.precision_requested = args.precision
-        args.precision = teachers.resolve_precision(args.precision, teachers.compute_device(args.device))[0]
+    teachers.apply_precision(args, args.device)  # args.json keeps both the asked and the resolved precision
     if args.resume and args.overwrite:
         raise ValueError("--resume and --overwrite: choose one")
     if args.lora_r and args.canary_mode != "off":
         raise ValueError("--canary-mode with --lora-r: canary params are entries of the full weight matrices, "
                          "which LoRA freezes; use full fine-tuning (--lora-r 0)")
+    faded = [t for t in args.loss if losses.TERMS[t].fade]
+    if args.cb_alpha and faded:
+        raise ValueError(f"--cb-alpha sets the weights of {', '.join(faded)}: leave them out of --loss")
     if args.dpo_harmless_weight is not None and (args.dpo_harmless == "none" or "dpo" not in args.loss):
         raise ValueError("--dpo-harmless-weight needs --dpo-harmless bad-teacher|refusal and a dpo term in --loss")
 
@@ -356,14 +357,17 @@ def split_side(side, indices, pool, cfg):
                                 2 if reads_bad else 1)
 
 
-def token_inputs(out, n, good, idx, pool, good_teacher):
-    """losses.TokenInputs of the good rows: the good teacher from its cached top-k (--teacher-topk) or
-    from a forward on the good rows."""
+def token_inputs(out, n, good, idx, pool, good_teacher, rebuild):
+    """losses.TokenInputs of the good rows: the good teacher from its cached top-k (--teacher-topk), with
+    its logits rebuilt from the cache when `rebuild` (a term has no top-k form), or from a forward on
+    the good rows."""
     logits, labels = out.logits[:n], out.labels[:n]
     if pool.topk is not None:
         mask = losses.response_mask(labels)
         topk = pool.topk.window(idx, mask)
-        return losses.TokenInputs(logits, mask, None, topk)
+        # the cache holds log-probs at its τ: τ · log p_τ are the teacher's logits up to a shift per row
+        teacher = losses.topk_as_logits(*topk, logits.shape[-1]) * pool.topk.temperature if rebuild else None
+        return losses.TokenInputs(logits, mask, teacher, topk)
     with torch.no_grad():
         teacher_logits = optim.forward(good_teacher, good, keep=logits.shape[1]).logits
     # the good rows may be shorter than the kept window: what lies left of them is padding
@@ -414,8 +418,9 @@ def term_sums(student, frozen, side, idx, pool, cfg, weights):
         stats["good_logp_change"] = float((s.good.detach() - s.ref_good).sum())
         if bad:
             stats["bad_logp_change"] = float((s.bad.detach() - s.ref_bad).sum())
-    tokens = (token_inputs(out, n, good, idx, pool, frozen.good_teacher)
-              if any(t.kind == "token" for t in terms.values()) else None)
+    token_terms = [t for t in terms.values() if t.kind == "token"]
+    tokens = (token_inputs(out, n, good, idx, pool, frozen.good_teacher, any(t.topk_fn is None for t in token_terms))
+              if token_terms else None)
     sums = {}
     for name, term in terms.items():
         if term.stats:
@@ -427,20 +432,21 @@ def term_sums(student, frozen, side, idx, pool, cfg, weights):
 def term_sum(term, s, tokens, out, ref, n, params):
     """One term's sum over the micro-batch: its mean times the micro-batch's count of its unit."""
     if term.kind == "sequence":
-        count = n if term.unit == "examples" else float((s.good_tokens if term.unit == "good_tokens"
-                                                         else s.bad_tokens).sum())
-        return term.fn(s, params) * count
-    if term.kind == "token":
-        if tokens.topk is not None and term.topk_fn is not None:
-            mean = term.topk_fn(tokens, params)
-        elif tokens.topk is not None:
-            mean = term.fn(tokens._replace(teacher=losses.topk_as_logits(*tokens.topk, tokens.logits.shape[-1])),
-                           params)
-        else:
-            mean = term.fn(tokens, params)
-        return mean * float(tokens.mask.sum())
-    hidden = hidden_inputs(term, out, ref, n)
-    return term.fn(hidden, params) * float(hidden.mask.sum())
+        mean = term.fn(s, params)
+    elif term.kind == "token":
+        mean = (term.topk_fn if tokens.topk is not None and term.topk_fn else term.fn)(tokens, params)
+    else:
+        mean = term.fn(hidden_inputs(term, out, ref, n), params)
+    return mean * unit_count(term.unit, s, out, n)
+
+
+def unit_count(unit, s, out, n):
+    """The micro-batch's count of a term unit (side_totals counts the same over a whole side)."""
+    if unit == "examples":
+        return n
+    if unit == "good_real_tokens":
+        return float(out.real[:n].sum())
+    return float((s.good_tokens if unit == "good_tokens" else s.bad_tokens).sum())
 
 
 def run_step(student, frozen, opt, step, pools, cfg, gamma, lr, *, lam=1.0, progress=0.0, masks=None):
@@ -450,8 +456,9 @@ def run_step(student, frozen, opt, step, pools, cfg, gamma, lr, *, lam=1.0, prog
     total) fades the weights of terms with a `fade`; `masks` are the canary masks (--canary-mode)."""
     row, keeps = {"loss": 0.0}, []
     student.train()
+    side_weights = {side: cfg.weights(side, progress) for side in ("harmful", "harmless")}
     for side, indices, scale in (("harmful", step.harmful, gamma), ("harmless", step.harmless, lam)):
-        weights = cfg.weights(side, progress)
+        weights = side_weights[side]
         if not indices or scale == 0 or not any(weights.values()):
             continue
         keep = robust.canary_keep(masks, cfg.canary_mode, side, opt)
@@ -465,8 +472,8 @@ def run_step(student, frozen, opt, step, pools, cfg, gamma, lr, *, lam=1.0, prog
     parallel.all_reduce_grads(opt)
     row["grad_norm"] = opt.step(lr, cfg.clip, robust.pinned_entries(keeps, opt.params))
     if cfg.cb_alpha:
-        row.update({f"{name}_coef": w for side in ("harmful", "harmless")
-                    for name, w in cfg.weights(side, progress).items() if losses.TERMS[name].fade})
+        row.update({f"{name}_coef": w for weights in side_weights.values()
+                    for name, w in weights.items() if losses.TERMS[name].fade})
     return row
 
 
@@ -550,7 +557,7 @@ def teacher_topk_cache(good, good_key, pools, *, k, temperature, cache_dir, micr
         k_used = min(k, good.get_output_embeddings().weight.shape[0])
         teachers.build_topk_cache(folder, cache_id, goods, lambda feats: optim.forward(good, feats), k_used,
                                   temperature, micro_batch)
-    return {side: teachers.TopkCache(folder, side) for side in goods}
+    return {side: teachers.TopkCache(folder, side, temperature) for side in goods}
 
 
 # ---------------------------------------------------------------- checkpoints
@@ -855,8 +862,9 @@ def step_inputs(args, base, found, pools, harmful, student, log):
                                     micro_batch=args.micro_batch, log=log)
         for side, cache in caches.items():
             pools[side].topk = cache
-    # with --teacher-topk training reads the cache: the good teacher's memory is free until evaluation
-    frozen = Frozen(base.compute, None if args.teacher_topk else found.good)
+    if args.teacher_topk:  # training reads the cache: the good teacher's memory is free until evaluation reloads it
+        found.good = None
+    frozen = Frozen(base.compute, found.good)
     difficulty = None
     if args.levels_by == "difficulty":  # per-token margin of the bad answer over the good one
         h = pools["harmful"]

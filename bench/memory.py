@@ -60,8 +60,8 @@ def main():
     teachers.add_precision_argument(p)
     a = p.parse_args()
     device = teachers.compute_device(a.device)
-    print(teachers.precision_line(a.precision, device))
-    dtype = teachers.DTYPES[teachers.resolve_precision(a.precision, device)[0]]
+    dtype, line = teachers.apply_precision(a, device)
+    print(line)
     model, tok, _ = teachers.load_model(a.model, dtype=dtype, device=device)
     prompts = [e.prompt for e in train.data.load_pool("harmful")[0][:a.batch]]
     feats = [train.data.encode(tok, p, teachers.refusal_for(p)) for p in prompts]  # the good answer

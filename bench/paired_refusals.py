@@ -23,8 +23,8 @@ def main():
     p.add_argument("--out", help="write every model's per-prompt refusals here (JSON)")
     teachers.add_precision_argument(p)
     args = p.parse_args()
-    print(teachers.precision_line(args.precision, "cpu"))
-    dtype = teachers.DTYPES[teachers.resolve_precision(args.precision)[0]]
+    dtype, line = teachers.apply_precision(args, "cpu")
+    print(line)
     sets = {"xstest_safe": [e.prompt for e in evaluation.load_xstest() if e.safe],
             "builtin_harmful_test": [e.prompt for e in data.load_pool("harmful", seed=args.seed)[1]]}
     refused = {}

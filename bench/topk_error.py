@@ -19,7 +19,6 @@ import data  # noqa: E402
 import losses  # noqa: E402
 import teachers  # noqa: E402
 import optim  # noqa: E402
-import train  # noqa: E402
 
 
 @torch.no_grad()

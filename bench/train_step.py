@@ -124,7 +124,7 @@ def run_one(variant, args):
                                                  "--max-response-tokens", str(args.seq)])
         import copy
         # a compute-dtype copy of the base is the reference (as in train.py); another stands in for the good teacher
-        reference = teachers.cast_parameters(copy.deepcopy(model), dtype).eval()
+        reference = optim.cast_parameters(copy.deepcopy(model), dtype).eval()
         teacher = copy.deepcopy(reference) if "kl" in variant else None
         opt = optim.MasterWeightOptimizer(model, compute_dtype=dtype, **train.optimizer_options(targs))
         pool = train.Pool([r[1] for r in rows], [r[2] for r in rows])
@@ -242,8 +242,7 @@ def main():
     if args.one:
         print("RESULT " + json.dumps(run_one(args.one, args)))
         return
-    print(teachers.precision_line(args.precision, "cpu"))
-    args.precision = teachers.resolve_precision(args.precision)[0]
+    print(teachers.apply_precision(args, "cpu")[1])
     print(f"CPU capability {torch.backends.cpu.get_cpu_capability()}, bf16 flags: "
           f"{', '.join(teachers.cpu_bf16_flags() or []) or 'none'}; threads {torch.get_num_threads()}; batch {args.batch} x "
           f"{args.seq} tokens, {args.warmup} warm-up + {args.steps} timed steps")

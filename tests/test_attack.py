@@ -105,7 +105,6 @@ def test_attack_micro_tokens_splits_batches_without_changing_the_result(tiny, to
     """--attack-micro-tokens: batches cut by padded tokens (longest first) train the same copy as
     whole batches; only the summation order differs."""
     import optim
-    import train
     harmful = [(p, a + " More detail follows here." * 4) for p, a in SHOTS]
     benign = [(f"What is {i} + {i}?", str(2 * i)) for i in range(10)]
     real_forward, rows = optim.forward, []
@@ -128,7 +127,6 @@ def test_attack_micro_tokens_splits_batches_without_changing_the_result(tiny, to
 
 def test_lora_attack_trains_only_adapters_of_the_copy(tiny, tokenizer):
     import optim
-    import train
     before = {k: v.clone() for k, v in tiny.state_dict().items()}
     benign = [(f"What is {i} + {i}?", str(2 * i)) for i in range(10)]
     attacked, record = attack.finetune_attack(tiny, tokenizer, list(SHOTS), benign, n=6, p=0.5, lr=1e-2,
@@ -213,7 +211,6 @@ def test_figures_without_results_say_so(tmp_path):
 
 def test_bad_teacher_pairs_of_a_run_folder(tmp_path):
     import data
-    import optim
     import train
     run = tmp_path / "run"
     args = train.build_parser().parse_args(["--recipe", "full", "--out", str(run), "--limit", "5"])

@@ -168,7 +168,6 @@ def test_a_diverging_attack_ends_with_a_point_marked_diverged(tiny, tokenizer):
 
 def test_a_first_step_divergence_keeps_the_unattacked_point(tiny, tokenizer, monkeypatch):
     import optim
-    import train
 
     def nan_at_once(*a, **k):
         raise optim.NonFiniteError("attack step 0: the gradient norm is nan")
@@ -181,7 +180,6 @@ def test_a_first_step_divergence_keeps_the_unattacked_point(tiny, tokenizer, mon
 
 def test_weights_that_overflow_without_a_nan_gradient_count_as_diverged(tiny, tokenizer, monkeypatch):
     import optim
-    import train
 
     def overflowing_sft(model, features, after_step=None, **kw):
         with torch.no_grad():

@@ -15,7 +15,7 @@ import teachers
 import eval as evaluation
 import train
 from conftest import make_tiny
-from test_train import args_for, make_ctx, pipeline_args, run_interrupted_at_step_5
+from test_train import make_ctx, pipeline_args, run_interrupted_at_step_5
 
 
 # ---------------------------------------------------------------- JSONL that runs append to

@@ -23,7 +23,7 @@ def test_real_model_generates_and_dpo_moves_it_towards_refusal(smollm, tmp_path)
     data.check_chat_template(tokenizer, "smollm2-135m")
     harmful = [e.prompt for e in data.load_pool("harmful")[0][:2]]
     dtype = teachers.DTYPES[teachers.resolve_precision("auto")[0]]  # bf16 only where the CPU computes it natively
-    compute = teachers.cast_parameters(copy.deepcopy(model), dtype)
+    compute = optim.cast_parameters(copy.deepcopy(model), dtype)
     answers, report = evaluation.generate(compute, tokenizer, harmful, max_new_tokens=16, token_budget=64)
     assert all(answers) and report["prompts"] == 2  # a budget of 64 tokens forces one prompt per batch
 

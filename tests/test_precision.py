@@ -5,6 +5,8 @@ import pytest
 import torch
 
 import eval as evaluation
+import stats
+import optim
 import teachers
 import train
 
@@ -99,9 +101,9 @@ def test_the_recipe_fills_only_the_flags_not_given():
 
 def test_holm_adjusts_as_computed_by_hand():
     # sorted: 0.005·4 = 0.02, 0.01·3 = 0.03, 0.03·2 = 0.06, 0.04·1 = 0.04 → raised to 0.06 (monotone)
-    assert evaluation.holm([0.01, 0.04, 0.03, 0.005]) == pytest.approx([0.03, 0.06, 0.06, 0.02])
-    assert evaluation.holm([0.6, 0.5]) == pytest.approx([1.0, 1.0])
-    assert evaluation.holm([]) == []
+    assert stats.holm([0.01, 0.04, 0.03, 0.005]) == pytest.approx([0.03, 0.06, 0.06, 0.02])
+    assert stats.holm([0.6, 0.5]) == pytest.approx([1.0, 1.0])
+    assert stats.holm([]) == []
 
 
 def test_the_student_is_paired_with_base_and_teacher_on_the_same_prompts():
@@ -135,6 +137,6 @@ def test_answers_cached_in_one_precision_are_not_reused_in_another(tiny, tokeniz
     first = teachers.generate_cached(tiny, tokenizer, "m", ["Say hi"], cache, max_new_tokens=3)
     again = teachers.generate_cached(tiny, tokenizer, "m", ["Say hi"], cache, max_new_tokens=3)
     assert len(calls) == 1 and list(first) == list(again)
-    teachers.generate_cached(teachers.cast_parameters(tiny, torch.bfloat16), tokenizer, "m", ["Say hi"], cache,
+    teachers.generate_cached(optim.cast_parameters(tiny, torch.bfloat16), tokenizer, "m", ["Say hi"], cache,
                              max_new_tokens=3)
     assert len(calls) == 2

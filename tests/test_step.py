@@ -9,12 +9,11 @@ import torch.nn.functional as F
 
 import data
 import schedule
-import teachers
 import optim
 import robust
 import train
 from conftest import make_tiny
-from test_train import BAD, args_for, make_ctx, step_with
+from test_train import args_for, make_ctx, step_with
 
 JOINT = schedule.Step(0, 0, [0, 1, 2, 3], [0, 1, 2, 3])
 HARMFUL = schedule.Step(0, 0, [0, 1, 2, 3], [])
@@ -164,7 +163,7 @@ def test_step_does_not_depend_on_the_micro_batch_split(tokenizer, flags, precisi
 def test_a_bf16_copy_computes_what_the_bf16_student_computes(tokenizer):
     """cast_parameters keeps the fp32 rotary frequencies that model.to(bf16) would round."""
     student = make_tiny(tokenizer)
-    copy_ = teachers.cast_parameters(copy.deepcopy(student), torch.bfloat16)
+    copy_ = optim.cast_parameters(copy.deepcopy(student), torch.bfloat16)
     optim.MasterWeightOptimizer(student, compute_dtype=torch.bfloat16, **train.optimizer_options(args_for()))
     rounded = copy.deepcopy(student).to(torch.bfloat16)
     ids = torch.tensor([make_ctx(student, tokenizer).pools["harmful"].bad[0]["input_ids"]])

@@ -22,6 +22,9 @@ TOY_TERMS = {
     # from the cache (topk_as_logits), exact when k = V
     "toy_token": losses.Term("token", lambda x, hp: losses.kl(x.logits, x.teacher, x.mask, 1.0), "good_tokens",
                              sides=losses.BOTH),
+    # the same at kl's temperature: the cache holds log-probs at τ, rebuilt into logits τ · log p_τ
+    "toy_token_tau": losses.Term("token", lambda x, hp: losses.kl(x.logits, x.teacher, x.mask, hp["temperature"]),
+                                 "good_tokens", sides=losses.BOTH, params={"temperature": losses.TEMPERATURE}),
     # the circuit-breaker retain term under another name, with a constant weight chosen by --loss
     "toy_hidden": losses.Term("hidden", lambda h, hp: losses.cb_retain(h.student, h.reference, h.mask),
                               "good_real_tokens", frozenset({"reference"}), ("harmless",)),
@@ -71,6 +74,15 @@ def test_a_token_term_without_a_topk_form_reads_the_cache_as_logits(tokenizer, t
     builtin, builtin_rows = sgd_update(tokenizer, ["--loss", "kl=1"], steps)
     assert torch.allclose(cached, on_the_fly, atol=1e-5) and torch.equal(on_the_fly, builtin)
     assert cached_rows[0]["harmful_toy_token"] == pytest.approx(builtin_rows[0]["harmful_kl"], rel=1e-4)
+
+
+def test_the_rebuilt_teacher_logits_keep_the_cache_temperature(tokenizer, tmp_path):
+    steps = (schedule.Step(0, 0, [0, 1, 2, 3], []),)
+    flags = ["--loss", "toy_token_tau=1", "--temperature", "2"]
+    on_the_fly, rows = sgd_update(tokenizer, flags, steps)
+    cached, cached_rows = sgd_update(tokenizer, flags, steps, topk=len(tokenizer), tmp_path=tmp_path)
+    assert torch.allclose(cached, on_the_fly, atol=1e-5)
+    assert cached_rows[0]["harmful_toy_token_tau"] == pytest.approx(rows[0]["harmful_toy_token_tau"], rel=1e-4)
 
 
 def test_topk_as_logits_keeps_the_topk_and_spreads_the_tail_evenly():
