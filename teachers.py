@@ -441,6 +441,32 @@ class TopkCache:
                             for array in (self.ids, self.logps, self.tail)], mask)
 
 
+
+def features_digest(feats):
+    """sha256 of tokenised examples (ids and labels): part of every cache key that depends on the data."""
+    return hashlib.sha256(json.dumps([[f["input_ids"], f["labels"]] for f in feats]).encode()).hexdigest()
+
+
+
+def teacher_topk_cache(good, good_key, pools, *, k, temperature, cache_dir, micro_batch, log):
+    """{side: TopkCache} of the good teacher on every good answer a token term reads (both pools),
+    computed once under `cache_dir`, keyed by teacher, tokenised data, k and τ; `good` is run only when
+    missing."""
+    goods = {side: pool.good for side, pool in pools.items()}
+    cache_id = [good_key, k, temperature, features_digest(f for feats in goods.values() for f in feats)]
+    folder = topk_cache_dir(cache_dir, cache_id)
+    missing = topk_missing(folder, goods)
+    if not missing:
+        log(f"teacher top-{k}: reusing {folder}")
+    else:  # a folder that lacks a file was damaged by hand or by a tool: rebuilt, not read
+        log(f"teacher top-{k}: computing {folder}" if not os.path.isdir(folder) else
+            f"teacher top-{k}: rebuilding {folder}, it has no {', '.join(missing)}")
+        k_used = min(k, good.get_output_embeddings().weight.shape[0])
+        build_topk_cache(folder, cache_id, goods, lambda feats: optim.forward(good, feats), k_used,
+                                  temperature, micro_batch)
+    return {side: TopkCache(folder, side, temperature) for side in goods}
+
+
 def topk_window(rows, mask):
     """(ids, logps, tail) rows laid out like a student window: [B, W, k] long, [B, W, k] and [B, W]
     float, filled where mask [B, W] is True (each row's response positions in order), 0 elsewhere."""

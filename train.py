@@ -536,30 +536,6 @@ def train_loop(args, student, opt, frozen, pools, cfg, plan, levels, start, cana
                             vars(args), canary, base.fp32.state_dict())
 
 
-def features_digest(feats):
-    """sha256 of tokenised examples (ids and labels): part of every cache key that depends on the data."""
-    return hashlib.sha256(json.dumps([[f["input_ids"], f["labels"]] for f in feats]).encode()).hexdigest()
-
-
-def teacher_topk_cache(good, good_key, pools, *, k, temperature, cache_dir, micro_batch, log):
-    """{side: TopkCache} of the good teacher on every good answer a token term reads (both pools),
-    computed once under `cache_dir`, keyed by teacher, tokenised data, k and τ; `good` is run only when
-    missing."""
-    goods = {side: pool.good for side, pool in pools.items()}
-    cache_id = [good_key, k, temperature, features_digest(f for feats in goods.values() for f in feats)]
-    folder = teachers.topk_cache_dir(cache_dir, cache_id)
-    missing = teachers.topk_missing(folder, goods)
-    if not missing:
-        log(f"teacher top-{k}: reusing {folder}")
-    else:  # a folder that lacks a file was damaged by hand or by a tool: rebuilt, not read
-        log(f"teacher top-{k}: computing {folder}" if not os.path.isdir(folder) else
-            f"teacher top-{k}: rebuilding {folder}, it has no {', '.join(missing)}")
-        k_used = min(k, good.get_output_embeddings().weight.shape[0])
-        teachers.build_topk_cache(folder, cache_id, goods, lambda feats: optim.forward(good, feats), k_used,
-                                  temperature, micro_batch)
-    return {side: teachers.TopkCache(folder, side, temperature) for side in goods}
-
-
 # ---------------------------------------------------------------- checkpoints
 
 def write_folder(path, write):
@@ -857,7 +833,7 @@ def step_inputs(args, base, found, pools, harmful, student, log):
     for side, pool in pools.items():  # a budget no single example fits stops here, not mid-run
         split_side(side, list(range(len(pool.good))), pool, cfg)
     if args.teacher_topk and any(losses.TERMS[t].kind == "token" for t in args.loss):
-        caches = teacher_topk_cache(found.good, found.keys["good"], pools, k=args.teacher_topk,
+        caches = teachers.teacher_topk_cache(found.good, found.keys["good"], pools, k=args.teacher_topk,
                                     temperature=args.temperature, cache_dir=args.cache_dir,
                                     micro_batch=args.micro_batch, log=log)
         for side, cache in caches.items():

@@ -84,7 +84,7 @@ def test_topk_gradients_reach_only_the_student(k):
 
 
 def topk_cache(teacher, ctx, args):
-    return train.teacher_topk_cache(teacher, "tiny-1", ctx.pools, k=args.teacher_topk, temperature=args.temperature,
+    return teachers.teacher_topk_cache(teacher, "tiny-1", ctx.pools, k=args.teacher_topk, temperature=args.temperature,
                                     cache_dir=args.cache_dir, micro_batch=args.micro_batch, log=print)
 
 

@@ -239,7 +239,7 @@ def test_a_topk_cache_folder_missing_a_file_is_rebuilt(tokenizer, tmp_path, monk
     model, teacher = make_tiny(tokenizer, seed=0), make_tiny(tokenizer, seed=1)
     ctx = make_ctx(model, tokenizer)
     lines = []
-    cache = lambda: train.teacher_topk_cache(teacher, "tiny-1", ctx.pools, k=4, temperature=1.0,
+    cache = lambda: teachers.teacher_topk_cache(teacher, "tiny-1", ctx.pools, k=4, temperature=1.0,
                                              cache_dir=str(tmp_path), micro_batch=2, log=lines.append)
     folder = os.path.dirname(cache()["harmful"].ids.filename)
     first = np.array(cache()["harmless"].logps)
