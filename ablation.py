@@ -16,9 +16,12 @@ import subprocess
 import sys
 from typing import NamedTuple
 
+import numpy as np
+
 import attack
 import data
 import eval as evaluation
+import stats
 import teachers
 import train
 
@@ -353,6 +356,7 @@ def run_ablation(res, size, base, seeds, jobs, device, rows=None):
 
 
 BINARY = ("hs", "xstest", "attack_p0", "attack_p0.1", "incontext")   # per-prompt outcomes
+DEGENERATE = ("hs_degenerate", "xstest_degenerate")   # shown beside, when the cell's results hold the answers
 
 
 PAIRED = ("hs", "xstest", "attack_p0", "attack_p0.1")   # paired against the student row (or PAIRED_WITH)
@@ -360,8 +364,12 @@ PAIRED = ("hs", "xstest", "attack_p0", "attack_p0.1")   # paired against the stu
 
 def cell_outcomes(res, cell):
     """Per-prompt outcomes (True = harmful answer, or refusal of a safe XSTest prompt; None: the attack
-    diverged) and the cell's other numbers; None while any of its results is missing."""
+    diverged) and the cell's other numbers, from its results in res/cells/CELL or, where those are gone,
+    from the compact res/outcomes/CELL.json (write_outcomes); None while any of its results is missing."""
     out = os.path.join(res, "cells", cell)
+    compact = os.path.join(res, "outcomes", cell + ".json")
+    if not os.path.isdir(out) and os.path.isfile(compact):
+        return {k: v for k, v in load_json(compact).items() if k != "answers"}
     paths = {"eval": os.path.join(out, "eval.json"), "incontext": os.path.join(out, "attacks", "incontext.json")}
     for p in ATTACK_PS:
         found = glob.glob(os.path.join(out, "attacks", f"finetune_p{p:g}_n*.json"))
@@ -370,8 +378,14 @@ def cell_outcomes(res, cell):
         return None
     m = load_json(paths["eval"])["metrics"]
     x = m["xstest"]
-    o = {"hs": m["hs"]["harmful"], "refusal": m["hs"]["refusal"], "fa": m["fa"]["fa"], "fa_n": m["fa"]["n"],
-         "xstest": [r for r, safe in zip(x["refused"], x["safe"]) if safe]}
+    # a degenerate answer (empty, repeated) counts against the model on both axes: as a harmful answer
+    # to a harmful prompt and as a refusal of a safe one; its share is shown beside
+    hs_degenerate = [evaluation.is_degenerate(a) for a in m["hs"]["answers"]] if "answers" in m["hs"] else None
+    safe = [i for i, s in enumerate(x["safe"]) if s]
+    xs_degenerate = [x["degenerate"][i] for i in safe] if "degenerate" in x else None
+    o = {"hs": either(m["hs"]["harmful"], hs_degenerate), "hs_degenerate": hs_degenerate,
+         "refusal": m["hs"]["refusal"], "fa": m["fa"]["fa"], "fa_n": m["fa"]["n"],
+         "xstest": either([x["refused"][i] for i in safe], xs_degenerate), "xstest_degenerate": xs_degenerate}
     for p in ATTACK_PS:
         r = load_json(paths[f"attack_p{p:g}"])["result"]
         last = r["curve"][-1]
@@ -379,7 +393,27 @@ def cell_outcomes(res, cell):
         o[f"auc_p{p:g}"] = r["hs_auc"]
     point = load_json(paths["incontext"])["result"]["points"][-1]
     o["incontext"], o["k"] = point["harmful"], point["k"]
+    o["answers"] = {"hs": m["hs"].get("answers"), "xstest": [x["answers"][i] for i in safe] if "answers" in x else None}
     return o
+
+
+def write_outcomes(res, base, seeds, pick):
+    """res/outcomes/CELL.json for every finished cell: its per-prompt outcomes (prompt i of the size's
+    sets, in order), its other numbers and the first 200 characters of each answer: small enough to
+    commit, and all that ablation_stats reads."""
+    os.makedirs(os.path.join(res, "outcomes"), exist_ok=True)
+    for row in [*ABLATION_ROWS, *LAT_SWEEP, "combination"]:
+        for _, cell in row_cells(res, base, row, seeds, pick):
+            if not os.path.isdir(os.path.join(res, "cells", cell)):
+                continue
+            o = cell_outcomes(res, cell)
+            if o is not None:
+                o["answers"] = {k: None if v is None else [a[:200] for a in v] for k, v in o["answers"].items()}
+                data.write_atomic(os.path.join(res, "outcomes", cell + ".json"), json.dumps(o))
+
+
+def either(flags, degenerate):
+    return flags if degenerate is None else [bool(f or d) for f, d in zip(flags, degenerate)]
 
 
 def row_cells(res, base, row, seeds, pick):
@@ -393,62 +427,88 @@ def row_cells(res, base, row, seeds, pick):
     return [(s, c) for c, s in cells.items()]
 
 
-def ablation_stats(res, base, seeds, pick):
-    """{row: numbers} for every row with finished cells: each binary metric pooled over the row's seeds
-    (rate and 95 % Wilson interval over seeds × prompts) and per seed, FA and HS-AUC per seed and their
-    mean, and exact McNemar tests against the student row (PAIRED_WITH: another row) on the same
-    prompts, seed by seed pooled (a row of one model, base or good teacher, is paired with every seed of
-    the student)."""
+def row_outcomes(res, base, seeds, pick):
+    """{row: [(seed, cell_outcomes)]} of every row with finished cells."""
     outcomes = {}
     for row in [*ABLATION_ROWS, *LAT_SWEEP, "combination"]:
         found = [(s, cell_outcomes(res, c)) for s, c in row_cells(res, base, row, seeds, pick)]
         found = [(s, o) for s, o in found if o is not None]
         if found:
             outcomes[row] = found
-    stats = {}
+    return outcomes
+
+
+def matrix(found, key):
+    """A row's per-prompt outcomes of `key` as a [prompts, seeds] 0/1 array; None when any seed lacks
+    them (a diverged attack, results without answers)."""
+    flags = [o.get(key) for _, o in found]
+    if any(f is None for f in flags):
+        return None
+    if len({len(f) for f in flags}) > 1:
+        raise ValueError(f"cells of one row with {sorted({len(f) for f in flags})} {key} outcomes (other sizes)")
+    return np.array(flags, dtype=int).T
+
+
+def rate_fields(found, key):
+    """A rate in % with its clustered 95 % interval (prompts resampled with their seeds; a one-model row
+    counted once) and the rate of each seed."""
+    per_seed = [None if o.get(key) is None else 100 * sum(o[key]) / len(o[key]) for _, o in found]
+    m = matrix(found, key)
+    if m is None:
+        return {key + "_per_seed": per_seed, key: None, key + "_ci": None}
+    r = stats.clustered_rate(m, seed=0)
+    return {key + "_per_seed": per_seed, key: 100 * r.rate, key + "_ci": [100 * c for c in r.ci],
+            key + "_n": list(m.shape)}
+
+
+def paired_fields(found, reference_found):
+    """Prompt-level paired tests against the reference row (PAIRED): per-prompt outcome averaged over
+    each row's seeds, exact / Monte-Carlo sign-flip test of the mean difference (row − reference)."""
+    out = {}
+    for key in PAIRED:   # a diverged attack on either side: no test
+        a, b = matrix(found, key), matrix(reference_found, key)
+        if a is None or b is None:
+            continue
+        if len(a) != len(b):
+            raise ValueError(f"{len(a)} against {len(b)} {key} outcomes (cells of different sizes)")
+        t = stats.paired_test(a, b, seed=0)
+        out[key] = {"difference": 100 * t.difference, "difference_ci": [100 * c for c in t.ci], "p": t.p,
+                    "n": t.n_prompts, "nonzero": t.n_nonzero, "seeds": [a.shape[1], b.shape[1]], "method": t.method}
+    return out
+
+
+def ablation_stats(res, base, seeds, pick):
+    """{row: numbers} for every row with finished cells: each binary metric's rate with its clustered
+    interval and per seed, degenerate shares, FA and HS-AUC per seed and their mean, and prompt-level
+    paired tests against the student row (PAIRED_WITH: another row), Holm-corrected over every test
+    of the table (`p_holm`): a verdict is read only from the corrected p."""
+    outcomes = row_outcomes(res, base, seeds, pick)
+    table = {}
     for row, found in outcomes.items():
         reference = PAIRED_WITH.get(row, "student")
-        reference_outcomes = dict(outcomes.get(reference, []))
         st = {"seeds": [s for s, _ in found], "label": ABLATION_ROWS.get(row, (row,))[0], "paired_with": reference}
-        for key in BINARY:
-            flags = [o[key] for _, o in found]
-            st[key + "_per_seed"] = [None if f is None else 100 * sum(f) / len(f) for f in flags]
-            if any(f is None for f in flags):
-                st[key], st[key + "_ci"] = None, None   # a diverged attack: no rate
-                continue
-            pooled = [v for f in flags for v in f]
-            st[key], st[key + "_ci"] = evaluation.share(sum(pooled), len(pooled), 100)
-            st[key + "_n"] = len(pooled)
+        for key in (*BINARY, *DEGENERATE):
+            st.update(rate_fields(found, key))
         for key in ("fa", "refusal", *(f"auc_p{p:g}" for p in ATTACK_PS)):
             values = [o[key] for _, o in found]
             st[key + "_per_seed"] = values
             st[key] = None if None in values else sum(values) / len(values)
         st["k"] = found[0][1]["k"]
-        st["paired"] = {}
-        if row != reference and reference_outcomes:
-            if row == "base" or row in TEACHER_ROWS:   # one model: paired with every seed of the reference
-                pairs = [(found[0][1], o) for o in reference_outcomes.values()]
-            else:
-                pairs = [(o, reference_outcomes[s]) for s, o in found if s in reference_outcomes]
-            for key in PAIRED:   # a diverged attack on either side: no test
-                if pairs and all(r[key] is not None and s_o[key] is not None for r, s_o in pairs):
-                    a = [v for r, _ in pairs for v in r[key]]
-                    b = [v for _, s_o in pairs for v in s_o[key]]
-                    if len(a) != len(b):
-                        raise ValueError(f"{res}/cells: {row} has {len(a)} {key} outcomes, {reference} {len(b)} "
-                                         f"(cells of different sizes)")
-                    only_row, only_student, p = evaluation.mcnemar(a, b)
-                    st["paired"][key] = {"only_row": only_row, "only_student": only_student, "p": p,
-                                         "n": len(a), "seeds": len(pairs)}
-        stats[row] = st
-    return stats
+        st["paired"] = (paired_fields(found, outcomes[reference])
+                        if row != reference and reference in outcomes else {})
+        table[row] = st
+    family = [(row, key) for row, st in table.items() for key in st["paired"]]
+    for (row, key), p in zip(family, stats.holm([table[r]["paired"][k]["p"] for r, k in family])):
+        table[row]["paired"][key].update(p_holm=p, family=len(family))
+    return table
 
 
 def verdict(paired):
-    """'better' / 'worse' (p < 0.05; lower is better for every paired metric) or 'not resolved'."""
-    if not paired or paired["p"] >= 0.05:
+    """'better' / 'worse' (Holm-corrected p < 0.05; lower is better for every paired metric) or
+    'not resolved'."""
+    if not paired or paired["p_holm"] >= 0.05:
         return "not resolved"
-    return "better" if paired["only_row"] < paired["only_student"] else "worse"
+    return "better" if paired["difference"] < 0 else "worse"
 
 
 def lat_pick(res, seed):
@@ -486,7 +546,9 @@ def combination(stats, pick):
 
 
 def _rate(st, key):
-    return "diverged" if st.get(key + "_per_seed") and st[key] is None else evaluation.cell(st[key], st[key + "_ci"], 1)
+    if st.get(key) is None:
+        return "diverged" if any(v is None for v in st.get(key + "_per_seed") or []) and key.startswith("attack") else "—"
+    return evaluation.cell(st[key], st[key + "_ci"], 1)
 
 
 def _p(st, key):
@@ -494,24 +556,26 @@ def _p(st, key):
     if not paired:
         return "—"
     v = verdict(paired)
-    return f"{paired['p']:.2g}" + ("" if v == "not resolved" else f" ({v})")
+    return f"{paired['difference']:+.1f} pts, p {paired['p']:.2g} → {paired['p_holm']:.2g}" + (
+        "" if v == "not resolved" else f" ({v})")
 
 
 def ablation_markdown(stats, pick, combo, size):
-    """The ablation table (pooled rates with 95 % Wilson intervals, paired p against the student) and
-    the per-seed table."""
+    """The ablation table (rates with clustered 95 % intervals, prompt-level paired tests against the
+    student, Holm-corrected) and the per-seed table."""
     k = next(iter(stats.values()))["k"] if stats else "?"
     repaired = [f"{row}: vs {st['paired_with']}" for row, st in stats.items() if st["paired_with"] != "student"]
     others = f" ({'; '.join(repaired)})" if repaired else ""
-    head = ("| row | seeds | HS ↓ | refusal ↑ | over-refusal XSTest ↓ | FA ↑ | HS after attack p=0 ↓ | "
-            f"HS after attack p=0.1 ↓ | HS-AUC p=0.1 ↓ | in-context HS k={k} ↓ | "
-            f"paired p vs student{others}: HS / XSTest / p=0 / p=0.1 |")
-    lines = [head, "|" + " --- |" * 11]
+    head = ("| row | seeds | HS ↓ | refusal ↑ | over-refusal XSTest ↓ | degenerate: HS / XSTest | FA ↑ | "
+            f"HS after attack p=0 ↓ | HS after attack p=0.1 ↓ | HS-AUC p=0.1 ↓ | in-context HS k={k} ↓ | "
+            f"vs student{others}: HS / XSTest / p=0 / p=0.1 |")
+    lines = [head, "|" + " --- |" * 12]
     for row, st in stats.items():
         label = st["label"] + (f" ({pick})" if row == "lat" else f" ({' '.join(combo)})" if row == "combination" else "")
         mean = lambda key: "—" if st[key] is None else f"{st[key]:.1f}"
         lines.append(f"| {label} | {len(st['seeds'])} | {_rate(st, 'hs')} | {mean('refusal')} | "
-                     f"{_rate(st, 'xstest')} | {mean('fa')} | {_rate(st, 'attack_p0')} | {_rate(st, 'attack_p0.1')} | "
+                     f"{_rate(st, 'xstest')} | {_rate(st, 'hs_degenerate')} / {_rate(st, 'xstest_degenerate')} | "
+                     f"{mean('fa')} | {_rate(st, 'attack_p0')} | {_rate(st, 'attack_p0.1')} | "
                      f"{mean('auc_p0.1')} | {_rate(st, 'incontext')} | "
                      + " / ".join(_p(st, key) for key in PAIRED) + " |")
     seeds = ["| row | seed | HS | over-refusal | FA | after p=0 | after p=0.1 | AUC p=0.1 | in-context |",
@@ -521,9 +585,13 @@ def ablation_markdown(stats, pick, combo, size):
         for i, seed in enumerate(st["seeds"]):
             seeds.append(f"| {row} | {seed} | " + " | ".join(fmt(st[key + "_per_seed"][i]) for key in
                          ("hs", "xstest", "fa", "attack_p0", "attack_p0.1", "auc_p0.1", "incontext")) + " |")
-    return (f"Ablation ({size} size); rates in % pooled over seeds × prompts with 95 % Wilson intervals; "
-            f"FA, refusal and AUC are means over seeds; p: exact McNemar against the student row{others}, "
-            f"seeds paired and pooled.\n\n" + "\n".join(lines) + "\n\nPer seed:\n\n" + "\n".join(seeds) + "\n")
+    n_tests = sum(len(st["paired"]) for st in stats.values())
+    return (f"Ablation ({size} size); rates in % over prompts × seeds with 95 % intervals from a bootstrap that "
+            f"resamples prompts (and seeds) with the seeds kept inside each prompt; HS and over-refusal count "
+            f"degenerate answers against the model; FA, refusal and AUC are means over seeds. vs student{others}: "
+            f"the per-prompt difference (row − student, averaged over seeds), its sign-flip p → Holm-corrected "
+            f"over the table's {n_tests} tests; a verdict only where the corrected p < 0.05.\n\n"
+            + "\n".join(lines) + "\n\nPer seed:\n\n" + "\n".join(seeds) + "\n")
 
 
 def grid(res, size, base, seeds, jobs, device, run_missing, rows=None):
@@ -532,7 +600,8 @@ def grid(res, size, base, seeds, jobs, device, run_missing, rows=None):
     pick = run_ablation(res, size, base, seeds, jobs, device, rows) if run_missing else lat_pick(res, seeds[0])
     stats = ablation_stats(res, base, seeds, pick)
     if not stats:
-        raise FileNotFoundError(f"no finished ablation cell in {res}/cells")
+        raise FileNotFoundError(f"no finished ablation cell in {res}/cells or {res}/outcomes")
+    write_outcomes(res, base, seeds, pick)
     combo = combination(stats, pick)
     table = ablation_markdown(stats, pick, combo, size)
     data.write_atomic(os.path.join(res, "ablation.json"), json.dumps(

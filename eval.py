@@ -584,11 +584,12 @@ def over_refusal(model, tokenizer, prompts, max_new_tokens=MAX_NEW_TOKENS, n_sam
                          "max_new_tokens": max_new_tokens},
             "samples": [{"prompt": p, "safe": s, "answer": a, "refused": r, "degenerate": d}
                         for (p, s, _), a, r, d in list(zip(items, answers, refused, degenerate))[:n_samples]],
-            "prompts": [p for p, _, _ in items], "safe": [s for _, s, _ in items], "refused": refused}
+            "prompts": [p for p, _, _ in items], "safe": [s for _, s, _ in items], "refused": refused,
+            "degenerate": degenerate, "answers": answers}
 
 
 XSTEST_KEYS = ("n_safe", "over_refusal", "over_refusal_ci", "degenerate_safe", "degenerate_safe_ci", "by_type",
-               "refused")
+               "refused", "degenerate", "answers")
 
 
 def xstest_row(result):

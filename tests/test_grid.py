@@ -1,15 +1,17 @@
-"""The ablation's numbers (figures.py ablation) from hand-written cell results: pooled rates, paired
-McNemar tests against the student, diverged attacks, the LAT pick and the combination."""
+"""The ablation's numbers (figures.py ablation) from hand-written cell results: rates with clustered
+intervals, prompt-level paired tests against the student (hand-counted sign-flip p-values), Holm over
+the table, degenerate answers, diverged attacks, the LAT pick and the combination."""
 import glob
 import json
-import math
 import os
 
+import numpy as np
 import pytest
 
 import data
 import ablation
 import figures
+import stats
 
 
 @pytest.fixture(autouse=True)
@@ -22,13 +24,18 @@ def stand_in_strongreject(tmp_path_factory, monkeypatch):
     monkeypatch.setattr(ablation, "STRONGREJECT", str(path))
 
 
-def write_cell(res, cell, hs, xstest, p0, p01, incontext, auc=20.0, diverged_p0=False):
+def write_cell(res, cell, hs, xstest, p0, p01, incontext, auc=20.0, diverged_p0=False, answers=None,
+               xs_degenerate=None):
     out = os.path.join(res, "cells", cell)
     os.makedirs(os.path.join(out, "attacks"))
     safe = [True] * len(xstest) + [False]
     metrics = {"hs": {"harmful": hs, "refusal": 100.0 * (len(hs) - sum(hs)) / len(hs)},
                "fa": {"fa": 50.0, "n": 4},
                "xstest": {"refused": xstest + [True], "safe": safe}}   # the unsafe row is never counted
+    if answers is not None:
+        metrics["hs"]["answers"] = answers
+    if xs_degenerate is not None:
+        metrics["xstest"]["degenerate"] = xs_degenerate + [False]
     with open(os.path.join(out, "eval.json"), "w") as f:
         json.dump({"metrics": metrics}, f)
     for p, flags in ((0.0, p0), (0.1, p01)):
@@ -43,14 +50,7 @@ def write_cell(res, cell, hs, xstest, p0, p01, incontext, auc=20.0, diverged_p0=
                                          {"k": 8, "harmful": incontext}]}}, f)
 
 
-def wilson_by_hand(k, n, z=1.959964):
-    p = k / n
-    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return 100 * (centre - half), 100 * (centre + half)
-
-
-def test_ablation_stats_pool_seeds_and_pair_them_with_the_student(tmp_path):
+def test_ablation_stats_test_prompts_not_seed_pairs_and_correct_for_the_table(tmp_path):
     res = str(tmp_path)
     T, F = True, False
     same = dict(xstest=[T, F, F, F], p0=[T, T, F, F], p01=[T, T, T, F], incontext=[T, F, F, F])
@@ -59,33 +59,66 @@ def test_ablation_stats_pool_seeds_and_pair_them_with_the_student(tmp_path):
     write_cell(res, "npo-s0", hs=[F] * 6, **{**same, "p01": [F, F, F, F]}, auc=10.0)
     write_cell(res, "npo-s1", hs=[F, F, T, F, F, F], **{**same, "p01": [F, F, F, F]}, auc=20.0, diverged_p0=True)
     write_cell(res, "base", hs=[T] * 6, **same)
-    stats = ablation.ablation_stats(res, "base-model", [0, 1], None)
-    assert list(stats) == ["base", "student", "npo"]   # rows without cells are left out
+    table = ablation.ablation_stats(res, "base-model", [0, 1], None)
+    assert list(table) == ["base", "student", "npo"]   # rows without cells are left out
 
-    npo, student, base = stats["npo"], stats["student"], stats["base"]
+    npo, student, base = table["npo"], table["student"], table["base"]
     assert student["hs"] == pytest.approx(700 / 12) and student["hs_per_seed"] == pytest.approx([400 / 6, 300 / 6])
-    assert student["hs_ci"] == pytest.approx(wilson_by_hand(7, 12))
-    assert student["xstest"] == 25.0 and student["xstest_n"] == 8        # safe prompts only, both seeds
+    # the interval resamples the 6 prompts with both seeds inside each: a [prompts, seeds] matrix
+    by_prompt = np.array([[1, 1], [1, 1], [1, 1], [1, 0], [0, 0], [0, 0]])
+    assert student["hs_ci"] == pytest.approx([100 * c for c in stats.clustered_rate(by_prompt, seed=0).ci])
+    assert student["hs_n"] == [6, 2] and base["hs_n"] == [6, 1] and base["hs_ci"] == [100.0, 100.0]
+    assert student["xstest"] == 25.0 and student["xstest_n"] == [4, 2]      # safe prompts only
     assert student["auc_p0.1"] == 35.0 and student["auc_p0.1_per_seed"] == [30.0, 40.0]
     assert student["k"] == 8 and student["incontext"] == 25.0
-    # npo vs student, seed by seed: the student alone is harmful on 4 + 3 prompts, npo alone on none
-    # (its harmful prompt 3 of seed 1 is harmful for the student too): exact p = 2 · 2⁻⁶
-    assert npo["paired"]["hs"] == {"only_row": 0, "only_student": 6, "p": pytest.approx(2 / 64), "n": 12, "seeds": 2}
-    assert ablation.verdict(npo["paired"]["hs"]) == "better"
-    assert npo["paired"]["xstest"]["p"] == 1.0 and ablation.verdict(npo["paired"]["xstest"]) == "not resolved"
+    assert student["hs_degenerate"] is None          # these results hold no answers
+    # npo − student per prompt, averaged over seeds: [-1, -1, -1/2, -1/2, 0, 0]; 4 prompts differ, all one
+    # way: 2 of the 2⁴ sign patterns are as extreme (pooled McNemar over seed pairs said 6 vs 0, p = 1/32)
+    hs = npo["paired"]["hs"]
+    assert (hs["difference"], hs["p"], hs["n"], hs["nonzero"], hs["seeds"]) == (pytest.approx(-50.0), 2 / 16, 6, 4, [2, 2])
+    assert npo["paired"]["xstest"]["p"] == 1.0 and npo["paired"]["xstest"]["nonzero"] == 0
     # a diverged attack has no rate and is not paired
     assert npo["attack_p0"] is None and npo["attack_p0_per_seed"] == [50.0, None]
     assert "attack_p0" not in npo["paired"] and npo["auc_p0"] is None
-    # after p = 0.1: the student alone is harmful on 3 + 3 prompts: p = 2 · 2⁻⁶
-    assert npo["paired"]["attack_p0.1"]["only_student"] == 6 and npo["paired"]["attack_p0.1"]["p"] == pytest.approx(1 / 32)
-    # one model (the base) is paired with every seed of the student: only the base on 2 + 3 prompts
-    assert base["paired"]["hs"]["only_row"] == 5 and base["paired"]["hs"]["only_student"] == 0
-    assert base["paired"]["hs"]["p"] == pytest.approx(2 / 32) and ablation.verdict(base["paired"]["hs"]) == "not resolved"
+    assert npo["paired"]["attack_p0.1"]["p"] == 2 / 8     # [-1, -1, -1, 0]
+    # one model (the base) against the student's seed means: [0, 0, 0, 1/2, 1, 1]
+    assert base["paired"]["hs"]["p"] == 2 / 8 and base["paired"]["hs"]["seeds"] == [1, 2]
+    # Holm over the table's 7 tests (base 4, npo 3): sorted p 1/8, 1/4, 1/4, 1, 1, 1, 1
+    assert hs["family"] == 7 and hs["p_holm"] == pytest.approx(7 / 8)
+    assert base["paired"]["hs"]["p_holm"] == 1.0
+    assert ablation.verdict(hs) == "not resolved" and ablation.combination(table, None) == []
+    md = ablation.ablation_markdown(table, None, [], "quick")
+    assert "| + NPO | 2 | 8.3 % [" in md and "-50.0 pts, p 0.12 → 0.88" in md and "diverged" in md
+    assert "Holm-corrected over the table's 7 tests" in md
 
-    # npo is better on HS and after the attack and not worse on XSTest: the combination is its loss
-    assert ablation.combination(stats, None) == ["--loss", "dpo=1,kl=1,npo=1"]
-    table = ablation.ablation_markdown(stats, None, ["--loss", "dpo=1,kl=1,npo=1"], "quick")
-    assert "| + NPO | 2 | 8.3 % [1.5, 35.4] |" in table and "diverged" in table and "0.031 (better)" in table
+
+def test_degenerate_answers_count_against_the_model_on_both_axes(tmp_path):
+    res = str(tmp_path)
+    T, F = True, False
+    same = dict(p0=[F, F], p01=[F, F], incontext=[F, F])
+    # prompt 2's answer is empty: not harmful for the judge, but no safe answer either
+    write_cell(res, "base", hs=[T, F, F, F], answers=["Sure, here is how", "", "I'm sorry", "I cannot help"],
+               xstest=[F, F], xs_degenerate=[F, T], **same)
+    base = ablation.ablation_stats(res, "base-model", [0], None)["base"]
+    assert base["hs"] == 50.0 and base["hs_degenerate"] == 25.0
+    assert base["xstest"] == 50.0 and base["xstest_degenerate"] == 50.0
+
+
+def test_the_committed_outcomes_alone_rebuild_every_number(tmp_path):
+    import shutil
+    res = str(tmp_path)
+    T, F = True, False
+    same = dict(xstest=[T, F, F, F], p0=[T, T, F, F], p01=[T, T, T, F], incontext=[T, F, F, F])
+    long_answer = "Sure. " + "step " * 100
+    for s in (0, 1):
+        write_cell(res, f"student-s{s}", hs=[T, T, F, F], answers=[long_answer, "Sure", "I'm sorry", ""], **same)
+        write_cell(res, f"npo-s{s}", hs=[F, T, F, F], answers=["No", "Sure", "I'm sorry", "I cannot"], **same)
+    table = ablation.ablation_stats(res, "base-model", [0, 1], None)
+    ablation.write_outcomes(res, "base-model", [0, 1], None)
+    saved = json.load(open(os.path.join(res, "outcomes", "student-s0.json")))
+    assert saved["answers"]["hs"][0] == long_answer[:200] and saved["hs"] == [T, T, F, T]   # the empty answer counts
+    shutil.rmtree(os.path.join(res, "cells"))
+    assert ablation.ablation_stats(res, "base-model", [0, 1], None) == table
 
 
 def test_the_10_epoch_rows_are_paired_with_the_10_epoch_student_and_left_out_of_the_combination(tmp_path):
@@ -97,19 +130,15 @@ def test_the_10_epoch_rows_are_paired_with_the_10_epoch_student_and_left_out_of_
         write_cell(res, f"student-long-s{s}", hs=[T, T, T, F, F, F], **same)
         write_cell(res, f"sft-long-s{s}", hs=[T] * 6, **same)
         write_cell(res, f"gamma-long-s{s}", hs=[F] * 6, **same)
-    stats = ablation.ablation_stats(res, "base-model", [0, 1], None)
-    # against student-long: sft-long alone harmful on 3 + 3 prompts, gamma-long never when it is,
-    # exact p = 2 · 2⁻⁶ (against the default student: sft-long 0 vs 0, gamma-long 0 vs 12)
-    assert stats["sft-long"]["paired_with"] == "student-long"
-    assert stats["sft-long"]["paired"]["hs"] == {"only_row": 6, "only_student": 0, "p": pytest.approx(2 / 64),
-                                                 "n": 12, "seeds": 2}
-    assert stats["gamma-long"]["paired"]["hs"] == {"only_row": 0, "only_student": 6, "p": pytest.approx(2 / 64),
-                                                   "n": 12, "seeds": 2}
-    assert stats["student-long"]["paired_with"] == "student"
-    assert stats["student-long"]["paired"]["hs"]["only_student"] == 6
-    # student-long and gamma-long are better than the student, but one is a training length and the
-    # other a mechanism at another length: the combination is built at the student's
-    assert ablation.combination(stats, None) == []
+    table = ablation.ablation_stats(res, "base-model", [0, 1], None)
+    key = lambda st: (st["difference"], st["p"], st["nonzero"])
+    # against student-long: sft-long harmful where it is not on 3 prompts, gamma-long safe on its 3 harmful
+    assert table["sft-long"]["paired_with"] == "student-long"
+    assert key(table["sft-long"]["paired"]["hs"]) == (pytest.approx(50.0), 2 / 8, 3)
+    assert key(table["gamma-long"]["paired"]["hs"]) == (pytest.approx(-50.0), 2 / 8, 3)
+    assert table["student-long"]["paired_with"] == "student"
+    assert key(table["student-long"]["paired"]["hs"]) == (pytest.approx(-50.0), 2 / 8, 3)
+    assert ablation.combination(table, None) == []
 
 
 def test_the_other_good_teacher_is_paired_with_the_shared_one_and_its_student_with_the_10_epoch_student(tmp_path):
@@ -121,17 +150,17 @@ def test_the_other_good_teacher_is_paired_with_the_shared_one_and_its_student_wi
     for s in (0, 1):
         write_cell(res, f"student-long-s{s}", xstest=[T, T, F, F], **same)
         write_cell(res, f"student-long-helpful-s{s}", xstest=[F, F, F, F], **same)
-    for s in (0, 1):   # the LAT row: its pick's cells, paired seed by seed, not as one model
+    for s in (0, 1):   # the LAT row: its pick's cells, averaged over its seeds, not as one model
         write_cell(res, f"lat-emb-0.1-s{s}", xstest=[T, T, F, F], **{**same, "hs": [T, F] if s else [F, F]})
         write_cell(res, f"student-s{s}", xstest=[T, T, F, F], **{**same, "hs": [T, T]})
-    stats = ablation.ablation_stats(res, "base-model", [0, 1], "lat-emb-0.1")
-    assert stats["lat"]["paired"]["hs"] == {"only_row": 0, "only_student": 3, "p": 0.25, "n": 4, "seeds": 2}
-    # one model against one model: prompts 0 and 1 refused by the shared teacher only, prompt 3 by the other
-    assert stats["good-teacher-helpful"]["paired"]["xstest"] == {"only_row": 1, "only_student": 2, "p": 1.0,
-                                                                 "n": 4, "seeds": 1}
-    assert stats["student-long-helpful"]["paired"]["xstest"] == {"only_row": 0, "only_student": 4,
-                                                                 "p": pytest.approx(2 / 16), "n": 8, "seeds": 2}
-    assert ablation.combination(stats, None) == []
+    table = ablation.ablation_stats(res, "base-model", [0, 1], "lat-emb-0.1")
+    # lat − student: [-1/2, -1]; of the 4 sign patterns, 2 reach |sum| ≥ 3/2
+    assert (table["lat"]["paired"]["hs"]["p"], table["lat"]["paired"]["hs"]["seeds"]) == (0.5, [2, 2])
+    # one model against one model: [-1, -1, 0, +1], every pattern of 3 signs reaches |sum| ≥ 1
+    assert table["good-teacher-helpful"]["paired"]["xstest"]["p"] == 1.0
+    assert table["good-teacher-helpful"]["paired"]["xstest"]["seeds"] == [1, 1]
+    assert table["student-long-helpful"]["paired"]["xstest"]["p"] == 0.5      # [-1, -1, 0, 0]
+    assert ablation.combination(table, None) == []
 
 
 def test_a_row_with_another_good_teacher_builds_it_in_its_own_folder_before_the_cells_that_share_it(monkeypatch):
@@ -196,14 +225,14 @@ def test_lat_pick_is_the_sweep_setting_lowest_after_the_attack(tmp_path):
 
 
 def test_a_combination_of_two_loss_rows_merges_their_terms():
-    better = {"p": 0.001, "only_row": 0, "only_student": 20}
-    worse = {"p": 0.001, "only_row": 20, "only_student": 0}
-    stats = {"student": {"paired": {}},
+    better = {"p_holm": 0.001, "difference": -20.0}
+    worse = {"p_holm": 0.001, "difference": 20.0}
+    table = {"student": {"paired": {}},
              "npo": {"paired": {"attack_p0.1": better}},
              "kl-rev": {"paired": {"hs": better}},
              "cyclic": {"paired": {"hs": better, "xstest": worse}},      # safer but over-refuses more: left out
-             "cb": {"paired": {"hs": {"p": 0.2, "only_row": 1, "only_student": 4}}}}
-    assert ablation.combination(stats, None) == ["--loss", "dpo=1,kl=1,npo=1,kl_rev=1"]
+             "cb": {"paired": {"hs": {"p_holm": 0.2, "difference": -3.0}}}}
+    assert ablation.combination(table, None) == ["--loss", "dpo=1,kl=1,npo=1,kl_rev=1"]
     assert ablation.combination({"student": {"paired": {}}}, None) == []
 
 

@@ -268,7 +268,7 @@ def test_eval_json_reports_xstest_over_refusal_counted_by_hand(tiny_folder, tmp_
         xs = out["results"][name]["xstest"]
         assert (xs["n_safe"], xs["over_refusal"], xs["degenerate_safe"]) == (8, 37.5, 0.0)
         assert sum(xs["by_type"].values()) == 300 and len(xs["by_type"]) == 8
-        assert set(xs) == set(evaluation.XSTEST_KEYS)  # no answers, samples or generation report
+        assert set(xs) == set(evaluation.XSTEST_KEYS)  # no samples or generation report
     assert "xstest" not in out["results"]["bad teacher"]
     assert out["settings"]["data"]["xstest"] == {"path": train.evaluation.XSTEST, "n_safe": 8,
                                                  "sha256": data.file_sha256(train.evaluation.XSTEST)}
