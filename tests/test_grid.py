@@ -262,8 +262,9 @@ def test_ablation_cells_run_resume_and_reproduce_from_their_argv(tiny_folder, tm
             "--rows", "student", "sft-baseline", "--jobs", "2"]  # two cells at once: their processes mostly start up
     figures.main(argv)
     saved = json.load(open(os.path.join(res, "ablation.json")))
-    assert list(saved["stats"]) == ["sft-baseline", "student"] and saved["stats"]["student"]["hs_n"] == 6
-    assert saved["stats"]["student"]["xstest_n"] == 10 and os.path.isfile(os.path.join(out, "ablation-quick.png"))
+    assert list(saved["stats"]) == ["sft-baseline", "student"] and saved["stats"]["student"]["hs_n"] == [6, 1]
+    assert saved["stats"]["student"]["xstest_n"] == [10, 1] and os.path.isfile(os.path.join(out, "ablation-quick.png"))
+    assert sorted(os.listdir(os.path.join(res, "outcomes"))) == ["sft-baseline-s0.json", "student-s0.json"]
     log = os.path.join(res, "logs", "student-s0.log")
     ran = lambda: [line.split()[2] for line in open(log) if line.startswith("$ python")]
     assert ran() == ["train.py", "eval.py", "attack.py", "attack.py"]
