@@ -295,6 +295,7 @@ def run_cells(res, jobs, cells):
     Returns the names of the failed cells."""
     os.makedirs(os.path.join(res, "logs"), exist_ok=True)
     threads = max(1, (os.cpu_count() or 1) // min(jobs, max(1, len(cells))))
+    threads = min(threads, int(os.environ.get("OMP_NUM_THREADS") or threads))  # the caller's cap holds
     with concurrent.futures.ThreadPoolExecutor(jobs) as pool:
         futures = {pool.submit(run_cell, res, cmds, os.path.join(res, "logs", f"{name}.log"), threads): name
                    for name, cmds in cells}

@@ -2,7 +2,16 @@ import os
 import sys
 
 import pytest
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # one worker per core: more threads each and OpenMP's spinning threads starve the other worker.
+    # Set before torch loads its OpenMP runtime; the processes a test starts inherit it.
+    os.environ["OMP_NUM_THREADS"] = "1"
+
 import torch
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    torch.set_num_threads(1)  # in case a plugin loaded torch first
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)

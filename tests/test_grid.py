@@ -254,47 +254,78 @@ TINY_SIZE = {"train": ["--limit", "8", "--epochs", "1", "--levels", "1", "--batc
 
 
 def test_ablation_cells_run_resume_and_reproduce_from_their_argv(tiny_folder, tmp_path, monkeypatch):
-    import subprocess
-    import sys
+    """One row end to end through real subprocesses (each costs ~5 s of imports, so one row: what to
+    run again and what to remove is tested on stand-ins below)."""
+    import eval as evaluation
     monkeypatch.setitem(ablation.ABLATION_SIZES, "quick", TINY_SIZE)
     res, out = str(tmp_path / "res"), str(tmp_path / "png")
     argv = ["ablation", "--quick", "--results", res, "--out", out, "--model", tiny_folder, "--seeds", "0",
-            "--rows", "student", "sft-baseline", "--jobs", "2"]  # two cells at once: their processes mostly start up
+            "--rows", "student"]
     figures.main(argv)
     saved = json.load(open(os.path.join(res, "ablation.json")))
-    assert list(saved["stats"]) == ["sft-baseline", "student"] and saved["stats"]["student"]["hs_n"] == [6, 1]
+    assert list(saved["stats"]) == ["student"] and saved["stats"]["student"]["hs_n"] == [6, 1]
     assert saved["stats"]["student"]["xstest_n"] == [10, 1] and os.path.isfile(os.path.join(out, "ablation-quick.png"))
-    assert sorted(os.listdir(os.path.join(res, "outcomes"))) == ["sft-baseline-s0.json", "student-s0.json"]
+    assert os.listdir(os.path.join(res, "outcomes")) == ["student-s0.json"]
     log = os.path.join(res, "logs", "student-s0.log")
     ran = lambda: [line.split()[2] for line in open(log) if line.startswith("$ python")]
     assert ran() == ["train.py", "eval.py", "attack.py", "attack.py"]
-    # the attack data (student-s0) keeps its checkpoint (args.json), another cell only its student (disk)
+    # the attack data (student-s0) keeps its checkpoint (args.json)
     assert glob.glob(os.path.join(res, "runs", "student-s0", "checkpoints", "step-*", "args.json"))
-    sft = os.path.join(res, "runs", "sft-baseline-s0")
-    assert os.path.isfile(os.path.join(sft, "student", "config.json")) and not os.path.exists(os.path.join(sft, "checkpoints"))
 
     figures.main(argv)                      # everything is done: nothing runs again
     assert len(ran()) == 4
-    monkeypatch.setitem(ablation.ABLATION_SIZES, "quick", {**TINY_SIZE, "fa_n": 3})
-    figures.main(argv)                      # a changed eval size runs eval.py again, not the training
-    assert ran()[4:] == ["eval.py"]
-    attacked = os.path.getmtime(os.path.join(res, "cells", "student-s0", "attacks", "incontext.json"))
-    monkeypatch.setitem(ablation.ABLATION_SIZES, "quick", {**TINY_SIZE, "fa_n": 3,
-                                                           "train": [*TINY_SIZE["train"], "--lr", "3e-5"]})
-    figures.main([*argv[:-4], "student"])  # a changed training (one row): its student is new, so all that reads it runs again
-    assert ran()[5:] == ["train.py", "eval.py", "attack.py", "attack.py"]
-    assert os.path.getmtime(os.path.join(res, "cells", "student-s0", "attacks", "incontext.json")) > attacked
 
     # the cell's evaluation again from the argv in its JSON gives the same per-prompt outcomes
     cell = json.load(open(os.path.join(res, "cells", "student-s0", "eval.json")))
     again = str(tmp_path / "again.json")
     args = cell["settings"]["argv"]
     args[args.index("--out") + 1] = again
-    subprocess.run([sys.executable, os.path.join(os.path.dirname(figures.__file__), "eval.py"), *args], check=True,
-                   capture_output=True)
+    evaluation.main(args)
     redo = json.load(open(again))["metrics"]
     assert redo["hs"]["harmful"] == cell["metrics"]["hs"]["harmful"] and redo["hs"]["answers"] == cell["metrics"]["hs"]["answers"]
-    assert redo["xstest"]["refused"] == cell["metrics"]["xstest"]["refused"] and redo["fa"]["n"] == 3
+    assert redo["xstest"]["refused"] == cell["metrics"]["xstest"]["refused"] and redo["fa"]["n"] == TINY_SIZE["fa_n"]
+
+
+def test_a_cell_runs_again_what_changed_and_all_that_reads_a_new_student(tmp_path, monkeypatch):
+    """run_cell's rule without the subprocesses: a stand-in for each script writes its output at a
+    clock that advances one second a command (mtimes then order the runs, however fast)."""
+    ran, clock = [], [1_000_000.0]
+    outputs = {}
+
+    def fake_run(cmd, **kwargs):
+        script, argv = os.path.basename(cmd[1]), cmd[2:]
+        ran.append(script)
+        if script == "train.py":                            # what it leaves that the cell does not need
+            os.makedirs(tmp_path / "checkpoints")
+        done = outputs[(script, tuple(argv))]
+        open(done, "w").write("{}")
+        clock[0] += 1
+        os.utime(done, (clock[0], clock[0]))
+        return type("Done", (), {"returncode": 0})()
+
+    monkeypatch.setattr(ablation.subprocess, "run", fake_run)
+
+    def commands(train_flags, eval_flags):
+        cmds = [ablation.CellCommand("train.py", train_flags, str(tmp_path / "student.json"),
+                                     remove_when_done=str(tmp_path / "checkpoints"), read_later=True),
+                ablation.CellCommand("eval.py", eval_flags, str(tmp_path / "eval.json")),
+                ablation.CellCommand("attack.py", ["finetune"], str(tmp_path / "finetune.json")),
+                ablation.CellCommand("attack.py", ["incontext"], str(tmp_path / "incontext.json"))]
+        outputs.update({(c.script, tuple(c.argv)): c.done for c in cmds})
+        return cmds
+
+    log = str(tmp_path / "cell.log")
+    assert ablation.run_cell(str(tmp_path), commands(["--lr", "1"], ["--n", "2"]), log, 1) is None
+    assert ran == ["train.py", "eval.py", "attack.py", "attack.py"] and not os.path.exists(tmp_path / "checkpoints")
+    ablation.run_cell(str(tmp_path), commands(["--lr", "1"], ["--n", "2"]), log, 1)
+    assert len(ran) == 4                                     # all done: nothing runs
+    ablation.run_cell(str(tmp_path), commands(["--lr", "1"], ["--n", "3"]), log, 1)
+    assert ran[4:] == ["eval.py"]                           # a changed eval size: only the evaluation
+    ablation.run_cell(str(tmp_path), commands(["--lr", "2"], ["--n", "3"]), log, 1)
+    assert ran[5:] == ["train.py", "eval.py", "attack.py", "attack.py"]  # a new student: all that reads it
+    os.utime(tmp_path / "incontext.json", (0, 0))           # an output older than the student it read
+    ablation.run_cell(str(tmp_path), commands(["--lr", "2"], ["--n", "3"]), log, 1)
+    assert ran[9:] == ["attack.py"] and [l.split()[3] for l in open(log)][-1] == "incontext"
 
 
 def test_a_figure_run_is_reused_only_when_made_by_the_same_flags(tmp_path, monkeypatch):

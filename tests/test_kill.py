@@ -51,9 +51,16 @@ train.main(argv)
 """
 
 
-def run(point, n, argv):
-    return subprocess.run([sys.executable, "-c", KILLER.format(root=ROOT), point, str(n), *argv],
-                          capture_output=True, text=True, timeout=600)
+def start(point, n, argv):
+    """The run as a process on one thread: the runs of this file go two at a time on two cores."""
+    return subprocess.Popen([sys.executable, "-c", KILLER.format(root=ROOT), point, str(n), *argv],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+def finish(proc):
+    _, err = proc.communicate(timeout=600)
+    return proc.returncode, err
 
 
 def argv(folder, out, *extra):
@@ -68,26 +75,33 @@ def outcome(out):
     return rows, load_file(str(out / "student" / "model.safetensors"))
 
 
-@pytest.fixture(scope="module")
-def uninterrupted(tiny_folder, tmp_path_factory):
-    """The run every killed one must end as (the same for each kill point)."""
-    out = tmp_path_factory.mktemp("full") / "full"
-    full = run("none", 0, argv(tiny_folder, out))
-    assert full.returncode == 0, full.stderr[-2000:]
-    return out
-
-
-@pytest.mark.parametrize("point,n,then", [
+KILLS = [
     ("teacher-save", 1, []),        # killed while the bad teacher is saved: the rerun rebuilds it
     ("cache-append", 2, []),        # killed mid-line in the answer cache: the rerun drops the cut line
     ("checkpoint", 2, ["--resume"]),  # killed inside the second checkpoint: --resume starts from the first
-])
-def test_a_killed_run_recovers_to_the_uninterrupted_result(tiny_folder, uninterrupted, tmp_path, point, n, then):
-    killed = run(point, n, argv(tiny_folder, tmp_path / "cut"))
-    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
-    again = run("none", 0, argv(tiny_folder, tmp_path / "cut", *then))
-    assert again.returncode == 0, again.stderr[-2000:]
-    (rows_a, weights_a), (rows_b, weights_b) = outcome(uninterrupted), outcome(tmp_path / "cut")
+]
+
+
+@pytest.fixture(scope="module")
+def runs(tiny_folder, tmp_path_factory):
+    """The uninterrupted run and each killed one, then each rerun, started together (they share nothing):
+    {point: (killed (returncode, stderr), rerun (returncode, stderr), folder)} and the uninterrupted folder."""
+    root = tmp_path_factory.mktemp("kill")
+    full = start("none", 0, argv(tiny_folder, root / "full"))
+    killed = {point: start(point, n, argv(tiny_folder, root / point)) for point, n, _ in KILLS}
+    code, err = finish(full)
+    assert code == 0, err[-2000:]
+    killed = {point: finish(proc) for point, proc in killed.items()}
+    again = {point: start("none", 0, argv(tiny_folder, root / point, *then)) for point, _, then in KILLS}
+    return {point: (killed[point], finish(again[point]), root / point) for point in again}, root / "full"
+
+
+@pytest.mark.parametrize("point", [point for point, _, _ in KILLS])
+def test_a_killed_run_recovers_to_the_uninterrupted_result(runs, point):
+    (killed, again, cut), uninterrupted = runs[0][point], runs[1]
+    assert killed[0] == -signal.SIGKILL, killed[1][-2000:]
+    assert again[0] == 0, again[1][-2000:]
+    (rows_a, weights_a), (rows_b, weights_b) = outcome(uninterrupted), outcome(cut)
     assert rows_a == rows_b and len(rows_a) == 8
     assert weights_a.keys() == weights_b.keys() and all(torch.equal(weights_a[k], weights_b[k]) for k in weights_a)
-    assert os.listdir(tmp_path / "cut" / "checkpoints") == ["step-8"]  # nothing half-written left behind
+    assert os.listdir(cut / "checkpoints") == ["step-8"]  # nothing half-written left behind
