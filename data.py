@@ -334,6 +334,23 @@ def split_train_test(examples, test_fraction=0.2, seed=0):
     return train, test
 
 
+@dataclass
+class Prompts:
+    """The prompts of a run (Example lists): training pools and held-out sets."""
+    harmful: list
+    harmless: list
+    harmful_test: list
+    harmless_test: list
+
+
+def prompts_sha256(prompts):
+    """sha256 of a run's prompts and categories (training pools and held-out sets, as selected):
+    an edited data file under the same flags changes it."""
+    lists = [[[e.prompt, e.category] for e in exs] for exs in
+             (prompts.harmful, prompts.harmless, prompts.harmful_test, prompts.harmless_test)]
+    return hashlib.sha256(json.dumps(lists).encode()).hexdigest()
+
+
 def stratified_sample(examples, n, seed=0):
     """At most n examples, a seeded sample stratified by category: each category gets its
     proportional share (largest remainders round up, ties by name), drawn from a seeded

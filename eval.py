@@ -671,6 +671,42 @@ def cached_result(cache_dir, ident, compute):
     return result
 
 
+def xstest_safe_sample(path, limit, seed):
+    """XSTest's safe prompts in `path` (limit: a seeded sample stratified by type)."""
+    safe = [e for e in load_xstest(path) if e.safe]
+    if not safe:
+        raise data.DataError(f"--xstest {path}: no safe prompts")
+    return data.stratified_sample(safe, limit, seed)
+
+
+def evaluate_models(frozen, student, tokenizer, harmful, harmless, xstest, xstest_path, cache_dir, ident):
+    """{name: row} of train.py's final evaluation: the frozen models (frozen: {name: (key, get model)},
+    rows cached by ident(key)) and the student on the held-out prompts and, but for the bad teacher
+    (it answers safe prompts off topic anyway), on XSTest's safe prompts `xstest` (None: not measured)."""
+    rows = {name: evaluate_frozen(ident(key), get, tokenizer, harmful, harmless, cache_dir, name)
+            for name, (key, get) in frozen.items()}
+    rows["student"] = evaluate(student, tokenizer, harmful, harmless, name="student")
+    if xstest is not None:
+        for name in ("base", "good teacher"):
+            key, get = frozen[name]
+            rows[name]["xstest"] = evaluate_frozen_xstest(ident(key), get, tokenizer, xstest, xstest_path, cache_dir, name)
+        rows["student"]["xstest"] = xstest_row(over_refusal(student, tokenizer, xstest, name="student"))
+    return rows
+
+
+def report_models(rows, teacher_report, run_settings, out):
+    """The rows' table, paired tests against the student and settings: printed, and written to out/eval.json
+    and out/eval.md. Returns the JSON payload."""
+    paired = paired_with_student(rows)
+    payload = {"results": rows, "paired_with_student": paired, "teacher_eval_on_training_prompts": teacher_report,
+               "settings": run_settings}
+    table = (markdown_table(rows) + "\n\nPaired tests (same prompts, exact McNemar, Holm-corrected):\n\n"
+             + paired_lines(paired))
+    write_results(os.path.join(out, "eval.json"), payload, table)
+    print("\nheld-out evaluation (judge: refusal keywords)\n" + table)
+    return payload
+
+
 # ---------------------------------------------------------------- FA (fine-tune accuracy)
 
 FA_TASKS = ("arith", "agnews", "gsm8k", "sst2")

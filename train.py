@@ -21,7 +21,6 @@ import argparse
 import copy
 import functools
 import glob
-import hashlib
 import json
 import math
 import os
@@ -628,15 +627,6 @@ def resume_state(out, resume_from, student, opt, n_steps, log):
 
 
 @dataclass
-class Prompts:
-    """The prompts of a run (data.Example lists): training pools and held-out sets."""
-    harmful: list
-    harmless: list
-    harmful_test: list
-    harmless_test: list
-
-
-@dataclass
 class Base:
     """The model being made safe, in the two forms a run holds."""
     fp32: object       # as loaded: the student starts from it; it fills frozen weights when LoRA saves
@@ -671,7 +661,7 @@ def load_pools(args):
                                                  args.data_seed, args.limit, **fields)
     harmless_train, harmless_test = data.load_pool("harmless", args.harmless, args.harmless_test,
                                                    args.test_fraction, args.data_seed, args.limit, **fields)
-    return Prompts(harmful_train, harmless_train, harmful_test, harmless_test)
+    return data.Prompts(harmful_train, harmless_train, harmful_test, harmless_test)
 
 
 def filter_pairs(examples, good, bad, keep):
@@ -726,14 +716,6 @@ def check_out_folder(args):
                          f"{saved['data_sha256'][:12]} → {now['data_sha256'][:12]}): restore the data files, "
                          f"or start over with --overwrite")
     return resume_from
-
-
-def prompts_sha256(prompts):
-    """sha256 of a run's prompts and categories (training pools and held-out sets, as selected):
-    an edited data file under the same flags changes it."""
-    lists = [[[e.prompt, e.category] for e in exs] for exs in
-             (prompts.harmful, prompts.harmless, prompts.harmful_test, prompts.harmless_test)]
-    return hashlib.sha256(json.dumps(lists).encode()).hexdigest()
 
 
 def load_base(args, log):
@@ -852,20 +834,15 @@ def step_inputs(args, base, found, pools, harmful, student, log):
 
 
 def load_xstest_safe(args):
-    """XSTest's safe prompts for the final evaluation (--eval-limit: a seeded sample stratified by
-    type); None with --xstest none or --no-eval."""
+    """XSTest's safe prompts for the final evaluation; None with --xstest none or --no-eval."""
     if args.no_eval or not args.xstest or args.xstest.lower() == "none":
         return None
-    safe = [e for e in evaluation.load_xstest(args.xstest) if e.safe]
-    if not safe:
-        raise data.DataError(f"--xstest {args.xstest}: no safe prompts")
-    return data.stratified_sample(safe, args.eval_limit, args.data_seed)
+    return evaluation.xstest_safe_sample(args.xstest, args.eval_limit, args.data_seed)
 
 
 def evaluate_run(args, student, student_dir, base, found, prompts, report, t_start, xstest=None):
-    """Base, teachers and student on the held-out prompts and, but for the bad teacher, on XSTest's
-    safe prompts `xstest` (eval.json, eval.md); frozen models' rows come from the evaluation cache
-    when another run computed them."""
+    """Base, teachers and student on the held-out prompts (--eval-limit each) and XSTest (eval.json,
+    eval.md); frozen models' rows come from the evaluation cache when another run computed them."""
     student.eval()
     test_h = data.stratified_sample(prompts.harmful_test, args.eval_limit, args.data_seed)
     test_b = data.stratified_sample(prompts.harmless_test, args.eval_limit, args.data_seed)
@@ -873,26 +850,14 @@ def evaluate_run(args, student, student_dir, base, found, prompts, report, t_sta
     # the good teacher was freed for training by --teacher-topk: reloaded only on a cache miss, once
     get_good = functools.cache(lambda: found.good if not args.teacher_topk
                                else teachers.load_frozen(good_path, args, base.device, "good")[0])
-
-    ident = lambda key: evaluation.frozen_ident(key, base.key, base.tokenizer, args.precision, base.device,
-                                                args.attention)
     frozen = {"base": (base.key, lambda: base.compute), "good teacher": (found.keys["good"], get_good)}
     if found.bad is not base.compute:
         frozen["bad teacher"] = (found.keys["bad"], lambda: found.bad)
-    rows = {name: evaluation.evaluate_frozen(ident(key), get, base.tokenizer, test_h, test_b, args.cache_dir, name)
-            for name, (key, get) in frozen.items()}
-    rows["student"] = evaluation.evaluate(student, base.tokenizer, test_h, test_b, name="student")
-    if xstest is not None:  # the bad teacher answers safe prompts off topic anyway: not measured
-        for name in ("base", "good teacher"):
-            key, get = frozen[name]
-            rows[name]["xstest"] = evaluation.evaluate_frozen_xstest(ident(key), get, base.tokenizer, xstest,
-                                                                     args.xstest, args.cache_dir, name)
-        rows["student"]["xstest"] = evaluation.xstest_row(evaluation.over_refusal(student, base.tokenizer, xstest,
-                                                                                  name="student"))
-    table = evaluation.markdown_table(rows)
-    paired = evaluation.paired_with_student(rows)
-    payload = {"results": rows, "paired_with_student": paired, "teacher_eval_on_training_prompts": report,
-               "settings": evaluation.settings(
+    ident = lambda key: evaluation.frozen_ident(key, base.key, base.tokenizer, args.precision, base.device,
+                                                args.attention)
+    rows = evaluation.evaluate_models(frozen, student, base.tokenizer, test_h, test_b, xstest, args.xstest,
+                                      args.cache_dir, ident)
+    run_settings = evaluation.settings(
         model=args.model, models={"base": base.key, **found.keys, "student": student_dir}, seed=args.seed,
         data_seed=args.data_seed,
         data={"harmful_test": args.harmful_test or args.harmful or "builtin:test",
@@ -901,10 +866,8 @@ def evaluate_run(args, student, student_dir, base, found, prompts, report, t_sta
               "n_harmful": len(test_h), "n_harmless": len(test_b),
               "xstest": None if xstest is None else {"path": args.xstest, "sha256": data.file_sha256(args.xstest),
                                                      "n_safe": len(xstest)}},
-        flags=vars(args), wall_seconds=round(time.time() - t_start, 1))}
-    table += "\n\nPaired tests (same prompts, exact McNemar, Holm-corrected):\n\n" + evaluation.paired_lines(paired)
-    evaluation.write_results(os.path.join(args.out, "eval.json"), payload, table)
-    print("\nheld-out evaluation (judge: refusal keywords)\n" + table)
+        flags=vars(args), wall_seconds=round(time.time() - t_start, 1))
+    payload = evaluation.report_models(rows, report, run_settings, args.out)
     print(f"\nwall time {time.time() - t_start:.0f} s; results in {args.out}/eval.json")
     return payload
 
@@ -936,7 +899,7 @@ def run(args):
     os.makedirs(args.cache_dir, exist_ok=True)
     prompts = load_pools(args)
     xstest = load_xstest_safe(args)  # a bad --xstest stops here, before any model loads
-    args.data_sha256 = prompts_sha256(prompts)  # saved in args.json: --resume checks the data did not change
+    args.data_sha256 = data.prompts_sha256(prompts)  # saved in args.json: --resume checks the data did not change
     if args.plan_only:
         return print_plan(args, prompts)
     resume_from = check_out_folder(args)
