@@ -115,7 +115,7 @@ HELPFUL_TEACHER = ["--teacher-harmless-repeat", "4"]
 SHORT_TEACHER = ["--teacher-epochs", "2"]
 
 
-GOOD_TEACHER_FLAGS = ("--teacher-harmless-repeat", "--teacher-epochs", "--teacher-lr")
+GOOD_TEACHER_FLAGS = ("--teacher-harmless-repeat", "--teacher-epochs", "--teacher-lr", "--borderline", "--borderline-n")
 ABLATION_ROWS.update({
     "good-teacher-helpful": ("good teacher, harmless pairs ×4", None),
     "student-long-helpful": ("student, 10 epochs, good teacher with harmless pairs ×4", [*TEN_EPOCHS, *HELPFUL_TEACHER]),

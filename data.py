@@ -37,7 +37,8 @@ import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 BUILTIN = os.path.join(HERE, "builtin_prompts.jsonl")
-PROMPT_FIELDS = ("prompt", "instruction", "goal", "forbidden_prompt", "behavior", "question", "query", "text")
+PROMPT_FIELDS = ("prompt", "instruction", "goal", "forbidden_prompt", "behavior", "question", "query", "request",
+                 "text")
 RESPONSE_FIELDS = ("response", "output", "target", "answer", "completion")
 CATEGORY_FIELDS = ("category", "semanticcategory", "type", "class")
 IGNORE = -100  # label of a token that no loss reads (prompt, padding)
@@ -289,6 +290,10 @@ def load_examples(path, pool=None, prompt_field=None, response_field=None, categ
             safe = row["is_safe"] in (True, "True", "true", 1, "1")
         elif "label" in row and str(row["label"]).lower() in ("safe", "unsafe"):
             safe = str(row["label"]).lower() == "safe"
+        elif "Harmfulness" in row:  # PHTest: harmless, or controversial (neither pool's)
+            if pool and row["Harmfulness"] != "harmless":
+                continue
+            safe = True
         if pool == "harmful" and safe is True or pool == "harmless" and safe is False:
             continue
         response = row.get(r_key) if r_key else None
@@ -332,6 +337,31 @@ def split_train_test(examples, test_fraction=0.2, seed=0):
         test += [group[i] for i in perm[:n_test]]
         train += [group[i] for i in perm[n_test:]]
     return train, test
+
+
+DEV_FRACTION = 0.2
+PHTEST = os.path.normpath(os.path.join(HERE, "..", "shared", "data", "phtest", "phtest.csv"))
+PHTEST_HUB = "furonghuang-lab/PHTest"
+
+
+def in_dev_split(prompt):
+    """Whether a prompt belongs to the dev part of its set: by a hash of the prompt alone, so the dev
+    part is the same in every run, seed and sample, and never reaches training."""
+    return int(hashlib.sha256(("dev:" + prompt_key(prompt)).encode()).hexdigest()[:8], 16) < DEV_FRACTION * 16 ** 8
+
+
+def load_borderline(spec, part, n=None, seed=0):
+    """Prompts that sound harmful but are not (harmless-labelled rows; PHTest by default), the train or
+    dev part (in_dev_split), a seeded sample of n (None: all). spec: a file, a hub name, or "phtest"
+    (the shared copy, else the hub)."""
+    path = spec
+    if spec == "phtest":
+        path = PHTEST if os.path.isfile(PHTEST) else PHTEST_HUB
+    examples = [e for e in dedupe(load_examples(path, "harmless")) if in_dev_split(e.prompt) == (part == "dev")]
+    if not examples:
+        raise DataError(f"{spec}: no harmless prompts in its {part} part")
+    examples = [Example(e.prompt, category="pseudo-harmful", source=e.source, safe=True) for e in examples]
+    return stratified_sample(examples, n, seed) if n else examples
 
 
 @dataclass

@@ -490,7 +490,10 @@ def align_pairs(harmful, harmless, harmless_answers, *, seed=0, harmless_repeat=
     """The good teacher's SFT pairs: harmful → a refusal, harmless → the base model's own answer (so
     what it knew is kept), the harmless pairs `harmless_repeat` times."""
     pairs = [(e.prompt, refusal_for(e.prompt, seed)) for e in harmful]
-    return pairs + list(zip([e.prompt for e in harmless], harmless_answers)) * harmless_repeat
+    # a borderline prompt the base refuses is left out: a refusal is never its target
+    helpful = [(e.prompt, a) for e, a in zip(harmless, harmless_answers)
+               if not (e.category == "pseudo-harmful" and data.is_refusal(a))]
+    return pairs + helpful * harmless_repeat
 
 
 def derangement(n, seed):
@@ -1019,7 +1022,7 @@ class TeacherModels:
     good: object
     bad: object
     keys: dict         # {"good": key, "bad": key}
-    answers: dict      # {"good" | "bad": (harmful answers, harmless answers)} on the training prompts
+    answers: dict      # {"good" | "bad" | "base": (harmful answers, harmless answers)} on the training prompts
 
 
 # train.py flags that change a teacher's SFT itself. --micro-batch, --micro-tokens and --device only
@@ -1109,6 +1112,7 @@ def prepare_teachers(args, base, harmful, harmless, log):
     answers = {name: (gen(model, key, harmful, f"{name} teacher answers (harmful)"),
                       gen(model, key, harmless, f"{name} teacher answers (harmless)"))
                for name, model, key in (("good", good, good_key), ("bad", bad, bad_key))}
+    answers["base"] = (base_harmful, base_harmless)
     return TeacherModels(good, bad, {"good": good_key, "bad": bad_key}, answers)
 
 

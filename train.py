@@ -158,6 +158,13 @@ def build_parser():
     g.add_argument("--prompt-field", help="prompt field name, when it is not one data.PROMPT_FIELDS knows")
     g.add_argument("--test-fraction", type=float, default=0.2)
     g.add_argument("--limit", type=int, help="use at most N training prompts per pool (default: --recipe)")
+    g.add_argument("--borderline", default="none", metavar="SPEC",
+                   help="add prompts that sound harmful but are not to the harmless training prompts of the good "
+                        "teacher and the student: phtest (../shared/data/phtest/phtest.csv, else the hub's "
+                        "furonghuang-lab/PHTest), a file or a hub name; its harmless rows, train part only (a "
+                        "fifth, chosen by prompt hash, is the dev part); none: off")
+    g.add_argument("--borderline-n", type=schedule.nonnegative, default=64, metavar="N",
+                   help="a seeded sample of N borderline prompts (0: the whole train part)")
     g.add_argument("--data-seed", type=int,
                    help="seed of the train/test split, the --limit sample and the teachers' SFT (default: "
                         "--seed); fix it to vary only the student's training over seeds")
@@ -186,6 +193,10 @@ def build_parser():
                    help=f"weighted terms, e.g. dpo=1,npo=0.5,kl=1 (terms: {', '.join(losses.TERMS)})")
     for name, param in losses.term_params().items():  # each term's hyperparameters, from its record
         g.add_argument("--" + name.replace("_", "-"), type=float, default=param.default, help=param.help)
+    g.add_argument("--harmless-teacher", choices=("good", "base"), default="good",
+                   help="whose answers and logits the student learns on harmless prompts: the good teacher's, or "
+                        "the base's (it does not over-refuse: the target is routed by the prompt's label, never "
+                        "a refusal; kl / kl_rev on that side then read the base)")
     g.add_argument("--dpo-harmless", choices=("none", "bad-teacher", "refusal"), default="none",
                    help="also dpo on harmless prompts, rejecting the bad teacher's answer or a refusal "
                         "(the latter directly penalises over-refusal)")
@@ -285,6 +296,10 @@ class Frozen:
     """The frozen models a step reads besides the student."""
     reference: object             # the initial student: DPO / NPO reference, circuit-breaker target
     good_teacher: object = None   # KL target (None when --teacher-topk reads its cache)
+    harmless_teacher: object = None  # the harmless side's KL target when not the good teacher (--harmless-teacher)
+
+    def teacher(self, side):
+        return self.harmless_teacher if side == "harmless" and self.harmless_teacher is not None else self.good_teacher
 
 
 @dataclass(frozen=True)
@@ -418,7 +433,7 @@ def term_sums(student, frozen, side, idx, pool, cfg, weights):
         if bad:
             stats["bad_logp_change"] = float((s.bad.detach() - s.ref_bad).sum())
     token_terms = [t for t in terms.values() if t.kind == "token"]
-    tokens = (token_inputs(out, n, good, idx, pool, frozen.good_teacher, any(t.topk_fn is None for t in token_terms))
+    tokens = (token_inputs(out, n, good, idx, pool, frozen.teacher(side), any(t.topk_fn is None for t in token_terms))
               if token_terms else None)
     sums = {}
     for name, term in terms.items():
@@ -661,6 +676,10 @@ def load_pools(args):
                                                  args.data_seed, args.limit, **fields)
     harmless_train, harmless_test = data.load_pool("harmless", args.harmless, args.harmless_test,
                                                    args.test_fraction, args.data_seed, args.limit, **fields)
+    if getattr(args, "borderline", "none") != "none":  # runs saved before the flag: none
+        held = {data.prompt_key(e.prompt) for e in harmless_train + harmless_test}
+        harmless_train += [e for e in data.load_borderline(args.borderline, "train", args.borderline_n, args.data_seed)
+                           if data.prompt_key(e.prompt) not in held]
     return data.Prompts(harmful_train, harmless_train, harmful_test, harmless_test)
 
 
@@ -708,7 +727,9 @@ def check_out_folder(args):
     with open(os.path.join(resume_from, "args.json")) as f:
         saved = json.load(f)
     now = json.loads(json.dumps(vars(args)))
-    changed = [k for k in now if k not in _RUN_FLAGS_IGNORED_ON_RESUME + ("data_sha256",) and saved.get(k) != now[k]]
+    default = vars(build_parser().parse_args([]))  # a flag added since the run was saved: its default then
+    changed = [k for k in now if k not in _RUN_FLAGS_IGNORED_ON_RESUME + ("data_sha256",)
+               and saved.get(k, default.get(k)) != now[k]]
     if changed:
         raise ValueError(f"--resume: flags differ from the saved run: {', '.join('--' + k.replace('_', '-') for k in changed)}")
     if "data_sha256" in saved and saved["data_sha256"] != now.get("data_sha256"):  # runs saved before it: unchecked
@@ -757,6 +778,15 @@ def training_pools(args, tokenizer, prompts, answers, log):
     --filter-pairs only the pairs the teachers got right. Returns (harmful, harmless, pools)."""
     harmful, harmless = prompts.harmful, prompts.harmless
     (h_good, b_good), (h_bad, b_bad) = answers["good"], answers["bad"]
+    if args.harmless_teacher == "base":
+        b_good = answers["base"][1]
+    # routed by the prompt's label: a refusal of a harmless prompt is never a target
+    keep = [i for i, (e, a) in enumerate(zip(harmless, b_good))
+            if not (data.is_refusal(a) and (e.category == "pseudo-harmful" or args.harmless_teacher == "base"))]
+    if len(keep) < len(harmless):
+        log(f"harmless: {len(harmless) - len(keep)} examples whose target is a refusal left out")
+        harmless, b_good = [harmless[i] for i in keep], [b_good[i] for i in keep]
+        b_bad = [b_bad[i] for i in keep] if b_bad else b_bad
     if args.filter_pairs:
         harmful, h_good, h_bad = filter_pairs(harmful, h_good, h_bad,
                                               lambda g, b: data.is_refusal(g) and not data.is_refusal(b))
@@ -814,15 +844,19 @@ def step_inputs(args, base, found, pools, harmful, student, log):
     cfg = StepConfig.from_args(args, hidden_layers(args, student, log))
     for side, pool in pools.items():  # a budget no single example fits stops here, not mid-run
         split_side(side, list(range(len(pool.good))), pool, cfg)
+    harmless_teacher = (base.compute, base.key) if args.harmless_teacher == "base" else (found.good, found.keys["good"])
     if args.teacher_topk and any(losses.TERMS[t].kind == "token" for t in args.loss):
-        caches = teachers.teacher_topk_cache(found.good, found.keys["good"], pools, k=args.teacher_topk,
-                                    temperature=args.temperature, cache_dir=args.cache_dir,
-                                    micro_batch=args.micro_batch, log=log)
-        for side, cache in caches.items():
-            pools[side].topk = cache
+        by_teacher = {found.keys["good"]: (found.good, ["harmful"])}
+        by_teacher.setdefault(harmless_teacher[1], (harmless_teacher[0], []))[1].append("harmless")
+        for key, (model, sides) in by_teacher.items():  # one cache per teacher
+            caches = teachers.teacher_topk_cache(model, key, {side: pools[side] for side in sides}, k=args.teacher_topk,
+                                                 temperature=args.temperature, cache_dir=args.cache_dir,
+                                                 micro_batch=args.micro_batch, log=log)
+            for side, cache in caches.items():
+                pools[side].topk = cache
     if args.teacher_topk:  # training reads the cache: the good teacher's memory is free until evaluation reloads it
         found.good = None
-    frozen = Frozen(base.compute, found.good)
+    frozen = Frozen(base.compute, found.good, base.compute if args.harmless_teacher == "base" else None)
     difficulty = None
     if args.levels_by == "difficulty":  # per-token margin of the bad answer over the good one
         h = pools["harmful"]
