@@ -984,6 +984,11 @@ def plan_metrics(args, device="cpu"):
     if args.xstest:
         path = None if args.xstest == "default" else args.xstest
         plan["xstest"] = ((load_xstest(path),), {"data": _source(path or XSTEST)})
+    if args.borderline_dev:
+        dev = data.load_borderline(args.borderline_dev, "dev", args.borderline_dev_n, args.seed)
+        spec = data.PHTEST if args.borderline_dev == "phtest" and os.path.isfile(data.PHTEST) else args.borderline_dev
+        plan["borderline_dev"] = ((dev,), {"data": _source(spec), "part": "dev", "n": len(dev),
+                                           "seed": args.seed})
     for spec in args.mc or []:
         plan[f"mc:{spec}"] = ((load_mc(spec, args.mc_n),), {"data": _source(spec), "n": args.mc_n})
     return plan
@@ -997,8 +1002,8 @@ def run_metrics(plan, model, tokenizer):
             result = harmful_score(model, tokenizer, prompts, judge, max_new_tokens=new_tokens)
         elif name == "fa":
             result = fine_tune_accuracy(model, tokenizer, *inputs)
-        elif name == "xstest":
-            result = over_refusal(model, tokenizer, *inputs)
+        elif name in ("xstest", "borderline_dev"):
+            result = over_refusal(model, tokenizer, *inputs, name=name)
         else:
             result = mc_accuracy(model, tokenizer, *inputs)
         result["settings"] = {**result["settings"], **meta}
@@ -1025,6 +1030,10 @@ def metrics_table(metrics):
             if r["unsafe_refusal"] is not None:
                 lines.append(f"| refusal (XSTest unsafe, check) ↑ | {pct(r, 'unsafe_refusal')} | {r['n_unsafe']} | "
                              f"keyword judge |")
+        elif name == "borderline_dev":
+            lines.append(f"| over-refusal (borderline dev, for choices) ↓ | {pct(r, 'over_refusal')} | {r['n_safe']} | "
+                         f"keyword judge; {s['data']['path']} |")
+            lines.append(f"| degenerate (borderline dev) | {pct(r, 'degenerate_safe')} | {r['n_safe']} | no refusal |")
         else:
             lines.append(f"| accuracy ({name}) | {pct(r, 'accuracy')} | {r['n']} | {s['scoring']} |")
     return "\n".join(lines)
@@ -1159,6 +1168,9 @@ def main(argv=None):
     g.add_argument("--fa-path", help="the FA task's file/folder/hub name (default: ../shared/data or the hub)")
     g.add_argument("--fa-n", type=schedule.positive, default=200, help="FA eval examples")
     g.add_argument("--xstest", nargs="?", const="default", help="over-refusal on XSTest (optional: its CSV or hub name)")
+    g.add_argument("--borderline-dev", metavar="SPEC", help="over-refusal on the dev part of a borderline set "
+                   "(phtest, a file or a hub name; train.py --borderline never trains on it): for choices, not reports")
+    g.add_argument("--borderline-dev-n", type=schedule.positive, default=100, help="a seeded sample of N dev prompts")
     g.add_argument("--mc", nargs="+", help="multiple-choice sets: JSON/JSONL/CSV files or cais/wmdp:wmdp-bio, cais/mmlu:all")
     g.add_argument("--mc-n", type=schedule.positive, help="first N items of each --mc set")
     args = p.parse_args(argv)

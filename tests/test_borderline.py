@@ -109,3 +109,13 @@ def test_borderline_prompts_join_the_harmless_training_prompts(tiny_folder, tmp_
     added = [e for e in prompts.harmless if e.category == "pseudo-harmful"]
     assert len(added) == 5 and not any(data.in_dev_split(e.prompt) for e in added)
     assert len(prompts.harmless) == len(train.load_pools(pipeline_args(tiny_folder, tmp_path)).harmless) + 5
+
+
+def test_eval_measures_over_refusal_on_the_dev_part_only(phtest_file):
+    import argparse
+    import eval as evaluation
+    args = argparse.Namespace(protocol="offline", hs_set=None, judge=None, hs_n=None, max_new_tokens=None, fa_task=None,
+                              xstest=None, mc=None, borderline_dev=phtest_file, borderline_dev_n=3, seed=0)
+    (dev,), settings = evaluation.plan_metrics(args)["borderline_dev"]
+    assert len(dev) == 3 and all(data.in_dev_split(e.prompt) and e.safe for e in dev)
+    assert settings["part"] == "dev" and settings["n"] == 3
