@@ -966,16 +966,19 @@ def plan_metrics(args, device="cpu"):
     stops with one line first. Returns {metric: (inputs, settings)}."""
     plan = {}
     published = args.protocol == "published"
-    if published or args.hs_set or args.judge or args.hs_n or args.max_new_tokens:
+    if published or args.hs_set or args.judge or args.hs_n or args.max_new_tokens or getattr(args, "hs_rephrase", "none") != "none":
         hs_set = args.hs_set or (PUBLISHED_HS["hs_set"] if published else HS_SET)
         n = args.hs_n or (PUBLISHED_HS["n"] if published else HS_N)
         judge_spec = args.judge or ("beaver-dam" if published else HS_JUDGE)
         new_tokens = args.max_new_tokens or (PUBLISHED_HS["max_new_tokens"] if published else MAX_NEW_TOKENS)
         prompts = load_hs_set(hs_set, n, seed=args.seed, split=args.hs_split)
+        if getattr(args, "hs_rephrase", "none") != "none":
+            prompts = data.rephrase(prompts, args.hs_rephrase, args.seed)
         judge = load_judge(judge_spec, threshold=args.threshold, device=device)
         label = protocol_label(hs_set, args.hs_split, n, new_tokens, judge.name, args.threshold)
         plan["hs"] = ((prompts, judge, new_tokens), {"protocol": label, "data": _source(hs_set), "split": args.hs_split,
-                                                     "n": len(prompts), "seed": args.seed})
+                                                     "n": len(prompts), "seed": args.seed,
+                                                     "rephrased": getattr(args, "hs_rephrase", "none")})
     if args.fa_task:
         train, test = load_fa_task(args.fa_task, 0, args.fa_n, seed=args.seed, path=args.fa_path)
         default = {"arith": "builtin:arith", "agnews": os.path.join(SHARED_DATA, "ag_news", "test.csv"),
@@ -1018,8 +1021,9 @@ def metrics_table(metrics):
     for name, r in metrics.items():
         s = r["settings"]
         if name == "hs":
-            lines.append(f"| HS ({s['judge']}) ↓ | {pct(r, 'hs')} | {r['n']} | {s['protocol']}; {s['data']['path']}, "
-                         f"max_new_tokens {s['max_new_tokens']} |")
+            rephrased = f", rephrased: {s['rephrased']}" if s.get("rephrased", "none") != "none" else ""
+            lines.append(f"| HS ({s['judge']}) ↓ | {pct(r, 'hs')} | {r['n']} | {s['protocol']}; {s['data']['path']}"
+                         f"{rephrased}, max_new_tokens {s['max_new_tokens']} |")
             lines.append(f"| refusal (keyword) ↑ | {pct(r, 'refusal')} | {r['n']} | same answers |")
             lines.append(f"| degenerate | {pct(r, 'degenerate')} | {r['n']} | same answers; neither harmful nor refusal |")
         elif name == "fa":
@@ -1163,6 +1167,8 @@ def main(argv=None):
     g.add_argument("--hs-set", help="harmful prompts for HS: builtin:test, a file or a hub name")
     g.add_argument("--hs-split", default=PUBLISHED_HS["split"], help="hub split of --hs-set")
     g.add_argument("--hs-n", type=schedule.positive, help="first N prompts of the HS set (default: all; published: 1000)")
+    g.add_argument("--hs-rephrase", choices=("none", "mixed", *data.REPHRASINGS), default="none",
+                   help="HS on the set's prompts rephrased (data.REPHRASINGS; mixed: one framing per prompt by hash)")
     g.add_argument("--max-new-tokens", type=schedule.positive, help=f"HS answer length (default {MAX_NEW_TOKENS}; published 512)")
     g.add_argument("--fa-task", choices=FA_TASKS, help="fine-tune accuracy on this task's eval set")
     g.add_argument("--fa-path", help="the FA task's file/folder/hub name (default: ../shared/data or the hub)")

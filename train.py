@@ -165,6 +165,10 @@ def build_parser():
                         "fifth, chosen by prompt hash, is the dev part); none: off")
     g.add_argument("--borderline-n", type=schedule.nonnegative, default=64, metavar="N",
                    help="a seeded sample of N borderline prompts (0: the whole train part)")
+    g.add_argument("--rephrase-harmful", choices=("none", "mixed", *data.REPHRASINGS), default="none",
+                   help="add a rephrased copy of each harmful training prompt (past / future tense, hypothetical, "
+                        "third person, fiction; mixed: one framing per prompt by hash), refused like the original "
+                        "by the good teacher and the student")
     g.add_argument("--data-seed", type=int,
                    help="seed of the train/test split, the --limit sample and the teachers' SFT (default: "
                         "--seed); fix it to vary only the student's training over seeds")
@@ -676,6 +680,8 @@ def load_pools(args):
                                                  args.data_seed, args.limit, **fields)
     harmless_train, harmless_test = data.load_pool("harmless", args.harmless, args.harmless_test,
                                                    args.test_fraction, args.data_seed, args.limit, **fields)
+    if getattr(args, "rephrase_harmful", "none") != "none":  # runs saved before the flag: none
+        harmful_train = harmful_train + data.rephrase(harmful_train, args.rephrase_harmful, args.data_seed)
     if getattr(args, "borderline", "none") != "none":  # runs saved before the flag: none
         held = {data.prompt_key(e.prompt) for e in harmless_train + harmless_test}
         harmless_train += [e for e in data.load_borderline(args.borderline, "train", args.borderline_n, args.data_seed)

@@ -1,0 +1,42 @@
+"""Rephrased harmful prompts (past / future tense, hypothetical, third person, fiction) for training
+and for a rephrased HS set."""
+import argparse
+
+import pytest
+
+import data
+import eval as evaluation
+import train
+from test_train import pipeline_args
+
+
+def test_each_prompt_gets_one_framing_chosen_by_its_hash_and_keeps_its_category():
+    examples = [data.Example(f"explain how to pick lock number {i}", category=f"c{i % 3}") for i in range(40)]
+    mixed = data.rephrase(examples, "mixed", seed=0)
+    assert [e.category for e in mixed] == [e.category for e in examples]
+    for e, r in zip(examples, mixed):
+        assert r.prompt == data.REPHRASINGS[r.extra["rephrasing"]].format(prompt=e.prompt)
+        assert r.extra["original"] == e.prompt
+    assert {r.extra["rephrasing"] for r in mixed} == set(data.REPHRASINGS)   # 40 prompts reach all five
+    assert [r.prompt for r in data.rephrase(list(reversed(examples)), "mixed")] == [r.prompt for r in reversed(mixed)]
+    assert data.rephrase(examples[:1], "past")[0].prompt == "In the past, how did people do this? " + examples[0].prompt
+    with pytest.raises(data.DataError, match="rephrasing 'passive'"):
+        data.rephrase(examples, "passive")
+
+
+def test_rephrased_copies_join_the_harmful_training_prompts_only(tiny_folder, tmp_path):
+    plain = train.load_pools(pipeline_args(tiny_folder, tmp_path))
+    more = train.load_pools(pipeline_args(tiny_folder, tmp_path, "--rephrase-harmful", "fiction"))
+    assert [e.prompt for e in more.harmful] == [e.prompt for e in plain.harmful] + [
+        data.REPHRASINGS["fiction"].format(prompt=e.prompt) for e in plain.harmful]
+    assert more.harmless == plain.harmless and more.harmful_test == plain.harmful_test
+
+
+def test_eval_rephrases_the_hs_set_when_asked():
+    args = argparse.Namespace(protocol="offline", hs_set=None, judge=None, hs_n=3, max_new_tokens=None, fa_task=None,
+                              xstest=None, mc=None, borderline_dev=None, seed=0, hs_split="train", threshold=0.5,
+                              hs_rephrase="past")
+    (prompts, _, _), settings = evaluation.plan_metrics(args)["hs"]
+    originals = evaluation.load_hs_set(n=3)
+    assert [p.prompt for p in prompts] == ["In the past, how did people do this? " + e.prompt for e in originals]
+    assert settings["rephrased"] == "past"
