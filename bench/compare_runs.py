@@ -1,0 +1,112 @@
+"""Students of train.py runs compared prompt by prompt, seeds kept together (issue 28's statistics).
+
+    python bench/compare_runs.py default=runs/a-s0,runs/a-s1 both=runs/b-s0,runs/b-s1 [--out table.md]
+
+Each NAME=RUN,... is one row, its runs the seeds. A run folder holds train.py's eval.json and,
+optionally, dev.json (eval.py --model RUN/student --borderline-dev phtest --out RUN/dev.json).
+Metrics of the student: HS on the held-out built-in harmful prompts and over-refusal on the PHTest
+dev part (the dev metrics: choices are made on them), over-refusal on the XSTest sample (a test
+metric: reported, never chosen on). A degenerate answer counts against the model on both axes, as
+in ablation.py. Rates: clustered 95 % intervals (prompts resampled with their seeds); every row
+against the first: prompt-level sign-flip test, Holm over the whole table.
+"""
+import argparse
+import json
+import os
+import sys
+
+import numpy as np
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+import eval as evaluation  # noqa: E402
+import stats  # noqa: E402
+
+METRICS = (("hs", "HS, built-in held-out (dev) ↓"), ("borderline_dev", "over-refusal, PHTest dev ↓"),
+           ("xstest", "over-refusal, XSTest sample (test) ↓"))
+
+
+def run_outcomes(folder):
+    """{metric: (prompts, [0/1 per prompt])} of a run's student."""
+    with open(os.path.join(folder, "eval.json")) as f:
+        student = json.load(f)["results"]["student"]
+    answers = student["answers"]["harmful"]
+    out = {"hs": (student["prompts"]["harmful"] if "prompts" in student else list(range(len(answers))),
+                  [h or evaluation.is_degenerate(a) for h, a in zip(evaluation.complied(answers), answers)])}
+    x = student.get("xstest")
+    if x:
+        out["xstest"] = (list(range(len(x["refused"]))), [r or d for r, d in zip(x["refused"], x["degenerate"])])
+    dev = os.path.join(folder, "dev.json")
+    if os.path.isfile(dev):
+        with open(dev) as f:
+            b = json.load(f)["metrics"]["borderline_dev"]
+        out["borderline_dev"] = (b["prompts"], [r or d for r, d in zip(b["refused"], b["degenerate"])])
+    return out
+
+
+def row_matrices(runs):
+    """{metric: [prompts, seeds] 0/1 array} over a row's runs (a metric some run lacks is left out)."""
+    per_run = [run_outcomes(r) for r in runs]
+    out = {}
+    for key, _ in METRICS:
+        if all(key in o for o in per_run):
+            if any(o[key][0] != per_run[0][key][0] for o in per_run):
+                raise ValueError(f"{key}: the runs of one row were evaluated on other prompts")
+            out[key] = np.array([o[key][1] for o in per_run], dtype=int).T
+    return out
+
+
+def compare(rows):
+    """Markdown: one line per row, each metric's rate [interval] and, against the first row, the
+    difference in points with its Holm-corrected prompt-level p."""
+    names = list(rows)
+    mats = {n: row_matrices(runs) for n, runs in rows.items()}
+    tests = []   # (row, metric, difference in points, p)
+    for n in names[1:]:
+        for key, _ in METRICS:
+            if key in mats[n] and key in mats[names[0]]:
+                t = stats.paired_test(mats[n][key], mats[names[0]][key], seed=0)
+                tests.append((n, key, 100 * t.difference, t.p))
+    holm = dict(zip([(n, k) for n, k, _, _ in tests], stats.holm([p for *_, p in tests])))
+    head = "| row | seeds | " + " | ".join(label for _, label in METRICS) + " |"
+    lines = [head, "|" + " --- |" * (2 + len(METRICS))]
+    for n in names:
+        cells = []
+        for key, _ in METRICS:
+            m = mats[n].get(key)
+            if m is None:
+                cells.append("—")
+                continue
+            r = stats.clustered_rate(m, seed=0)
+            text = f"{100 * r.rate:.1f} % [{100 * r.ci[0]:.1f}, {100 * r.ci[1]:.1f}] (n {m.shape[0]})"
+            if (n, key) in holm:
+                diff = next(d for r_, k, d, _ in tests if (r_, k) == (n, key))
+                text += f"; {diff:+.1f} pts, Holm p {holm[(n, key)]:.2g}"
+            cells.append(text)
+        lines.append(f"| {n} | {len(rows[n])} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + (f"\n\nAgainst `{names[0]}`: sign-flip test on the per-prompt difference averaged "
+                               f"over seeds, Holm over the table's {len(tests)} tests.")
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("rows", nargs="+", metavar="NAME=RUN,RUN", help="a row and its runs (seeds); the first is the reference")
+    p.add_argument("--out", help="also write the table here")
+    args = p.parse_args(argv)
+    rows = {}
+    for spec in args.rows:
+        name, _, runs = spec.partition("=")
+        if not runs:
+            sys.exit(f"error: {spec!r}: expected NAME=RUN[,RUN...]")
+        missing = [r for r in runs.split(",") if not os.path.isfile(os.path.join(r, "eval.json"))]
+        if missing:
+            sys.exit(f"error: {missing[0]}: no eval.json (a train.py run folder that ran its evaluation)")
+        rows[name] = runs.split(",")
+    table = compare(rows)
+    print(table)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(table + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,47 @@
+"""bench/compare_runs.py: students of train.py runs compared prompt by prompt (hand-counted cases)."""
+import json
+import os
+import sys
+
+import pytest
+
+from conftest import ROOT
+
+sys.path.insert(0, os.path.join(ROOT, "bench"))
+import compare_runs  # noqa: E402
+
+REFUSE, COMPLY, EMPTY = "I'm sorry, I can't help with that.", "Sure, here is how you do it step by step.", ""
+
+
+def write_run(folder, harmful_answers, xstest_refused, dev_refused=None):
+    os.makedirs(folder)
+    student = {"answers": {"harmful": harmful_answers, "harmless": []},
+               "xstest": {"refused": xstest_refused, "degenerate": [False] * len(xstest_refused)}}
+    with open(os.path.join(folder, "eval.json"), "w") as f:
+        json.dump({"results": {"student": student}}, f)
+    if dev_refused is not None:
+        with open(os.path.join(folder, "dev.json"), "w") as f:
+            json.dump({"metrics": {"borderline_dev": {"prompts": [f"p{i}" for i in range(len(dev_refused))],
+                                                      "refused": dev_refused, "degenerate": [False] * len(dev_refused)}}}, f)
+
+
+def test_rates_pairs_and_holm_match_hand_counts(tmp_path):
+    # reference: complies on 5 of 6 harmful prompts; the other row refuses 4 of those 5 (the 6th answer,
+    # empty, is degenerate and counts as harmful for both), so 4 nonzero differences, all of one sign:
+    # exact sign-flip p = 2 / 2**4 = 0.125
+    write_run(tmp_path / "a", [COMPLY] * 5 + [EMPTY], [False, True, False, False], [False, False])
+    write_run(tmp_path / "b", [REFUSE] * 4 + [COMPLY, EMPTY], [False, True, False, False], [True, False])
+    rows = compare_runs.row_matrices([str(tmp_path / "a")])
+    assert rows["hs"][:, 0].tolist() == [1, 1, 1, 1, 1, 1] and rows["xstest"][:, 0].tolist() == [0, 1, 0, 0]
+    table = compare_runs.compare({"ref": [str(tmp_path / "a")], "new": [str(tmp_path / "b")]})
+    new = next(line for line in table.splitlines() if line.startswith("| new"))
+    # three tests (HS 0.125, PHTest dev: one difference, p = 1; XSTest: none, p = 1): Holm 3 × 0.125
+    assert "33.3 % [" in new and "-66.7 pts, Holm p 0.375" in new
+    assert "50.0 % [" in new and "+50.0 pts, Holm p 1" in new
+
+
+def test_a_row_whose_seeds_saw_other_prompts_stops(tmp_path):
+    write_run(tmp_path / "a", [COMPLY] * 3, [False] * 4)
+    write_run(tmp_path / "b", [COMPLY] * 4, [False] * 4)
+    with pytest.raises(ValueError, match="hs: the runs of one row were evaluated on other prompts"):
+        compare_runs.row_matrices([str(tmp_path / "a"), str(tmp_path / "b")])
