@@ -35,8 +35,8 @@ def test_rates_pairs_and_holm_match_hand_counts(tmp_path):
     assert rows["hs"][:, 0].tolist() == [1, 1, 1, 1, 1, 1] and rows["xstest"][:, 0].tolist() == [0, 1, 0, 0]
     table = compare_runs.compare({"ref": [str(tmp_path / "a")], "new": [str(tmp_path / "b")]})
     new = next(line for line in table.splitlines() if line.startswith("| new"))
-    # three tests (HS 0.125, PHTest dev: one difference, p = 1; XSTest: none, p = 1): Holm 3 × 0.125
-    assert "33.3 % [" in new and "-66.7 pts, Holm p 0.375" in new
+    # three tests (HS 0.125, PHTest dev: one difference, p = 1; XSTest: none, p = 1): Holm 3 × 0.125 = 0.375
+    assert "33.3 % [" in new and "-66.7 pts, Holm p 0.38" in new
     assert "50.0 % [" in new and "+50.0 pts, Holm p 1" in new
 
 
