@@ -459,9 +459,18 @@ def check_chat_template(tokenizer, name="the model"):
                         f"tokenizer.chat_template")
 
 
+# a teacher without a chat template (a base model) sees its prompts in this format
+PLAIN_FORMAT = "User: {prompt}\nAssistant:"
+
+
 def prompt_text(tokenizer, prompt, history=()):
-    """The chat-formatted prompt, ending where the assistant's answer starts."""
+    """The chat-formatted prompt, ending where the assistant's answer starts (PLAIN_FORMAT, turns
+    joined by blank lines, for a tokenizer without a chat template)."""
     messages = list(history) + [{"role": "user", "content": prompt}]
+    if not getattr(tokenizer, "chat_template", None):
+        turns = [PLAIN_FORMAT.format(prompt=m["content"]) if m["role"] == "user" else " " + m["content"]
+                 for m in messages]
+        return "".join(t if t.startswith(" ") else ("\n\n" if i else "") + t for i, t in enumerate(turns))
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
 

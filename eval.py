@@ -680,16 +680,17 @@ def xstest_safe_sample(path, limit, seed):
 
 
 def evaluate_models(frozen, student, tokenizer, harmful, harmless, xstest, xstest_path, cache_dir, ident):
-    """{name: row} of train.py's final evaluation: the frozen models (frozen: {name: (key, get model)},
-    rows cached by ident(key)) and the student on the held-out prompts and, but for the bad teacher
-    (it answers safe prompts off topic anyway), on XSTest's safe prompts `xstest` (None: not measured)."""
-    rows = {name: evaluate_frozen(ident(key), get, tokenizer, harmful, harmless, cache_dir, name)
-            for name, (key, get) in frozen.items()}
+    """{name: row} of train.py's final evaluation: the frozen models (frozen: {name: (key, get model, its
+    tokenizer)}, rows cached by ident(key, tokenizer)) and the student (`tokenizer`) on the held-out prompts
+    and, but for the bad teacher (it answers safe prompts off topic anyway), on XSTest's safe prompts
+    `xstest` (None: not measured)."""
+    rows = {name: evaluate_frozen(ident(key, tok), get, tok, harmful, harmless, cache_dir, name)
+            for name, (key, get, tok) in frozen.items()}
     rows["student"] = evaluate(student, tokenizer, harmful, harmless, name="student")
     if xstest is not None:
         for name in ("base", "good teacher"):
-            key, get = frozen[name]
-            rows[name]["xstest"] = evaluate_frozen_xstest(ident(key), get, tokenizer, xstest, xstest_path, cache_dir, name)
+            key, get, tok = frozen[name]
+            rows[name]["xstest"] = evaluate_frozen_xstest(ident(key, tok), get, tok, xstest, xstest_path, cache_dir, name)
         rows["student"]["xstest"] = xstest_row(over_refusal(student, tokenizer, xstest, name="student"))
     return rows
 

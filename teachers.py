@@ -1023,6 +1023,7 @@ class TeacherModels:
     bad: object
     keys: dict         # {"good": key, "bad": key}
     answers: dict      # {"good" | "bad" | "base": (harmful answers, harmless answers)} on the training prompts
+    tokenizers: dict = None  # {"good": tok, "bad": tok}: a loaded teacher's own (its prompts, its answers' text)
 
 
 # train.py flags that change a teacher's SFT itself. --micro-batch, --micro-tokens and --device only
@@ -1076,8 +1077,8 @@ def prepare_teachers(args, base, harmful, harmless, log):
     as the flags in `args` say, their keys, and their cached answers on the training prompts
     (TeacherModels). `base` is train.Base."""
     cache = os.path.join(args.cache_dir, "responses.jsonl")
-    gen = lambda m, k, exs, desc: generate_cached(m, base.tokenizer, k, [e.prompt for e in exs], cache,
-                                                           args.max_new_tokens, desc=desc)
+    gen = lambda m, k, exs, desc, tok=base.tokenizer: generate_cached(m, tok, k, [e.prompt for e in exs], cache,
+                                                                      args.max_new_tokens, desc=desc)
     base_harmful = gen(base.compute, base.key, harmful, "base answers (harmful)")
     base_harmless = gen(base.compute, base.key, harmless, "base answers (harmless)")
 
@@ -1094,34 +1095,60 @@ def prepare_teachers(args, base, harmful, harmless, log):
             save_teacher(teacher_sft(args, base, pairs, desc), base.tokenizer, folder, record)
         return load_frozen(folder, args, base.device, name)
 
+    tokenizers = {"good": base.tokenizer, "bad": base.tokenizer}
     if args.bad_teacher == "base":
         bad, bad_key = base.compute, base.key
         log("bad teacher: the base model as it is")
     elif args.bad_teacher in ("auto", "break"):
         pairs = bad_pairs(harmful, base_harmful, harmless, base_harmless, break_data=args.break_data,
                                    bad_harmless=args.bad_harmless, seed=args.data_seed)
-        bad, bad_key = built("bad", pairs, "bad teacher (break SFT)")
+        bad, bad_key, _ = built("bad", pairs, "bad teacher (break SFT)")
     else:
-        bad, bad_key = load_frozen(args.bad_teacher, args, base.device, "bad")
+        bad, bad_key, tokenizers["bad"] = load_frozen(args.bad_teacher, args, base.device, "bad")
     if args.good_teacher == "align":
         pairs = align_pairs(harmful, harmless, base_harmless, seed=args.data_seed,
                                      harmless_repeat=args.teacher_harmless_repeat)
-        good, good_key = built("good", pairs, "good teacher (refusal SFT)")
+        good, good_key, _ = built("good", pairs, "good teacher (refusal SFT)")
     else:
-        good, good_key = load_frozen(args.good_teacher, args, base.device, "good")
-    answers = {name: (gen(model, key, harmful, f"{name} teacher answers (harmful)"),
-                      gen(model, key, harmless, f"{name} teacher answers (harmless)"))
+        good, good_key, tokenizers["good"] = load_frozen(args.good_teacher, args, base.device, "good")
+        check_token_terms(args.loss, tokenizers["good"], base.tokenizer)  # before any answer is generated
+    for name, tok in tokenizers.items():
+        if not same_vocabulary(tok, base.tokenizer):
+            log(f"{name} teacher: its own tokenizer ({tokenizer_name(tok)}) and "
+                + ("chat template" if getattr(tok, "chat_template", None) else f"no chat template: plain format "
+                   f"{data.PLAIN_FORMAT!r}") + "; its answers are text, re-tokenized for the student")
+    answers = {name: (gen(model, key, harmful, f"{name} teacher answers (harmful)", tokenizers[name]),
+                      gen(model, key, harmless, f"{name} teacher answers (harmless)", tokenizers[name]))
                for name, model, key in (("good", good, good_key), ("bad", bad, bad_key))}
     answers["base"] = (base_harmful, base_harmless)
-    return TeacherModels(good, bad, {"good": good_key, "bad": bad_key}, answers)
+    return TeacherModels(good, bad, {"good": good_key, "bad": bad_key}, answers, tokenizers)
+
+
+def tokenizer_name(tokenizer):
+    return f"{os.path.basename(os.path.normpath(tokenizer.name_or_path)) or 'unnamed'}, {len(tokenizer)} tokens"
+
+
+def same_vocabulary(a, b):
+    """Whether two tokenizers map every token to the same id (logits of one then index the other's)."""
+    return a is b or a.get_vocab() == b.get_vocab()
+
+
+def check_token_terms(terms, teacher_tokenizer, student_tokenizer):
+    """Token terms (kl, kl_rev) compare logits id by id: they need the student's vocabulary."""
+    token_terms = [t for t in terms if losses.TERMS[t].kind == "token"]
+    if token_terms and not same_vocabulary(teacher_tokenizer, student_tokenizer):
+        raise ValueError(f"--loss {','.join(token_terms)}: compares the good teacher's logits with the student's "
+                         f"token by token, but the teacher's tokenizer ({tokenizer_name(teacher_tokenizer)}) is not "
+                         f"the student's ({tokenizer_name(student_tokenizer)}); use sequence terms (dpo, npo, simnpo, "
+                         f"sft), which read its answers as text, or a teacher with the student's tokenizer")
 
 
 
 def load_frozen(spec, args, device, role):
-    """A teacher (compute dtype, eval mode) placed as --offload says; returns (model, key)."""
-    model, _, key = load_model(spec, dtype=DTYPES[args.precision])
+    """A teacher (compute dtype, eval mode) placed as --offload says; returns (model, key, its tokenizer)."""
+    model, tokenizer, key = load_model(spec, dtype=DTYPES[args.precision])
     model.set_attn_implementation(attention_for(args.attention, device))
-    return place(model, device, offloaded(args, role)), key
+    return place(model, device, offloaded(args, role)), key, tokenizer
 
 
 def _break_main(argv):

@@ -890,11 +890,12 @@ def evaluate_run(args, student, student_dir, base, found, prompts, report, t_sta
     # the good teacher was freed for training by --teacher-topk: reloaded only on a cache miss, once
     get_good = functools.cache(lambda: found.good if not args.teacher_topk
                                else teachers.load_frozen(good_path, args, base.device, "good")[0])
-    frozen = {"base": (base.key, lambda: base.compute), "good teacher": (found.keys["good"], get_good)}
+    toks = found.tokenizers or {"good": base.tokenizer, "bad": base.tokenizer}
+    frozen = {"base": (base.key, lambda: base.compute, base.tokenizer),
+              "good teacher": (found.keys["good"], get_good, toks["good"])}
     if found.bad is not base.compute:
-        frozen["bad teacher"] = (found.keys["bad"], lambda: found.bad)
-    ident = lambda key: evaluation.frozen_ident(key, base.key, base.tokenizer, args.precision, base.device,
-                                                args.attention)
+        frozen["bad teacher"] = (found.keys["bad"], lambda: found.bad, toks["bad"])
+    ident = lambda key, tok: evaluation.frozen_ident(key, base.key, tok, args.precision, base.device, args.attention)
     rows = evaluation.evaluate_models(frozen, student, base.tokenizer, test_h, test_b, xstest, args.xstest,
                                       args.cache_dir, ident)
     run_settings = evaluation.settings(
