@@ -25,10 +25,10 @@ METRICS = (("hs", "HS, built-in held-out (dev) ↓"), ("borderline_dev", "over-r
            ("xstest", "over-refusal, XSTest sample (test) ↓"))
 
 
-def run_outcomes(folder):
-    """{metric: (prompts, [0/1 per prompt])} of a run's student."""
+def run_outcomes(folder, model="student"):
+    """{metric: (prompts, [0/1 per prompt])} of a model of a run (a row of its eval.json)."""
     with open(os.path.join(folder, "eval.json")) as f:
-        student = json.load(f)["results"]["student"]
+        student = json.load(f)["results"][model]
     answers = student["answers"]["harmful"]
     out = {"hs": (student["prompts"]["harmful"] if "prompts" in student else list(range(len(answers))),
                   [h or evaluation.is_degenerate(a) for h, a in zip(evaluation.complied(answers), answers)])}
@@ -43,9 +43,9 @@ def run_outcomes(folder):
     return out
 
 
-def row_matrices(runs):
+def row_matrices(runs, model="student"):
     """{metric: [prompts, seeds] 0/1 array} over a row's runs (a metric some run lacks is left out)."""
-    per_run = [run_outcomes(r) for r in runs]
+    per_run = [run_outcomes(r, model) for r in runs]
     out = {}
     for key, _ in METRICS:
         if all(key in o for o in per_run):
@@ -55,11 +55,11 @@ def row_matrices(runs):
     return out
 
 
-def compare(rows):
+def compare(rows, model="student"):
     """Markdown: one line per row, each metric's rate [interval] and, against the first row, the
     difference in points with its Holm-corrected prompt-level p."""
     names = list(rows)
-    mats = {n: row_matrices(runs) for n, runs in rows.items()}
+    mats = {n: row_matrices(runs, model) for n, runs in rows.items()}
     tests = []   # (row, metric, difference in points, p)
     for n in names[1:]:
         for key, _ in METRICS:
@@ -90,6 +90,7 @@ def compare(rows):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("rows", nargs="+", metavar="NAME=RUN,RUN", help="a row and its runs (seeds); the first is the reference")
+    p.add_argument("--model", default="student", help="which row of eval.json: student, good teacher, base")
     p.add_argument("--out", help="also write the table here")
     args = p.parse_args(argv)
     rows = {}
@@ -101,7 +102,7 @@ def main(argv=None):
         if missing:
             sys.exit(f"error: {missing[0]}: no eval.json (a train.py run folder that ran its evaluation)")
         rows[name] = runs.split(",")
-    table = compare(rows)
+    table = compare(rows, args.model)
     print(table)
     if args.out:
         with open(args.out, "w") as f:
