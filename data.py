@@ -376,6 +376,14 @@ def in_dev_split(prompt):
     return int(hashlib.sha256(("dev:" + prompt_key(prompt)).encode()).hexdigest()[:8], 16) < DEV_FRACTION * 16 ** 8
 
 
+PSEUDO_HARMFUL = "pseudo-harmful"  # the category of load_borderline's prompts
+
+
+def refused_borderline(example, answer):
+    """A refusal of a prompt that only sounds harmful: never a training target."""
+    return example.category == PSEUDO_HARMFUL and is_refusal(answer)
+
+
 def load_borderline(spec, part, n=None, seed=0):
     """Prompts that sound harmful but are not (harmless-labelled rows; PHTest by default), the train or
     dev part (in_dev_split), a seeded sample of n (None: all). spec: a file, a hub name, or "phtest"
@@ -386,7 +394,7 @@ def load_borderline(spec, part, n=None, seed=0):
     examples = [e for e in dedupe(load_examples(path, "harmless")) if in_dev_split(e.prompt) == (part == "dev")]
     if not examples:
         raise DataError(f"{spec}: no harmless prompts in its {part} part")
-    examples = [Example(e.prompt, category="pseudo-harmful", source=e.source, safe=True) for e in examples]
+    examples = [Example(e.prompt, category=PSEUDO_HARMFUL, source=e.source, safe=True) for e in examples]
     return stratified_sample(examples, n, seed) if n else examples
 
 
@@ -468,9 +476,11 @@ def prompt_text(tokenizer, prompt, history=()):
     joined by blank lines, for a tokenizer without a chat template)."""
     messages = list(history) + [{"role": "user", "content": prompt}]
     if not getattr(tokenizer, "chat_template", None):
-        turns = [PLAIN_FORMAT.format(prompt=m["content"]) if m["role"] == "user" else " " + m["content"]
-                 for m in messages]
-        return "".join(t if t.startswith(" ") else ("\n\n" if i else "") + t for i, t in enumerate(turns))
+        text = ""
+        for m in messages:
+            text += ((("\n\n" if text else "") + PLAIN_FORMAT.format(prompt=m["content"])) if m["role"] == "user"
+                     else " " + m["content"])
+        return text
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
 

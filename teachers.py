@@ -491,8 +491,7 @@ def align_pairs(harmful, harmless, harmless_answers, *, seed=0, harmless_repeat=
     what it knew is kept), the harmless pairs `harmless_repeat` times."""
     pairs = [(e.prompt, refusal_for(e.prompt, seed)) for e in harmful]
     # a borderline prompt the base refuses is left out: a refusal is never its target
-    helpful = [(e.prompt, a) for e, a in zip(harmless, harmless_answers)
-               if not (e.category == "pseudo-harmful" and data.is_refusal(a))]
+    helpful = [(e.prompt, a) for e, a in zip(harmless, harmless_answers) if not data.refused_borderline(e, a)]
     return pairs + helpful * harmless_repeat
 
 

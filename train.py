@@ -375,8 +375,8 @@ def split_side(side, indices, pool, cfg):
                                 2 if reads_bad else 1)
 
 
-def token_inputs(out, n, good, idx, pool, good_teacher, rebuild):
-    """losses.TokenInputs of the good rows: the good teacher from its cached top-k (--teacher-topk), with
+def token_inputs(out, n, good, idx, pool, teacher, rebuild):
+    """losses.TokenInputs of the good rows: the side's teacher from its cached top-k (--teacher-topk), with
     its logits rebuilt from the cache when `rebuild` (a term has no top-k form), or from a forward on
     the good rows."""
     logits, labels = out.logits[:n], out.labels[:n]
@@ -387,7 +387,7 @@ def token_inputs(out, n, good, idx, pool, good_teacher, rebuild):
         teacher = losses.topk_as_logits(*topk, logits.shape[-1]) * pool.topk.temperature if rebuild else None
         return losses.TokenInputs(logits, mask, teacher, topk)
     with torch.no_grad():
-        teacher_logits = optim.forward(good_teacher, good, keep=logits.shape[1]).logits
+        teacher_logits = optim.forward(teacher, good, keep=logits.shape[1]).logits
     # the good rows may be shorter than the kept window: what lies left of them is padding
     width = teacher_logits.shape[1]
     logits, labels = logits[:, -width:], labels[:, -width:]
@@ -788,7 +788,7 @@ def training_pools(args, tokenizer, prompts, answers, log):
         b_good = answers["base"][1]
     # routed by the prompt's label: a refusal of a harmless prompt is never a target
     keep = [i for i, (e, a) in enumerate(zip(harmless, b_good))
-            if not (data.is_refusal(a) and (e.category == "pseudo-harmful" or args.harmless_teacher == "base"))]
+            if not (data.refused_borderline(e, a) or args.harmless_teacher == "base" and data.is_refusal(a))]
     if len(keep) < len(harmless):
         log(f"harmless: {len(harmless) - len(keep)} examples whose target is a refusal left out")
         harmless, b_good = [harmless[i] for i in keep], [b_good[i] for i in keep]

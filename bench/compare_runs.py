@@ -18,6 +18,7 @@ import sys
 import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+import ablation  # noqa: E402
 import eval as evaluation  # noqa: E402
 import stats  # noqa: E402
 
@@ -30,16 +31,16 @@ def run_outcomes(folder, model="student"):
     with open(os.path.join(folder, "eval.json")) as f:
         student = json.load(f)["results"][model]
     answers = student["answers"]["harmful"]
-    out = {"hs": (student["prompts"]["harmful"] if "prompts" in student else list(range(len(answers))),
-                  [h or evaluation.is_degenerate(a) for h, a in zip(evaluation.complied(answers), answers)])}
+    out = {"hs": (list(range(len(answers))),   # a degenerate answer counts against the model, as in ablation.py
+                  ablation.either(evaluation.complied(answers), [evaluation.is_degenerate(a) for a in answers]))}
     x = student.get("xstest")
     if x:
-        out["xstest"] = (list(range(len(x["refused"]))), [r or d for r, d in zip(x["refused"], x["degenerate"])])
+        out["xstest"] = (list(range(len(x["refused"]))), ablation.either(x["refused"], x["degenerate"]))
     dev = os.path.join(folder, "dev.json")
     if os.path.isfile(dev):
         with open(dev) as f:
             b = json.load(f)["metrics"]["borderline_dev"]
-        out["borderline_dev"] = (b["prompts"], [r or d for r, d in zip(b["refused"], b["degenerate"])])
+        out["borderline_dev"] = (b["prompts"], ablation.either(b["refused"], b["degenerate"]))
     return out
 
 
