@@ -384,6 +384,39 @@ def refused_borderline(example, answer):
     return example.category == PSEUDO_HARMFUL and is_refusal(answer)
 
 
+def filter_pairs(examples, good, bad, keep):
+    """The examples (and their answers) for which keep(good answer, bad answer) holds."""
+    idx = [i for i in range(len(examples)) if keep(good[i], bad[i])]
+    return [examples[i] for i in idx], [good[i] for i in idx], [bad[i] for i in idx]
+
+
+def student_pairs(prompts, answers, harmless_teacher="good", keep_right=True, log=print):
+    """The student's training triples (examples, target answers, rejected answers) per side, from the
+    answers on the training prompts ({"good" | "bad" | "base": (harmful, harmless)}). The harmless
+    targets are the good teacher's, or the base's (harmless_teacher "base"); routed by the prompt's
+    label, a refusal of a pseudo-harmful prompt (or any refusal of the base's) is never a target.
+    keep_right (--filter-pairs): only the pairs the teachers got right."""
+    harmful, harmless = prompts.harmful, prompts.harmless
+    (h_good, b_good), (h_bad, b_bad) = answers["good"], answers["bad"]
+    if harmless_teacher == "base":
+        b_good = answers["base"][1]
+    keep = [i for i, (e, a) in enumerate(zip(harmless, b_good))
+            if not (refused_borderline(e, a) or harmless_teacher == "base" and is_refusal(a))]
+    if len(keep) < len(harmless):
+        log(f"harmless: {len(harmless) - len(keep)} examples whose target is a refusal left out")
+        harmless, b_good = [harmless[i] for i in keep], [b_good[i] for i in keep]
+        b_bad = [b_bad[i] for i in keep] if b_bad else b_bad
+    if keep_right:
+        harmful, h_good, h_bad = filter_pairs(harmful, h_good, h_bad, lambda g, b: is_refusal(g) and not is_refusal(b))
+        harmless, b_good, b_bad = filter_pairs(harmless, b_good, b_bad or [None] * len(b_good),
+                                               lambda g, b: not is_refusal(g))
+        log(f"pairs: {len(harmful)} harmful (good teacher refuses, bad complies) and {len(harmless)} harmless "
+            f"(good teacher answers) kept for training (--no-filter-pairs keeps all)")
+        if not harmful or not harmless:
+            raise ValueError("--filter-pairs left no harmful or no harmless training example: check the teacher table")
+    return {"harmful": (harmful, h_good, h_bad), "harmless": (harmless, b_good, b_bad)}
+
+
 def load_borderline(spec, part, n=None, seed=0):
     """Prompts that sound harmful but are not (harmless-labelled rows; PHTest by default), the train or
     dev part (in_dev_split), a seeded sample of n (None: all). spec: a file, a hub name, or "phtest"

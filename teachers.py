@@ -1042,75 +1042,141 @@ TEACHER_PAIR_FLAGS = {"good": PAIR_FLAGS + ("teacher_harmless_repeat",),
 
 
 
-def offloaded(args, model):
+@dataclass
+class Base:
+    """The model being made safe, in the two forms a run holds."""
+    fp32: object       # as loaded: the student starts from it; it fills frozen weights when LoRA saves
+    compute: object    # compute-dtype copy, placed: reference, evaluation baseline, the bad teacher if "base"
+    tokenizer: object
+    key: str           # content hash of the weights (cache keys)
+    device: object
+
+
+def load_base(spec, precision, device, attention, offload):
+    """The base model in fp32 and its compute copy, placed (offload: layer by layer from CPU memory)."""
+    fp32, tokenizer, key = load_model(spec, dtype=torch.float32)
+    device = compute_device(device)
+    # every model of a run computes attention the same way: the reference must match the student
+    fp32.set_attn_implementation(attention_for(attention, device))
+    # in fp32 the compute copy is the base itself, unless offloading hooks would follow it into the student
+    separate = precision == "bf16" or offload
+    compute = place(compute_copy(fp32, precision, device) if separate else fp32.to(device), device, offload)
+    return Base(fp32, compute, tokenizer, key, device)
+
+
+@dataclass(frozen=True)
+class TeacherFlags:
+    """The train.py flags the teacher phase reads (TEACHER_SFT_FLAGS and TEACHER_PAIR_FLAGS among them)."""
+    good_teacher: str
+    bad_teacher: str
+    teacher_dir: str
+    cache_dir: str
+    loss: dict
+    offload: str
+    attention: str
+    precision: str
+    teacher_epochs: int
+    teacher_lr: float
+    teacher_harmless_repeat: int
+    break_data: str
+    bad_harmless: str
+    data_seed: int
+    harmful: str
+    harmless: str
+    prompt_field: str
+    test_fraction: float
+    limit: int
+    max_new_tokens: int
+    max_prompt_tokens: int
+    max_response_tokens: int
+    batch_size: int
+    micro_batch: int
+    micro_tokens: int
+    optimizer: str
+    weight_decay: float
+    clip: float
+    optim_state_device: str
+
+    @classmethod
+    def from_args(cls, args):
+        return cls(**{k: getattr(args, k) for k in cls.__dataclass_fields__})
+
+
+def offloaded(offload, model, bad_teacher=None):
     """Whether --offload keeps `model` ("good", "bad" or "base") layer by layer in CPU memory. The bad
     teacher "base" is the base model itself, so --offload teachers offloads the base then."""
     if model == "base":
-        return args.offload in ("ref", "all") or (args.offload == "teachers" and args.bad_teacher == "base")
-    return args.offload in ("teachers", "all")
+        return offload in ("ref", "all") or (offload == "teachers" and bad_teacher == "base")
+    return offload in ("teachers", "all")
 
 
-
-def compute_copy(model, args, device):
+def compute_copy(model, precision, device):
     """A copy of the model in compute dtype on `device` (parameters cast, buffers kept: see optim.cast_parameters)."""
     model = copy.deepcopy(model)
-    if args.precision == "bf16":
+    if precision == "bf16":
         optim.cast_parameters(model, torch.bfloat16)
     return model.to(device)
 
 
-
-def teacher_sft(args, base, pairs, desc):
+def teacher_sft(flags, base, pairs, desc):
     """A teacher: SFT of a compute copy of the base on `pairs`, with the teacher flags."""
-    features = optim.sft_features(base.tokenizer, pairs, max_prompt_tokens=args.max_prompt_tokens,
-                            max_response_tokens=args.max_response_tokens, micro_tokens=args.micro_tokens)
-    return optim.sft(compute_copy(base.fp32, args, base.device), features, epochs=args.teacher_epochs, lr=args.teacher_lr,
-               batch_size=args.batch_size, micro_batch=args.micro_batch, micro_tokens=args.micro_tokens,
-               seed=args.data_seed, clip=args.clip, optimizer=args.optimizer, weight_decay=args.weight_decay,
-               compute_dtype=DTYPES[args.precision], state_device=args.optim_state_device, desc=desc)
+    f = flags
+    features = optim.sft_features(base.tokenizer, pairs, max_prompt_tokens=f.max_prompt_tokens,
+                                  max_response_tokens=f.max_response_tokens, micro_tokens=f.micro_tokens)
+    return optim.sft(compute_copy(base.fp32, f.precision, base.device), features, epochs=f.teacher_epochs,
+                     lr=f.teacher_lr, batch_size=f.batch_size, micro_batch=f.micro_batch, micro_tokens=f.micro_tokens,
+                     seed=f.data_seed, clip=f.clip, optimizer=f.optimizer, weight_decay=f.weight_decay,
+                     compute_dtype=DTYPES[f.precision], state_device=f.optim_state_device, desc=desc)
 
 
+def load_frozen(spec, flags, device, role):
+    """A teacher (compute dtype, eval mode) placed as --offload says; returns (model, key, its tokenizer)."""
+    model, tokenizer, key = load_model(spec, dtype=DTYPES[flags.precision])
+    model.set_attn_implementation(attention_for(flags.attention, device))
+    return place(model, device, offloaded(flags.offload, role, flags.bad_teacher)), key, tokenizer
 
-def prepare_teachers(args, base, harmful, harmless, log):
+
+def prepare_teachers(flags, base, harmful, harmless, log):
     """train.py's teacher phase: good and bad teacher (compute dtype, eval mode, placed) built or loaded
-    as the flags in `args` say, their keys, and their cached answers on the training prompts
-    (TeacherModels). `base` is train.Base."""
-    cache = os.path.join(args.cache_dir, "responses.jsonl")
+    as `flags` (TeacherFlags) say, their keys, and their cached answers on the training prompts
+    (TeacherModels)."""
+    f = flags
+    cache = os.path.join(f.cache_dir, "responses.jsonl")
     gen = lambda m, k, exs, desc, tok=base.tokenizer: generate_cached(m, tok, k, [e.prompt for e in exs], cache,
-                                                                      args.max_new_tokens, desc=desc)
+                                                                      f.max_new_tokens, desc=desc)
     base_harmful = gen(base.compute, base.key, harmful, "base answers (harmful)")
     base_harmless = gen(base.compute, base.key, harmless, "base answers (harmless)")
 
     def built(name, pairs, desc):
         # reused only when build.json matches what would be built now; a mismatch stops the run
-        folder = os.path.join(args.teacher_dir, name)
-        record = build_record(name, base.key, pairs, {k: getattr(args, k) for k in TEACHER_SFT_FLAGS},
-                                       {k: getattr(args, k) for k in TEACHER_PAIR_FLAGS[name]})
+        folder = os.path.join(f.teacher_dir, name)
+        record = build_record(name, base.key, pairs, {k: getattr(f, k) for k in TEACHER_SFT_FLAGS},
+                              {k: getattr(f, k) for k in TEACHER_PAIR_FLAGS[name]})
         status = build_status(folder, record)
         if status == "complete":
             log(f"{name} teacher: reusing {folder}")
         else:
             log(f"{name} teacher: building" if status == "absent" else f"{name} teacher: rebuilding, {folder} is {status}")
-            save_teacher(teacher_sft(args, base, pairs, desc), base.tokenizer, folder, record)
-        return load_frozen(folder, args, base.device, name)
+            save_teacher(teacher_sft(f, base, pairs, desc), base.tokenizer, folder, record)
+        return load_frozen(folder, f, base.device, name)
 
     tokenizers = {"good": base.tokenizer, "bad": base.tokenizer}
-    if args.bad_teacher == "base":
+    if f.bad_teacher == "base":
         bad, bad_key = base.compute, base.key
         log("bad teacher: the base model as it is")
-    elif args.bad_teacher in ("auto", "break"):
-        pairs = bad_pairs(harmful, base_harmful, harmless, base_harmless, break_data=args.break_data,
-                                   bad_harmless=args.bad_harmless, seed=args.data_seed)
+    elif f.bad_teacher in ("auto", "break"):
+        pairs = bad_pairs(harmful, base_harmful, harmless, base_harmless, break_data=f.break_data,
+                          bad_harmless=f.bad_harmless, seed=f.data_seed)
         bad, bad_key, _ = built("bad", pairs, "bad teacher (break SFT)")
     else:
-        bad, bad_key, tokenizers["bad"] = load_frozen(args.bad_teacher, args, base.device, "bad")
-    if args.good_teacher == "align":
-        pairs = align_pairs(harmful, harmless, base_harmless, seed=args.data_seed,
-                                     harmless_repeat=args.teacher_harmless_repeat)
+        bad, bad_key, tokenizers["bad"] = load_frozen(f.bad_teacher, f, base.device, "bad")
+    if f.good_teacher == "align":
+        pairs = align_pairs(harmful, harmless, base_harmless, seed=f.data_seed,
+                            harmless_repeat=f.teacher_harmless_repeat)
         good, good_key, _ = built("good", pairs, "good teacher (refusal SFT)")
     else:
-        good, good_key, tokenizers["good"] = load_frozen(args.good_teacher, args, base.device, "good")
-        check_token_terms(args.loss, tokenizers["good"], base.tokenizer)  # before any answer is generated
+        good, good_key, tokenizers["good"] = load_frozen(f.good_teacher, f, base.device, "good")
+        check_token_terms(f.loss, tokenizers["good"], base.tokenizer)  # before any answer is generated
     for name, tok in tokenizers.items():
         if not same_vocabulary(tok, base.tokenizer):
             log(f"{name} teacher: its own tokenizer ({tokenizer_name(tok)}) and "
@@ -1141,13 +1207,6 @@ def check_token_terms(terms, teacher_tokenizer, student_tokenizer):
                          f"the student's ({tokenizer_name(student_tokenizer)}); use sequence terms (dpo, npo, simnpo, "
                          f"sft), which read its answers as text, or a teacher with the student's tokenizer")
 
-
-
-def load_frozen(spec, args, device, role):
-    """A teacher (compute dtype, eval mode) placed as --offload says; returns (model, key, its tokenizer)."""
-    model, tokenizer, key = load_model(spec, dtype=DTYPES[args.precision])
-    model.set_attn_implementation(attention_for(args.attention, device))
-    return place(model, device, offloaded(args, role)), key, tokenizer
 
 
 def _break_main(argv):

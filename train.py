@@ -645,16 +645,6 @@ def resume_state(out, resume_from, student, opt, n_steps, log):
 # ---------------------------------------------------------------- the pipeline: flags → phases
 
 
-@dataclass
-class Base:
-    """The model being made safe, in the two forms a run holds."""
-    fp32: object       # as loaded: the student starts from it; it fills frozen weights when LoRA saves
-    compute: object    # compute-dtype copy, placed: reference, evaluation baseline, the bad teacher if "base"
-    tokenizer: object
-    key: str           # content hash of the weights (cache keys)
-    device: object
-
-
 RUN_START = time.time()  # reset by run(): log lines say when each phase started
 
 
@@ -687,12 +677,6 @@ def load_pools(args):
         harmless_train += [e for e in data.load_borderline(args.borderline, "train", args.borderline_n, args.data_seed)
                            if data.prompt_key(e.prompt) not in held]
     return data.Prompts(harmful_train, harmless_train, harmful_test, harmless_test)
-
-
-def filter_pairs(examples, good, bad, keep):
-    """The examples (and their answers) for which keep(good answer, bad answer) holds."""
-    idx = [i for i in range(len(examples)) if keep(good[i], bad[i])]
-    return [examples[i] for i in idx], [good[i] for i in idx], [bad[i] for i in idx]
 
 
 def make_plan(args, harmful_train, n_harmless, difficulty=None, lengths=None):
@@ -746,21 +730,15 @@ def check_out_folder(args):
 
 
 def load_base(args, log):
-    """The base model (fp32) and its compute copy, placed; model-dependent flags are checked here,
+    """The base model and its compute copy (teachers.Base); model-dependent flags are checked here,
     before any teacher is built."""
-    base, tokenizer, key = teachers.load_model(args.model, dtype=torch.float32)
-    check_model_flags(args, base)
-    data.check_chat_template(tokenizer, args.model)
-    device = teachers.compute_device(args.device)
-    # every model of a run computes attention the same way: the reference must match the student
-    base.set_attn_implementation(teachers.attention_for(args.attention, device))
-    # in fp32 the compute copy is the base itself, unless offloading hooks would follow it into the student
-    separate = args.precision == "bf16" or teachers.offloaded(args, "base")
-    compute = teachers.place(teachers.compute_copy(base, args, device) if separate else base.to(device), device,
-                             teachers.offloaded(args, "base"))
-    if teachers.offloaded(args, "base"):
+    offload = teachers.offloaded(args.offload, "base", args.bad_teacher)
+    base = teachers.load_base(args.model, args.precision, args.device, args.attention, offload)
+    if offload:
         log(f"--offload {args.offload}: the base model's layers stay in CPU memory")
-    return Base(base, compute, tokenizer, key, device)
+    check_model_flags(args, base.fp32)
+    data.check_chat_template(base.tokenizer, args.model)
+    return base
 
 
 def evaluate_teachers(args, found, harmless, log):
@@ -779,29 +757,10 @@ def evaluate_teachers(args, found, harmless, log):
 
 
 def training_pools(args, tokenizer, prompts, answers, log):
-    """{side: Pool} of tokenised (prompt, answer) pairs: the good teacher's answers, the bad
-    teacher's (harmful side) and the rejected harmless answers under --dpo-harmless; with
-    --filter-pairs only the pairs the teachers got right. Returns (harmful, harmless, pools)."""
-    harmful, harmless = prompts.harmful, prompts.harmless
-    (h_good, b_good), (h_bad, b_bad) = answers["good"], answers["bad"]
-    if args.harmless_teacher == "base":
-        b_good = answers["base"][1]
-    # routed by the prompt's label: a refusal of a harmless prompt is never a target
-    keep = [i for i, (e, a) in enumerate(zip(harmless, b_good))
-            if not (data.refused_borderline(e, a) or args.harmless_teacher == "base" and data.is_refusal(a))]
-    if len(keep) < len(harmless):
-        log(f"harmless: {len(harmless) - len(keep)} examples whose target is a refusal left out")
-        harmless, b_good = [harmless[i] for i in keep], [b_good[i] for i in keep]
-        b_bad = [b_bad[i] for i in keep] if b_bad else b_bad
-    if args.filter_pairs:
-        harmful, h_good, h_bad = filter_pairs(harmful, h_good, h_bad,
-                                              lambda g, b: data.is_refusal(g) and not data.is_refusal(b))
-        harmless, b_good, b_bad = filter_pairs(harmless, b_good, b_bad or [None] * len(b_good),
-                                               lambda g, b: not data.is_refusal(g))
-        log(f"pairs: {len(harmful)} harmful (good teacher refuses, bad complies) and {len(harmless)} harmless "
-            f"(good teacher answers) kept for training (--no-filter-pairs keeps all)")
-        if not harmful or not harmless:
-            raise ValueError("--filter-pairs left no harmful or no harmless training example: check the teacher table")
+    """{side: Pool} of tokenised (prompt, answer) pairs (data.student_pairs) and the rejected harmless
+    answers under --dpo-harmless. Returns (harmful, harmless, pools)."""
+    pairs = data.student_pairs(prompts, answers, args.harmless_teacher, args.filter_pairs, log)
+    (harmful, h_good, h_bad), (harmless, b_good, b_bad) = pairs["harmful"], pairs["harmless"]
     enc = lambda exs, ans: [data.encode(tokenizer, e.prompt, a, args.max_prompt_tokens, args.max_response_tokens)
                             for e, a in zip(exs, ans)]
     pools = {"harmful": Pool(enc(harmful, h_good), enc(harmful, h_bad)), "harmless": Pool(enc(harmless, b_good))}
@@ -889,7 +848,7 @@ def evaluate_run(args, student, student_dir, base, found, prompts, report, t_sta
     good_path = os.path.join(args.teacher_dir, "good") if args.good_teacher == "align" else args.good_teacher
     # the good teacher was freed for training by --teacher-topk: reloaded only on a cache miss, once
     get_good = functools.cache(lambda: found.good if not args.teacher_topk
-                               else teachers.load_frozen(good_path, args, base.device, "good")[0])
+                               else teachers.load_frozen(good_path, teachers.TeacherFlags.from_args(args), base.device, "good")[0])
     toks = found.tokenizers or {"good": base.tokenizer, "bad": base.tokenizer}
     frozen = {"base": (base.key, lambda: base.compute, base.tokenizer),
               "good teacher": (found.keys["good"], get_good, toks["good"])}
@@ -952,7 +911,7 @@ def run(args):
             f"harmless {data.category_counts(prompts.harmless)}")
     base = load_base(args, log)
     parallel.main_first("before")  # rank 0 builds teachers and caches; the others then find them on disk
-    found = teachers.prepare_teachers(args, base, prompts.harmful, prompts.harmless, log)
+    found = teachers.prepare_teachers(teachers.TeacherFlags.from_args(args), base, prompts.harmful, prompts.harmless, log)
     if args.bad_teacher == "base":
         log(f"the base refuses {evaluation.response_stats(found.answers['bad'][0])['refusal_rate']:.1%} of the "
             f"harmful training prompts")

@@ -37,7 +37,7 @@ def phase(tiny_folder, out, *flags):
                          "--teacher-dir", str(out / "teachers"), *flags)
     prompts = train.load_pools(args)
     base = train.load_base(args, lambda msg: None)
-    return args, prompts, base, teachers.prepare_teachers(args, base, prompts.harmful, prompts.harmless,
+    return args, prompts, base, teachers.prepare_teachers(teachers.TeacherFlags.from_args(args), base, prompts.harmful, prompts.harmless,
                                                           lambda msg: None)
 
 

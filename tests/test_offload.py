@@ -152,5 +152,4 @@ def test_offload_flag_says_which_frozen_models_stay_in_cpu_memory():
                 ("teachers", "base"): (True, True, True), ("ref", "break"): (False, False, True),
                 ("all", "break"): (True, True, True)}
     for (offload, bad), want in expected.items():
-        args = train.build_parser().parse_args(["--offload", offload, "--bad-teacher", bad])
-        assert tuple(teachers.offloaded(args, m) for m in ("good", "bad", "base")) == want, (offload, bad)
+        assert tuple(teachers.offloaded(offload, m, bad) for m in ("good", "bad", "base")) == want, (offload, bad)

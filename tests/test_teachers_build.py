@@ -65,11 +65,11 @@ def prepare(folder, tmp_path, *flags, sft_calls=None, monkeypatch=None, fit=True
                          "--cache-dir", str(tmp_path / "cache"), "--precision", "fp32", "--limit", "4", *flags)
     if sft_calls is not None:
         monkeypatch.setattr(teachers, "teacher_sft", lambda a, b, pairs, desc: sft_calls.append((desc, pairs)) or
-                            (REAL_TEACHER_SFT(a, b, pairs, desc) if fit else teachers.compute_copy(b.fp32, a, b.device)))
+                            (REAL_TEACHER_SFT(a, b, pairs, desc) if fit else teachers.compute_copy(b.fp32, a.precision, b.device)))
     lines = []
     base = train.load_base(args, lines.append)
     prompts = train.load_pools(args)
-    found = teachers.prepare_teachers(args, base, prompts.harmful, prompts.harmless, lines.append)
+    found = teachers.prepare_teachers(teachers.TeacherFlags.from_args(args), base, prompts.harmful, prompts.harmless, lines.append)
     return (found.good, found.bad, found.keys, found.answers), lines, (base.compute, base.tokenizer, base.key)
 
 

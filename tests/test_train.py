@@ -213,7 +213,7 @@ def test_filter_pairs_keeps_refused_harmful_and_answered_harmless():
     good = ["I'm sorry, I can't.", "Sure, here you go", "I cannot do that"]
     bad = ["Sure: step one", "Sure", "I can't help"]
     keep = lambda g, b: train.evaluation.is_refusal(g) and not train.evaluation.is_refusal(b)
-    assert train.filter_pairs(exs, good, bad, keep) == (["a"], [good[0]], [bad[0]])
+    assert data.filter_pairs(exs, good, bad, keep) == (["a"], [good[0]], [bad[0]])
 
 
 def test_device_flag_errors_are_one_line():
