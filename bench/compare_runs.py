@@ -6,7 +6,10 @@ Each NAME=RUN,... is one row, its runs the seeds. A run folder holds train.py's 
 optionally, dev.json (eval.py --model RUN/student --borderline-dev phtest --out RUN/dev.json).
 Metrics of the student: HS on the held-out built-in harmful prompts and over-refusal on the PHTest
 dev part (the dev metrics: choices are made on them), over-refusal on the XSTest sample (a test
-metric: reported, never chosen on). A degenerate answer counts against the model on both axes, as
+metric: reported, never chosen on). With --test the table is the test report instead, from
+RUN/test.json (eval.py --model RUN/student --hs-set strongreject.json --xstest --out RUN/test.json;
+RUN may be any folder holding one, e.g. a teacher's): HS on StrongREJECT and over-refusal on all of
+XSTest's safe prompts. A degenerate answer counts against the model on both axes, as
 in ablation.py. Rates: clustered 95 % intervals (prompts resampled with their seeds); every row
 against the first: prompt-level sign-flip test, Holm over the whole table.
 """
@@ -24,6 +27,20 @@ import stats  # noqa: E402
 
 METRICS = (("hs", "HS, built-in held-out (dev) ↓"), ("borderline_dev", "over-refusal, PHTest dev ↓"),
            ("xstest", "over-refusal, XSTest sample (test) ↓"))
+TEST_METRICS = (("strongreject", "HS, StrongREJECT (test) ↓"), ("xstest_safe", "over-refusal, XSTest safe (test) ↓"))
+
+
+def test_outcomes(folder):
+    """{metric: (prompts, [0/1 per prompt])} of RUN/test.json (eval.py's HS and XSTest metrics)."""
+    with open(os.path.join(folder, "test.json")) as f:
+        metrics = json.load(f)["metrics"]
+    answers = metrics["hs"]["answers"]
+    x = metrics["xstest"]
+    safe = [i for i, s in enumerate(x["safe"]) if s]
+    return {"strongreject": (list(range(len(answers))), ablation.either(
+                evaluation.complied(answers), [evaluation.is_degenerate(a) for a in answers])),
+            "xstest_safe": ([x["prompts"][i] for i in safe],
+                            ablation.either([x["refused"][i] for i in safe], [x["degenerate"][i] for i in safe]))}
 
 
 def run_outcomes(folder, model="student"):
@@ -44,11 +61,11 @@ def run_outcomes(folder, model="student"):
     return out
 
 
-def row_matrices(runs, model="student"):
+def row_matrices(runs, model="student", test=False):
     """{metric: [prompts, seeds] 0/1 array} over a row's runs (a metric some run lacks is left out)."""
-    per_run = [run_outcomes(r, model) for r in runs]
+    per_run = [test_outcomes(r) if test else run_outcomes(r, model) for r in runs]
     out = {}
-    for key, _ in METRICS:
+    for key, _ in (TEST_METRICS if test else METRICS):
         if all(key in o for o in per_run):
             if any(o[key][0] != per_run[0][key][0] for o in per_run):
                 raise ValueError(f"{key}: the runs of one row were evaluated on other prompts")
@@ -56,23 +73,23 @@ def row_matrices(runs, model="student"):
     return out
 
 
-def compare(rows, model="student"):
+def compare(rows, model="student", test=False):
     """Markdown: one line per row, each metric's rate [interval] and, against the first row, the
     difference in points with its Holm-corrected prompt-level p."""
-    names = list(rows)
-    mats = {n: row_matrices(runs, model) for n, runs in rows.items()}
+    names, metrics = list(rows), TEST_METRICS if test else METRICS
+    mats = {n: row_matrices(runs, model, test) for n, runs in rows.items()}
     tests = []   # (row, metric, difference in points, p)
     for n in names[1:]:
-        for key, _ in METRICS:
+        for key, _ in metrics:
             if key in mats[n] and key in mats[names[0]]:
                 t = stats.paired_test(mats[n][key], mats[names[0]][key], seed=0)
                 tests.append((n, key, 100 * t.difference, t.p))
     holm = dict(zip([(n, k) for n, k, _, _ in tests], stats.holm([p for *_, p in tests])))
-    head = "| row | seeds | " + " | ".join(label for _, label in METRICS) + " |"
-    lines = [head, "|" + " --- |" * (2 + len(METRICS))]
+    head = "| row | seeds | " + " | ".join(label for _, label in metrics) + " |"
+    lines = [head, "|" + " --- |" * (2 + len(metrics))]
     for n in names:
         cells = []
-        for key, _ in METRICS:
+        for key, _ in metrics:
             m = mats[n].get(key)
             if m is None:
                 cells.append("—")
@@ -92,6 +109,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("rows", nargs="+", metavar="NAME=RUN,RUN", help="a row and its runs (seeds); the first is the reference")
     p.add_argument("--model", default="student", help="which row of eval.json: student, good teacher, base")
+    p.add_argument("--test", action="store_true", help="the test report from RUN/test.json (StrongREJECT, XSTest)")
     p.add_argument("--out", help="also write the table here")
     args = p.parse_args(argv)
     rows = {}
@@ -99,11 +117,13 @@ def main(argv=None):
         name, _, runs = spec.partition("=")
         if not runs:
             sys.exit(f"error: {spec!r}: expected NAME=RUN[,RUN...]")
-        missing = [r for r in runs.split(",") if not os.path.isfile(os.path.join(r, "eval.json"))]
+        need = "test.json" if args.test else "eval.json"
+        missing = [r for r in runs.split(",") if not os.path.isfile(os.path.join(r, need))]
         if missing:
-            sys.exit(f"error: {missing[0]}: no eval.json (a train.py run folder that ran its evaluation)")
+            sys.exit(f"error: {missing[0]}: no {need} (" + ("eval.py ... --out RUN/test.json" if args.test else
+                     "a train.py run folder that ran its evaluation") + ")")
         rows[name] = runs.split(",")
-    table = compare(rows, args.model)
+    table = compare(rows, args.model, args.test)
     print(table)
     if args.out:
         with open(args.out, "w") as f:

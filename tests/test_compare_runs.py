@@ -45,3 +45,28 @@ def test_a_row_whose_seeds_saw_other_prompts_stops(tmp_path):
     write_run(tmp_path / "b", [COMPLY] * 4, [False] * 4)
     with pytest.raises(ValueError, match="hs: the runs of one row were evaluated on other prompts"):
         compare_runs.row_matrices([str(tmp_path / "a"), str(tmp_path / "b")])
+
+
+def write_test(folder, hs_answers, xstest):
+    """RUN/test.json as eval.py writes it: xstest is [(safe, refused, degenerate)] per prompt."""
+    os.makedirs(folder, exist_ok=True)
+    x = {"prompts": [f"x{i}" for i in range(len(xstest))], "safe": [s for s, _, _ in xstest],
+         "refused": [r for _, r, _ in xstest], "degenerate": [d for _, _, d in xstest]}
+    with open(os.path.join(folder, "test.json"), "w") as f:
+        json.dump({"metrics": {"hs": {"answers": hs_answers}, "xstest": x}}, f)
+
+
+def test_the_test_report_reads_safe_xstest_prompts_only_and_counts_degenerate_against(tmp_path):
+    # XSTest: 2 unsafe prompts (refused: ignored) and 3 safe ones: refused, degenerate (counts as a
+    # failure), answered → 2 of 3; two seeds agree. StrongREJECT: comply, refuse, empty → 2 of 3.
+    xs = [(False, True, False), (True, True, False), (False, True, False), (True, False, True), (True, False, False)]
+    for seed in ("s0", "s1"):
+        write_test(tmp_path / seed, [COMPLY, REFUSE, EMPTY], xs)
+    rows = compare_runs.row_matrices([str(tmp_path / "s0"), str(tmp_path / "s1")], test=True)
+    assert rows["xstest_safe"].tolist() == [[1, 1], [1, 1], [0, 0]]
+    assert rows["strongreject"].tolist() == [[1, 1], [0, 0], [1, 1]]
+    # a row that refuses the one complied prompt: StrongREJECT 1 of 3, one nonzero difference, sign-flip p = 1
+    write_test(tmp_path / "t", [REFUSE, REFUSE, EMPTY], xs)
+    table = compare_runs.compare({"ref": [str(tmp_path / "s0")], "new": [str(tmp_path / "t")]}, test=True)
+    new = next(line for line in table.splitlines() if line.startswith("| new"))
+    assert "33.3 % [" in new and "-33.3 pts, Holm p 1" in new and "66.7 % [" in new
