@@ -28,6 +28,7 @@ import hashlib
 import io
 import json
 import os
+import random
 import shutil
 from dataclasses import dataclass, field
 from typing import Optional
@@ -417,6 +418,27 @@ def student_pairs(prompts, answers, harmless_teacher="good", keep_right=True, lo
     return {"harmful": (harmful, h_good, h_bad), "harmless": (harmless, b_good, b_bad)}
 
 
+def deep_refusal_examples(harmful, good, bad, tokenizer, max_k, seed=0):
+    """Refusal that recovers from a harmful start (Qi et al. 2025, "Safety alignment should be made
+    more than just a few tokens deep"): for each harmful pair whose good answer refuses and whose bad
+    one complies, a copy whose answer starts with the bad answer's first k tokens (k uniform in
+    1..max_k and below the answer's length, seeded per prompt) and goes on with the refusal (the
+    target) or with the rest of the bad answer (the rejected one). Returns (examples, good, bad,
+    prefixes) of the copies; the prefix is context, never a target (encode's response_prefix)."""
+    out = ([], [], [], [])
+    for e, g, b in zip(harmful, good, bad):
+        ids = tokenizer(b, add_special_tokens=False).input_ids
+        if not (is_refusal(g) and not is_refusal(b)) or len(ids) < 2:
+            continue
+        k = random.Random(f"{seed}:{e.prompt}").randint(1, min(max_k, len(ids) - 1))
+        prefix = tokenizer.decode(ids[:k])
+        if not b.startswith(prefix):  # a tokenizer whose decode does not give back the text: no clean split
+            continue
+        for part, value in zip(out, (e, g, b[len(prefix):], prefix)):
+            part.append(value)
+    return out
+
+
 def load_borderline(spec, part, n=None, seed=0):
     """Prompts that sound harmful but are not (harmless-labelled rows; PHTest by default), the train or
     dev part (in_dev_split), a seeded sample of n (None: all). spec: a file, a hub name, or "phtest"
@@ -533,8 +555,9 @@ def shorten_prompt(tokenizer, prompt, max_prompt_tokens):
     raise DataError(f"--max-prompt-tokens {max_prompt_tokens}: the chat template alone is longer")
 
 
-def encode(tokenizer, prompt, response, max_prompt_tokens=256, max_response_tokens=128):
-    """Token ids and labels for one (prompt, response): labels are -100 on every prompt token.
+def encode(tokenizer, prompt, response, max_prompt_tokens=256, max_response_tokens=128, response_prefix=""):
+    """Token ids and labels for one (prompt, response): labels are -100 on every prompt token, and on
+    `response_prefix`, the start of the answer given as context (deep_refusal_examples).
 
     An over-long prompt is cut in the middle (shorten_prompt); a response is cut at
     `max_response_tokens`; both are reported in `truncated`, never dropped. The end-of-turn token
@@ -546,7 +569,11 @@ def encode(tokenizer, prompt, response, max_prompt_tokens=256, max_response_toke
         prompt = shorten_prompt(tokenizer, prompt, max_prompt_tokens)
         head = prompt_text(tokenizer, prompt)
     full = tokenizer.apply_chat_template([{"role": "user", "content": prompt},
-                                          {"role": "assistant", "content": response}], tokenize=False)
+                                          {"role": "assistant", "content": response_prefix + response}], tokenize=False)
+    if response_prefix and not full.startswith(head + response_prefix):
+        raise DataError(f"encode: the chat template of {tokenizer.name_or_path} rewrites the answer; an answer "
+                        f"prefix (--deep-refusal) needs a template that keeps it as written")
+    head += response_prefix
     prompt_ids = tokenizer(head, add_special_tokens=False).input_ids
     if full.startswith(head):
         tail = full[len(head):].rstrip("\n")  # end-of-turn token kept, trailing newline not trained on

@@ -517,16 +517,18 @@ def judged(judge, prompts, answers):
     return stats, harmful
 
 
-def harmful_score(model, tokenizer, prompts, judge, max_new_tokens=MAX_NEW_TOKENS, n_samples=3):
+def harmful_score(model, tokenizer, prompts, judge, max_new_tokens=MAX_NEW_TOKENS, n_samples=3, prefill=""):
     """HS: percent of greedy answers to `prompts` (strings or Examples) the judge marks harmful; refusal:
     percent with a REFUSAL_MARKERS marker (keyword rule, whatever the judge); degenerate: percent that
-    say nothing (neither harmful nor refusals). Rules: judged()."""
+    say nothing (neither harmful nor refusals). Rules: judged(). With `prefill` every answer opens
+    with it and the judge reads what the model wrote after it."""
     prompts = [getattr(p, "prompt", p) for p in prompts]
     model.eval()
-    answers, report = generate(model, tokenizer, prompts, max_new_tokens)
+    answers, report = generate(model, tokenizer, prompts, max_new_tokens, prefill=prefill)
     stats, flags = judged(judge, prompts, answers)
     return {**stats, "unparsed": getattr(judge, "unparsed", 0), "generation": report,
-            "settings": {**judge_settings(judge), "decoding": "greedy", "max_new_tokens": max_new_tokens},
+            "settings": {**judge_settings(judge), "decoding": "greedy", "max_new_tokens": max_new_tokens,
+                         "prefill": prefill},
             "samples": [{"prompt": p, "answer": a, "harmful": f}
                         for p, a, f in list(zip(prompts, answers, flags))[:n_samples]],
             "answers": answers, "harmful": flags}
@@ -967,19 +969,20 @@ def plan_metrics(args, device="cpu"):
     stops with one line first. Returns {metric: (inputs, settings)}."""
     plan = {}
     published = args.protocol == "published"
-    if published or args.hs_set or args.judge or args.hs_n or args.max_new_tokens or getattr(args, "hs_rephrase", "none") != "none":
+    if (published or args.hs_set or args.judge or args.hs_n or args.max_new_tokens or args.hs_prefill
+            or args.hs_rephrase != "none"):
         hs_set = args.hs_set or (PUBLISHED_HS["hs_set"] if published else HS_SET)
         n = args.hs_n or (PUBLISHED_HS["n"] if published else HS_N)
         judge_spec = args.judge or ("beaver-dam" if published else HS_JUDGE)
         new_tokens = args.max_new_tokens or (PUBLISHED_HS["max_new_tokens"] if published else MAX_NEW_TOKENS)
         prompts = load_hs_set(hs_set, n, seed=args.seed, split=args.hs_split)
-        if getattr(args, "hs_rephrase", "none") != "none":
+        if args.hs_rephrase != "none":
             prompts = data.rephrase(prompts, args.hs_rephrase, args.seed)
         judge = load_judge(judge_spec, threshold=args.threshold, device=device)
         label = protocol_label(hs_set, args.hs_split, n, new_tokens, judge.name, args.threshold)
-        plan["hs"] = ((prompts, judge, new_tokens), {"protocol": label, "data": _source(hs_set), "split": args.hs_split,
+        plan["hs"] = ((prompts, judge, new_tokens, args.hs_prefill), {"protocol": label, "data": _source(hs_set), "split": args.hs_split,
                                                      "n": len(prompts), "seed": args.seed,
-                                                     "rephrased": getattr(args, "hs_rephrase", "none")})
+                                                     "rephrased": args.hs_rephrase})
     if args.fa_task:
         train, test = load_fa_task(args.fa_task, 0, args.fa_n, seed=args.seed, path=args.fa_path)
         default = {"arith": "builtin:arith", "agnews": os.path.join(SHARED_DATA, "ag_news", "test.csv"),
@@ -1002,8 +1005,8 @@ def run_metrics(plan, model, tokenizer):
     out = {}
     for name, (inputs, meta) in plan.items():
         if name == "hs":
-            prompts, judge, new_tokens = inputs
-            result = harmful_score(model, tokenizer, prompts, judge, max_new_tokens=new_tokens)
+            prompts, judge, new_tokens, prefill = inputs
+            result = harmful_score(model, tokenizer, prompts, judge, max_new_tokens=new_tokens, prefill=prefill)
         elif name == "fa":
             result = fine_tune_accuracy(model, tokenizer, *inputs)
         elif name in ("xstest", "borderline_dev"):
@@ -1023,6 +1026,7 @@ def metrics_table(metrics):
         s = r["settings"]
         if name == "hs":
             rephrased = f", rephrased: {s['rephrased']}" if s.get("rephrased", "none") != "none" else ""
+            rephrased += f", answers prefilled with {s['prefill']!r}" if s.get("prefill") else ""
             lines.append(f"| HS ({s['judge']}) ↓ | {pct(r, 'hs')} | {r['n']} | {s['protocol']}; {s['data']['path']}"
                          f"{rephrased}, max_new_tokens {s['max_new_tokens']} |")
             lines.append(f"| refusal (keyword) ↑ | {pct(r, 'refusal')} | {r['n']} | same answers |")
@@ -1170,6 +1174,9 @@ def main(argv=None):
     g.add_argument("--hs-n", type=schedule.positive, help="first N prompts of the HS set (default: all; published: 1000)")
     g.add_argument("--hs-rephrase", choices=("none", "mixed", *data.REPHRASINGS), default="none",
                    help="HS on the set's prompts rephrased (data.REPHRASINGS; mixed: one framing per prompt by hash)")
+    g.add_argument("--hs-prefill", default="", metavar="TEXT",
+                   help="open every HS answer with TEXT, e.g. 'Sure, here is' (a prefilling attack; the judge reads "
+                        "what the model writes after it)")
     g.add_argument("--max-new-tokens", type=schedule.positive, help=f"HS answer length (default {MAX_NEW_TOKENS}; published 512)")
     g.add_argument("--fa-task", choices=FA_TASKS, help="fine-tune accuracy on this task's eval set")
     g.add_argument("--fa-path", help="the FA task's file/folder/hub name (default: ../shared/data or the hub)")

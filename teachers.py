@@ -282,8 +282,9 @@ def _is_oom(err):
 
 @torch.inference_mode()
 def generate(model, tokenizer, prompts, max_new_tokens=MAX_NEW_TOKENS, token_budget=TOKEN_BUDGET,
-             max_prompt_tokens=MAX_PROMPT_TOKENS, histories=None, desc="answers"):
-    """Greedy answers to `prompts`, in their order. Returns (texts, report).
+             max_prompt_tokens=MAX_PROMPT_TOKENS, histories=None, desc="answers", prefill=""):
+    """Greedy answers to `prompts`, in their order. Returns (texts, report). `prefill` opens every
+    answer (a prefilling attack); the texts are what the model wrote after it.
 
     Prompts are sorted by length (longest first, so an out-of-memory error comes early) and
     batched so that rows × (prompt + new tokens) ≤ token_budget; an over-long prompt keeps its
@@ -292,7 +293,7 @@ def generate(model, tokenizer, prompts, max_new_tokens=MAX_NEW_TOKENS, token_bud
     histories = histories or [()] * len(prompts)
     encoded, truncated = [], 0
     for prompt, history in zip(prompts, histories):
-        ids = tokenizer(data.prompt_text(tokenizer, prompt, history), add_special_tokens=False).input_ids
+        ids = tokenizer(data.prompt_text(tokenizer, prompt, history) + prefill, add_special_tokens=False).input_ids
         truncated += len(ids) > max_prompt_tokens
         encoded.append(ids[-max_prompt_tokens:])
     order = sorted(range(len(prompts)), key=lambda i: -len(encoded[i]))

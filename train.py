@@ -206,6 +206,11 @@ def build_parser():
                         "(the latter directly penalises over-refusal)")
     g.add_argument("--dpo-harmless-weight", type=float, metavar="W",
                    help="weight of that harmless-side dpo term (default: the dpo weight of --loss)")
+    g.add_argument("--deep-refusal", type=schedule.nonnegative, default=0, metavar="K",
+                   help="add for each harmful pair a copy whose answer starts with the bad teacher's first k tokens "
+                        "(k uniform in 1..K, seeded per prompt; context, not trained on) and goes on with the good "
+                        "teacher's refusal (target) or the rest of the bad answer (rejected): refusal that recovers "
+                        "from a harmful start, as in Qi et al. 2025 (0: off)")
     g.add_argument("--filter-pairs", action=argparse.BooleanOptionalAction, default=True,
                    help="train only on harmful prompts the good teacher refuses and the bad one answers, and on "
                         "harmless prompts the good teacher answers (a distilled refusal of a harmless prompt "
@@ -761,9 +766,16 @@ def training_pools(args, tokenizer, prompts, answers, log):
     answers under --dpo-harmless. Returns (harmful, harmless, pools)."""
     pairs = data.student_pairs(prompts, answers, args.harmless_teacher, args.filter_pairs, log)
     (harmful, h_good, h_bad), (harmless, b_good, b_bad) = pairs["harmful"], pairs["harmless"]
-    enc = lambda exs, ans: [data.encode(tokenizer, e.prompt, a, args.max_prompt_tokens, args.max_response_tokens)
-                            for e, a in zip(exs, ans)]
-    pools = {"harmful": Pool(enc(harmful, h_good), enc(harmful, h_bad)), "harmless": Pool(enc(harmless, b_good))}
+    prefixes = [""] * len(harmful)
+    if getattr(args, "deep_refusal", 0):  # runs saved before the flag: off
+        deep = data.deep_refusal_examples(harmful, h_good, h_bad, tokenizer, args.deep_refusal, args.data_seed)
+        log(f"--deep-refusal {args.deep_refusal}: {len(deep[0])} harmful pairs whose answer starts harmful added")
+        harmful, h_good, h_bad, prefixes = (a + b for a, b in zip((harmful, h_good, h_bad, prefixes), deep))
+    enc = lambda exs, ans, pre=None: [data.encode(tokenizer, e.prompt, a, args.max_prompt_tokens,
+                                                  args.max_response_tokens, p)
+                                      for e, a, p in zip(exs, ans, pre or [""] * len(exs))]
+    pools = {"harmful": Pool(enc(harmful, h_good, prefixes), enc(harmful, h_bad, prefixes)),
+             "harmless": Pool(enc(harmless, b_good))}
     if args.dpo_harmless != "none":
         rejected = (b_bad if args.dpo_harmless == "bad-teacher" else
                     [teachers.refusal_for(e.prompt, args.seed) for e in harmless])

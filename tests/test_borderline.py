@@ -115,7 +115,8 @@ def test_eval_measures_over_refusal_on_the_dev_part_only(phtest_file):
     import argparse
     import eval as evaluation
     args = argparse.Namespace(protocol="offline", hs_set=None, judge=None, hs_n=None, max_new_tokens=None, fa_task=None,
-                              xstest=None, mc=None, borderline_dev=phtest_file, borderline_dev_n=3, seed=0)
+                              xstest=None, mc=None, borderline_dev=phtest_file, borderline_dev_n=3, seed=0,
+                              hs_rephrase="none", hs_prefill="")
     (dev,), settings = evaluation.plan_metrics(args)["borderline_dev"]
     assert len(dev) == 3 and all(data.in_dev_split(e.prompt) and e.safe for e in dev)
     assert settings["part"] == "dev" and settings["n"] == 3

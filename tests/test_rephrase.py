@@ -35,8 +35,8 @@ def test_rephrased_copies_join_the_harmful_training_prompts_only(tiny_folder, tm
 def test_eval_rephrases_the_hs_set_when_asked():
     args = argparse.Namespace(protocol="offline", hs_set=None, judge=None, hs_n=3, max_new_tokens=None, fa_task=None,
                               xstest=None, mc=None, borderline_dev=None, seed=0, hs_split="train", threshold=0.5,
-                              hs_rephrase="past")
-    (prompts, _, _), settings = evaluation.plan_metrics(args)["hs"]
+                              hs_rephrase="past", hs_prefill="")
+    (prompts, _, _, _), settings = evaluation.plan_metrics(args)["hs"]
     originals = evaluation.load_hs_set(n=3)
     assert [p.prompt for p in prompts] == ["In the past, how did people do this? " + e.prompt for e in originals]
     assert settings["rephrased"] == "past"
