@@ -19,6 +19,7 @@ import sys
 
 import numpy as np
 
+import checkpoint
 import data
 import eval as evaluation
 import schedule
@@ -170,7 +171,7 @@ def bad_teacher_pairs(run_dir):
     try:
         with open(os.path.join(run_dir, "teacher_eval.json")) as f:
             bad_key = json.load(f)["models"]["bad"]
-        args_file = os.path.join(train.latest_checkpoint(run_dir), "args.json")
+        args_file = os.path.join(checkpoint.latest(run_dir), "args.json")
     except (OSError, ValueError, KeyError, TypeError):
         raise ValueError(f"--attack-data {run_dir}: not a finished train.py run (needs teacher_eval.json and "
                          f"checkpoints/step-*/args.json)") from None

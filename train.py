@@ -20,19 +20,17 @@ SFT), robust.py (LAT, canary params), parallel.py (torchrun), teachers.py (the t
 import argparse
 import copy
 import functools
-import glob
 import json
 import math
 import os
-import shutil
 import sys
 import time
 from dataclasses import dataclass
 
 import torch
-from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
+import checkpoint
 import data
 import eval as evaluation
 import losses
@@ -543,7 +541,7 @@ def train_loop(args, student, opt, frozen, pools, cfg, plan, levels, start, cana
                            masks=canary.masks)
         except optim.NonFiniteError as e:
             raise optim.NonFiniteError(f"step {t}: {e}; stopped before updating the weights (last checkpoint: "
-                                       f"{latest_checkpoint(args.out) or 'none'}; lower --lr or check the loss flags)"
+                                       f"{checkpoint.latest(args.out) or 'none'}; lower --lr or check the loss flags)"
                                        ) from None
         if canary.masks:
             extra["canary_dw"], extra["rest_dw"] = robust.canary_drift(canary.masks, opt.master_state(student), initial)
@@ -555,96 +553,8 @@ def train_loop(args, student, opt, frozen, pools, cfg, plan, levels, start, cana
             f.write(json.dumps(row) + "\n")
         bar.set_postfix(level=step.level + 1, loss=f"{row.get('loss', 0):.3f}")
         if (t + 1) % args.save_every == 0 or t + 1 == len(plan):
-            save_checkpoint(os.path.join(args.out, "checkpoints", f"step-{t + 1}"), student, base.tokenizer, opt, t + 1,
+            checkpoint.save(os.path.join(args.out, "checkpoints", f"step-{t + 1}"), student, base.tokenizer, opt, t + 1,
                             vars(args), canary, base.fp32.state_dict())
-
-
-# ---------------------------------------------------------------- checkpoints
-
-def write_folder(path, write):
-    """write(tmp) into a temporary folder, then moved to `path`: a kill leaves it complete or absent."""
-    tmp = path + ".tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    write(tmp)
-    data.replace_folder(tmp, path)
-
-
-def save_checkpoint(path, model, tokenizer, opt, step, flags, canary=None, original=None):
-    """A resumable checkpoint: weights (merged for transformers), adapters under LoRA, optimizer and RNG
-    state, canary state, and the run's `flags` ({flag: value}, args.json). Older checkpoints in the
-    same folder are removed once it is written."""
-    def write(tmp):
-        teachers.save_model(model, tokenizer, tmp, state_dict=optim.student_state(model, opt, original))
-        if optim.lora_modules(model):  # the merged weights above are for transformers; resume reads the adapters
-            save_file({k: v.contiguous().cpu() for k, v in optim.adapter_state(model, opt).items()},
-                      os.path.join(tmp, "adapter.safetensors"))
-        # plain tensors, ints, tuples and lists only: resume loads this with weights_only=True
-        torch.save({"step": step, "optimizer": opt.optimizer.state_dict(), "rng": torch.get_rng_state(),
-                    "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-                    **robust.save_canary(canary, tmp)}, os.path.join(tmp, "trainer_state.pt"))
-        with open(os.path.join(tmp, "args.json"), "w") as f:
-            json.dump(flags, f, indent=2)
-
-    write_folder(path, write)
-    for old in glob.glob(os.path.join(os.path.dirname(path), "step-*")):
-        if old != path:
-            shutil.rmtree(old, ignore_errors=True)
-
-
-def save_student(out, student, opt, canary, base):
-    """OUT/student: the final weights as transformers reads them (LoRA merged) and the canary masks."""
-    def write(tmp):
-        teachers.save_model(student, base.tokenizer, tmp, state_dict=optim.student_state(student, opt,
-                                                                                           base.fp32.state_dict()))
-        if canary.masks:
-            robust.save_masks(canary.masks, tmp)
-
-    write_folder(os.path.join(out, "student"), write)
-    return os.path.join(out, "student")
-
-
-def restore_rng(state):
-    """CPU and CUDA generators as trainer_state.pt saved them. A run saved without CUDA leaves the
-    CUDA generators as they are; one saved with CUDA and resumed without it ignores them."""
-    torch.set_rng_state(state["rng"])
-    if state.get("cuda_rng") and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda_rng"][:torch.cuda.device_count()])
-
-
-def latest_checkpoint(out):
-    found = [(int(os.path.basename(p).split("-")[1]), p) for p in glob.glob(os.path.join(out, "checkpoints", "step-*"))
-             if os.path.isfile(os.path.join(p, "trainer_state.pt")) and not p.endswith(".tmp")]
-    return max(found)[1] if found else None
-
-
-def load_weights(model, folder):
-    """A checkpoint's trainable weights by name: the adapters under LoRA, else the whole model."""
-    if optim.lora_modules(model):
-        return load_file(os.path.join(folder, "adapter.safetensors"))
-    state = load_file(os.path.join(folder, "model.safetensors"))
-    if "lm_head.weight" not in state and getattr(model.config, "tie_word_embeddings", False):
-        state["lm_head.weight"] = state["model.embed_tokens.weight"]
-    return state
-
-
-def resume_state(out, resume_from, student, opt, n_steps, log):
-    """(first step, CanaryState): from the checkpoint when resuming (weights, optimizer, RNG, canary
-    state; OUT/metrics.jsonl cut to the steps before it), else a fresh start."""
-    metrics_path = os.path.join(out, "metrics.jsonl")
-    if not resume_from:
-        if os.path.exists(metrics_path) and parallel.is_main():
-            os.remove(metrics_path)
-        return 0, robust.CanaryState()
-    opt.load_master(student, load_weights(student, resume_from))
-    state = torch.load(os.path.join(resume_from, "trainer_state.pt"), weights_only=True)
-    opt.optimizer.load_state_dict(state["optimizer"])
-    restore_rng(state)
-    canary = robust.load_canary(resume_from, state, next(student.parameters()).device)
-    if os.path.exists(metrics_path) and parallel.is_main():  # a line cut short by the kill is dropped, with a note
-        keep = [row for row in data.read_jsonl(metrics_path, log) if row.get("step", math.inf) < state["step"]]
-        data.write_atomic(metrics_path, "".join(json.dumps(row) + "\n" for row in keep))
-    log(f"resumed from {resume_from} at step {state['step']} of {n_steps}")
-    return state["step"], canary
 
 
 # ---------------------------------------------------------------- the pipeline: flags → phases
@@ -711,12 +621,12 @@ def check_out_folder(args):
     """The checkpoint to resume from (None for a new run). A new run stops rather than replace a run
     in --out; a resumed one stops when a flag that changes the result differs from the saved run."""
     if not args.resume and not args.overwrite and (
-            os.path.exists(os.path.join(args.out, "metrics.jsonl")) or latest_checkpoint(args.out)):
+            os.path.exists(os.path.join(args.out, "metrics.jsonl")) or checkpoint.latest(args.out)):
         raise ValueError(f"--out {args.out} holds a run (metrics.jsonl, checkpoints): --resume to continue it, "
                          f"--overwrite to start over, or another --out")
     if not args.resume:
         return None
-    resume_from = latest_checkpoint(args.out)
+    resume_from = checkpoint.latest(args.out)
     if resume_from is None:
         raise ValueError(f"--resume: no checkpoint in {args.out}/checkpoints")
     with open(os.path.join(resume_from, "args.json")) as f:
@@ -932,13 +842,13 @@ def run(args):
     student, opt = make_student(args, base, log)
     parallel.main_first("after")
     frozen, cfg, levels, plan = step_inputs(args, base, found, pools, harmful, student, log)
-    start, canary = resume_state(args.out, resume_from, student, opt, len(plan), log)
+    start, canary = checkpoint.resume(args.out, resume_from, student, opt, len(plan), log)
     log(f"training: {len(plan)} optimizer steps, {max(levels) + 1} levels, loss {args.loss}")
     train_loop(args, student, opt, frozen, pools, cfg, plan, levels, start, canary, base)
     if not parallel.is_main():
         return None
-    student_dir = save_student(args.out, student, opt, canary, base)
-    log(f"student saved to {student_dir} (last checkpoint {latest_checkpoint(args.out)})")
+    student_dir = checkpoint.save_student(args.out, student, opt, canary, base)
+    log(f"student saved to {student_dir} (last checkpoint {checkpoint.latest(args.out)})")
     if args.no_eval:
         return None
     return evaluate_run(args, student, student_dir, base, found, prompts, report, t_start, xstest)

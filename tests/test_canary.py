@@ -7,6 +7,7 @@ import os
 import pytest
 import torch
 
+import checkpoint
 import losses
 import schedule
 import optim
@@ -147,7 +148,7 @@ def test_checkpoint_keeps_the_levels_gathered_this_epoch(tiny, tokenizer, tmp_pa
     opt = optim.MasterWeightOptimizer(tiny, compute_dtype=torch.float32, **train.optimizer_options(args))
     _, _, used, canary = run_gathers(tiny, ctx, "level", monkeypatch, steps[:4])
     assert canary.key == (0, 1)
-    train.save_checkpoint(str(tmp_path / "ck"), tiny, tokenizer, opt, 4, vars(args), canary)
+    checkpoint.save(str(tmp_path / "ck"), tiny, tokenizer, opt, 4, vars(args), canary)
     state = torch.load(tmp_path / "ck" / "trainer_state.pt", weights_only=True)
     assert state["canary_key"] == (0, 1) and state["canary_stored"] == [(0, 0)]
     loaded = robust.load_canary(str(tmp_path / "ck"), state, torch.device("cpu"))
@@ -243,13 +244,13 @@ def test_trainer_state_loads_with_weights_only_and_round_trips(tiny, tokenizer, 
     (-losses.sequence_logps(logits, labels).sum()).backward()
     opt.step(1e-2, 1.0)
     torch.manual_seed(123)
-    train.save_checkpoint(str(tmp_path / "ck"), tiny, tokenizer, opt, 7, vars(args), robust.CanaryState())
+    checkpoint.save(str(tmp_path / "ck"), tiny, tokenizer, opt, 7, vars(args), robust.CanaryState())
     expected = torch.rand(5)  # what the generator gives next, at save time
     torch.rand(17)
     state = torch.load(tmp_path / "ck" / "trainer_state.pt", weights_only=True)
     assert state["step"] == 7 and state["canary_key"] is None and state["canary_stored"] == []
     assert (state["cuda_rng"] is None) == (not torch.cuda.is_available())
-    train.restore_rng(state)
+    checkpoint.restore_rng(state)
     assert torch.equal(torch.rand(5), expected)
     fresh = optim.MasterWeightOptimizer(copy.deepcopy(tiny), compute_dtype=torch.float32, **train.optimizer_options(args))
     fresh.optimizer.load_state_dict(state["optimizer"])

@@ -8,6 +8,7 @@ import json
 import pytest
 import torch
 
+import checkpoint
 import losses
 import teachers
 import optim
@@ -173,14 +174,14 @@ def test_checkpoint_restores_the_cuda_generator(tokenizer, tmp_path):
     opt = optim.MasterWeightOptimizer(model, compute_dtype=torch.float32, **train.optimizer_options(args))
     torch.cuda.manual_seed_all(5)
     torch.rand(3, device=CUDA)
-    train.save_checkpoint(str(tmp_path / "ck"), model, tokenizer, opt, 1, vars(args), robust.CanaryState())
+    checkpoint.save(str(tmp_path / "ck"), model, tokenizer, opt, 1, vars(args), robust.CanaryState())
     expected = torch.rand(4, device=CUDA)  # what the CUDA generator gives next, at save time
     torch.rand(9, device=CUDA)
     state = torch.load(tmp_path / "ck" / "trainer_state.pt", weights_only=True)
     assert len(state["cuda_rng"]) == torch.cuda.device_count()
-    train.restore_rng(state)
+    checkpoint.restore_rng(state)
     assert torch.equal(torch.rand(4, device=CUDA), expected)
     # a checkpoint written without CUDA leaves the CUDA generator as it is
     now = torch.cuda.get_rng_state()
-    train.restore_rng({**state, "cuda_rng": None})
+    checkpoint.restore_rng({**state, "cuda_rng": None})
     assert torch.equal(torch.cuda.get_rng_state(), now)

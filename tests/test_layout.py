@@ -1,9 +1,10 @@
-"""The modules import one way: data, losses, schedule → teachers → eval → train → attack, figures."""
+"""The modules import one way, in the README's order (a file imports only files before it)."""
 import ast
 import os
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ORDER = ["data", "losses", "schedule", "teachers", "eval", "train", "attack", "figures"]
+ORDER = ["data", "losses", "schedule", "stats", "optim", "parallel", "robust", "teachers", "checkpoint", "eval", "train",
+         "attack", "ablation", "figures"]
 OPTIONAL = {"datasets"}  # optional dependencies may be imported inside the function that needs them
 
 
