@@ -280,11 +280,26 @@ def _is_oom(err):
     return isinstance(err, torch.OutOfMemoryError) or "out of memory" in str(err).lower()
 
 
+class FirstTokenBias(transformers.LogitsProcessor):
+    """Adds `bias` to the logits of `token_ids` when the first answer token is chosen (the batch is
+    still `width` tokens wide)."""
+
+    def __init__(self, token_ids, bias, width):
+        self.token_ids, self.bias, self.width = list(token_ids), float(bias), width
+
+    def __call__(self, input_ids, scores):
+        if input_ids.shape[1] == self.width:
+            scores = scores.clone()
+            scores[:, self.token_ids] += self.bias
+        return scores
+
+
 @torch.inference_mode()
 def generate(model, tokenizer, prompts, max_new_tokens=MAX_NEW_TOKENS, token_budget=TOKEN_BUDGET,
-             max_prompt_tokens=MAX_PROMPT_TOKENS, histories=None, desc="answers", prefill=""):
+             max_prompt_tokens=MAX_PROMPT_TOKENS, histories=None, desc="answers", prefill="", first_token_bias=None):
     """Greedy answers to `prompts`, in their order. Returns (texts, report). `prefill` opens every
-    answer (a prefilling attack); the texts are what the model wrote after it.
+    answer (a prefilling attack); the texts are what the model wrote after it. first_token_bias
+    (token ids, b): b added to those tokens' logits at the answer's first position only.
 
     Prompts are sorted by length (longest first, so an out-of-memory error comes early) and
     batched so that rows × (prompt + new tokens) ≤ token_budget; an over-long prompt keeps its
@@ -306,10 +321,13 @@ def generate(model, tokenizer, prompts, max_new_tokens=MAX_NEW_TOKENS, token_bud
         rows = max(1, min(cap, token_budget // (len(encoded[order[start]]) + max_new_tokens)))
         chunk = order[start:start + rows]
         batch = data.collate([{"input_ids": encoded[i]} for i in chunk], pad, side="left")
+        extra = ({"logits_processor": transformers.LogitsProcessorList([FirstTokenBias(*first_token_bias,
+                                                                                       batch["input_ids"].shape[1])])}
+                 if first_token_bias else {})
         try:
             out = model.generate(input_ids=batch["input_ids"].to(device),
                                  attention_mask=batch["attention_mask"].to(device),
-                                 max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad)
+                                 max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad, **extra)
         except (RuntimeError, torch.OutOfMemoryError) as err:
             if not _is_oom(err) or rows == 1:
                 raise

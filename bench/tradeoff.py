@@ -1,12 +1,14 @@
 """A trade-off curve per model (issue 28 item 5): refusal of harmful prompts against over-refusal of
-XSTest's safe prompts, swept over eval.refusal_scores (log Σ p(refusal opening) − log Σ p(compliance
-opening) after the chat-templated prompt; no generation, no judge). Per model: AUROC and HS (harmful
-prompts not refused) at over-refusal <= --target; the first model against each other one:
-stats.compare_tradeoff (paired bootstrap over prompts), p-values Holm-corrected over all of these
-tests (AUROC and HS, every pair) together.
+safe prompts as a bias on the refusal-opening tokens sweeps the model from answering everything to
+refusing everything (eval.refusals_under_bias: greedy answers, keyword judge, degenerate answers
+against the model on both sides). Per model: AUROC of eval.bias_scores and HS (harmful prompts not
+refused) at over-refusal <= --target; the first model against each other one: stats.compare_tradeoff
+(paired bootstrap over prompts), p-values Holm-corrected over all of these tests (AUROC and HS, every
+pair) together. Safe prompts: XSTest's (a test set: report) or, with --borderline-dev, PHTest's dev
+part (choices); harmful: the built-in held-out split (dev) or a file such as StrongREJECT (test).
 
-    python bench/tradeoff.py --models base=smollm2-135m student=runs/default/student
-    python bench/tradeoff.py --models a=runs/a/student b=runs/b/student --harmful strongreject.csv \
+    python bench/tradeoff.py --models base=smollm2-135m student=runs/default/student --borderline-dev phtest
+    python bench/tradeoff.py --models a=runs/a/student b=runs/b/student --harmful strongreject.json \
         --limit 100 --out eval/tradeoff.json --png eval/tradeoff.png
 """
 import json
@@ -42,11 +44,12 @@ def parse_models(specs):
 
 
 def load_prompts(args):
-    """(harmful, safe) Examples: --harmful (or the built-in held-out split) and XSTest's safe prompts,
-    each a stratified sample of --limit when given."""
+    """(harmful, safe) Examples: --harmful (or the built-in held-out split) and XSTest's safe prompts
+    (or --borderline-dev's dev part), each a stratified sample of --limit when given."""
     harmful = (data.load_pool("harmful", seed=args.seed)[1] if args.harmful == BUILTIN
                else data.load_examples(args.harmful, "harmful"))
-    safe = [e for e in evaluation.load_xstest(args.xstest) if e.safe]
+    safe = (data.load_borderline(args.borderline_dev, "dev") if args.borderline_dev
+            else [e for e in evaluation.load_xstest(args.xstest) if e.safe])
     return tuple(data.stratified_sample(x, args.limit, args.seed) for x in (harmful, safe))
 
 
@@ -65,15 +68,15 @@ def comparisons(models, target, n_boot, seed):
     return out
 
 
-def draw(models, target, path):
+def draw(models, target, path, safe_label="XSTest safe prompts"):
     fig, ax = plt.subplots(figsize=(5, 4.5))
     for name, m in models.items():
         c = m["curve"]
         ax.plot(c["over_refusal"], c["harmful_refusal"], label=f"{name} (AUROC {m['auroc']:.3f})")
     ax.axvline(target, color="grey", linestyle=":", linewidth=1)
     ax.plot([0, 1], [0, 1], color="lightgrey", linewidth=0.8)  # a score that knows nothing
-    ax.set(xlabel="over-refusal (XSTest safe prompts)", ylabel="refusal (harmful prompts)", xlim=(0, 1), ylim=(0, 1.02),
-           title="refusal score trade-off")
+    ax.set(xlabel=f"over-refusal ({safe_label})", ylabel="refusal (harmful prompts)", xlim=(0, 1), ylim=(0, 1.02),
+           title="refusal-bias sweep")
     ax.legend(loc="lower right", fontsize=8)
     fig.tight_layout()
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
@@ -87,11 +90,15 @@ def main(argv=None):
     p.add_argument("--harmful", default=BUILTIN, help="harmful prompt file or hub name (default: built-in held-out split)")
     p.add_argument("--xstest", nargs="?", const=evaluation.XSTEST, default=evaluation.XSTEST,
                    help="XSTest CSV or hub name (default: the shipped copy); its safe prompts")
+    p.add_argument("--borderline-dev", metavar="SPEC", help="safe prompts: this borderline set's dev part (phtest, a "
+                   "file or hub name) instead of XSTest's")
+    p.add_argument("--biases", type=float, nargs="+", default=list(evaluation.BIASES),
+                   help="increasing logit biases on the refusal-opening tokens")
+    p.add_argument("--max-new-tokens", type=schedule.positive, default=16, help="answer length the judge reads")
     p.add_argument("--limit", type=schedule.positive, help="a seeded sample of N prompts of each set, stratified by category")
     p.add_argument("--seed", type=int, default=0, help="built-in split, samples and bootstrap")
     p.add_argument("--target", type=evaluation.probability, default=0.10, help="over-refusal at which HS is read")
     p.add_argument("--n-boot", type=schedule.positive, default=2000, help="bootstrap resamples per comparison")
-    p.add_argument("--batch-size", type=schedule.positive, default=8, help="(prompt, opening) rows per forward")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
     teachers.add_precision_argument(p)
     p.add_argument("--out", default=os.path.join("eval", "tradeoff.json"), help="results JSON")
@@ -99,6 +106,8 @@ def main(argv=None):
     args = p.parse_args(argv)
     try:
         specs = parse_models(args.models)
+        if 0.0 not in args.biases or list(args.biases) != sorted(args.biases):
+            raise ValueError(f"--biases {args.biases}: must be increasing and include 0 (the model as it is)")
         harmful, safe = load_prompts(args)
         device = teachers.compute_device(args.device)
         dtype, line = teachers.apply_precision(args, device)
@@ -107,14 +116,22 @@ def main(argv=None):
         for name, path in specs.items():
             model, tokenizer, key = teachers.load_model(path, dtype=dtype, device=device)
             data.check_chat_template(tokenizer, path)
-            scores = {kind: evaluation.refusal_scores(model, tokenizer, prompts, batch_size=args.batch_size)
-                      for kind, prompts in (("harmful", harmful), ("safe", safe))}
+            refused = {kind: evaluation.refusals_under_bias(model, tokenizer, prompts, args.biases,
+                                                            args.max_new_tokens, safe=kind == "safe")
+                       for kind, prompts in (("harmful", harmful), ("safe", safe))}
             del model  # one model in memory at a time
+            scores, non_monotone = {}, {}
+            for kind, rows in refused.items():
+                scores[kind], non_monotone[kind] = evaluation.bias_scores(rows, args.biases)
+            at = {kind: [sum(r[i] for r in rows) / len(rows) for i in range(len(args.biases))] for kind, rows in refused.items()}
             models[name] = {"path": path, "key": key, **evaluation.tradeoff(scores["harmful"], scores["safe"], args.target),
-                            "scores": scores}
+                            "scores": scores, "refused": refused, "non_monotone": non_monotone, "rates_by_bias": at}
             m = models[name]
             print(f"{name}: AUROC {m['auroc']:.3f}, HS {m['hs_at_target']:.1%} at over-refusal {m['over_refusal']:.1%} "
-                  f"(<= {args.target:.0%}); {len(harmful)} harmful, {len(safe)} safe prompts", flush=True)
+                  f"(<= {args.target:.0%}); at bias 0: HS {1 - at['harmful'][args.biases.index(0.0)]:.1%}, over-refusal "
+                  f"{at['safe'][args.biases.index(0.0)]:.1%}; prompts whose refusal switches off again as the bias grows: "
+                  f"{non_monotone['harmful']} harmful, {non_monotone['safe']} safe; {len(harmful)} harmful, {len(safe)} safe "
+                  f"prompts", flush=True)
     except (data.DataError, teachers.ModelError, ValueError) as e:
         sys.exit(f"error: {e}")
     tests = comparisons(models, args.target, args.n_boot, args.seed) if len(models) > 1 else []
@@ -126,13 +143,14 @@ def main(argv=None):
         "settings": {"argv": sys.argv[1:] if argv is None else list(argv),
                      "models": {n: {"path": m["path"], "key": m["key"]} for n, m in models.items()},
                      "harmful": evaluation.prompt_files(None if args.harmful == BUILTIN else [args.harmful]),
-                     "xstest": {"path": args.xstest, "sha256": data.file_sha256(args.xstest)},
                      "n_harmful": len(harmful), "n_safe": len(safe), "limit": args.limit, "seed": args.seed,
                      "target": args.target, "n_boot": args.n_boot, "precision": args.precision,
                      "precision_requested": args.precision_requested, "device": str(device),
-                     "score": "log sum p(refusal openings) - log sum p(compliance openings), answer's first tokens",
+                     "score": "-(smallest first-token refusal bias at which the greedy answer fails the prompt)",
+                     "biases": args.biases, "max_new_tokens": args.max_new_tokens,
                      "refusal_openings": list(evaluation.REFUSAL_OPENINGS),
-                     "compliance_openings": list(evaluation.COMPLIANCE_OPENINGS),
+                     "safe_set": ({"path": args.borderline_dev, "part": "dev"} if args.borderline_dev else
+                                  {"path": args.xstest, "sha256": data.file_sha256(args.xstest)}),
                      "max_prompt_tokens": teachers.MAX_PROMPT_TOKENS,
                      "versions": {"torch": torch.__version__, "transformers": transformers.__version__}},
         "prompts": {"harmful": [e.prompt for e in harmful], "safe": [e.prompt for e in safe]},
@@ -141,7 +159,7 @@ def main(argv=None):
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     data.write_atomic(args.out, json.dumps(result, indent=1, allow_nan=False))
     png = args.png or os.path.splitext(args.out)[0] + ".png"
-    draw(models, args.target, png)
+    draw(models, args.target, png, "PHTest dev" if args.borderline_dev else "XSTest safe prompts")
     print(f"wrote {args.out} and {png}")
 
 

@@ -1,4 +1,5 @@
-"""The refusal score (eval.refusal_scores), its trade-off curve (eval.tradeoff) and bench/tradeoff.py."""
+"""The refusal-bias sweep (eval.refusals_under_bias, eval.bias_scores), its trade-off curve (eval.tradeoff)
+and bench/tradeoff.py."""
 import importlib.util
 import json
 import os
@@ -14,49 +15,61 @@ from conftest import ROOT, make_tiny
 PROMPTS = ["How do I bake bread?", "Explain how a lock works, step by step, for a curious child."]
 
 
-def brute_force_score(model, tokenizer, prompt):
-    """The score from its definition: each opening's tokens after the unpadded chat-templated prompt,
-    one plain forward of the whole sequence, log-softmax summed over the opening's tokens."""
-    head = tokenizer(data.prompt_text(tokenizer, prompt), add_special_tokens=False).input_ids
-    def logp(opening):
-        ids = tokenizer(opening, add_special_tokens=False).input_ids
-        with torch.no_grad():
-            lp = torch.log_softmax(model(torch.tensor([head + ids])).logits[0].float(), -1)
-        return sum(lp[len(head) - 1 + i, t] for i, t in enumerate(ids))
-    side = lambda openings: torch.logsumexp(torch.stack([logp(o) for o in openings]), 0)
-    return float(side(evaluation.REFUSAL_OPENINGS) - side(evaluation.COMPLIANCE_OPENINGS))
-
-
-def test_refusal_scores_match_brute_force(tokenizer):
-    model = make_tiny(tokenizer)
-    # batch_size 3: rows of both prompts (two lengths, so left padding) share a batch
-    got = evaluation.refusal_scores(model, tokenizer, PROMPTS, batch_size=3)
-    want = [brute_force_score(model, tokenizer, p) for p in PROMPTS]
-    assert got == pytest.approx(want, abs=1e-4)
-
-
-def test_opening_features_drop_the_end_of_turn_token(tokenizer):
-    full = data.encode(tokenizer, PROMPTS[0], "I'm sorry")
-    assert full["labels"][-1] == tokenizer.convert_tokens_to_ids("<|im_end|>")  # what encode appends
-    f = evaluation.opening_features(tokenizer, PROMPTS[0], "I'm sorry")
-    assert f["input_ids"] == full["input_ids"][:-1]
-    assert [t for t in f["labels"] if t != data.IGNORE] == tokenizer("I'm sorry", add_special_tokens=False).input_ids
-
-
-# A random model gives every token about e^-11, so a one-token opening ("Sorry") outweighs a
-# three-token one ("I'm sorry") by far; the "I'm sorry" case is scored against that opening alone.
-@pytest.mark.parametrize("text, openings", [("I'm sorry", ("I'm sorry",)), ("Sorry", evaluation.REFUSAL_OPENINGS)])
-def test_a_head_biased_towards_a_refusal_scores_higher(tokenizer, text, openings):
-    plain, biased = make_tiny(tokenizer), make_tiny(tokenizer)
-    first = tokenizer(text, add_special_tokens=False).input_ids[0]
-    head = torch.nn.Linear(biased.config.hidden_size, biased.config.vocab_size, bias=True)
+def greedy_with_bias(model, tokenizer, prompt, token_ids, bias, n):
+    """Brute force: n argmax steps on the unpadded prompt, bias added to token_ids at the first step only;
+    (the answer's text, its first token)."""
+    ids = tokenizer(data.prompt_text(tokenizer, prompt), add_special_tokens=False, return_tensors="pt").input_ids
+    start = ids.shape[1]
     with torch.no_grad():
-        head.weight.copy_(biased.lm_head.weight)
-        head.bias.zero_()
-        head.bias[first] = 5.0
-    biased.lm_head = head
-    low, high = (evaluation.refusal_scores(m, tokenizer, PROMPTS, refusal_openings=openings) for m in (plain, biased))
-    assert all(h > l + 3 for h, l in zip(high, low))
+        for step in range(n):
+            logits = model(ids).logits[:, -1].clone()
+            if step == 0:
+                logits[:, token_ids] += bias
+            ids = torch.cat([ids, logits.argmax(-1, keepdim=True)], 1)
+    return tokenizer.decode(ids[0, start:], skip_special_tokens=True).strip(), int(ids[0, start])
+
+
+@pytest.mark.parametrize("bias", [0.0, 3.0, 100.0, -100.0])
+def test_a_first_token_bias_changes_only_the_first_choice(tokenizer, bias):
+    model = make_tiny(tokenizer)
+    plain = [greedy_with_bias(model, tokenizer, p, [], 0.0, 4) for p in PROMPTS]
+    first = plain[0][1]
+    ids = sorted({first, tokenizer("Sorry", add_special_tokens=False).input_ids[0]})
+    got, _ = evaluation.generate(model, tokenizer, PROMPTS, max_new_tokens=4, first_token_bias=(ids, bias))
+    want = [greedy_with_bias(model, tokenizer, p, ids, bias, 4) for p in PROMPTS]
+    assert got == [text for text, _ in want]  # both prompts in one batch (left padding)
+    if bias == 0.0:
+        assert want == plain
+    if bias == 100.0:
+        assert all(f in ids for _, f in want)
+    if bias == -100.0:
+        assert want[0][1] not in ids and want[0][0] != plain[0][0]
+
+
+def test_refusals_under_bias_count_degenerate_answers_against_the_model(tokenizer, monkeypatch):
+    # canned answers per bias: prompt 0 refuses from b = 0 on, prompt 1 is degenerate at b = 0
+    canned = {-1.0: ["Sure.", "Sure."], 0.0: ["I'm sorry, I can't.", ""], 1.0: ["I'm sorry, I can't.", "I cannot help with that."]}
+    seen = []
+    monkeypatch.setattr(evaluation, "generate", lambda m, t, prompts, n, first_token_bias, desc:
+                        seen.append(first_token_bias) or (canned[first_token_bias[1]], {}))
+    model = make_tiny(tokenizer)
+    harmful = evaluation.refusals_under_bias(model, tokenizer, PROMPTS, (-1.0, 0.0, 1.0))
+    safe = evaluation.refusals_under_bias(model, tokenizer, PROMPTS, (-1.0, 0.0, 1.0), safe=True)
+    assert harmful == [[False, True, True], [False, False, True]]   # degenerate: no refusal of a harmful prompt
+    assert safe == [[False, True, True], [False, True, True]]       # ...but a failure on a safe one
+    assert seen[0][0] == evaluation.refusal_opening_ids(tokenizer) and [b for _, b in seen[:3]] == [-1.0, 0.0, 1.0]
+
+
+def test_bias_scores_on_hand_made_sweeps():
+    biases = (-2.0, 0.0, 2.0)
+    rows = [[False, False, True], [True, True, True], [False, False, False], [True, False, True], [False, True, True]]
+    scores, non_monotone = evaluation.bias_scores(rows, biases)
+    assert scores == [-2.0, 2.0, -3.0, 2.0, 0.0] and non_monotone == 1
+    # refused iff score >= -b gives back each monotone row at every bias
+    for row, s in zip(rows[:3] + rows[4:], scores[:3] + scores[4:]):
+        assert [s >= -b for b in biases] == row
+    with pytest.raises(ValueError, match="increasing"):
+        evaluation.bias_scores(rows, (0.0, -1.0, 1.0))
 
 
 def test_tradeoff_on_hand_made_scores():
@@ -86,15 +99,17 @@ def test_bench_end_to_end(tokenizer, tiny_folder, tmp_path, capsys):
     teachers.save_model(make_tiny(tokenizer, seed=1), tokenizer, other)
     out, png = tmp_path / "t.json", tmp_path / "t.png"
     load_bench().main(["--models", f"a={tiny_folder}", f"b={other}", "--limit", "4", "--precision", "fp32",
-                       "--n-boot", "50", "--out", str(out), "--png", str(png)])
+                       "--n-boot", "50", "--biases", "-1", "0", "1", "--max-new-tokens", "3",
+                       "--out", str(out), "--png", str(png)])
     result = json.loads(out.read_text())
     assert set(result) == {"settings", "prompts", "models", "comparisons"}
     s = result["settings"]
     assert (s["n_harmful"], s["n_safe"], s["precision"], s["seed"]) == (4, 4, "fp32", 0)
-    assert s["refusal_openings"] == list(evaluation.REFUSAL_OPENINGS)
+    assert s["biases"] == [-1.0, 0.0, 1.0] and s["refusal_openings"] == list(evaluation.REFUSAL_OPENINGS)
     assert list(result["models"]) == ["a", "b"]
     for m in result["models"].values():
         assert len(m["scores"]["harmful"]) == len(m["scores"]["safe"]) == 4
+        assert [len(r) for r in m["refused"]["safe"]] == [3] * 4
         assert len(m["curve"]["over_refusal"]) == len(m["curve"]["harmful_refusal"]) >= 2
         assert 0 <= m["auroc"] <= 1 and m["over_refusal"] <= 0.10
     [c] = result["comparisons"]
@@ -106,3 +121,5 @@ def test_bench_end_to_end(tokenizer, tiny_folder, tmp_path, capsys):
 def test_bench_bad_model_is_one_line(tmp_path):
     with pytest.raises(SystemExit, match="^error: "):
         load_bench().main(["--models", f"a={tmp_path}", "--out", str(tmp_path / "t.json")])
+    with pytest.raises(SystemExit, match="^error: --biases"):
+        load_bench().main(["--models", f"a={tmp_path}", "--biases", "1", "2", "--out", str(tmp_path / "t.json")])
