@@ -33,14 +33,31 @@ BUILTIN = "builtin"  # --harmful: the built-in held-out harmful split of --seed
 
 
 def parse_models(specs):
-    """NAME=PATH (a bare PATH is its own name) → {name: path}, in the order given."""
+    """NAME=PATH[,PATH...] (a row; several paths are its seeds; a bare PATH is its own name) → {name: [paths]}."""
     models = {}
     for spec in specs:
-        name, _, path = spec.partition("=") if "=" in spec else (spec, "", spec)  # a path may hold "="
-        if not name or not path or name in models:
-            raise ValueError(f"--models {spec!r}: need NAME=PATH with distinct non-empty names")
-        models[name] = path
+        name, _, paths = spec.partition("=") if "=" in spec else (spec, "", spec)
+        paths = [p for p in paths.split(",") if p]
+        if not name or not paths or name in models:
+            raise ValueError(f"--models {spec!r}: need NAME=PATH[,PATH...] with distinct non-empty names")
+        models[name] = paths
     return models
+
+
+def score_model(path, harmful, safe, args, dtype, device):
+    """One model's sweep: its refusals at each bias, scores, non-monotone counts, rates by bias, trade-off."""
+    model, tokenizer, key = teachers.load_model(path, dtype=dtype, device=device)
+    data.check_chat_template(tokenizer, path)
+    refused = {kind: evaluation.refusals_under_bias(model, tokenizer, prompts, args.biases, args.max_new_tokens,
+                                                    safe=kind == "safe")
+               for kind, prompts in (("harmful", harmful), ("safe", safe))}
+    del model  # one model in memory at a time
+    scores, non_monotone = {}, {}
+    for kind, rows in refused.items():
+        scores[kind], non_monotone[kind] = evaluation.bias_scores(rows, args.biases)
+    rates = {kind: [sum(r[i] for r in rows) / len(rows) for i in range(len(args.biases))] for kind, rows in refused.items()}
+    return {"path": path, "key": key, **evaluation.tradeoff(scores["harmful"], scores["safe"], args.target),
+            "scores": scores, "refused": refused, "non_monotone": non_monotone, "rates_by_bias": rates}
 
 
 def load_prompts(args):
@@ -70,9 +87,11 @@ def comparisons(models, target, n_boot, seed):
 
 def draw(models, target, path, safe_label="XSTest safe prompts"):
     fig, ax = plt.subplots(figsize=(5, 4.5))
-    for name, m in models.items():
-        c = m["curve"]
-        ax.plot(c["over_refusal"], c["harmful_refusal"], label=f"{name} (AUROC {m['auroc']:.3f})")
+    for i, (name, row) in enumerate(models.items()):
+        for j, m in enumerate(row["seeds"]):  # one line per seed, one colour per row
+            c = m["curve"]
+            ax.plot(c["over_refusal"], c["harmful_refusal"], color=f"C{i}", linewidth=1.2 if j == 0 else 0.7,
+                    label=f"{name} (AUROC {row['auroc']:.3f}, {len(row['seeds'])} seed(s))" if j == 0 else None)
     ax.axvline(target, color="grey", linestyle=":", linewidth=1)
     ax.plot([0, 1], [0, 1], color="lightgrey", linewidth=0.8)  # a score that knows nothing
     ax.set(xlabel=f"over-refusal ({safe_label})", ylabel="refusal (harmful prompts)", xlim=(0, 1), ylim=(0, 1.02),
@@ -86,7 +105,8 @@ def draw(models, target, path, safe_label="XSTest safe prompts"):
 
 def main(argv=None):
     p = evaluation.OneLineParser(description=__doc__, formatter_class=evaluation.argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--models", nargs="+", required=True, help="NAME=PATH: checkpoint folders, GGUF files, aliases, hub ids")
+    p.add_argument("--models", nargs="+", required=True,
+                   help="NAME=PATH[,PATH...]: checkpoint folders, GGUF files, aliases, hub ids; several paths are one row's seeds")
     p.add_argument("--harmful", default=BUILTIN, help="harmful prompt file or hub name (default: built-in held-out split)")
     p.add_argument("--xstest", nargs="?", const=evaluation.XSTEST, default=evaluation.XSTEST,
                    help="XSTest CSV or hub name (default: the shipped copy); its safe prompts")
@@ -113,25 +133,22 @@ def main(argv=None):
         dtype, line = teachers.apply_precision(args, device)
         print(line)
         models = {}
-        for name, path in specs.items():
-            model, tokenizer, key = teachers.load_model(path, dtype=dtype, device=device)
-            data.check_chat_template(tokenizer, path)
-            refused = {kind: evaluation.refusals_under_bias(model, tokenizer, prompts, args.biases,
-                                                            args.max_new_tokens, safe=kind == "safe")
-                       for kind, prompts in (("harmful", harmful), ("safe", safe))}
-            del model  # one model in memory at a time
-            scores, non_monotone = {}, {}
-            for kind, rows in refused.items():
-                scores[kind], non_monotone[kind] = evaluation.bias_scores(rows, args.biases)
-            at = {kind: [sum(r[i] for r in rows) / len(rows) for i in range(len(args.biases))] for kind, rows in refused.items()}
-            models[name] = {"path": path, "key": key, **evaluation.tradeoff(scores["harmful"], scores["safe"], args.target),
-                            "scores": scores, "refused": refused, "non_monotone": non_monotone, "rates_by_bias": at}
-            m = models[name]
-            print(f"{name}: AUROC {m['auroc']:.3f}, HS {m['hs_at_target']:.1%} at over-refusal {m['over_refusal']:.1%} "
-                  f"(<= {args.target:.0%}); at bias 0: HS {1 - at['harmful'][args.biases.index(0.0)]:.1%}, over-refusal "
-                  f"{at['safe'][args.biases.index(0.0)]:.1%}; prompts whose refusal switches off again as the bias grows: "
-                  f"{non_monotone['harmful']} harmful, {non_monotone['safe']} safe; {len(harmful)} harmful, {len(safe)} safe "
-                  f"prompts", flush=True)
+        zero = args.biases.index(0.0)
+        for name, paths in specs.items():
+            seeds = [score_model(path, harmful, safe, args, dtype, device) for path in paths]
+            models[name] = {"auroc": sum(m["auroc"] for m in seeds) / len(seeds),
+                            "hs_at_target": sum(m["hs_at_target"] for m in seeds) / len(seeds),
+                            "scores": {kind: [list(x) for x in zip(*(m["scores"][kind] for m in seeds))]
+                                       for kind in ("harmful", "safe")},
+                            "seeds": seeds}
+            for m in seeds:
+                print(f"{name} ({m['path']}): AUROC {m['auroc']:.3f}, HS {m['hs_at_target']:.1%} at over-refusal "
+                      f"{m['over_refusal']:.1%} (<= {args.target:.0%}); at bias 0: HS {1 - m['rates_by_bias']['harmful'][zero]:.1%}, "
+                      f"over-refusal {m['rates_by_bias']['safe'][zero]:.1%}; refusal switching off again as the bias grows: "
+                      f"{m['non_monotone']['harmful']} harmful, {m['non_monotone']['safe']} safe prompts", flush=True)
+            print(f"{name}: mean over {len(seeds)} seed(s): AUROC {models[name]['auroc']:.3f}, HS "
+                  f"{models[name]['hs_at_target']:.1%} at over-refusal <= {args.target:.0%}; {len(harmful)} harmful, "
+                  f"{len(safe)} safe prompts", flush=True)
     except (data.DataError, teachers.ModelError, ValueError) as e:
         sys.exit(f"error: {e}")
     tests = comparisons(models, args.target, args.n_boot, args.seed) if len(models) > 1 else []
@@ -141,7 +158,7 @@ def main(argv=None):
             for k, d in (("AUROC", c["auroc"]), ("HS", c["hs"]))))
     result = {
         "settings": {"argv": sys.argv[1:] if argv is None else list(argv),
-                     "models": {n: {"path": m["path"], "key": m["key"]} for n, m in models.items()},
+                     "models": {n: [{"path": x["path"], "key": x["key"]} for x in m["seeds"]] for n, m in models.items()},
                      "harmful": evaluation.prompt_files(None if args.harmful == BUILTIN else [args.harmful]),
                      "n_harmful": len(harmful), "n_safe": len(safe), "limit": args.limit, "seed": args.seed,
                      "target": args.target, "n_boot": args.n_boot, "precision": args.precision,
@@ -154,7 +171,7 @@ def main(argv=None):
                      "max_prompt_tokens": teachers.MAX_PROMPT_TOKENS,
                      "versions": {"torch": torch.__version__, "transformers": transformers.__version__}},
         "prompts": {"harmful": [e.prompt for e in harmful], "safe": [e.prompt for e in safe]},
-        "models": {n: {k: v for k, v in m.items() if k not in ("path", "key")} for n, m in models.items()},
+        "models": models,
         "comparisons": tests}
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     data.write_atomic(args.out, json.dumps(result, indent=1, allow_nan=False))

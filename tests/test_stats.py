@@ -173,6 +173,18 @@ def test_compare_tradeoff():
     assert r == stats.compare_tradeoff(h, s, worse_h, s, target=0.1, n_boot=500, seed=7)
 
 
+def test_compare_tradeoff_averages_seed_columns_by_hand():
+    # row a, two seeds: seed 0 separates perfectly (AUROC 1), seed 1 not at all: pairs (1,1) tie, (1,2) 0,
+    # (2,1) 1, (2,2) tie → 2/4. At over-refusal <= 0.5 the threshold is 2: HS (h < 2) is 0 and 1/2.
+    h_a, s_a = np.array([[3, 1], [4, 2]]), np.array([[1, 1], [2, 2]])
+    h_b, s_b = [1, 2], [1, 2]                       # row b, one seed: AUROC 0.5, HS 0.5
+    r = stats.compare_tradeoff(h_a, s_a, h_b, s_b, target=0.5, n_boot=200, seed=0)
+    assert (r.auroc.a, r.auroc.b, r.auroc.difference) == (0.75, 0.5, 0.25)
+    assert (r.hs.a, r.hs.b, r.hs.difference) == (0.25, 0.5, -0.25)
+    with pytest.raises(ValueError, match="same harmful"):
+        stats.compare_tradeoff(h_a, s_a, [1, 2, 3], s_b)
+
+
 # --- (f) clustered intervals -----------------------------------------------------------------------
 
 def test_clustered_wider_than_binomial_when_seeds_agree():

@@ -98,7 +98,7 @@ def test_bench_end_to_end(tokenizer, tiny_folder, tmp_path, capsys):
     other = str(tmp_path / "other")
     teachers.save_model(make_tiny(tokenizer, seed=1), tokenizer, other)
     out, png = tmp_path / "t.json", tmp_path / "t.png"
-    load_bench().main(["--models", f"a={tiny_folder}", f"b={other}", "--limit", "4", "--precision", "fp32",
+    load_bench().main(["--models", f"a={tiny_folder}", f"b={other},{tiny_folder}", "--limit", "4", "--precision", "fp32",
                        "--n-boot", "50", "--biases", "-1", "0", "1", "--max-new-tokens", "3",
                        "--out", str(out), "--png", str(png)])
     result = json.loads(out.read_text())
@@ -107,11 +107,17 @@ def test_bench_end_to_end(tokenizer, tiny_folder, tmp_path, capsys):
     assert (s["n_harmful"], s["n_safe"], s["precision"], s["seed"]) == (4, 4, "fp32", 0)
     assert s["biases"] == [-1.0, 0.0, 1.0] and s["refusal_openings"] == list(evaluation.REFUSAL_OPENINGS)
     assert list(result["models"]) == ["a", "b"]
-    for m in result["models"].values():
-        assert len(m["scores"]["harmful"]) == len(m["scores"]["safe"]) == 4
-        assert [len(r) for r in m["refused"]["safe"]] == [3] * 4
-        assert len(m["curve"]["over_refusal"]) == len(m["curve"]["harmful_refusal"]) >= 2
-        assert 0 <= m["auroc"] <= 1 and m["over_refusal"] <= 0.10
+    a, b = result["models"]["a"], result["models"]["b"]
+    assert [len(r["seeds"]) for r in (a, b)] == [1, 2]
+    assert b["seeds"][1]["scores"] == a["seeds"][0]["scores"]   # the same model scored twice agrees
+    assert [x[1] for x in b["scores"]["harmful"]] == a["seeds"][0]["scores"]["harmful"]  # [prompt][seed]
+    assert b["auroc"] == pytest.approx((b["seeds"][0]["auroc"] + a["auroc"]) / 2)
+    for row in result["models"].values():
+        for m in row["seeds"]:
+            assert len(m["scores"]["harmful"]) == len(m["scores"]["safe"]) == 4
+            assert [len(r) for r in m["refused"]["safe"]] == [3] * 4
+            assert len(m["curve"]["over_refusal"]) == len(m["curve"]["harmful_refusal"]) >= 2
+            assert m["over_refusal"] <= 0.10
     [c] = result["comparisons"]
     assert (c["a"], c["b"]) == ("a", "b") and {"p", "p_holm", "ci"} <= set(c["auroc"]) | set(c["hs"])
     assert png.stat().st_size > 0
