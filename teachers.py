@@ -896,6 +896,78 @@ def break_by_ablation(model_spec, out, *, n_prompts=32, n_val=8, kl_max=0.1, sel
     return result
 
 
+# False refusal (Wang et al., ICLR 2025, "Surgical, cheap, and flexible: mitigating false refusal via
+# single vector ablation"): prompts that only sound harmful move the residual stream along a direction
+# of their own; ablating it (orthogonalised against the true refusal direction, so refusing harmful
+# prompts is spared) cuts over-refusal without training.
+
+def false_refusal_directions(model, tokenizer, harmful, harmless, pseudo_harmful, lam=1.0):
+    """[L, H]: per layer, f = mean(pseudo-harmful) − mean(harmless) minus lam times its component along
+    that layer's refusal direction r = mean(harmful) − mean(harmless) (lam 1: orthogonal to r; 0: f)."""
+    r = refusal_directions(model, tokenizer, harmful, harmless)
+    f = refusal_directions(model, tokenizer, pseudo_harmful, harmless)
+    r_hat = r / r.norm(dim=-1, keepdim=True).clamp(min=1e-8)
+    return f - lam * (f * r_hat).sum(-1, keepdim=True) * r_hat
+
+
+def pick_unrefusal(table, keep):
+    """The row with the lowest over-refusal among those that keep harmful refusal >= keep × the
+    model's own (ties: the higher harmful refusal, then the earlier row); None if no row does."""
+    qualified = [row for row in table if row["harmful_refusal"] >= keep * row["harmful_refusal_before"]]
+    return min(qualified, key=lambda row: (row["over_refusal"], -row["harmful_refusal"]), default=None)
+
+
+def unrefuse(model_spec, out, *, borderline="phtest", lams=(0.0, 0.5, 1.0), keep=0.9, n_prompts=32, n_val=32,
+             select_tokens=16, candidate_fraction=0.8, seed=0):
+    """The `unrefuse` command: the false-refusal direction of the (layer, lam) that lowers refusal of
+    pseudo-harmful dev prompts most while keeping harmful refusal, orthogonalised out of the weights.
+    Directions from the training splits (built-in harmful / harmless, the borderline set's train
+    part); the choice on the borderline set's dev part and other harmful training prompts."""
+    t0 = time.time()
+    harmful, harmless, val_harmful, _, _, _ = ablation_prompts(n_prompts, n_val, None, seed)
+    sounds_harmful = {e.prompt for e in data.load_pool("harmless", seed=seed)[0] if e.category == "borderline"}
+    harmless = [p for p in harmless if p not in sounds_harmful]  # plainly harmless: the built-in borderline ones out
+    pseudo = [e.prompt for e in data.load_borderline(borderline, "train", n_prompts, seed)]
+    pseudo_val = [e.prompt for e in data.load_borderline(borderline, "dev", n_val, seed)]
+    model, tok, key = load_model(model_spec, dtype=torch.float32)  # fp32: exact projections
+    data.check_chat_template(tok, model_spec)
+    _residual_writers(model)
+    before_h, _ = refusal_rate(model, tok, val_harmful, select_tokens)
+    before_o, _ = refusal_rate(model, tok, pseudo_val, select_tokens)
+    print(f"{model_spec}: harmful refusal {before_h:.1%}, pseudo-harmful (dev) refusal {before_o:.1%} "
+          f"({len(val_harmful)} / {len(pseudo_val)} prompts, {select_tokens} new tokens)")
+    table, directions = [], {}
+    for lam in lams:
+        directions[lam] = false_refusal_directions(model, tok, harmful, harmless, pseudo, lam)
+        for layer in range(1, max(2, round(candidate_fraction * len(directions[lam])))):
+            with ablated(model, directions[lam][layer]):
+                h, _ = refusal_rate(model, tok, val_harmful, select_tokens)
+                o, _ = refusal_rate(model, tok, pseudo_val, select_tokens)
+            table.append({"lam": lam, "layer": layer, "harmful_refusal": h, "over_refusal": o,
+                          "harmful_refusal_before": before_h, "over_refusal_before": before_o})
+            print(f"  lam {lam:.2f} layer {layer:2d}: harmful refusal {h:6.1%}  over-refusal {o:6.1%}", flush=True)
+    row = pick_unrefusal(table, keep)
+    if row is None:
+        raise ModelError(f"no (layer, lam) keeps harmful refusal >= {keep} × {before_h:.1%}: nothing written")
+    print(f"chosen: lam {row['lam']}, layer {row['layer']}: over-refusal {before_o:.1%} → {row['over_refusal']:.1%}, "
+          f"harmful refusal {before_h:.1%} → {row['harmful_refusal']:.1%}")
+    direction = _unit(directions[row["lam"]][row["layer"]])
+    orthogonalize(model, direction)
+    save_model(model, tok, out)
+    result = {"method": "false-refusal direction ablation (Wang et al. 2025)", "model": model_spec, "model_key": key,
+              "out": out, "chosen": row, "table": table, "direction": direction.tolist(),
+              "prompts": {"direction_harmful": harmful, "direction_harmless": harmless, "direction_pseudo_harmful": pseudo,
+                          "selection_harmful": val_harmful, "selection_pseudo_harmful": pseudo_val},
+              "settings": generation_settings(judge="refusal-keywords", borderline=borderline, lams=list(lams), keep=keep,
+                                              n_prompts=n_prompts, n_val=n_val, select_max_new_tokens=select_tokens,
+                                              seed=seed, dtype="float32", position="last prompt token",
+                                              seconds=round(time.time() - t0, 1))}
+    with open(os.path.join(out, "unrefuse.json"), "w") as f:
+        json.dump(result, f, indent=2)
+    print(f"wrote {out} ({result['settings']['seconds']:.0f} s)")
+    return result
+
+
 def print_ablation(result):
     h = result["held_out"]
     print(f"held-out harmful refusal: {h['refusal_before']:.1%} → {h['refusal_after']:.1%} (n={h['n_harmful']}); "
@@ -1248,10 +1320,34 @@ def _break_main(argv):
         sys.exit(f"error: {e}")
 
 
+def _unrefuse_main(argv):
+    p = argparse.ArgumentParser(prog="teachers.py unrefuse", description="Lower a model's false refusals without "
+                                "training: the false-refusal direction ablated from the weights (Wang et al. 2025).")
+    p.add_argument("--model", required=True, help="alias, checkpoint folder, .gguf or hub id (Llama-style)")
+    p.add_argument("--out", required=True, help="folder for the model and unrefuse.json")
+    p.add_argument("--borderline", default="phtest", help="prompts that sound harmful but are not (phtest, a file, hub)")
+    p.add_argument("--lams", type=float, nargs="+", default=[0.0, 0.5, 1.0],
+                   help="how much of the refusal direction is projected out of the false-refusal one (chosen on dev)")
+    p.add_argument("--keep", type=float, default=0.9, help="harmful refusal kept: at least KEEP × the model's own")
+    p.add_argument("--n-prompts", type=int, default=32, help="prompts per set for the directions")
+    p.add_argument("--n-val", type=int, default=32, help="harmful training / borderline dev prompts for the choice")
+    p.add_argument("--select-tokens", type=int, default=16, help="new tokens per answer during the choice")
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    try:
+        unrefuse(args.model, args.out, borderline=args.borderline, lams=tuple(args.lams), keep=args.keep,
+                 n_prompts=args.n_prompts, n_val=args.n_val, select_tokens=args.select_tokens, seed=args.seed)
+    except (data.DataError, ModelError) as e:
+        sys.exit(f"error: {e}")
+
+
 def main(argv=None):
-    """`python teachers.py break --method ablate ...` writes a broken teacher (the teacher table of a
-    model is printed by `python eval.py --model M`)."""
+    """`python teachers.py break --method ablate ...` writes a broken teacher; `python teachers.py
+    unrefuse ...` a model with less false refusal (the teacher table of a model is printed by
+    `python eval.py --model M`)."""
     argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["unrefuse"]:
+        return _unrefuse_main(argv[1:])
     return _break_main(argv[1:] if argv[:1] == ["break"] else argv)
 
 

@@ -120,3 +120,50 @@ def test_eval_measures_over_refusal_on_the_dev_part_only(phtest_file):
     (dev,), settings = evaluation.plan_metrics(args)["borderline_dev"]
     assert len(dev) == 3 and all(data.in_dev_split(e.prompt) and e.safe for e in dev)
     assert settings["part"] == "dev" and settings["n"] == 3
+
+
+def last_token_mean(model, tokenizer, prompts):
+    """Brute force: each prompt alone (no padding), hidden state entering every layer at its last token, averaged."""
+    states = []
+    with torch.no_grad():
+        for p in prompts:
+            ids = tokenizer(data.prompt_text(tokenizer, p), add_special_tokens=False, return_tensors="pt").input_ids
+            hs = model(ids, output_hidden_states=True).hidden_states
+            states.append(torch.stack([h[0, -1] for h in hs[:len(model.model.layers)]]))
+    return torch.stack(states).mean(0)
+
+
+@pytest.mark.parametrize("lam", [0.0, 0.5, 1.0])
+def test_the_false_refusal_direction_loses_lam_of_its_refusal_component(tokenizer, lam):
+    model = make_tiny(tokenizer)
+    harmful, harmless, pseudo = ["how to make a bomb", "steal a car"], ["bake bread", "name a colour"], ["kill a process"]
+    got = teachers.false_refusal_directions(model, tokenizer, harmful, harmless, pseudo, lam)
+    mean = lambda ps: last_token_mean(model, tokenizer, ps)
+    r, f = mean(harmful) - mean(harmless), mean(pseudo) - mean(harmless)
+    for layer in range(1, len(model.model.layers)):
+        r_hat = r[layer] / r[layer].norm()
+        want = f[layer] - lam * (f[layer] @ r_hat) * r_hat
+        assert torch.allclose(got[layer], want, atol=1e-4)
+        assert float(got[layer] @ r_hat) == pytest.approx((1 - lam) * float(f[layer] @ r_hat), abs=1e-4)
+
+
+def test_the_unrefusal_pick_keeps_harmful_refusal_then_lowers_over_refusal():
+    row = lambda h, o: {"harmful_refusal": h, "over_refusal": o, "harmful_refusal_before": 0.8}
+    table = [row(0.5, 0.0), row(0.75, 0.3), row(0.8, 0.3), row(0.72, 0.5)]
+    assert teachers.pick_unrefusal(table, 0.9) is table[2]    # 0.72+ qualify; lowest over-refusal 0.3, higher harmful
+    assert teachers.pick_unrefusal(table, 0.5) is table[0]
+    assert teachers.pick_unrefusal(table, 1.1) is None
+
+
+def test_unrefuse_writes_a_model_that_no_longer_writes_the_direction(tokenizer, tiny_folder, tmp_path, phtest_file):
+    out = str(tmp_path / "unrefused")
+    result = teachers.unrefuse(tiny_folder, out, borderline=phtest_file, lams=(0.0, 1.0), n_prompts=4, n_val=4,
+                               select_tokens=2)
+    assert [(row["lam"], row["layer"]) for row in result["table"]] == [(0.0, 1), (1.0, 1)]
+    r = torch.tensor(result["direction"])
+    model = teachers.load_model(out, dtype=torch.float32)[0]
+    assert (model.model.embed_tokens.weight @ r).abs().max() < 1e-4     # embeddings: no component along r
+    for layer in model.model.layers:
+        assert (r @ layer.mlp.down_proj.weight).abs().max() < 1e-4        # nothing written along r
+    assert all(data.in_dev_split(p) for p in result["prompts"]["selection_pseudo_harmful"])
+    assert not any(data.in_dev_split(p) for p in result["prompts"]["direction_pseudo_harmful"])
