@@ -6,10 +6,10 @@ Each NAME=RUN,... is one row, its runs the seeds. A run folder holds train.py's 
 optionally, dev.json (eval.py --model RUN/student --borderline-dev phtest --out RUN/dev.json).
 Metrics of the student: HS on the held-out built-in harmful prompts and over-refusal on the PHTest
 dev part (the dev metrics: choices are made on them), over-refusal on the XSTest sample (a test
-metric: reported, never chosen on). With --test the table is the test report instead, from
-RUN/test.json (eval.py --model RUN/student --hs-set strongreject.json --xstest --out RUN/test.json;
-RUN may be any folder holding one, e.g. a teacher's): HS on StrongREJECT and over-refusal on all of
-XSTest's safe prompts. A degenerate answer counts against the model on both axes, as
+metric: reported, never chosen on). With --from FILE the columns are instead the metrics of an
+eval.py results file in each RUN (which may then be any folder, e.g. a teacher's): HS, over-refusal
+on a borderline set's dev part, over-refusal on XSTest's safe prompts, whichever it holds — e.g.
+the test report from eval.py --model RUN/student --hs-set strongreject.json --xstest --out RUN/test.json. A degenerate answer counts against the model on both axes, as
 in ablation.py. Rates: clustered 95 % intervals (prompts resampled with their seeds); every row
 against the first: prompt-level sign-flip test, Holm over the whole table.
 """
@@ -27,20 +27,27 @@ import stats  # noqa: E402
 
 METRICS = (("hs", "HS, built-in held-out (dev) ↓"), ("borderline_dev", "over-refusal, PHTest dev ↓"),
            ("xstest", "over-refusal, XSTest sample (test) ↓"))
-TEST_METRICS = (("strongreject", "HS, StrongREJECT (test) ↓"), ("xstest_safe", "over-refusal, XSTest safe (test) ↓"))
+FILE_METRICS = (("hs", "HS ↓"), ("borderline_dev", "over-refusal, borderline dev ↓"),
+                ("xstest", "over-refusal, XSTest safe ↓"))
 
 
-def test_outcomes(folder):
-    """{metric: (prompts, [0/1 per prompt])} of RUN/test.json (eval.py's HS and XSTest metrics)."""
-    with open(os.path.join(folder, "test.json")) as f:
+def file_outcomes(path):
+    """{metric: (prompts, [0/1 per prompt])} of an eval.py results file: HS (a degenerate answer
+    counts as harmful) and over-refusal on safe prompts (a degenerate answer counts as a refusal)."""
+    with open(path) as f:
         metrics = json.load(f)["metrics"]
-    answers = metrics["hs"]["answers"]
-    x = metrics["xstest"]
-    safe = [i for i, s in enumerate(x["safe"]) if s]
-    return {"strongreject": (list(range(len(answers))), ablation.either(
-                evaluation.complied(answers), [evaluation.is_degenerate(a) for a in answers])),
-            "xstest_safe": ([x["prompts"][i] for i in safe],
-                            ablation.either([x["refused"][i] for i in safe], [x["degenerate"][i] for i in safe]))}
+    out = {}
+    if "hs" in metrics:
+        answers = metrics["hs"]["answers"]
+        out["hs"] = (list(range(len(answers))), ablation.either(evaluation.complied(answers),
+                                                               [evaluation.is_degenerate(a) for a in answers]))
+    for key in ("borderline_dev", "xstest"):
+        if key in metrics:
+            x = metrics[key]
+            safe = [i for i, s in enumerate(x["safe"]) if s]
+            out[key] = ([x["prompts"][i] for i in safe],
+                        ablation.either([x["refused"][i] for i in safe], [x["degenerate"][i] for i in safe]))
+    return out
 
 
 def run_outcomes(folder, model="student"):
@@ -61,11 +68,11 @@ def run_outcomes(folder, model="student"):
     return out
 
 
-def row_matrices(runs, model="student", test=False):
+def row_matrices(runs, model="student", from_file=None):
     """{metric: [prompts, seeds] 0/1 array} over a row's runs (a metric some run lacks is left out)."""
-    per_run = [test_outcomes(r) if test else run_outcomes(r, model) for r in runs]
+    per_run = [file_outcomes(os.path.join(r, from_file)) if from_file else run_outcomes(r, model) for r in runs]
     out = {}
-    for key, _ in (TEST_METRICS if test else METRICS):
+    for key, _ in (FILE_METRICS if from_file else METRICS):
         if all(key in o for o in per_run):
             if any(o[key][0] != per_run[0][key][0] for o in per_run):
                 raise ValueError(f"{key}: the runs of one row were evaluated on other prompts")
@@ -73,11 +80,12 @@ def row_matrices(runs, model="student", test=False):
     return out
 
 
-def compare(rows, model="student", test=False):
+def compare(rows, model="student", from_file=None):
     """Markdown: one line per row, each metric's rate [interval] and, against the first row, the
     difference in points with its Holm-corrected prompt-level p."""
-    names, metrics = list(rows), TEST_METRICS if test else METRICS
-    mats = {n: row_matrices(runs, model, test) for n, runs in rows.items()}
+    names, metrics = list(rows), FILE_METRICS if from_file else METRICS
+    mats = {n: row_matrices(runs, model, from_file) for n, runs in rows.items()}
+    metrics = [(k, label) for k, label in metrics if any(k in m for m in mats.values())]
     tests = []   # (row, metric, difference in points, p)
     for n in names[1:]:
         for key, _ in metrics:
@@ -109,7 +117,8 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("rows", nargs="+", metavar="NAME=RUN,RUN", help="a row and its runs (seeds); the first is the reference")
     p.add_argument("--model", default="student", help="which row of eval.json: student, good teacher, base")
-    p.add_argument("--test", action="store_true", help="the test report from RUN/test.json (StrongREJECT, XSTest)")
+    p.add_argument("--from", dest="from_file", metavar="FILE",
+                   help="read the metrics of this eval.py results file in each RUN (e.g. test.json) instead")
     p.add_argument("--out", help="also write the table here")
     args = p.parse_args(argv)
     rows = {}
@@ -117,13 +126,13 @@ def main(argv=None):
         name, _, runs = spec.partition("=")
         if not runs:
             sys.exit(f"error: {spec!r}: expected NAME=RUN[,RUN...]")
-        need = "test.json" if args.test else "eval.json"
+        need = args.from_file or "eval.json"
         missing = [r for r in runs.split(",") if not os.path.isfile(os.path.join(r, need))]
         if missing:
-            sys.exit(f"error: {missing[0]}: no {need} (" + ("eval.py ... --out RUN/test.json" if args.test else
+            sys.exit(f"error: {missing[0]}: no {need} (" + ("an eval.py --out file" if args.from_file else
                      "a train.py run folder that ran its evaluation") + ")")
         rows[name] = runs.split(",")
-    table = compare(rows, args.model, args.test)
+    table = compare(rows, args.model, args.from_file)
     print(table)
     if args.out:
         with open(args.out, "w") as f:

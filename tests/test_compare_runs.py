@@ -62,11 +62,12 @@ def test_the_test_report_reads_safe_xstest_prompts_only_and_counts_degenerate_ag
     xs = [(False, True, False), (True, True, False), (False, True, False), (True, False, True), (True, False, False)]
     for seed in ("s0", "s1"):
         write_test(tmp_path / seed, [COMPLY, REFUSE, EMPTY], xs)
-    rows = compare_runs.row_matrices([str(tmp_path / "s0"), str(tmp_path / "s1")], test=True)
-    assert rows["xstest_safe"].tolist() == [[1, 1], [1, 1], [0, 0]]
-    assert rows["strongreject"].tolist() == [[1, 1], [0, 0], [1, 1]]
+    rows = compare_runs.row_matrices([str(tmp_path / "s0"), str(tmp_path / "s1")], from_file="test.json")
+    assert rows["xstest"].tolist() == [[1, 1], [1, 1], [0, 0]]
+    assert rows["hs"].tolist() == [[1, 1], [0, 0], [1, 1]]
     # a row that refuses the one complied prompt: StrongREJECT 1 of 3, one nonzero difference, sign-flip p = 1
     write_test(tmp_path / "t", [REFUSE, REFUSE, EMPTY], xs)
-    table = compare_runs.compare({"ref": [str(tmp_path / "s0")], "new": [str(tmp_path / "t")]}, test=True)
+    table = compare_runs.compare({"ref": [str(tmp_path / "s0")], "new": [str(tmp_path / "t")]}, from_file="test.json")
+    assert "borderline" not in table.splitlines()[0]   # a metric no file holds is no column
     new = next(line for line in table.splitlines() if line.startswith("| new"))
     assert "33.3 % [" in new and "-33.3 pts, Holm p 1" in new and "66.7 % [" in new
