@@ -27,14 +27,21 @@ def write_folder(path, write):
 def save(path, model, tokenizer, opt, step, flags, canary=None, original=None):
     """A resumable checkpoint: weights (merged for transformers), adapters under LoRA, optimizer and RNG
     state, canary state, and the run's `flags` ({flag: value}, args.json). Older checkpoints in the
-    same folder are removed once it is written."""
+    same folder are removed once it is written. Every rank calls it: under --fsdp the shards are
+    gathered into one-process form (the checkpoint is the same as a one-process run's), then rank 0
+    writes."""
+    weights = parallel.gather_state(optim.student_state(model, opt, original))
+    optimizer = parallel.gather_optimizer_state(opt.optimizer.state_dict())
+    if not parallel.is_main():
+        return
+
     def write(tmp):
-        teachers.save_model(model, tokenizer, tmp, state_dict=optim.student_state(model, opt, original))
+        teachers.save_model(model, tokenizer, tmp, state_dict=weights)
         if optim.lora_modules(model):  # the merged weights above are for transformers; resume reads the adapters
             save_file({k: v.contiguous().cpu() for k, v in optim.adapter_state(model, opt).items()},
                       os.path.join(tmp, "adapter.safetensors"))
         # plain tensors, ints, tuples and lists only: resume loads this with weights_only=True
-        torch.save({"step": step, "optimizer": opt.optimizer.state_dict(), "rng": torch.get_rng_state(),
+        torch.save({"step": step, "optimizer": optimizer, "rng": torch.get_rng_state(),
                     "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
                     **robust.save_canary(canary, tmp)}, os.path.join(tmp, "trainer_state.pt"))
         with open(os.path.join(tmp, "args.json"), "w") as f:
@@ -90,9 +97,11 @@ def resume(out, resume_from, student, opt, n_steps, log):
         if os.path.exists(metrics_path) and parallel.is_main():
             os.remove(metrics_path)
         return 0, robust.CanaryState()
-    opt.load_master(student, load_weights(student, resume_from))
+    params = dict(student.named_parameters())
+    opt.load_master(student, {k: parallel.shard_like(v, params[k]) if k in params else v
+                              for k, v in load_weights(student, resume_from).items()})
     state = torch.load(os.path.join(resume_from, "trainer_state.pt"), weights_only=True)
-    opt.optimizer.load_state_dict(state["optimizer"])
+    opt.optimizer.load_state_dict(parallel.shard_optimizer_state(state["optimizer"], opt.master))
     restore_rng(state)
     canary = robust.load_canary(resume_from, state, next(student.parameters()).device)
     if os.path.exists(metrics_path) and parallel.is_main():  # a line cut short by the kill is dropped, with a note

@@ -7,6 +7,7 @@ from typing import NamedTuple
 
 import numpy as np
 import torch
+from torch.distributed.tensor import DTensor
 from tqdm import tqdm
 
 import data
@@ -44,8 +45,10 @@ class MasterWeightOptimizer:
             self.master.append(master)
             p.data = p.data.to(compute_dtype)
         optimizer = {"adamw": torch.optim.AdamW, "sgd": torch.optim.SGD}[kind]
-        # fused: one kernel per tensor (CPU and CUDA) instead of a Python loop over tensors
-        self.optimizer = optimizer(self.master, lr=lr, weight_decay=weight_decay, fused=True)
+        # fused: one kernel per tensor (CPU and CUDA) instead of a Python loop over tensors; sharded
+        # parameters (--fsdp) have no fused SGD, so they take the foreach kernels
+        fused = not (kind == "sgd" and any(isinstance(m, DTensor) for m in self.master))
+        self.optimizer = optimizer(self.master, lr=lr, weight_decay=weight_decay, fused=fused, foreach=not fused)
 
     def accumulate(self, keep=None):
         """Add the gradients of the last backward to fp32 sums and clear them: bf16 `.grad`
@@ -79,6 +82,7 @@ class MasterWeightOptimizer:
                 m.grad[masks[m]] = 0
         grads = [m for m in self.master if m.grad is not None]
         norm = torch.nn.utils.clip_grad_norm_(grads, clip if clip > 0 else float("inf"))
+        norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # sharded (--fsdp): the global norm
         if not math.isfinite(float(norm)):  # the weights are untouched: nothing non-finite is applied
             self.optimizer.zero_grad(set_to_none=True)
             raise NonFiniteError(f"the gradient norm is {float(norm)}")
@@ -132,7 +136,7 @@ class MasterWeightOptimizer:
         names = {id(p): n for n, p in model.named_parameters()}
         with torch.no_grad():
             for m, p in zip(self.master, self.params):
-                m.copy_(state[names[id(p)]])
+                m.copy_(state[names[id(p)]])  # a sharded m (--fsdp) takes a state sharded like it
                 if m is not p:
                     p.copy_(m)
 

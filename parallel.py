@@ -1,10 +1,14 @@
 """Data parallel training under torchrun: the process group, each rank's shard of a batch, and one
-explicit all-reduce of the summed fp32 gradients per optimizer step."""
+explicit all-reduce of the summed fp32 gradients per optimizer step; or, with --fsdp, the student's
+parameters sharded over the ranks (FSDP2, torch's fully_shard), gradients reduce-scattered in backward."""
 import datetime
 import os
 
 import torch
 import torch.distributed as dist
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor, distribute_tensor
 
 
 # rank 0 may spend long building teachers while the other ranks wait at a barrier
@@ -43,6 +47,66 @@ def shard(indices):
 
 
 
+def fsdp_wrap(model, layers, compute_dtype):
+    """FSDP2: each decoder layer, then the rest, sharded over the ranks along dim 0. The shards stay
+    fp32 (they are the master weights); each forward all-gathers a layer in compute_dtype, and
+    backward reduce-scatters its gradients in fp32."""
+    mesh = init_device_mesh(next(model.parameters()).device.type, (dist.get_world_size(),))
+    policy = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)
+    for layer in layers:
+        fully_shard(layer, mesh=mesh, mp_policy=policy)
+    fully_shard(model, mesh=mesh, mp_policy=policy)
+    return model
+
+
+def is_sharded(opt):
+    return any(isinstance(p, DTensor) for p in opt.params)
+
+
+def grad_multiplier(opt):
+    """FSDP averages the reduce-scattered gradients over ranks (gloo cannot be told to sum): each
+    rank's loss, already its share of the global batch, is multiplied by the world size instead."""
+    return dist.get_world_size() if is_sharded(opt) else 1
+
+
+def max_over_ranks(n):
+    if not dist.is_initialized():
+        return n
+    t = torch.tensor([n])
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return int(t)
+
+
+def gather(tensor):
+    """A sharded tensor whole (every rank takes part), on the CPU; any other tensor as it is."""
+    return tensor.full_tensor().cpu() if isinstance(tensor, DTensor) else tensor
+
+
+def gather_state(state):
+    return {k: gather(v) for k, v in state.items()}
+
+
+def gather_optimizer_state(state_dict):
+    """An optimizer state dict with every sharded entry whole: the one-process checkpoint format."""
+    return {**state_dict, "state": {i: {k: gather(v) for k, v in s.items()} for i, s in state_dict["state"].items()}}
+
+
+def shard_like(full, param):
+    """This rank's part of a whole tensor, laid out as `param` (a sharded parameter), or `full` itself."""
+    if not isinstance(param, DTensor):
+        return full
+    return distribute_tensor(full.to(param.device_mesh.device_type), param.device_mesh, param.placements)
+
+
+def shard_optimizer_state(state_dict, params):
+    """The inverse of gather_optimizer_state for the optimizer over `params` (its param_groups' order)."""
+    out = {}
+    for i, s in state_dict["state"].items():
+        p = params[int(i)]
+        out[i] = {k: shard_like(v, p) if torch.is_tensor(v) and v.shape == p.shape else v for k, v in s.items()}
+    return {**state_dict, "state": out}
+
+
 def all_reduce_grads(opt):
     """Sum the fp32 gradient sums over ranks, once per optimizer step. Each rank's loss is already
     scaled by its share of the global batch (run_step divides by the whole side's totals), so the
@@ -50,7 +114,7 @@ def all_reduce_grads(opt):
     forward and backward outside the update (LAT's δ search, canary scores), which DDP would
     all-reduce, and the fp32 master copies live outside the module. A parameter no rank has a
     gradient for keeps None, so AdamW skips it as one process would."""
-    if not dist.is_initialized():
+    if not dist.is_initialized() or is_sharded(opt):  # FSDP has reduce-scattered them in backward
         return
     opt.accumulate()
     has = torch.tensor([g is not None for g in opt.grads], dtype=torch.int32)

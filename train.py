@@ -44,7 +44,7 @@ from eval import teacher_report, teacher_table
 # flags that do not change the trained weights (evaluation and run-control flags; --recipe only fills
 # flags that are compared themselves): a resumed run may differ from the saved run in these alone
 _RUN_FLAGS_IGNORED_ON_RESUME = ("resume", "overwrite", "plan_only", "no_eval", "force", "save_every", "eval_limit",
-                                "xstest", "offload", "device", "precision_requested", "recipe")
+                                "xstest", "offload", "device", "precision_requested", "recipe", "fsdp")
 
 
 def parse_loss(spec):
@@ -121,6 +121,11 @@ def check_args(args):
     faded = [t for t in args.loss if losses.TERMS[t].fade]
     if args.cb_alpha and faded:
         raise ValueError(f"--cb-alpha sets the weights of {', '.join(faded)}: leave them out of --loss")
+    unsharded = [flag for flag, on in (("--lora-r", args.lora_r), ("--canary-mode", args.canary_mode != "off"),
+                                       ("--lat-eps", args.lat_eps), ("--optim-state-device cpu", args.optim_state_device == "cpu"),
+                                       ("--gradient-checkpointing", args.gradient_checkpointing)) if on]
+    if args.fsdp and unsharded:
+        raise ValueError(f"--fsdp with {', '.join(unsharded)}: not built for a sharded student; leave them off")
     if args.dpo_harmless_weight is not None and (args.dpo_harmless == "none" or "dpo" not in args.loss):
         raise ValueError("--dpo-harmless-weight needs --dpo-harmless bad-teacher|refusal and a dpo term in --loss")
 
@@ -265,6 +270,9 @@ def build_parser():
                    help="frozen models whose decoder layers stay in CPU memory and visit the compute device one "
                         "at a time: teachers (good and bad), ref (the frozen base: circuit-breaker reference and "
                         "evaluation baseline), all")
+    g.add_argument("--fsdp", action="store_true",
+                   help="under torchrun: shard the student's parameters, gradients and optimizer state over the "
+                        "processes (FSDP2); checkpoints are gathered into the one-process form")
     g.add_argument("--lora-r", type=int, default=0, help="LoRA rank of the student (0: full fine-tuning)")
     g.add_argument("--lora-alpha", type=float, help="LoRA α; the update is scaled by α/r (default 2·r: scale 2)")
     g.add_argument("--lora-targets", default=optim.LORA_TARGETS,
@@ -503,14 +511,20 @@ def side_step(student, frozen, opt, side, indices, pool, cfg, weights, scale, ke
     totals = side_totals(pool, indices)
     units = {k: losses.TERMS[k].unit for k in weights}
     logged = {}
-    for idx in split_side(side, indices, pool, cfg):
-        sums, stats = term_sums(student, frozen, side, idx, pool, cfg, weights)
+    micro = split_side(side, indices, pool, cfg)
+    if parallel.is_sharded(opt):  # every rank joins each layer's all-gather: equal micro-batch counts,
+        # a rank with fewer runs a stand-in (an example of the batch) whose loss counts 0
+        micro += [None] * (parallel.max_over_ranks(len(micro)) - len(micro))
+    for idx in micro:
+        sums, stats = term_sums(student, frozen, side, idx or indices[:1], pool, cfg, weights)
         for k, v in sums.items():  # stop before a non-finite value reaches the weights
             if not torch.isfinite(v.detach()).all():
                 raise optim.NonFiniteError(f"the {side} term {k} is {float(v.detach())}")
         side_loss = sum(weights[k] * v / totals[units[k]] for k, v in sums.items())
-        (scale * side_loss).backward()
+        (scale * side_loss * (parallel.grad_multiplier(opt) if idx else 0.0)).backward()
         opt.accumulate(keep)
+        if not idx:
+            continue
         for k, v in sums.items():
             logged[k] = logged.get(k, 0.0) + float(v.detach()) / totals[units[k]]
         for k, v in stats.items():
@@ -547,12 +561,11 @@ def train_loop(args, student, opt, frozen, pools, cfg, plan, levels, start, cana
             extra["canary_dw"], extra["rest_dw"] = robust.canary_drift(canary.masks, opt.master_state(student), initial)
         row = {"step": t, "epoch": step.epoch, "level": step.level + 1, "gamma": gamma, "lam": scales.lam, "lr": lr,
                **row, **extra, "seconds": round(time.time() - t0, 3)}
-        if not parallel.is_main():  # every rank holds the same weights and metrics; rank 0 writes them
-            continue
-        with open(metrics_path, "a") as f:
-            f.write(json.dumps(row) + "\n")
-        bar.set_postfix(level=step.level + 1, loss=f"{row.get('loss', 0):.3f}")
-        if (t + 1) % args.save_every == 0 or t + 1 == len(plan):
+        if parallel.is_main():  # every rank holds the same metrics; rank 0 writes them
+            with open(metrics_path, "a") as f:
+                f.write(json.dumps(row) + "\n")
+            bar.set_postfix(level=step.level + 1, loss=f"{row.get('loss', 0):.3f}")
+        if (t + 1) % args.save_every == 0 or t + 1 == len(plan):  # every rank: --fsdp gathers the shards
             checkpoint.save(os.path.join(args.out, "checkpoints", f"step-{t + 1}"), student, base.tokenizer, opt, t + 1,
                             vars(args), canary, base.fp32.state_dict())
 
@@ -701,6 +714,10 @@ def training_pools(args, tokenizer, prompts, answers, log):
 def make_student(args, base, log):
     """The student (a copy of the base, LoRA adapters if asked) and its optimizer."""
     student = copy.deepcopy(base.fp32).to(base.device)
+    if args.fsdp:  # the shards stay fp32 and are the master weights; layers compute in compute dtype
+        parallel.fsdp_wrap(student, optim.decoder_layers(student), compute_dtype(args))
+        log(f"--fsdp: the student's parameters sharded over {parallel.rank_and_world()[1]} processes")
+        return student, optim.MasterWeightOptimizer(student, compute_dtype=torch.float32, **optimizer_options(args))
     if args.lora_r:
         n = optim.add_lora(student, r=args.lora_r, dtype=compute_dtype(args), alpha=args.lora_alpha,
                      targets=args.lora_targets, dropout=args.lora_dropout, seed=args.seed)
@@ -708,6 +725,15 @@ def make_student(args, base, log):
     if args.gradient_checkpointing:
         optim.enable_checkpointing(student)
     return student, optim.MasterWeightOptimizer(student, compute_dtype=compute_dtype(args), **optimizer_options(args))
+
+
+def unshard(args, base, student, opt):
+    """Under --fsdp, after training: the student whole on every rank (the shards gathered), held as a
+    one-process run holds it, for saving and evaluation on rank 0."""
+    whole = parallel.gather_state(opt.master_state(student))
+    plain = copy.deepcopy(base.fp32).to(base.device)
+    plain.load_state_dict(whole, strict=False)  # tied weights: one tensor under two names
+    return plain, optim.MasterWeightOptimizer(plain, compute_dtype=compute_dtype(args), **optimizer_options(args))
 
 
 def uses_hidden_terms(args):
@@ -810,6 +836,8 @@ def run(args):
     t_start = RUN_START = time.time()
     check_args(args)
     parallel.dist_setup()
+    if args.fsdp and parallel.rank_and_world()[1] == 1:
+        raise ValueError("--fsdp shards the student over processes: run it under torchrun --nproc-per-node N (N >= 2)")
     args.precision = parallel.from_main(args.precision)  # every rank computes in rank 0's precision
     args.out = os.path.normpath(args.out)  # runs/x/ and runs/x are one run: saved and current flags agree
     args.teacher_dir = os.path.normpath(args.teacher_dir or os.path.join(args.out, "teachers"))
@@ -845,6 +873,8 @@ def run(args):
     start, canary = checkpoint.resume(args.out, resume_from, student, opt, len(plan), log)
     log(f"training: {len(plan)} optimizer steps, {max(levels) + 1} levels, loss {args.loss}")
     train_loop(args, student, opt, frozen, pools, cfg, plan, levels, start, canary, base)
+    if args.fsdp:
+        student, opt = unshard(args, base, student, opt)
     if not parallel.is_main():
         return None
     student_dir = checkpoint.save_student(args.out, student, opt, canary, base)

@@ -1,0 +1,81 @@
+"""--fsdp (FSDP2) under torchrun: 2 gloo processes on CPU with the student sharded reproduce one
+process, and a run resumed from a checkpoint written by the sharded run equals the uninterrupted one."""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import train
+from conftest import ROOT
+from test_ddp import assert_same_run, cli, metrics, one_process, torchrun  # noqa: F401 (a fixture)
+
+
+def test_two_sharded_processes_match_one(one_process, tiny_folder, tmp_path):
+    # fp32, SGD: the same tolerances as plain data parallel (weights 1e-5; a wrong reduction differs by >= 3e-5)
+    torchrun(tiny_folder, tmp_path, "--fsdp")
+    assert_same_run(one_process, tmp_path)
+
+
+ADAMW = ("--optimizer", "adamw", "--lr", "1e-3")
+
+
+@pytest.fixture(scope="module")
+def adamw_runs(tiny_folder, tmp_path_factory):
+    root = tmp_path_factory.mktemp("adamw")
+    train.run(train.build_parser().parse_args(cli(tiny_folder, root / "one", *ADAMW)))
+    torchrun(tiny_folder, root / "two", "--fsdp", *ADAMW)
+    return root
+
+
+def test_adamw_sharded_matches_one_process_within_float_noise(adamw_runs):
+    a = load_file(str(adamw_runs / "one" / "student" / "model.safetensors"))
+    b = load_file(str(adamw_runs / "two" / "student" / "model.safetensors"))
+    # AdamW divides by sqrt(v): an entry whose gradient is float noise near 0 can move by up to lr
+    # in either run; every other entry agrees to float noise
+    diffs = [float((a[k] - b[k]).abs().max()) for k in a]
+    assert max(diffs) <= 1e-3 + 1e-6
+    assert sorted(diffs)[len(diffs) // 2] < 1e-5
+    assert len(metrics(adamw_runs / "one")) == len(metrics(adamw_runs / "two")) == 8
+
+
+KILLED_AT_STEP_5 = """
+import sys
+sys.path.insert(0, {root!r})
+import train
+real, calls = train.run_step, {{"n": 0}}
+def crash(*a, **k):
+    calls["n"] += 1
+    if calls["n"] == 5:
+        raise KeyboardInterrupt
+    return real(*a, **k)
+train.run_step = crash
+train.main(sys.argv[1:])
+"""
+
+
+def test_a_sharded_checkpoint_resumes_exactly(adamw_runs, tiny_folder, tmp_path):
+    """Killed at step 5, resumed from step 3's checkpoint (gathered from the shards, Adam moments
+    included, and sharded again): the same metrics and weights as the uninterrupted sharded run."""
+    script = tmp_path / "killed.py"
+    script.write_text(KILLED_AT_STEP_5.format(root=ROOT))
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(script),
+           *cli(tiny_folder, out, "--fsdp", *ADAMW)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert done.returncode != 0 and "KeyboardInterrupt" in done.stderr
+    assert sorted(os.listdir(out / "checkpoints")) == ["step-3"]
+    torchrun(tiny_folder, out, "--fsdp", "--resume", *ADAMW)
+    assert metrics(out) == metrics(adamw_runs / "two")
+    a = load_file(str(adamw_runs / "two" / "student" / "model.safetensors"))
+    b = load_file(str(out / "student" / "model.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_fsdp_without_torchrun_or_with_lora_stops_in_one_line(tiny_folder, tmp_path):
+    for extra, message in ((["--fsdp"], "^error: --fsdp shards the student over processes: run it under torchrun"),
+                           (["--fsdp", "--lora-r", "4"], "^error: --fsdp with --lora-r: not built")):
+        with pytest.raises(SystemExit, match=message):
+            train.main(cli(tiny_folder, tmp_path / "x", *extra))
