@@ -7,8 +7,9 @@ What a GPU holds, per component (bf16 compute, fp32 master weights, AdamW):
   weights      bf16 compute copy of the student: 2 B/param (FSDP2: its shard, plus two layers gathered)
   grads        bf16 .grad of a backward (2 B/param) + the fp32 sums over micro-batches (4 B/param)
   master       fp32 master weights, 4 B/param          optimizer   AdamW moments, 8 B/param
-  frozen       the reference (the base) and the good teacher, bf16: 2 B/param each (FSDP2: sharded;
-               --offload all: two layers resident, the rest streamed from CPU memory)
+  frozen       the reference (the base) and the good teacher, bf16: 2 B/param each, whole on every GPU
+               (train.py --fsdp shards only the student); --offload all: two layers resident, the rest
+               streamed from CPU memory
   activations  what backward keeps for one micro-batch: DPO reads 2 rows per example (chosen and
                rejected) at --seq tokens, eager attention (the s × s probabilities kept), bf16 logits of
                every row, the teacher's logits of the good rows; --gradient-checkpointing keeps each
@@ -70,21 +71,23 @@ def activation_bytes(c, micro_batch, seq, checkpointing=False):
 
 
 def per_gpu(c, setting, gpus=1, micro_batch=8, seq=288, lora_r=16, checkpointing=False):
-    """{component: bytes} on one GPU for a setting: ddp, fsdp2, lora, offload (ddp with --offload all)."""
+    """{component: bytes} on one GPU for a setting: ddp, fsdp2, fsdp2-offload, lora, offload (ddp with
+    --offload all)."""
     p = n_params(c)
     two_layers = 2 * layer_params(c)
     frozen = 2 * 2 * p   # reference and good teacher, bf16
     out = {"activations": activation_bytes(c, micro_batch, seq, checkpointing)}
-    if setting == "fsdp2":
+    streamed = 2 * 2 * (two_layers + c["vocab"] * c["hidden"])   # --offload all: two layers of each frozen model
+    if setting.startswith("fsdp2"):
         gathered = 2 * (two_layers + c["vocab"] * c["hidden"])   # bf16 working set: two layers and the embedding
         out.update(weights=4 * p / gpus + gathered, grads=4 * p / gpus + gathered, master=0,
-                   optimizer=8 * p / gpus, frozen=frozen / gpus + gathered)
+                   optimizer=8 * p / gpus, frozen=streamed if setting.endswith("offload") else frozen)
     elif setting == "lora":
         a = lora_params(c, lora_r)
         out.update(weights=2 * p + 2 * a, grads=6 * a, master=4 * a, optimizer=8 * a, frozen=frozen)
     else:
         out.update(weights=2 * p, grads=6 * p, master=4 * p, optimizer=8 * p,
-                   frozen=frozen if setting == "ddp" else 2 * 2 * (two_layers + c["vocab"] * c["hidden"]))
+                   frozen=frozen if setting == "ddp" else streamed)
     out["total"] = sum(out.values())
     return out
 
@@ -94,7 +97,8 @@ COLUMNS = ("weights", "grads", "master", "optimizer", "frozen", "activations", "
 
 def table(models, micro_batch, seq, lora_r, checkpointing):
     rows = [("DDP (any number of GPUs)", "ddp", 1), ("DDP, --offload all", "offload", 1),
-            (f"LoRA r = {lora_r}", "lora", 1)] + [(f"FSDP2, {n} GPUs", "fsdp2", n) for n in (2, 4, 8)]
+            (f"LoRA r = {lora_r}", "lora", 1)] + [(f"FSDP2, {n} GPUs", "fsdp2", n) for n in (2, 4, 8)] + [
+            ("FSDP2, 8 GPUs, --offload all", "fsdp2-offload", 8)]
     lines = []
     for name, c in models.items():
         lines += [f"\n{name}: {n_params(c) / 1e9:.2f} B parameters; micro-batch {micro_batch} × 2 rows × {seq} tokens"
