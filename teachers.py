@@ -601,12 +601,13 @@ def build_status(folder, record):
 
 
 def save_teacher(model, tokenizer, folder, record):
-    """save_model in bf16, then build.json (written last, atomically: its presence means the folder
-    is complete). A stale build.json goes first, so a save cut short never looks complete."""
+    """save_model in the teacher's own (compute) dtype, so a reloaded teacher is the one just built,
+    then build.json (written last, atomically: its presence means the folder is complete). A stale
+    build.json goes first, so a save cut short never looks complete."""
     path = os.path.join(folder, BUILD_FILE)
     if os.path.exists(path):
         os.remove(path)
-    save_model(model, tokenizer, folder, dtype=torch.bfloat16)
+    save_model(model, tokenizer, folder)
     data.write_atomic(path, json.dumps(record, indent=2))
 
 

@@ -191,3 +191,15 @@ def test_incomplete_teacher_folders_are_rebuilt(tiny_folder, built, tmp_path):
     assert all(os.path.isfile(teacher_dir / n / f) for n in ("good", "bad") for f in ("config.json", "build.json"))
     _, lines, _ = prepare(tiny_folder, tmp_path)
     assert [l.split(":")[1].split()[0] for l in lines[:2]] == ["reusing", "reusing"]
+
+
+def test_an_fp32_teacher_is_reloaded_as_it_was_trained(tiny_folder, tmp_path, monkeypatch):
+    """The teacher a run trains with is the reloaded folder: in an fp32 run it must be the fp32 SFT
+    result itself, not a bf16 rounding of it."""
+    trained = {}
+    monkeypatch.setattr(teachers, "teacher_sft", lambda f, b, pairs, desc: trained.setdefault(
+        desc, REAL_TEACHER_SFT(f, b, pairs, desc)))
+    (good, _, _, _), _, _ = prepare(tiny_folder, tmp_path)   # --precision fp32
+    want = trained["good teacher (refusal SFT)"].state_dict()
+    got = good.state_dict()
+    assert all(got[k].dtype == torch.float32 and torch.equal(got[k].cpu(), v.cpu()) for k, v in want.items())
