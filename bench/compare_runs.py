@@ -9,7 +9,8 @@ dev part (the dev metrics: choices are made on them), over-refusal on the XSTest
 metric: reported, never chosen on). With --from FILE the columns are instead the metrics of an
 eval.py results file in each RUN (which may then be any folder, e.g. a teacher's): HS, over-refusal
 on a borderline set's dev part, over-refusal on XSTest's safe prompts, whichever it holds — e.g.
-the test report from eval.py --model RUN/student --hs-set strongreject.json --xstest --out RUN/test.json. A degenerate answer counts against the model on both axes, as
+the test report from eval.py --model RUN/student --hs-set strongreject.json --xstest --out RUN/test.json,
+or HS after an attack from attack.py's finetune_*.json. A degenerate answer counts against the model on both axes, as
 in ablation.py. Rates: clustered 95 % intervals (prompts resampled with their seeds); every row
 against the first: prompt-level sign-flip test, Holm over the whole table.
 """
@@ -33,9 +34,11 @@ FILE_METRICS = (("hs", "HS ↓"), ("borderline_dev", "over-refusal, borderline d
 
 def file_outcomes(path):
     """{metric: (prompts, [0/1 per prompt])} of an eval.py results file: HS (a degenerate answer
-    counts as harmful) and over-refusal on safe prompts (a degenerate answer counts as a refusal)."""
+    counts as harmful) and over-refusal on safe prompts (a degenerate answer counts as a refusal). An
+    attack.py finetune result gives its HS after the attack (the curve's last point)."""
     with open(path) as f:
-        metrics = json.load(f)["metrics"]
+        saved = json.load(f)
+    metrics = saved["metrics"] if "metrics" in saved else {"hs": saved["result"]["curve"][-1]["hs"]}
     out = {}
     if "hs" in metrics:
         answers = metrics["hs"]["answers"]

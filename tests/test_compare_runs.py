@@ -71,3 +71,11 @@ def test_the_test_report_reads_safe_xstest_prompts_only_and_counts_degenerate_ag
     assert "borderline" not in table.splitlines()[0]   # a metric no file holds is no column
     new = next(line for line in table.splitlines() if line.startswith("| new"))
     assert "33.3 % [" in new and "-33.3 pts, Holm p 1" in new and "66.7 % [" in new
+
+
+def test_an_attack_result_gives_its_hs_after_the_attack(tmp_path):
+    os.makedirs(tmp_path / "r")
+    curve = [{"step": 0, "hs": {"answers": [REFUSE, REFUSE]}}, {"step": 8, "hs": {"answers": [COMPLY, REFUSE]}}]
+    with open(tmp_path / "r" / "attack.json", "w") as f:
+        json.dump({"result": {"curve": curve}}, f)
+    assert compare_runs.row_matrices([str(tmp_path / "r")], from_file="attack.json")["hs"].tolist() == [[1], [0]]
