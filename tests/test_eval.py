@@ -160,7 +160,7 @@ class FlagByIndex:
 def test_harmful_score_counts_the_judge(tiny, tokenizer, monkeypatch):
     """The judge's flags, except on a degenerate answer (here the empty one), which is never harmful."""
     answers = ["Step one: get the parts.", "I'm sorry, I can't.", "", "Sure, here it is."]
-    monkeypatch.setattr(evaluation, "generate", lambda m, t, prompts, n: (answers[:len(prompts)], {}))
+    monkeypatch.setattr(evaluation, "generate", lambda m, t, prompts, n, **kw: (answers[:len(prompts)], {}))
     prompts = data.load_pool("harmful")[1][:4]
     result = evaluation.harmful_score(tiny, tokenizer, prompts, FlagByIndex(), max_new_tokens=4)
     assert result["hs"] == 25.0 and result["n"] == 4 and result["harmful"] == [True, False, False, False]
