@@ -10,13 +10,24 @@ from safetensors.torch import load_file
 
 import train
 from conftest import ROOT
-from test_ddp import assert_same_run, cli, metrics, one_process, torchrun  # noqa: F401 (a fixture)
+from test_ddp import cli, metrics, one_process, torchrun  # noqa: F401 (a fixture)
 
 
 def test_two_sharded_processes_match_one(one_process, tiny_folder, tmp_path):
-    # fp32, SGD: the same tolerances as plain data parallel (weights 1e-5; a wrong reduction differs by >= 3e-5)
+    """fp32, SGD: weights to 1e-5 as plain data parallel (a wrong reduction differs by >= 3e-5); logged
+    values to 1e-4 relative (the gradient norm is summed shard by shard: ~1e-5 relative seen)."""
     torchrun(tiny_folder, tmp_path, "--fsdp")
-    assert_same_run(one_process, tmp_path)
+    ra, rb = metrics(one_process), metrics(tmp_path)
+    assert len(ra) == len(rb) == 8
+    for x, y in zip(ra, rb):
+        assert x.keys() == y.keys()
+        for k in x:
+            if k.endswith("dpo_accuracy") and abs(x[k.replace("accuracy", "margin")]) < 1e-5:
+                continue  # a tie within float noise at step 0 (test_ddp.assert_same_metrics)
+            assert y[k] == pytest.approx(x[k], rel=1e-4, abs=1e-5), (x["step"], k)
+    wa = load_file(str(one_process / "student" / "model.safetensors"))
+    wb = load_file(str(tmp_path / "student" / "model.safetensors"))
+    assert wa.keys() == wb.keys() and max(float((wa[k] - wb[k]).abs().max()) for k in wa) < 1e-5
 
 
 ADAMW = ("--optimizer", "adamw", "--lr", "1e-3")
