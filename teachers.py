@@ -911,23 +911,28 @@ def false_refusal_directions(model, tokenizer, harmful, harmless, pseudo_harmful
     return f - lam * (f * r_hat).sum(-1, keepdim=True) * r_hat
 
 
-def pick_unrefusal(table, keep):
+def pick_unrefusal(table, keep, kl_max=0.1):
     """The row with the lowest over-refusal among those that keep harmful refusal >= keep × the
-    model's own (ties: the higher harmful refusal, then the earlier row); None if no row does."""
-    qualified = [row for row in table if row["harmful_refusal"] >= keep * row["harmful_refusal_before"]]
+    model's own and change harmless next-token distributions by KL < kl_max (ties: the higher harmful
+    refusal, then the earlier row); None if no row does."""
+    qualified = [row for row in table if row["harmful_refusal"] >= keep * row["harmful_refusal_before"]
+                 and row["kl"] < kl_max]
     return min(qualified, key=lambda row: (row["over_refusal"], -row["harmful_refusal"]), default=None)
 
 
-def unrefuse(model_spec, out, *, borderline="phtest", lams=(0.0, 0.5, 1.0), keep=0.9, n_prompts=32, n_val=32,
-             select_tokens=16, candidate_fraction=0.8, seed=0):
+def unrefuse(model_spec, out, *, borderline="phtest", lams=(0.0, 0.5, 1.0), keep=0.9, kl_max=0.1, n_prompts=32,
+             n_val=32, select_tokens=16, candidate_fraction=0.8, seed=0):
     """The `unrefuse` command: the false-refusal direction of the (layer, lam) that lowers refusal of
     pseudo-harmful dev prompts most while keeping harmful refusal, orthogonalised out of the weights.
     Directions from the training splits (built-in harmful / harmless, the borderline set's train
-    part); the choice on the borderline set's dev part and other harmful training prompts."""
+    part); the choice on the borderline set's dev part and other harmful and harmless training prompts,
+    each candidate measured as it would be saved (baked into a copy of the weights, which with tied
+    embeddings also stops the unembedding reading the direction, unlike hooks)."""
     t0 = time.time()
-    harmful, harmless, val_harmful, _, _, _ = ablation_prompts(n_prompts, n_val, None, seed)
+    harmful, harmless, val_harmful, val_harmless, _, _ = ablation_prompts(n_prompts, n_val, None, seed)
     sounds_harmful = {e.prompt for e in data.load_pool("harmless", seed=seed)[0] if e.category == "borderline"}
     harmless = [p for p in harmless if p not in sounds_harmful]  # plainly harmless: the built-in borderline ones out
+    val_harmless = [p for p in val_harmless if p not in sounds_harmful]
     pseudo = [e.prompt for e in data.load_borderline(borderline, "train", n_prompts, seed)]
     pseudo_val = [e.prompt for e in data.load_borderline(borderline, "dev", n_val, seed)]
     model, tok, key = load_model(model_spec, dtype=torch.float32)  # fp32: exact projections
@@ -935,21 +940,26 @@ def unrefuse(model_spec, out, *, borderline="phtest", lams=(0.0, 0.5, 1.0), keep
     _residual_writers(model)
     before_h, _ = refusal_rate(model, tok, val_harmful, select_tokens)
     before_o, _ = refusal_rate(model, tok, pseudo_val, select_tokens)
+    reference = _last_token_logprobs(model, tok, val_harmless)
     print(f"{model_spec}: harmful refusal {before_h:.1%}, pseudo-harmful (dev) refusal {before_o:.1%} "
           f"({len(val_harmful)} / {len(pseudo_val)} prompts, {select_tokens} new tokens)")
     table, directions = [], {}
     for lam in lams:
         directions[lam] = false_refusal_directions(model, tok, harmful, harmless, pseudo, lam)
         for layer in range(1, max(2, round(candidate_fraction * len(directions[lam])))):
-            with ablated(model, directions[lam][layer]):
-                h, _ = refusal_rate(model, tok, val_harmful, select_tokens)
-                o, _ = refusal_rate(model, tok, pseudo_val, select_tokens)
-            table.append({"lam": lam, "layer": layer, "harmful_refusal": h, "over_refusal": o,
+            candidate = orthogonalize(copy.deepcopy(model), directions[lam][layer])
+            h, _ = refusal_rate(candidate, tok, val_harmful, select_tokens)
+            o, _ = refusal_rate(candidate, tok, pseudo_val, select_tokens)
+            kl = mean_kl(reference, _last_token_logprobs(candidate, tok, val_harmless))
+            del candidate
+            table.append({"lam": lam, "layer": layer, "harmful_refusal": h, "over_refusal": o, "kl": kl,
                           "harmful_refusal_before": before_h, "over_refusal_before": before_o})
-            print(f"  lam {lam:.2f} layer {layer:2d}: harmful refusal {h:6.1%}  over-refusal {o:6.1%}", flush=True)
-    row = pick_unrefusal(table, keep)
+            print(f"  lam {lam:.2f} layer {layer:2d}: harmful refusal {h:6.1%}  over-refusal {o:6.1%}  KL {kl:.4f}",
+                  flush=True)
+    row = pick_unrefusal(table, keep, kl_max)
     if row is None:
-        raise ModelError(f"no (layer, lam) keeps harmful refusal >= {keep} × {before_h:.1%}: nothing written")
+        raise ModelError(f"no (layer, lam) keeps harmful refusal >= {keep} × {before_h:.1%} at harmless KL < {kl_max}: "
+                         f"nothing written")
     print(f"chosen: lam {row['lam']}, layer {row['layer']}: over-refusal {before_o:.1%} → {row['over_refusal']:.1%}, "
           f"harmful refusal {before_h:.1%} → {row['harmful_refusal']:.1%}")
     direction = _unit(directions[row["lam"]][row["layer"]])
@@ -960,6 +970,7 @@ def unrefuse(model_spec, out, *, borderline="phtest", lams=(0.0, 0.5, 1.0), keep
               "prompts": {"direction_harmful": harmful, "direction_harmless": harmless, "direction_pseudo_harmful": pseudo,
                           "selection_harmful": val_harmful, "selection_pseudo_harmful": pseudo_val},
               "settings": generation_settings(judge="refusal-keywords", borderline=borderline, lams=list(lams), keep=keep,
+                                              kl_max=kl_max,
                                               n_prompts=n_prompts, n_val=n_val, select_max_new_tokens=select_tokens,
                                               seed=seed, dtype="float32", position="last prompt token",
                                               seconds=round(time.time() - t0, 1))}
@@ -1330,13 +1341,14 @@ def _unrefuse_main(argv):
     p.add_argument("--lams", type=float, nargs="+", default=[0.0, 0.5, 1.0],
                    help="how much of the refusal direction is projected out of the false-refusal one (chosen on dev)")
     p.add_argument("--keep", type=float, default=0.9, help="harmful refusal kept: at least KEEP × the model's own")
+    p.add_argument("--kl-max", type=float, default=0.1, help="largest mean KL on harmless prompts a candidate may cause")
     p.add_argument("--n-prompts", type=int, default=32, help="prompts per set for the directions")
     p.add_argument("--n-val", type=int, default=32, help="harmful training / borderline dev prompts for the choice")
     p.add_argument("--select-tokens", type=int, default=16, help="new tokens per answer during the choice")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     try:
-        unrefuse(args.model, args.out, borderline=args.borderline, lams=tuple(args.lams), keep=args.keep,
+        unrefuse(args.model, args.out, borderline=args.borderline, lams=tuple(args.lams), keep=args.keep, kl_max=args.kl_max,
                  n_prompts=args.n_prompts, n_val=args.n_val, select_tokens=args.select_tokens, seed=args.seed)
     except (data.DataError, ModelError) as e:
         sys.exit(f"error: {e}")

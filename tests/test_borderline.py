@@ -147,10 +147,11 @@ def test_the_false_refusal_direction_loses_lam_of_its_refusal_component(tokenize
         assert float(got[layer] @ r_hat) == pytest.approx((1 - lam) * float(f[layer] @ r_hat), abs=1e-4)
 
 
-def test_the_unrefusal_pick_keeps_harmful_refusal_then_lowers_over_refusal():
-    row = lambda h, o: {"harmful_refusal": h, "over_refusal": o, "harmful_refusal_before": 0.8}
-    table = [row(0.5, 0.0), row(0.75, 0.3), row(0.8, 0.3), row(0.72, 0.5)]
-    assert teachers.pick_unrefusal(table, 0.9) is table[2]    # 0.72+ qualify; lowest over-refusal 0.3, higher harmful
+def test_the_unrefusal_pick_keeps_harmful_refusal_and_coherence_then_lowers_over_refusal():
+    row = lambda h, o, kl=0.01: {"harmful_refusal": h, "over_refusal": o, "harmful_refusal_before": 0.8, "kl": kl}
+    table = [row(0.5, 0.0), row(0.75, 0.3), row(0.8, 0.3), row(0.72, 0.5), row(0.8, 0.1, kl=0.2)]
+    assert teachers.pick_unrefusal(table, 0.9) is table[2]    # 0.72+ and KL < 0.1 qualify; lowest 0.3, higher harmful
+    assert teachers.pick_unrefusal(table, 0.9, kl_max=0.5) is table[4]
     assert teachers.pick_unrefusal(table, 0.5) is table[0]
     assert teachers.pick_unrefusal(table, 1.1) is None
 
@@ -158,7 +159,7 @@ def test_the_unrefusal_pick_keeps_harmful_refusal_then_lowers_over_refusal():
 def test_unrefuse_writes_a_model_that_no_longer_writes_the_direction(tokenizer, tiny_folder, tmp_path, phtest_file):
     out = str(tmp_path / "unrefused")
     result = teachers.unrefuse(tiny_folder, out, borderline=phtest_file, lams=(0.0, 1.0), n_prompts=4, n_val=4,
-                               select_tokens=2)
+                               select_tokens=2, kl_max=float("inf"))
     assert [(row["lam"], row["layer"]) for row in result["table"]] == [(0.0, 1), (1.0, 1)]
     r = torch.tensor(result["direction"])
     model = teachers.load_model(out, dtype=torch.float32)[0]
