@@ -90,3 +90,13 @@ def test_fsdp_without_torchrun_or_with_lora_stops_in_one_line(tiny_folder, tmp_p
                            (["--fsdp", "--lora-r", "4"], "^error: --fsdp with --lora-r: not built")):
         with pytest.raises(SystemExit, match=message):
             train.main(cli(tiny_folder, tmp_path / "x", *extra))
+
+
+def test_sharded_student_with_offloaded_frozen_models_matches_one_process(one_process, tiny_folder, tmp_path):
+    """The frozen models (good teacher, reference) streamed layer by layer from CPU memory beside a sharded
+    student: the same run as one process without offloading (weights to 1e-5)."""
+    torchrun(tiny_folder, tmp_path, "--fsdp", "--offload", "all")
+    wa = load_file(str(one_process / "student" / "model.safetensors"))
+    wb = load_file(str(tmp_path / "student" / "model.safetensors"))
+    assert max(float((wa[k] - wb[k]).abs().max()) for k in wa) < 1e-5
+    assert len(metrics(tmp_path)) == 8
