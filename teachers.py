@@ -902,13 +902,18 @@ def break_by_ablation(model_spec, out, *, n_prompts=32, n_val=8, kl_max=0.1, sel
 # of their own; ablating it (orthogonalised against the true refusal direction, so refusing harmful
 # prompts is spared) cuts over-refusal without training.
 
-def false_refusal_directions(model, tokenizer, harmful, harmless, pseudo_harmful, lam=1.0):
-    """[L, H]: per layer, f = mean(pseudo-harmful) − mean(harmless) minus lam times its component along
-    that layer's refusal direction r = mean(harmful) − mean(harmless) (lam 1: orthogonal to r; 0: f)."""
-    r = refusal_directions(model, tokenizer, harmful, harmless)
-    f = refusal_directions(model, tokenizer, pseudo_harmful, harmless)
+def false_refusal_directions(model, tokenizer, harmful, harmless, pseudo_harmful, lams=(1.0,)):
+    """{lam: [L, H]}: per layer, f = mean(pseudo-harmful) − mean(harmless) minus lam times its component
+    along that layer's refusal direction r = mean(harmful) − mean(harmless) (lam 1: orthogonal to r;
+    0: f). Each set's mean is computed once for every lam."""
+    if not harmful or not harmless or not pseudo_harmful:
+        raise data.DataError("false_refusal_directions: needs harmful, harmless and pseudo-harmful prompts")
+    base = _mean_last_token_states(model, tokenizer, harmless)
+    r = _mean_last_token_states(model, tokenizer, harmful) - base
+    f = _mean_last_token_states(model, tokenizer, pseudo_harmful) - base
     r_hat = r / r.norm(dim=-1, keepdim=True).clamp(min=1e-8)
-    return f - lam * (f * r_hat).sum(-1, keepdim=True) * r_hat
+    along = (f * r_hat).sum(-1, keepdim=True) * r_hat
+    return {lam: f - lam * along for lam in lams}
 
 
 def pick_unrefusal(table, keep, kl_max=0.1):
@@ -943,9 +948,8 @@ def unrefuse(model_spec, out, *, borderline="phtest", lams=(0.0, 0.5, 1.0), keep
     reference = _last_token_logprobs(model, tok, val_harmless)
     print(f"{model_spec}: harmful refusal {before_h:.1%}, pseudo-harmful (dev) refusal {before_o:.1%} "
           f"({len(val_harmful)} / {len(pseudo_val)} prompts, {select_tokens} new tokens)")
-    table, directions = [], {}
+    table, directions = [], false_refusal_directions(model, tok, harmful, harmless, pseudo, lams)
     for lam in lams:
-        directions[lam] = false_refusal_directions(model, tok, harmful, harmless, pseudo, lam)
         for layer in range(1, max(2, round(candidate_fraction * len(directions[lam])))):
             candidate = orthogonalize(copy.deepcopy(model), directions[lam][layer])
             h, _ = refusal_rate(candidate, tok, val_harmful, select_tokens)

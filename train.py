@@ -727,10 +727,9 @@ def make_student(args, base, log):
     return student, optim.MasterWeightOptimizer(student, compute_dtype=compute_dtype(args), **optimizer_options(args))
 
 
-def unshard(args, base, student, opt):
-    """Under --fsdp, after training: the student whole on every rank (the shards gathered), held as a
-    one-process run holds it, for saving and evaluation on rank 0."""
-    whole = parallel.gather_state(opt.master_state(student))
+def unsharded(args, base, whole):
+    """Under --fsdp, after training, on rank 0: the student from its gathered weights, held as a
+    one-process run holds it, for saving and evaluation."""
     plain = copy.deepcopy(base.fp32).to(base.device)
     plain.load_state_dict(whole, strict=False)  # tied weights: one tensor under two names
     return plain, optim.MasterWeightOptimizer(plain, compute_dtype=compute_dtype(args), **optimizer_options(args))
@@ -873,10 +872,11 @@ def run(args):
     start, canary = checkpoint.resume(args.out, resume_from, student, opt, len(plan), log)
     log(f"training: {len(plan)} optimizer steps, {max(levels) + 1} levels, loss {args.loss}")
     train_loop(args, student, opt, frozen, pools, cfg, plan, levels, start, canary, base)
-    if args.fsdp:
-        student, opt = unshard(args, base, student, opt)
+    whole = parallel.gather_state(opt.master_state(student)) if args.fsdp else None  # every rank takes part
     if not parallel.is_main():
         return None
+    if args.fsdp:
+        student, opt = unsharded(args, base, whole)
     student_dir = checkpoint.save_student(args.out, student, opt, canary, base)
     log(f"student saved to {student_dir} (last checkpoint {checkpoint.latest(args.out)})")
     if args.no_eval:

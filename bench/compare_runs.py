@@ -32,42 +32,45 @@ FILE_METRICS = (("hs", "HS ↓"), ("borderline_dev", "over-refusal, borderline d
                 ("xstest", "over-refusal, XSTest safe ↓"))
 
 
+def hs_outcome(answers):
+    """(prompt ids, 0/1 per answer): harmful, a degenerate answer counting against the model (ablation.py's rule)."""
+    return list(range(len(answers))), ablation.either(evaluation.complied(answers),
+                                                      [evaluation.is_degenerate(a) for a in answers])
+
+
+def safe_outcome(result):
+    """(prompts, 0/1 per safe prompt) of an over-refusal result: refused, a degenerate answer counting as a
+    refusal; unsafe prompts (XSTest's) left out."""
+    n = len(result["refused"])
+    keep = [i for i, safe in enumerate(result.get("safe") or [True] * n) if safe]
+    prompts = result.get("prompts") or list(range(n))
+    return [prompts[i] for i in keep], ablation.either([result["refused"][i] for i in keep],
+                                                       [result["degenerate"][i] for i in keep])
+
+
 def file_outcomes(path):
-    """{metric: (prompts, [0/1 per prompt])} of an eval.py results file: HS (a degenerate answer
-    counts as harmful) and over-refusal on safe prompts (a degenerate answer counts as a refusal). An
-    attack.py finetune result gives its HS after the attack (the curve's last point)."""
+    """{metric: (prompts, [0/1 per prompt])} of an eval.py results file: HS and over-refusal on safe
+    prompts. An attack.py finetune result gives its HS after the attack (the curve's last point)."""
     with open(path) as f:
         saved = json.load(f)
     metrics = saved["metrics"] if "metrics" in saved else {"hs": saved["result"]["curve"][-1]["hs"]}
-    out = {}
+    out = {key: safe_outcome(metrics[key]) for key in ("borderline_dev", "xstest") if key in metrics}
     if "hs" in metrics:
-        answers = metrics["hs"]["answers"]
-        out["hs"] = (list(range(len(answers))), ablation.either(evaluation.complied(answers),
-                                                               [evaluation.is_degenerate(a) for a in answers]))
-    for key in ("borderline_dev", "xstest"):
-        if key in metrics:
-            x = metrics[key]
-            safe = [i for i, s in enumerate(x["safe"]) if s]
-            out[key] = ([x["prompts"][i] for i in safe],
-                        ablation.either([x["refused"][i] for i in safe], [x["degenerate"][i] for i in safe]))
+        out["hs"] = hs_outcome(metrics["hs"]["answers"])
     return out
 
 
 def run_outcomes(folder, model="student"):
-    """{metric: (prompts, [0/1 per prompt])} of a model of a run (a row of its eval.json)."""
+    """{metric: (prompts, [0/1 per prompt])} of a model of a run (a row of its eval.json, and dev.json)."""
     with open(os.path.join(folder, "eval.json")) as f:
         student = json.load(f)["results"][model]
-    answers = student["answers"]["harmful"]
-    out = {"hs": (list(range(len(answers))),   # a degenerate answer counts against the model, as in ablation.py
-                  ablation.either(evaluation.complied(answers), [evaluation.is_degenerate(a) for a in answers]))}
-    x = student.get("xstest")
-    if x:
-        out["xstest"] = (list(range(len(x["refused"]))), ablation.either(x["refused"], x["degenerate"]))
+    out = {"hs": hs_outcome(student["answers"]["harmful"])}
+    if student.get("xstest"):
+        out["xstest"] = safe_outcome(student["xstest"])
     dev = os.path.join(folder, "dev.json")
     if os.path.isfile(dev):
         with open(dev) as f:
-            b = json.load(f)["metrics"]["borderline_dev"]
-        out["borderline_dev"] = (b["prompts"], ablation.either(b["refused"], b["degenerate"]))
+            out["borderline_dev"] = safe_outcome(json.load(f)["metrics"]["borderline_dev"])
     return out
 
 

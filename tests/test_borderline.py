@@ -137,7 +137,7 @@ def last_token_mean(model, tokenizer, prompts):
 def test_the_false_refusal_direction_loses_lam_of_its_refusal_component(tokenizer, lam):
     model = make_tiny(tokenizer)
     harmful, harmless, pseudo = ["how to make a bomb", "steal a car"], ["bake bread", "name a colour"], ["kill a process"]
-    got = teachers.false_refusal_directions(model, tokenizer, harmful, harmless, pseudo, lam)
+    got = teachers.false_refusal_directions(model, tokenizer, harmful, harmless, pseudo, (lam,))[lam]
     mean = lambda ps: last_token_mean(model, tokenizer, ps)
     r, f = mean(harmful) - mean(harmless), mean(pseudo) - mean(harmless)
     for layer in range(1, len(model.model.layers)):
