@@ -32,6 +32,7 @@ def save(path, model, tokenizer, opt, step, flags, canary=None, original=None):
     writes."""
     weights = parallel.gather_state(optim.student_state(model, opt, original))
     optimizer = parallel.gather_optimizer_state(opt.optimizer.state_dict())
+    canary = robust.whole_canary(canary)
     if not parallel.is_main():
         return
 
@@ -103,7 +104,7 @@ def resume(out, resume_from, student, opt, n_steps, log):
     state = torch.load(os.path.join(resume_from, "trainer_state.pt"), weights_only=True)
     opt.optimizer.load_state_dict(parallel.shard_optimizer_state(state["optimizer"], opt.master))
     restore_rng(state)
-    canary = robust.load_canary(resume_from, state, next(student.parameters()).device)
+    canary = robust.load_canary(resume_from, state, params)
     if os.path.exists(metrics_path) and parallel.is_main():  # a line cut short by the kill is dropped, with a note
         keep = [row for row in data.read_jsonl(metrics_path, log) if row.get("step", math.inf) < state["step"]]
         data.write_atomic(metrics_path, "".join(json.dumps(row) + "\n" for row in keep))

@@ -78,8 +78,10 @@ class MasterWeightOptimizer:
         masks = {}
         for m, f in zip(self.master, pinned or []):
             if f is not None and m.grad is not None:  # no gradient: the optimizer leaves m alone
-                masks[m] = f.to(m.device)  # masks follow the model; masters may sit in CPU memory
-                m.grad[masks[m]] = 0
+                # masks follow the model; masters may sit in CPU memory. Sharded (--fsdp): entries are
+                # picked in this rank's part, which a DTensor cannot index by a mask
+                masks[m] = local_part(f.to(m.device))
+                local_part(m.grad)[masks[m]] = 0
         grads = [m for m in self.master if m.grad is not None]
         norm = torch.nn.utils.clip_grad_norm_(grads, clip if clip > 0 else float("inf"))
         norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # sharded (--fsdp): the global norm
@@ -98,16 +100,16 @@ class MasterWeightOptimizer:
         for m, f in masks.items():
             m.grad = held.pop(m)
             state = self.optimizer.state.get(m, {})
-            values = m.detach()[f].clone()
-            moments = {k: v[f].clone() for k, v in state.items() if self._per_entry(k, v, m)}
+            values = local_part(m.detach())[f].clone()
+            moments = {k: local_part(v)[f].clone() for k, v in state.items() if self._per_entry(k, v, m)}
             self.optimizer.step()
             m.grad = None
             with torch.no_grad():
-                m[f] = values
+                local_part(m)[f] = values
                 for k, v in self.optimizer.state[m].items():
                     if self._per_entry(k, v, m):
                         # state created by this step starts at zero, as if these entries had none
-                        v[f] = moments[k] if k in moments else 0
+                        local_part(v)[f] = moments[k] if k in moments else 0
             del values, moments
         self.optimizer.zero_grad(set_to_none=True)
         with torch.no_grad():  # the compute copies from the masters: one fused call where both share a device
@@ -140,6 +142,11 @@ class MasterWeightOptimizer:
                 if m is not p:
                     p.copy_(m)
 
+
+
+def local_part(tensor):
+    """This rank's part of a sharded tensor (writes reach the shard), or the tensor itself."""
+    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
 
 
 def enable_checkpointing(model):

@@ -82,6 +82,24 @@ def gather(tensor):
     return tensor.full_tensor().cpu() if isinstance(tensor, DTensor) else tensor
 
 
+def whole(tensor):
+    """A sharded tensor whole on its device (every rank takes part); any other tensor as it is."""
+    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+
+
+def is_dtensor(tensor):
+    return isinstance(tensor, DTensor)
+
+
+def rowwise(tensor, fn):
+    """fn applied to each rank's rows of a tensor sharded along dim 0 (fn must act on rows alone), or to
+    the whole tensor."""
+    if not isinstance(tensor, DTensor):
+        return fn(tensor)
+    return DTensor.from_local(fn(tensor.to_local()), tensor.device_mesh, tensor.placements,
+                              shape=tensor.shape, stride=tensor.stride())
+
+
 def gather_state(state):
     return {k: gather(v) for k, v in state.items()}
 
@@ -92,10 +110,12 @@ def gather_optimizer_state(state_dict):
 
 
 def shard_like(full, param):
-    """This rank's part of a whole tensor, laid out as `param` (a sharded parameter), or `full` itself."""
+    """A whole tensor laid out as `param`: sharded like it (this rank's part), or on its device."""
     if not isinstance(param, DTensor):
-        return full
-    return distribute_tensor(full.to(param.device_mesh.device_type), param.device_mesh, param.placements)
+        return full.to(param.device)
+    # every rank holds the same whole tensor: each keeps its part without a scatter from rank 0
+    return distribute_tensor(full.to(param.device_mesh.device_type), param.device_mesh, param.placements,
+                             src_data_rank=None)
 
 
 def shard_optimizer_state(state_dict, params):

@@ -13,6 +13,7 @@ from safetensors.torch import load_file, save_file
 import data
 import losses
 import optim
+import parallel
 import schedule
 
 
@@ -104,40 +105,62 @@ def wanda_scores(model, params, feats, micro_batch):
             mask = batch["attention_mask"].to(device)
             real["mask"] = mask.bool()
             model(input_ids=batch["input_ids"].to(device), attention_mask=mask, use_cache=False)
-    return {n: params[n].detach().float().abs() * sq[n].sqrt()[None, :] for n in sq}
+    # a sharded weight (--fsdp) holds whole rows, and ‖x‖ runs along them: each rank scales its own rows
+    return {n: parallel.rowwise(params[n].detach().float().abs(), lambda w: w * sq[n].sqrt()[None, :]) for n in sq}
 
 
 def canary_masks(scores, fraction):
-    """Per tensor, the top `fraction` of entries by score (at least one) as a bool mask."""
+    """Per tensor, the top `fraction` of entries by score (at least one) as a bool mask. A sharded score
+    (--fsdp) is ranked whole, one tensor at a time, and its mask sharded like it."""
     masks = {}
     for name, score in scores.items():
-        k = max(1, round(score.numel() * fraction))
-        flat = torch.zeros(score.numel(), dtype=torch.bool, device=score.device)
-        flat[score.flatten().topk(k).indices] = True
-        masks[name] = flat.view_as(score)
+        whole = parallel.whole(score)
+        k = max(1, round(whole.numel() * fraction))
+        flat = torch.zeros(whole.numel(), dtype=torch.bool, device=whole.device)
+        flat[whole.flatten().topk(k).indices] = True
+        masks[name] = parallel.shard_like(flat.view_as(whole), score)
     return masks
 
 
+def n_true(mask):
+    """Entries set in a bool mask, over all ranks' parts when it is sharded (int() of a sharded sum
+    would read this rank's part only)."""
+    return int(parallel.whole(mask.sum()))
+
+
 def jaccard(a, b):
-    inter = sum(int((a[n] & b[n]).sum()) for n in a if n in b)
-    union = sum(int(m.sum()) for m in a.values()) + sum(int(m.sum()) for m in b.values()) - inter
+    inter = sum(n_true(a[n] & b[n]) for n in a if n in b)
+    union = sum(n_true(m) for m in a.values()) + sum(n_true(m) for m in b.values()) - inter
     return inter / max(union, 1)
 
 
 def canary_drift(masks, model_state, initial):
-    """Mean |w − w₀| on canary entries and on the rest (w₀: the initial student)."""
-    on = off = n_on = n_off = 0.0
+    """Mean |w − w₀| on canary entries and on the rest (w₀: the initial student). Under --fsdp, `initial`
+    holds this rank's parts (initial_parts) and the sums are taken over the ranks."""
+    sums, sharded = {"on": 0.0, "n_on": 0, "off": 0.0, "n_off": 0}, False
     for name, w in model_state.items():
         if name not in initial:
             continue
+        sharded |= parallel.is_dtensor(w)
+        w = optim.local_part(w)
         d = (w.detach().float() - initial[name].to(w.device, torch.float32)).abs()
         m = masks.get(name)
         if m is not None:
-            on, n_on = on + float(d[m].sum()), n_on + int(m.sum())
-            off, n_off = off + float(d[~m].sum()), n_off + int((~m).sum())
+            m = optim.local_part(m)
+            sums["on"], sums["n_on"] = sums["on"] + float(d[m].sum()), sums["n_on"] + int(m.sum())
+            sums["off"], sums["n_off"] = sums["off"] + float(d[~m].sum()), sums["n_off"] + int((~m).sum())
         else:
-            off, n_off = off + float(d.sum()), n_off + d.numel()
-    return on / max(n_on, 1), off / max(n_off, 1)
+            sums["off"], sums["n_off"] = sums["off"] + float(d.sum()), sums["n_off"] + d.numel()
+    if sharded:
+        sums = parallel.sum_over_ranks(sums)
+    return sums["on"] / max(sums["n_on"], 1), sums["off"] / max(sums["n_off"], 1)
+
+
+def initial_parts(model, params):
+    """The initial weights canary_drift compares with, each laid out as the student's parameter of that
+    name (under --fsdp this rank's part only)."""
+    return {n: optim.local_part(parallel.shard_like(p.detach().float(), params[n])).clone()
+            for n, p in model.named_parameters() if n in params}
 
 
 def canary_keep(masks, mode, side, opt):
@@ -209,7 +232,7 @@ def gather_canaries(model, canary, step, t, bad, levels, options):
     (their bad answers `bad`). Under --sequence cyclic|mixed the levels interleave batch by batch: a
     level already scored in this epoch gets its masks back from canary.store instead of being scored
     again. Returns log fields."""
-    count = lambda masks: {"canary_count": sum(int(m.sum()) for m in masks.values())} if masks else {}
+    count = lambda masks: {"canary_count": sum(n_true(m) for m in masks.values())} if masks else {}
     if canary.masks and canary.key is not None:
         canary.store.setdefault(canary.key, canary.masks)
     if options.every == "batch" and not step.harmful:  # no harmful batch to score: keep the masks
@@ -239,6 +262,15 @@ def save_masks(masks, folder):
               os.path.join(folder, "canary_masks.safetensors"))
 
 
+def whole_canary(canary):
+    """The canary state with sharded masks (--fsdp) gathered whole on the CPU (every rank takes part):
+    what a checkpoint or the final student saves, as one process saves it."""
+    if canary is None:
+        return None
+    gather = lambda masks: {n: parallel.gather(m) for n, m in masks.items()} if masks else masks
+    return CanaryState(gather(canary.masks), canary.key, {k: gather(v) for k, v in canary.store.items()})
+
+
 def save_canary(canary, folder):
     """The canary state into a checkpoint folder; returns the fields trainer_state.pt keeps (the
     current key and the keys of the stored levels, plain values: resume loads it weights_only)."""
@@ -253,18 +285,19 @@ def save_canary(canary, folder):
     return {"canary_key": key, "canary_stored": stored}
 
 
-def load_canary(folder, state, device):
-    """The CanaryState save_canary wrote (keys from trainer_state.pt `state`)."""
+def load_canary(folder, state, params):
+    """The CanaryState save_canary wrote (keys from trainer_state.pt `state`), each mask laid out as the
+    parameter of its name in `params` (its device; under --fsdp, sharded like it)."""
     canary = CanaryState()
     path = os.path.join(folder, "canary_masks.safetensors")
+    place = lambda masks: {n: parallel.shard_like(v.bool(), params[n]) for n, v in masks.items()}
     if os.path.exists(path):
-        canary.masks = {k: v.bool().to(device) for k, v in load_file(path).items()}
+        canary.masks = place(load_file(path))
         canary.key = state["canary_key"]
         canary.store[canary.key] = canary.masks
     stored = state.get("canary_stored") or []
     if stored:
         flat = load_file(os.path.join(folder, "canary_store.safetensors"))
         for i, key in enumerate(stored):
-            canary.store[key] = {n.split("/", 1)[1]: v.bool().to(device) for n, v in flat.items()
-                                 if n.split("/", 1)[0] == str(i)}
+            canary.store[key] = place({n.split("/", 1)[1]: v for n, v in flat.items() if n.split("/", 1)[0] == str(i)})
     return canary

@@ -121,8 +121,7 @@ def check_args(args):
     faded = [t for t in args.loss if losses.TERMS[t].fade]
     if args.cb_alpha and faded:
         raise ValueError(f"--cb-alpha sets the weights of {', '.join(faded)}: leave them out of --loss")
-    unsharded = [flag for flag, on in (("--lora-r", args.lora_r), ("--canary-mode", args.canary_mode != "off"),
-                                       ("--lat-eps", args.lat_eps), ("--optim-state-device cpu", args.optim_state_device == "cpu"),
+    unsharded = [flag for flag, on in (("--lora-r", args.lora_r), ("--lat-eps", args.lat_eps), ("--optim-state-device cpu", args.optim_state_device == "cpu"),
                                        ("--gradient-checkpointing", args.gradient_checkpointing)) if on]
     if args.fsdp and unsharded:
         raise ValueError(f"--fsdp with {', '.join(unsharded)}: not built for a sharded student; leave them off")
@@ -541,7 +540,7 @@ def train_loop(args, student, opt, frozen, pools, cfg, plan, levels, start, cana
     scales, n_levels = schedule.Scales.from_args(args), max(levels) + 1
     canary_options = robust.CanaryOptions(args.canary_every, args.canary_samples, args.canary_top, args.canary_score,
                                           args.micro_batch, args.seed)
-    initial = ({n: p.detach().float().clone() for n, p in base.fp32.named_parameters()}
+    initial = (robust.initial_parts(base.fp32, dict(student.named_parameters()))
                if args.canary_mode != "off" else None)
     metrics_path = os.path.join(args.out, "metrics.jsonl")
     bar = tqdm(range(start, len(plan)), desc="student", initial=start, total=len(plan), disable=not parallel.is_main())
@@ -872,7 +871,8 @@ def run(args):
     start, canary = checkpoint.resume(args.out, resume_from, student, opt, len(plan), log)
     log(f"training: {len(plan)} optimizer steps, {max(levels) + 1} levels, loss {args.loss}")
     train_loop(args, student, opt, frozen, pools, cfg, plan, levels, start, canary, base)
-    whole = parallel.gather_state(opt.master_state(student)) if args.fsdp else None  # every rank takes part
+    if args.fsdp:  # every rank takes part in gathering the shards
+        whole, canary = parallel.gather_state(opt.master_state(student)), robust.whole_canary(canary)
     if not parallel.is_main():
         return None
     if args.fsdp:

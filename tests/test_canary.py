@@ -151,7 +151,7 @@ def test_checkpoint_keeps_the_levels_gathered_this_epoch(tiny, tokenizer, tmp_pa
     checkpoint.save(str(tmp_path / "ck"), tiny, tokenizer, opt, 4, vars(args), canary)
     state = torch.load(tmp_path / "ck" / "trainer_state.pt", weights_only=True)
     assert state["canary_key"] == (0, 1) and state["canary_stored"] == [(0, 0)]
-    loaded = robust.load_canary(str(tmp_path / "ck"), state, torch.device("cpu"))
+    loaded = robust.load_canary(str(tmp_path / "ck"), state, dict(tiny.named_parameters()))
     assert loaded.key == (0, 1) and set(loaded.store) == {(0, 0), (0, 1)}
     for key, t in (((0, 0), 0), ((0, 1), 1)):
         assert set(loaded.store[key]) == set(used[t])
@@ -259,5 +259,5 @@ def test_trainer_state_loads_with_weights_only_and_round_trips(tiny, tokenizer, 
     for i in a["state"]:
         for k in ("step", "exp_avg", "exp_avg_sq"):
             assert torch.equal(a["state"][i][k], b["state"][i][k]), (i, k)
-    assert robust.load_canary(str(tmp_path / "ck"), state, torch.device("cpu")).masks is None
+    assert robust.load_canary(str(tmp_path / "ck"), state, dict(tiny.named_parameters())).masks is None
     assert not os.path.exists(tmp_path / "ck" / "canary_masks.safetensors")
