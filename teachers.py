@@ -84,6 +84,17 @@ def fingerprint(path):
     return h.hexdigest()[:16]
 
 
+def model_key(spec):
+    """The content key load_model gives `spec`, without loading it: file name and weight hash for a
+    GGUF file or a folder, the id itself for a hub id."""
+    path = _alias_path(spec) if spec in ALIASES else spec
+    if path.endswith(".gguf") and os.path.isfile(path):
+        return f"{os.path.basename(path)}:{fingerprint(path)}"
+    if os.path.isdir(path):
+        return f"{os.path.basename(os.path.normpath(path))}:{fingerprint(path)}"
+    return spec
+
+
 def load_model(spec, dtype=torch.bfloat16, device="cpu"):
     """(model, tokenizer, key) from an alias, a checkpoint folder, a .gguf file or a hub id.
     `key` names the weights by content, so caches survive renames and notice retraining."""
@@ -95,17 +106,14 @@ def load_model(spec, dtype=torch.bfloat16, device="cpu"):
             folder, name = os.path.split(path)
             tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
             model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=dtype)
-            key = f"{os.path.basename(path)}:{fingerprint(path)}"
         elif os.path.isdir(path):
             if not os.path.isfile(os.path.join(path, "config.json")):
                 raise ModelError(f"{spec}: folder has no config.json (not a transformers checkpoint)")
             tokenizer = AutoTokenizer.from_pretrained(path)
             model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
-            key = f"{os.path.basename(os.path.normpath(path))}:{fingerprint(path)}"
         else:
             tokenizer = AutoTokenizer.from_pretrained(spec)
             model = AutoModelForCausalLM.from_pretrained(spec, dtype=dtype)
-            key = spec
     except ModelError:
         raise
     except (OSError, ValueError) as e:
@@ -118,7 +126,7 @@ def load_model(spec, dtype=torch.bfloat16, device="cpu"):
     bad = nonfinite_parameter(model)
     if bad:  # a NaN model answers nothing, which a judge could score as safe
         raise ModelError(f"{spec}: parameter {bad} holds NaN or inf values; refusing to use this model")
-    return model, tokenizer, key
+    return model, tokenizer, model_key(spec)
 
 
 def nonfinite_parameter(model):

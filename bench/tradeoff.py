@@ -10,6 +10,7 @@ part (choices); harmful: the built-in held-out split (dev) or a file such as Str
     python bench/tradeoff.py --models base=smollm2-135m student=runs/default/student --borderline-dev phtest
     python bench/tradeoff.py --models a=runs/a/student b=runs/b/student --harmful strongreject.json \
         --limit 100 --out eval/tradeoff.json --png eval/tradeoff.png
+    python bench/tradeoff.py --models a=runs/a/student c=runs/c/student … --reuse eval/tradeoff.json  # a not swept again
 """
 import json
 import os
@@ -70,6 +71,29 @@ def load_prompts(args):
     return tuple(data.stratified_sample(x, args.limit, args.seed) for x in (harmful, safe))
 
 
+# the settings a model's sweep depends on: an earlier sweep (--reuse) is taken only where they and the prompts match
+SWEEP_SETTINGS = ("biases", "max_new_tokens", "precision", "device", "refusal_openings", "target", "max_prompt_tokens",
+                  "score")
+
+
+def reusable(files, prompts, sweep):
+    """{model key: its sweep} from earlier results files whose prompts and SWEEP_SETTINGS equal this run's."""
+    found = {}
+    for path in files:
+        try:
+            with open(path) as f:
+                old = json.load(f)
+            same = old["prompts"] == prompts and all(old["settings"].get(k) == sweep[k] for k in SWEEP_SETTINGS)
+            seeds = [m for row in old["models"].values() for m in row["seeds"]]
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise ValueError(f"--reuse {path}: not a bench/tradeoff.py results file ({e})") from None
+        if not same:
+            print(f"--reuse {path}: other prompts or sweep settings ({', '.join(SWEEP_SETTINGS)}); nothing taken from it")
+            continue
+        found.update({m["key"]: m for m in seeds})
+    return found
+
+
 def comparisons(models, target, n_boot, seed):
     """The first model against each other one, with Holm-corrected p-values over every test."""
     (first, a), *others = models.items()
@@ -120,6 +144,9 @@ def main(argv=None):
     p.add_argument("--target", type=evaluation.probability, default=0.10, help="over-refusal at which HS is read")
     p.add_argument("--n-boot", type=schedule.positive, default=2000, help="bootstrap resamples per comparison")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
+    p.add_argument("--reuse", nargs="+", default=[], metavar="FILE",
+                   help="earlier results files: a model (by weight hash) swept there on the same prompts and settings "
+                        "is not swept again")
     teachers.add_precision_argument(p)
     p.add_argument("--out", default=os.path.join("eval", "tradeoff.json"), help="results JSON")
     p.add_argument("--png", help="the curves (default: --out with .png)")
@@ -132,10 +159,22 @@ def main(argv=None):
         device = teachers.compute_device(args.device)
         dtype, line = teachers.apply_precision(args, device)
         print(line)
+        sweep = {"biases": args.biases, "max_new_tokens": args.max_new_tokens, "precision": args.precision,
+                 "device": str(device), "refusal_openings": list(evaluation.REFUSAL_OPENINGS), "target": args.target,
+                 "max_prompt_tokens": teachers.MAX_PROMPT_TOKENS,
+                 "score": "-(smallest first-token refusal bias at which the greedy answer fails the prompt)"}
+        prompts = {"harmful": [e.prompt for e in harmful], "safe": [e.prompt for e in safe]}
+        earlier = reusable(args.reuse, prompts, sweep)
         models = {}
         zero = args.biases.index(0.0)
         for name, paths in specs.items():
-            seeds = [score_model(path, harmful, safe, args, dtype, device) for path in paths]
+            seeds = []
+            for path in paths:
+                key = teachers.model_key(path) if earlier else None
+                if key in earlier:
+                    print(f"{name} ({path}): its sweep taken from --reuse (weights {key})")
+                seeds.append({**earlier[key], "path": path} if key in earlier else
+                             score_model(path, harmful, safe, args, dtype, device))
             models[name] = {"auroc": sum(m["auroc"] for m in seeds) / len(seeds),
                             "hs_at_target": sum(m["hs_at_target"] for m in seeds) / len(seeds),
                             "scores": {kind: [list(x) for x in zip(*(m["scores"][kind] for m in seeds))]
@@ -161,16 +200,12 @@ def main(argv=None):
                      "models": {n: [{"path": x["path"], "key": x["key"]} for x in m["seeds"]] for n, m in models.items()},
                      "harmful": evaluation.prompt_files(None if args.harmful == BUILTIN else [args.harmful]),
                      "n_harmful": len(harmful), "n_safe": len(safe), "limit": args.limit, "seed": args.seed,
-                     "target": args.target, "n_boot": args.n_boot, "precision": args.precision,
-                     "precision_requested": args.precision_requested, "device": str(device),
-                     "score": "-(smallest first-token refusal bias at which the greedy answer fails the prompt)",
-                     "biases": args.biases, "max_new_tokens": args.max_new_tokens,
-                     "refusal_openings": list(evaluation.REFUSAL_OPENINGS),
+                     "n_boot": args.n_boot, "precision_requested": args.precision_requested, **sweep,
                      "safe_set": ({"path": args.borderline_dev, "part": "dev"} if args.borderline_dev else
                                   {"path": args.xstest, "sha256": data.file_sha256(args.xstest)}),
-                     "max_prompt_tokens": teachers.MAX_PROMPT_TOKENS,
+                     "reused_from": args.reuse,
                      "versions": {"torch": torch.__version__, "transformers": transformers.__version__}},
-        "prompts": {"harmful": [e.prompt for e in harmful], "safe": [e.prompt for e in safe]},
+        "prompts": prompts,
         "models": models,
         "comparisons": tests}
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)

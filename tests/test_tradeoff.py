@@ -129,3 +129,26 @@ def test_bench_bad_model_is_one_line(tmp_path):
         load_bench().main(["--models", f"a={tmp_path}", "--out", str(tmp_path / "t.json")])
     with pytest.raises(SystemExit, match="^error: --biases"):
         load_bench().main(["--models", f"a={tmp_path}", "--biases", "1", "2", "--out", str(tmp_path / "t.json")])
+
+
+def test_reuse_takes_a_model_swept_on_the_same_prompts_and_settings_only(tokenizer, tiny_folder, tmp_path):
+    other = str(tmp_path / "other")
+    teachers.save_model(make_tiny(tokenizer, seed=1), tokenizer, other)
+    bench = load_bench()
+    common = ["--limit", "4", "--precision", "fp32", "--n-boot", "50", "--max-new-tokens", "3"]
+    first = tmp_path / "first.json"
+    bench.main(["--models", f"a={tiny_folder}", *common, "--biases", "-1", "0", "1", "--out", str(first)])
+    swept, real = [], bench.score_model
+    bench.score_model = lambda path, *a: swept.append(path) or real(path, *a)
+    again = tmp_path / "again.json"
+    bench.main(["--models", f"x={other}", f"a2={tiny_folder}", *common, "--biases", "-1", "0", "1",
+                "--reuse", str(first), "--out", str(again)])
+    assert swept == [other]  # the tiny model's sweep came from the first file
+    old, new = json.loads(first.read_text()), json.loads(again.read_text())
+    assert new["models"]["a2"]["seeds"][0] == old["models"]["a"]["seeds"][0]
+    assert new["comparisons"][0]["b"] == "a2"
+    bench.main(["--models", f"a={tiny_folder}", *common, "--biases", "-2", "0", "2", "--reuse", str(first),
+                "--out", str(tmp_path / "other_biases.json")])
+    assert swept == [other, tiny_folder]  # other biases: swept again
+    with pytest.raises(SystemExit, match="^error: --reuse .*: not a bench/tradeoff.py results file"):
+        bench.main(["--models", f"a={tiny_folder}", "--reuse", str(tmp_path / "missing.json"), "--out", str(again)])
