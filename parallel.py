@@ -110,9 +110,9 @@ def gather_optimizer_state(state_dict):
 
 
 def shard_like(full, param):
-    """A whole tensor laid out as `param`: sharded like it (this rank's part), or on its device."""
+    """This rank's part of a whole tensor, laid out as `param` (a sharded parameter), or `full` itself."""
     if not isinstance(param, DTensor):
-        return full.to(param.device)
+        return full
     # every rank holds the same whole tensor: each keeps its part without a scatter from rank 0
     return distribute_tensor(full.to(param.device_mesh.device_type), param.device_mesh, param.placements,
                              src_data_rank=None)

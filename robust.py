@@ -157,8 +157,8 @@ def canary_drift(masks, model_state, initial):
 
 
 def initial_parts(model, params):
-    """The initial weights canary_drift compares with, each laid out as the student's parameter of that
-    name (under --fsdp this rank's part only)."""
+    """The initial weights canary_drift compares with, where `model` holds them (under --fsdp, this rank's
+    part of each, laid out as the student's parameter of that name)."""
     return {n: optim.local_part(parallel.shard_like(p.detach().float(), params[n])).clone()
             for n, p in model.named_parameters() if n in params}
 
@@ -290,7 +290,7 @@ def load_canary(folder, state, params):
     parameter of its name in `params` (its device; under --fsdp, sharded like it)."""
     canary = CanaryState()
     path = os.path.join(folder, "canary_masks.safetensors")
-    place = lambda masks: {n: parallel.shard_like(v.bool(), params[n]) for n, v in masks.items()}
+    place = lambda masks: {n: parallel.shard_like(v.bool().to(params[n].device), params[n]) for n, v in masks.items()}
     if os.path.exists(path):
         canary.masks = place(load_file(path))
         canary.key = state["canary_key"]

@@ -77,20 +77,23 @@ SWEEP_SETTINGS = ("biases", "max_new_tokens", "precision", "device", "refusal_op
 
 
 def reusable(files, prompts, sweep):
-    """{model key: its sweep} from earlier results files whose prompts and SWEEP_SETTINGS equal this run's."""
+    """{model key: its sweep} from earlier results files whose prompts and SWEEP_SETTINGS equal this run's.
+    The key hashes the weight files only: a folder whose chat template or tokenizer changed with the same
+    weights would be taken too (sweep it into a fresh file instead)."""
     found = {}
     for path in files:
         try:
             with open(path) as f:
                 old = json.load(f)
             same = old["prompts"] == prompts and all(old["settings"].get(k) == sweep[k] for k in SWEEP_SETTINGS)
-            seeds = [m for row in old["models"].values() for m in row["seeds"]]
-        except (OSError, ValueError, KeyError, TypeError) as e:
+            rows = old["models"].values()
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
             raise ValueError(f"--reuse {path}: not a bench/tradeoff.py results file ({e})") from None
-        if not same:
+        if not same or not all("seeds" in row for row in rows):  # files before rows had seeds: other settings too
             print(f"--reuse {path}: other prompts or sweep settings ({', '.join(SWEEP_SETTINGS)}); nothing taken from it")
             continue
-        found.update({m["key"]: m for m in seeds})
+        # a hub id's key is its name, not its content: never taken
+        found.update({m["key"]: m for row in rows for m in row["seeds"] if m["key"] != m["path"]})
     return found
 
 
