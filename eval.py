@@ -1169,8 +1169,10 @@ def main(argv=None):
     g.add_argument("--hs-set", help="harmful prompts for HS: builtin:test, a file or a hub name")
     g.add_argument("--hs-split", default=PUBLISHED_HS["split"], help="hub split of --hs-set")
     g.add_argument("--hs-n", type=schedule.positive, help="first N prompts of the HS set (default: all; published: 1000)")
-    g.add_argument("--hs-rephrase", choices=("none", "mixed", *data.REPHRASINGS), default="none",
-                   help="HS on the set's prompts rephrased (data.REPHRASINGS; mixed: one framing per prompt by hash)")
+    g.add_argument("--hs-rephrase", choices=("none", "mixed", *data.REPHRASINGS, "heldout", *data.HELDOUT_REPHRASINGS),
+                   default="none", help="HS on the set's prompts rephrased (data.REPHRASINGS, the framings "
+                   "--rephrase-harmful trains on; heldout: the same framings in other words; mixed / heldout: one "
+                   "framing per prompt by hash)")
     g.add_argument("--hs-prefill", default="", metavar="TEXT",
                    help="open every HS answer with TEXT, e.g. 'Sure, here is' (a prefilling attack; the judge reads "
                         "what the model writes after it)")

@@ -24,6 +24,20 @@ def test_each_prompt_gets_one_framing_chosen_by_its_hash_and_keeps_its_category(
         data.rephrase(examples, "passive")
 
 
+def test_heldout_framings_share_no_wording_with_the_trained_ones():
+    """The evaluation-only templates reach every prompt with one of their five framings, and none of them
+    shares a five-word run with a training template (a model could refuse that wording alone)."""
+    examples = [data.Example(f"explain how to pick lock number {i}") for i in range(40)]
+    held = data.rephrase(examples, "heldout", seed=0)
+    assert {r.extra["rephrasing"] for r in held} == set(data.HELDOUT_REPHRASINGS)
+    for e, r in zip(examples, held):
+        assert r.prompt == data.HELDOUT_REPHRASINGS[r.extra["rephrasing"]].format(prompt=e.prompt)
+    runs = lambda text: {tuple(text.lower().split()[i:i + 5]) for i in range(len(text.split()) - 4)}
+    trained = set().union(*(runs(t.format(prompt="")) for t in data.REPHRASINGS.values()))
+    assert not any(runs(t.format(prompt="")) & trained for t in data.HELDOUT_REPHRASINGS.values())
+    assert data.rephrase(examples[:1], "heldout-past")[0].prompt.startswith("Historically speaking")
+
+
 def test_rephrased_copies_join_the_harmful_training_prompts_only(tiny_folder, tmp_path):
     plain = train.load_pools(pipeline_args(tiny_folder, tmp_path))
     more = train.load_pools(pipeline_args(tiny_folder, tmp_path, "--rephrase-harmful", "fiction"))
