@@ -67,18 +67,23 @@ train.main(sys.argv[1:])
 """
 
 
-def test_a_sharded_checkpoint_resumes_exactly(adamw_runs, tiny_folder, tmp_path):
-    """Killed at step 5, resumed from step 3's checkpoint (gathered from the shards, Adam moments
-    included, and sharded again): the same metrics and weights as the uninterrupted sharded run."""
-    script = tmp_path / "killed.py"
+def killed_and_resumed(tiny_folder, out, *extra):
+    """A 2-process run of these flags killed at step 5 (after step 3's checkpoint), then resumed."""
+    script = out.parent / "killed.py"
     script.write_text(KILLED_AT_STEP_5.format(root=ROOT))
-    out = tmp_path / "run"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(script),
-           *cli(tiny_folder, out, "--fsdp", *ADAMW)]
+           *cli(tiny_folder, out, *extra)]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert done.returncode != 0 and "KeyboardInterrupt" in done.stderr
     assert sorted(os.listdir(out / "checkpoints")) == ["step-3"]
-    torchrun(tiny_folder, out, "--fsdp", "--resume", *ADAMW)
+    torchrun(tiny_folder, out, *extra, "--resume")
+
+
+def test_a_sharded_checkpoint_resumes_exactly(adamw_runs, tiny_folder, tmp_path):
+    """Killed at step 5, resumed from step 3's checkpoint (gathered from the shards, Adam moments
+    included, and sharded again): the same metrics and weights as the uninterrupted sharded run."""
+    out = tmp_path / "run"
+    killed_and_resumed(tiny_folder, out, "--fsdp", *ADAMW)
     assert metrics(out) == metrics(adamw_runs / "two")
     a = load_file(str(adamw_runs / "two" / "student" / "model.safetensors"))
     b = load_file(str(out / "student" / "model.safetensors"))
@@ -138,14 +143,8 @@ def test_a_sharded_canary_run_resumes_exactly(tiny_folder, tmp_path):
     again): the metrics, weights and masks of the uninterrupted sharded run."""
     extra = ("--fsdp", *ADAMW, "--canary-mode", "focus", "--lam", "0", *CANARY)
     torchrun(tiny_folder, tmp_path / "whole", *extra)
-    script = tmp_path / "killed.py"
-    script.write_text(KILLED_AT_STEP_5.format(root=ROOT))
     out = tmp_path / "run"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(script),
-           *cli(tiny_folder, out, *extra)]
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-    assert done.returncode != 0 and "KeyboardInterrupt" in done.stderr
-    torchrun(tiny_folder, out, *extra, "--resume")
+    killed_and_resumed(tiny_folder, out, *extra)
     assert metrics(out) == metrics(tmp_path / "whole")
     for name in ("model", "canary_masks"):
         a = load_file(str(tmp_path / "whole" / "student" / f"{name}.safetensors"))
