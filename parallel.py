@@ -77,14 +77,14 @@ def max_over_ranks(n):
     return int(t)
 
 
-def gather(tensor):
-    """A sharded tensor whole (every rank takes part), on the CPU; any other tensor as it is."""
-    return tensor.full_tensor().cpu() if isinstance(tensor, DTensor) else tensor
-
-
 def whole(tensor):
     """A sharded tensor whole on its device (every rank takes part); any other tensor as it is."""
     return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+
+
+def gather(tensor):
+    """A sharded tensor whole (every rank takes part), on the CPU; any other tensor as it is."""
+    return whole(tensor).cpu() if isinstance(tensor, DTensor) else tensor
 
 
 def is_dtensor(tensor):

@@ -122,15 +122,16 @@ def canary_masks(scores, fraction):
     return masks
 
 
-def n_true(mask):
-    """Entries set in a bool mask, over all ranks' parts when it is sharded (int() of a sharded sum
-    would read this rank's part only)."""
-    return int(parallel.whole(mask.sum()))
+def n_true(masks):
+    """Entries set in a dict of bool masks, over all ranks' parts when they are sharded: one reduction
+    for the dict (int() of a sharded sum would read this rank's part only)."""
+    local = sum(int(optim.local_part(m).sum()) for m in masks.values())
+    return int(parallel.sum_over_ranks({"n": local})["n"]) if any(map(parallel.is_dtensor, masks.values())) else local
 
 
 def jaccard(a, b):
-    inter = sum(n_true(a[n] & b[n]) for n in a if n in b)
-    union = sum(n_true(m) for m in a.values()) + sum(n_true(m) for m in b.values()) - inter
+    inter = n_true({n: a[n] & b[n] for n in a if n in b})
+    union = n_true(a) + n_true(b) - inter
     return inter / max(union, 1)
 
 
@@ -232,7 +233,7 @@ def gather_canaries(model, canary, step, t, bad, levels, options):
     (their bad answers `bad`). Under --sequence cyclic|mixed the levels interleave batch by batch: a
     level already scored in this epoch gets its masks back from canary.store instead of being scored
     again. Returns log fields."""
-    count = lambda masks: {"canary_count": sum(n_true(m) for m in masks.values())} if masks else {}
+    count = lambda masks: {"canary_count": n_true(masks)} if masks else {}
     if canary.masks and canary.key is not None:
         canary.store.setdefault(canary.key, canary.masks)
     if options.every == "batch" and not step.harmful:  # no harmful batch to score: keep the masks
@@ -267,7 +268,12 @@ def whole_canary(canary):
     what a checkpoint or the final student saves, as one process saves it."""
     if canary is None:
         return None
-    gather = lambda masks: {n: parallel.gather(m) for n, m in masks.items()} if masks else masks
+    done = {}  # the current masks are also in the store: gathered once
+
+    def gather(masks):
+        if masks and id(masks) not in done:
+            done[id(masks)] = {n: parallel.gather(m) for n, m in masks.items()}
+        return done.get(id(masks), masks)
     return CanaryState(gather(canary.masks), canary.key, {k: gather(v) for k, v in canary.store.items()})
 
 

@@ -121,7 +121,8 @@ def check_args(args):
     faded = [t for t in args.loss if losses.TERMS[t].fade]
     if args.cb_alpha and faded:
         raise ValueError(f"--cb-alpha sets the weights of {', '.join(faded)}: leave them out of --loss")
-    unsharded = [flag for flag, on in (("--lora-r", args.lora_r), ("--lat-eps", args.lat_eps), ("--optim-state-device cpu", args.optim_state_device == "cpu"),
+    unsharded = [flag for flag, on in (("--lora-r", args.lora_r), ("--lat-eps", args.lat_eps),
+                                       ("--optim-state-device cpu", args.optim_state_device == "cpu"),
                                        ("--gradient-checkpointing", args.gradient_checkpointing)) if on]
     if args.fsdp and unsharded:
         raise ValueError(f"--fsdp with {', '.join(unsharded)}: not built for a sharded student; leave them off")
