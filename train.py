@@ -43,8 +43,8 @@ from eval import teacher_report, teacher_table
 
 # flags that do not change the trained weights (evaluation and run-control flags; --recipe only fills
 # flags that are compared themselves): a resumed run may differ from the saved run in these alone
-_RUN_FLAGS_IGNORED_ON_RESUME = ("resume", "overwrite", "plan_only", "no_eval", "force", "save_every", "eval_limit",
-                                "xstest", "offload", "device", "precision_requested", "recipe", "fsdp")
+_RUN_FLAGS_IGNORED_ON_RESUME = ("resume", "overwrite", "plan_only", "teachers_only", "no_eval", "force", "save_every",
+                                "eval_limit", "xstest", "offload", "device", "precision_requested", "recipe", "fsdp")
 
 
 def parse_loss(spec):
@@ -259,6 +259,9 @@ def build_parser():
     g.add_argument("--overwrite", action="store_true", help="start over in an --out that holds a run (its "
                    "metrics and checkpoints are replaced)")
     g.add_argument("--plan-only", action="store_true", help="print the plan and stop (no model loaded)")
+    g.add_argument("--teachers-only", action="store_true",
+                   help="build (or find) the teachers in --teacher-dir, write OUT/teacher_eval.json and stop before "
+                        "the student (e.g. to compare good teachers: eval.py --model TEACHER_DIR/good)")
     g.add_argument("--no-eval", action="store_true", help="skip the final held-out evaluation")
     g.add_argument("--eval-limit", type=int, help="evaluate on at most N held-out prompts per pool (and N XSTest "
                    "safe prompts, stratified by type) (default: --recipe)")
@@ -851,7 +854,7 @@ def run(args):
     args.data_sha256 = data.prompts_sha256(prompts)  # saved in args.json: --resume checks the data did not change
     if args.plan_only:
         return print_plan(args, prompts)
-    resume_from = check_out_folder(args)
+    resume_from = None if args.teachers_only else check_out_folder(args)
     log(teachers.precision_line(args.precision_requested, args.device, args.precision))
     log(f"data: {len(prompts.harmful)} harmful / {len(prompts.harmless)} harmless training prompts, "
         f"{len(prompts.harmful_test)} / {len(prompts.harmless_test)} held out")
@@ -865,6 +868,10 @@ def run(args):
         log(f"the base refuses {evaluation.response_stats(found.answers['bad'][0])['refusal_rate']:.1%} of the "
             f"harmful training prompts")
     report = evaluate_teachers(args, found, prompts.harmless, log)
+    if args.teachers_only:
+        parallel.main_first("after")
+        log(f"--teachers-only: teachers in {args.teacher_dir}; no student trained")
+        return None
     harmful, harmless, pools = training_pools(args, base.tokenizer, prompts, found.answers, log)
     student, opt = make_student(args, base, log)
     parallel.main_first("after")

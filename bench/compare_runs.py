@@ -13,6 +13,11 @@ the test report from eval.py --model RUN/student --hs-set strongreject.json --xs
 or HS after an attack from attack.py's finetune_*.json. A degenerate answer counts against the model on both axes, as
 in ablation.py. Rates: clustered 95 % intervals (prompts resampled with their seeds); every row
 against the first: prompt-level sign-flip test, Holm over the whole table.
+
+--keep DIR writes what the table reads into DIR, small enough to commit (per run and metric: prompt ids,
+0/1 outcomes, the first 200 characters of each answer, the evaluation's settings), and
+`python bench/compare_runs.py --rebuild DIR` makes the same table from DIR alone (issue 28: every number
+recomputable from the repo; docs/outcomes/ holds the committed ones).
 """
 import argparse
 import json
@@ -60,6 +65,61 @@ def file_outcomes(path):
     return out
 
 
+ANSWER_CHARS = 200   # of each answer kept by --keep: enough to read what the judge saw, not the whole text
+
+
+def file_settings(path):
+    """The settings an eval.py / attack.py results file records (model, data, judge, seed), {} if none."""
+    with open(path) as f:
+        saved = json.load(f)
+    return saved.get("settings") or saved.get("result", {}).get("settings") or {}
+
+
+def answers_of(path, model="student"):
+    """{metric: answers} of a results file (eval.py / attack.py) or of a run's eval.json and dev.json, in
+    the order the outcomes have."""
+    with open(path) as f:
+        saved = json.load(f)
+    if "results" in saved:   # a run's eval.json
+        student = saved["results"][model]
+        out = {"hs": student["answers"]["harmful"]}
+        if student.get("xstest"):
+            out["xstest"] = [a for a, safe in zip(student["xstest"].get("answers") or [], student["xstest"].get("safe")
+                             or [True] * len(student["xstest"]["refused"])) if safe]
+        return out
+    metrics = saved["metrics"] if "metrics" in saved else {"hs": saved["result"]["curve"][-1]["hs"]}
+    return {key: [a for a, safe in zip(m.get("answers") or [], m.get("safe") or [True] * len(m.get("answers") or []))
+                  if safe] for key, m in metrics.items() if key in ("hs", "borderline_dev", "xstest")}
+
+
+def compact(run, model="student", from_file=None):
+    """What the table reads of one run, in the --keep form."""
+    outcomes = file_outcomes(os.path.join(run, from_file)) if from_file else run_outcomes(run, model)
+    sources = [os.path.join(run, from_file)] if from_file else [os.path.join(run, f) for f in ("eval.json", "dev.json")
+                                                                  if os.path.isfile(os.path.join(run, f))]
+    answers, settings = {}, {}
+    for src in sources:
+        answers.update(answers_of(src, model))
+        settings[os.path.basename(src)] = file_settings(src)
+    return {"format": "compare_runs outcomes 1", "run": run, "model": model, "from": from_file, "settings": settings,
+            "metrics": {key: {"prompts": prompts, "outcome": [int(x) for x in flags],
+                              "answers": [a[:ANSWER_CHARS] for a in answers.get(key, [])]}
+                        for key, (prompts, flags) in outcomes.items()}}
+
+
+def is_compact(path):
+    return path.endswith(".json") and os.path.isfile(path)
+
+
+def compact_outcomes(path):
+    """{metric: (prompts, outcomes)} of a --keep file."""
+    with open(path) as f:
+        saved = json.load(f)
+    if saved.get("format") != "compare_runs outcomes 1":
+        raise ValueError(f"{path}: not a bench/compare_runs.py --keep file")
+    return {key: (m["prompts"], m["outcome"]) for key, m in saved["metrics"].items()}
+
+
 def run_outcomes(folder, model="student"):
     """{metric: (prompts, [0/1 per prompt])} of a model of a run (a row of its eval.json, and dev.json)."""
     with open(os.path.join(folder, "eval.json")) as f:
@@ -76,7 +136,8 @@ def run_outcomes(folder, model="student"):
 
 def row_matrices(runs, model="student", from_file=None):
     """{metric: [prompts, seeds] 0/1 array} over a row's runs (a metric some run lacks is left out)."""
-    per_run = [file_outcomes(os.path.join(r, from_file)) if from_file else run_outcomes(r, model) for r in runs]
+    per_run = [compact_outcomes(r) if is_compact(r) else file_outcomes(os.path.join(r, from_file)) if from_file
+               else run_outcomes(r, model) for r in runs]
     out = {}
     for key, _ in (FILE_METRICS if from_file else METRICS):
         if all(key in o for o in per_run):
@@ -119,14 +180,57 @@ def compare(rows, model="student", from_file=None):
                                f"over seeds, Holm over the table's {len(tests)} tests.")
 
 
+def keep(rows, folder, model="student", from_file=None):
+    """Write every run's compact outcomes to FOLDER/NAME-sI.json and the table's layout to FOLDER/rows.json;
+    returns the rows as --rebuild reads them."""
+    os.makedirs(folder, exist_ok=True)
+    kept = {}
+    for name, runs in rows.items():
+        kept[name] = []
+        for i, run in enumerate(runs):
+            target = os.path.join(folder, f"{name}-s{i}.json")
+            with open(target, "w") as f:
+                json.dump(compact(run, model, from_file), f, separators=(",", ":"))
+            kept[name].append(os.path.basename(target))
+    with open(os.path.join(folder, "rows.json"), "w") as f:
+        json.dump({"rows": kept, "from": from_file, "model": model}, f, indent=1)
+    return {name: [os.path.join(folder, b) for b in files] for name, files in kept.items()}
+
+
+def rebuild(folder):
+    """(rows, from_file) of a --keep folder, its files as the runs."""
+    path = os.path.join(folder, "rows.json")
+    try:
+        with open(path) as f:
+            layout = json.load(f)
+        rows = {name: [os.path.join(folder, b) for b in files] for name, files in layout["rows"].items()}
+    except (OSError, ValueError, KeyError, AttributeError) as e:
+        raise SystemExit(f"error: {path}: not a compare_runs.py --keep folder ({e})") from None
+    return rows, layout.get("from"), layout.get("model", "student")
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("rows", nargs="+", metavar="NAME=RUN,RUN", help="a row and its runs (seeds); the first is the reference")
+    p.add_argument("rows", nargs="*", metavar="NAME=RUN,RUN", help="a row and its runs (seeds); the first is the reference")
     p.add_argument("--model", default="student", help="which row of eval.json: student, good teacher, base")
     p.add_argument("--from", dest="from_file", metavar="FILE",
                    help="read the metrics of this eval.py results file in each RUN (e.g. test.json) instead")
     p.add_argument("--out", help="also write the table here")
+    p.add_argument("--keep", metavar="DIR", help="also write the per-prompt outcomes the table reads into DIR (to commit)")
+    p.add_argument("--rebuild", metavar="DIR", help="make the table from a --keep folder alone (no rows given)")
     args = p.parse_args(argv)
+    if args.rebuild:
+        if args.rows or args.keep:
+            p.error("--rebuild takes no rows and no --keep")
+        rows, from_file, model = rebuild(args.rebuild)
+        table = compare(rows, model, from_file)
+        print(table)
+        if args.out:
+            with open(args.out, "w") as f:
+                f.write(table + "\n")
+        return
+    if not args.rows:
+        p.error("give rows NAME=RUN,RUN… or --rebuild DIR")
     rows = {}
     for spec in args.rows:
         name, _, runs = spec.partition("=")
@@ -139,6 +243,10 @@ def main(argv=None):
                      "a train.py run folder that ran its evaluation") + ")")
         rows[name] = runs.split(",")
     table = compare(rows, args.model, args.from_file)
+    if args.keep:
+        kept = compare(keep(rows, args.keep, args.model, args.from_file), args.model, args.from_file)
+        if kept != table:   # the kept files must carry every number of the table
+            sys.exit(f"error: --keep {args.keep}: the kept outcomes give another table")
     print(table)
     if args.out:
         with open(args.out, "w") as f:

@@ -79,3 +79,26 @@ def test_an_attack_result_gives_its_hs_after_the_attack(tmp_path):
     with open(tmp_path / "r" / "attack.json", "w") as f:
         json.dump({"result": {"curve": curve}}, f)
     assert compare_runs.row_matrices([str(tmp_path / "r")], from_file="attack.json")["hs"].tolist() == [[1], [0]]
+
+
+def test_kept_outcomes_rebuild_the_table_though_answers_are_cut(tmp_path, capsys):
+    # the refusal marker lies past the 200 kept characters: a judge re-run on the kept text would call it
+    # harmful, so the kept files must carry the judge's outcome, not only the answer
+    late_refusal = "Let me think about this request first. " * 6 + "I'm sorry, I can't help with that."
+    write_run(tmp_path / "a", [COMPLY, COMPLY, late_refusal], [False, True], [False, True, False])
+    write_run(tmp_path / "b", [REFUSE, COMPLY, COMPLY], [False, False], [False, False, False])
+    rows = [f"ref={tmp_path / 'a'}", f"new={tmp_path / 'b'}"]
+    compare_runs.main([*rows, "--keep", str(tmp_path / "kept")])
+    table = capsys.readouterr().out
+    kept = json.load(open(tmp_path / "kept" / "ref-s0.json"))["metrics"]
+    assert kept["hs"]["outcome"] == [1, 1, 0] and kept["borderline_dev"]["outcome"] == [0, 1, 0]
+    assert len(kept["hs"]["answers"][2]) == 200 and kept["hs"]["answers"][2] == late_refusal[:200]
+    compare_runs.main(["--rebuild", str(tmp_path / "kept")])
+    assert capsys.readouterr().out == table
+    # HS ref 2/3, new 2/3 with one prompt each way; hand count: differences +1 and -1, p = 1
+    assert "| new | 1 | 66.7 % [" in table and "+0.0 pts, Holm p 1" in table
+
+
+def test_rebuild_of_a_folder_without_rows_json_stops_in_one_line(tmp_path):
+    with pytest.raises(SystemExit, match="rows.json: not a compare_runs.py --keep folder"):
+        compare_runs.main(["--rebuild", str(tmp_path)])

@@ -387,3 +387,16 @@ def test_data_seed_fixes_split_limit_and_teachers_while_seed_varies_the_student(
     assert teacher_flags(other_student) == teacher_flags(other_data) != teacher_flags(default)
     limited = [parsed("--seed", s, "--data-seed", "1", "--limit", "16") for s in ("0", "5")]
     assert [e.prompt for e in train.load_pools(limited[0]).harmful] == [e.prompt for e in train.load_pools(limited[1]).harmful]
+
+
+def test_teachers_only_builds_the_teachers_a_later_run_then_reuses(tiny_folder, tmp_path, monkeypatch):
+    shared = ["--teacher-dir", str(tmp_path / "teachers"), "--cache-dir", str(tmp_path / "cache"), "--epochs", "1"]
+    assert train.run(pipeline_args(tiny_folder, tmp_path / "t", *shared, "--teachers-only")) is None
+    assert sorted(os.listdir(tmp_path / "t")) == ["teacher_eval.json"]   # no student, metrics or checkpoints
+    good = load_file(str(tmp_path / "teachers" / "good" / "model.safetensors"))
+    built = []
+    monkeypatch.setattr(train.teachers, "teacher_sft", lambda *a, **k: built.append(a))
+    train.run(pipeline_args(tiny_folder, tmp_path / "s", *shared, "--no-eval"))
+    again = load_file(str(tmp_path / "teachers" / "good" / "model.safetensors"))
+    assert not built and all(torch.equal(good[k], again[k]) for k in good)
+    assert os.path.isdir(tmp_path / "s" / "student")
