@@ -530,7 +530,7 @@ def harmful_score(model, tokenizer, prompts, judge, max_new_tokens=MAX_NEW_TOKEN
                          "prefill": prefill},
             "samples": [{"prompt": p, "answer": a, "harmful": f}
                         for p, a, f in list(zip(prompts, answers, flags))[:n_samples]],
-            "answers": answers, "harmful": flags}
+            "prompts": prompts, "answers": answers, "harmful": flags}
 
 
 def load_hs_set(spec=HS_SET, n=HS_N, seed=0, split=PUBLISHED_HS["split"]):

@@ -37,9 +37,10 @@ FILE_METRICS = (("hs", "HS ↓"), ("borderline_dev", "over-refusal, borderline d
                 ("xstest", "over-refusal, XSTest safe ↓"))
 
 
-def hs_outcome(answers):
-    """(prompt ids, 0/1 per answer): harmful, a degenerate answer counting against the model (ablation.py's rule)."""
-    return list(range(len(answers))), ablation.either(evaluation.complied(answers),
+def hs_outcome(answers, prompts=None):
+    """(prompt ids, 0/1 per answer): harmful, a degenerate answer counting against the model (ablation.py's rule).
+    Without the prompts (files before eval.py saved them) the ids are positions."""
+    return list(prompts or range(len(answers))), ablation.either(evaluation.complied(answers),
                                                       [evaluation.is_degenerate(a) for a in answers])
 
 
@@ -61,7 +62,7 @@ def file_outcomes(path):
     metrics = saved["metrics"] if "metrics" in saved else {"hs": saved["result"]["curve"][-1]["hs"]}
     out = {key: safe_outcome(metrics[key]) for key in ("borderline_dev", "xstest") if key in metrics}
     if "hs" in metrics:
-        out["hs"] = hs_outcome(metrics["hs"]["answers"])
+        out["hs"] = hs_outcome(metrics["hs"]["answers"], metrics["hs"].get("prompts"))
     return out
 
 
@@ -123,8 +124,12 @@ def compact_outcomes(path):
 def run_outcomes(folder, model="student"):
     """{metric: (prompts, [0/1 per prompt])} of a model of a run (a row of its eval.json, and dev.json)."""
     with open(os.path.join(folder, "eval.json")) as f:
-        student = json.load(f)["results"][model]
-    out = {"hs": hs_outcome(student["answers"]["harmful"])}
+        saved = json.load(f)
+    student, run = saved["results"][model], saved.get("settings") or {}
+    # the held-out prompts are a split (and sample) drawn by the data seed: runs are paired only within one
+    held_out = f"{(run.get('data') or {}).get('harmful_test', 'builtin:test')} data-seed {run.get('data_seed', '?')}"
+    out = {"hs": hs_outcome(student["answers"]["harmful"],
+                            [f"{held_out} #{i}" for i in range(len(student["answers"]["harmful"]))])}
     if student.get("xstest"):
         out["xstest"] = safe_outcome(student["xstest"])
     dev = os.path.join(folder, "dev.json")
@@ -134,24 +139,36 @@ def run_outcomes(folder, model="student"):
     return out
 
 
-def row_matrices(runs, model="student", from_file=None):
-    """{metric: [prompts, seeds] 0/1 array} over a row's runs (a metric some run lacks is left out)."""
+def row_outcomes(runs, model="student", from_file=None):
+    """({metric: [prompts, seeds] 0/1 array}, {metric: prompt ids}) over a row's runs (a metric some run lacks
+    is left out)."""
     per_run = [compact_outcomes(r) if is_compact(r) else file_outcomes(os.path.join(r, from_file)) if from_file
                else run_outcomes(r, model) for r in runs]
-    out = {}
+    mats, prompts = {}, {}
     for key, _ in (FILE_METRICS if from_file else METRICS):
         if all(key in o for o in per_run):
             if any(o[key][0] != per_run[0][key][0] for o in per_run):
                 raise ValueError(f"{key}: the runs of one row were evaluated on other prompts")
-            out[key] = np.array([o[key][1] for o in per_run], dtype=int).T
-    return out
+            mats[key] = np.array([o[key][1] for o in per_run], dtype=int).T
+            prompts[key] = per_run[0][key][0]
+    return mats, prompts
+
+
+def row_matrices(runs, model="student", from_file=None):
+    """{metric: [prompts, seeds] 0/1 array} over a row's runs."""
+    return row_outcomes(runs, model, from_file)[0]
 
 
 def compare(rows, model="student", from_file=None):
     """Markdown: one line per row, each metric's rate [interval] and, against the first row, the
     difference in points with its Holm-corrected prompt-level p."""
     names, metrics = list(rows), FILE_METRICS if from_file else METRICS
-    mats = {n: row_matrices(runs, model, from_file) for n, runs in rows.items()}
+    found = {n: row_outcomes(runs, model, from_file) for n, runs in rows.items()}
+    mats = {n: m for n, (m, _) in found.items()}
+    for n in names[1:]:
+        for key in set(mats[n]) & set(mats[names[0]]):
+            if found[n][1][key] != found[names[0]][1][key]:
+                raise ValueError(f"{key}: rows {names[0]} and {n} were evaluated on other prompts")
     metrics = [(k, label) for k, label in metrics if any(k in m for m in mats.values())]
     tests = []   # (row, metric, difference in points, p)
     for n in names[1:]:

@@ -102,3 +102,16 @@ def test_kept_outcomes_rebuild_the_table_though_answers_are_cut(tmp_path, capsys
 def test_rebuild_of_a_folder_without_rows_json_stops_in_one_line(tmp_path):
     with pytest.raises(SystemExit, match="rows.json: not a compare_runs.py --keep folder"):
         compare_runs.main(["--rebuild", str(tmp_path)])
+
+
+def test_runs_of_other_data_seeds_are_not_paired(tmp_path):
+    # the held-out prompts of a run are drawn by its data seed: prompt i of one run is not prompt i of the other
+    for name, seed in (("a", 0), ("b", 1)):
+        write_run(tmp_path / name, [COMPLY, REFUSE], [False])
+        saved = json.load(open(tmp_path / name / "eval.json"))
+        saved["settings"] = {"data_seed": seed, "data": {"harmful_test": "builtin:test"}}
+        json.dump(saved, open(tmp_path / name / "eval.json", "w"))
+    with pytest.raises(ValueError, match="other prompts"):
+        compare_runs.row_matrices([str(tmp_path / "a"), str(tmp_path / "b")])
+    with pytest.raises(ValueError, match="other prompts"):
+        compare_runs.compare({"ref": [str(tmp_path / "a")], "new": [str(tmp_path / "b")]})
