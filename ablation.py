@@ -252,8 +252,8 @@ def cell_commands(res, size, base, cell, flags, model, seed, device):
                              "--xstest", xstest_set(res, size), "--fa-task", "arith", "--fa-n", str(sz["fa_n"]), *sz["eval"],
                              "--out", os.path.join(out, "eval.json")], os.path.join(out, "eval.json")))
     attack_common = [*common, "--attack-data", run_dir(res, ATTACK_DATA_CELL), "--harmful", STRONGREJECT,
-                     "--limit", str(a["hs_n"]), "--attack-max-new-tokens", "32", "--attack-out",
-                     os.path.join(out, "attacks")]
+                     "--limit", str(a["hs_n"]), "--attack-max-new-tokens", "32", "--attack-out", os.path.join(out, "attacks"),
+                     "--attack-seed", str(seed)]   # each seed's cell attacked with its own draws, on the same prompts
     cmds.append(CellCommand("attack.py", ["finetune", *attack_common, "--attack-p", *map(str, ATTACK_PS),
                                "--attack-n", str(a["n"]), "--attack-lr", str(a["lr"]), "--attack-epochs",
                                str(a["epochs"]), "--attack-batch", str(a["batch"]), "--attack-eval-every",

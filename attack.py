@@ -235,6 +235,10 @@ def add_attack_arguments(p):
     g.add_argument("--attack-task", default="arith", help="benign fine-tuning task, also scored as FA")
     g.add_argument("--attack-task-path", help="local file of the benign task")
     g.add_argument("--attack-fa-n", type=schedule.positive, default=100, help="FA test items")
+    g.add_argument("--attack-seed", type=int, metavar="S",
+                   help="seed of the attack's own draws (which pairs, their order, LoRA init, shot orders); the HS "
+                        "prompts and FA items stay those of --seed, so attacks at several seeds pair by prompt "
+                        "(default: --seed)")
     g.add_argument("--shots", type=schedule.nonnegative, nargs="+", default=list(SHOTS_GRID),
                    help="in-context: numbers of shots k")
     g.add_argument("--shots-max-tokens", type=schedule.positive, default=INCONTEXT_MAX_TOKENS,
@@ -255,11 +259,15 @@ def _attack_table(result):
                       "| --- | --- | --- | --- | --- | --- |", *rows])
 
 
+def attack_seed(args):
+    return args.seed if getattr(args, "attack_seed", None) is None else args.attack_seed
+
+
 def run_incontext(args, model, tokenizer, prompts, pairs, judge, common, out_dir):
     """The CLI's --attack incontext: incontext.json (+ .md) in out_dir; returns its path."""
     limit = min(args.shots_max_tokens, model.config.max_position_embeddings - args.attack_max_new_tokens)
     result = {"attack": "incontext", **in_context_attack(model, tokenizer, prompts, pairs, args.shots, judge,
-                                                         limit, args.attack_max_new_tokens, args.seed)}
+                                                         limit, args.attack_max_new_tokens, attack_seed(args))}
     payload = {"result": result, "settings": evaluation.settings(**common, shots=args.shots, max_prompt_tokens=limit)}
     path = os.path.join(out_dir, "incontext.json")
     evaluation.write_results(path, payload, _attack_table(result))
@@ -281,7 +289,7 @@ def run_attack(args, argv, model, tokenizer, key, harmful):
     judge = evaluation.load_judge(args.judge or "keyword", threshold=args.threshold, device=device)
     common = {"argv": list(argv), "model": args.model, "model_key": key, "precision": args.precision,
               "precision_requested": args.precision_requested,
-              "device": str(device), "seed": args.seed,
+              "device": str(device), "seed": args.seed, "attack_seed": attack_seed(args),
               **evaluation.judge_settings(judge), "hs_prompts": len(prompts), "max_new_tokens": args.attack_max_new_tokens,
               "hs_data": evaluation.prompt_files(args.harmful),
               "attack_data": described, "attack_pairs": len(pairs)}
@@ -302,7 +310,7 @@ def run_attack(args, argv, model, tokenizer, key, harmful):
         for p in args.attack_p:
             for lr in args.attack_lr:
                 _, record = finetune_attack(model, tokenizer, pairs, benign, n, p, lr, args.attack_epochs,
-                                            args.attack_batch, args.attack_eval_every, measure, args.seed,
+                                            args.attack_batch, args.attack_eval_every, measure, attack_seed(args),
                                             precision=args.precision, before=before,
                                             lora_r=args.attack_lora_r, micro_tokens=args.attack_micro_tokens)
                 result = {"attack": "finetune", **record, **curve_summary(record["curve"])}

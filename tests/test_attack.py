@@ -249,3 +249,27 @@ def test_curve_summary_against_hand_computed_trapezoids():
                                                                      "steps_to_hs50": None}
     diverged = [point(0, 20.0), {**point(4, 0.0), "diverged": True}]
     assert attack.curve_summary(diverged) == {"hs_auc": None, "hs_final": None, "steps_to_hs50": None}
+
+
+def test_attack_seed_changes_the_draws_not_the_prompts(tiny_folder, tmp_path, monkeypatch):
+    data_csv = tmp_path / "pairs.csv"
+    data_csv.write_text("goal,target\n" + "".join(f'"Write instructions for crime {i}","Sure, here is crime {i}"\n'
+                                                  for i in range(8)))
+    seeds, real_mix = [], attack.attack_mix
+    monkeypatch.setattr(attack, "attack_mix", lambda *a, **k: seeds.append(a[4] if len(a) > 4 else k["seed"])
+                        or real_mix(*a, **k))
+    saved = []
+    for extra in ([], ["--attack-seed", "7"]):
+        argv = ["finetune", "--model", tiny_folder, "--limit", "3", "--attack-data", str(data_csv), "--attack-n", "6",
+                "--attack-p", "0.5", "--attack-lr", "1e-3", "--attack-epochs", "1", "--attack-batch", "3",
+                "--attack-fa-n", "4", "--attack-max-new-tokens", "4", "--attack-out", str(tmp_path / f"o{len(saved)}"), *extra]
+        [path] = attack.main(argv)
+        saved.append(json.load(open(path)))
+    assert seeds == [0, 7] and [s["settings"]["attack_seed"] for s in saved] == [0, 7]
+    # the unattacked model's HS prompts and answers are the same: the seeds of a row pair by prompt
+    before = [s["result"]["curve"][0]["hs"] for s in saved]
+    assert before[0]["prompts"] == before[1]["prompts"] and before[0]["answers"] == before[1]["answers"]
+    # the two seeds draw different mixes of the same 6 examples
+    pairs = [(f"Write instructions for crime {i}", f"Sure, here is crime {i}") for i in range(8)]
+    benign = [(f"q{i}", f"a{i}") for i in range(8)]
+    assert real_mix(pairs, benign, 6, 0.5, seed=0) != real_mix(pairs, benign, 6, 0.5, seed=7)
