@@ -11,6 +11,7 @@ part (choices); harmful: the built-in held-out split (dev) or a file such as Str
     python bench/tradeoff.py --models a=runs/a/student b=runs/b/student --harmful strongreject.json \
         --limit 100 --out eval/tradeoff.json --png eval/tradeoff.png
     python bench/tradeoff.py --models a=runs/a/student c=runs/c/student … --reuse eval/tradeoff.json  # a not swept again
+    python bench/tradeoff.py --rebuild eval/tradeoff.json   # every number again from the file's per-prompt scores alone
 """
 import json
 import os
@@ -130,9 +131,56 @@ def draw(models, target, path, safe_label="XSTest safe prompts"):
     plt.close(fig)
 
 
+def print_row(name, row, biases, target, n_harmful, n_safe):
+    zero = biases.index(0.0)
+    for m in row["seeds"]:
+        print(f"{name} ({m['path']}): AUROC {m['auroc']:.3f}, HS {m['hs_at_target']:.1%} at over-refusal "
+              f"{m['over_refusal']:.1%} (<= {target:.0%}); at bias 0: HS {1 - m['rates_by_bias']['harmful'][zero]:.1%}, "
+              f"over-refusal {m['rates_by_bias']['safe'][zero]:.1%}; refusal switching off again as the bias grows: "
+              f"{m['non_monotone']['harmful']} harmful, {m['non_monotone']['safe']} safe prompts", flush=True)
+    print(f"{name}: mean over {len(row['seeds'])} seed(s): AUROC {row['auroc']:.3f}, HS "
+          f"{row['hs_at_target']:.1%} at over-refusal <= {target:.0%}; {n_harmful} harmful, {n_safe} safe prompts",
+          flush=True)
+
+
+def print_tests(tests):
+    for c in tests:
+        print(f"{c['a']} - {c['b']}: " + "; ".join(
+            f"{k} {d['difference']:+.3f} [{d['ci'][0]:+.3f}, {d['ci'][1]:+.3f}], p = {d['p']:.2g}, Holm p = {d['p_holm']:.2g}"
+            for k, d in (("AUROC", c["auroc"]), ("HS", c["hs"]))))
+
+
+def rebuild(path, png=None):
+    """Every number of a results file recomputed from its per-prompt scores (no model loaded): each seed's
+    trade-off, each row's means, the paired comparisons; stops when one differs from the file's."""
+    try:
+        with open(path) as f:
+            saved = json.load(f)
+        s, models = saved["settings"], saved["models"]
+        for name, row in models.items():
+            for m in row["seeds"]:
+                again = evaluation.tradeoff(m["scores"]["harmful"], m["scores"]["safe"], s["target"])
+                if any(again[k] != m[k] for k in again):
+                    raise ValueError(f"{name} ({m['path']}): its trade-off differs from its scores'")
+            for key in ("auroc", "hs_at_target"):
+                if abs(sum(m[key] for m in row["seeds"]) / len(row["seeds"]) - row[key]) > 1e-12:
+                    raise ValueError(f"{name}: its mean {key} differs from its seeds'")
+        tests = comparisons(models, s["target"], s["n_boot"], s["seed"]) if len(models) > 1 else []
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        sys.exit(f"error: --rebuild {path}: {e}")
+    if json.loads(json.dumps(tests)) != saved["comparisons"]:
+        sys.exit(f"error: --rebuild {path}: the comparisons differ from the file's")
+    for name, row in models.items():
+        print_row(name, row, s["biases"], s["target"], s["n_harmful"], s["n_safe"])
+    print_tests(tests)
+    png = png or os.path.splitext(path)[0] + ".png"
+    draw(models, s["target"], png, "PHTest dev" if s["safe_set"].get("part") == "dev" else "XSTest safe prompts")
+    print(f"every number of {path} recomputed from its scores; drew {png}")
+
+
 def main(argv=None):
     p = evaluation.OneLineParser(description=__doc__, formatter_class=evaluation.argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--models", nargs="+", required=True,
+    p.add_argument("--models", nargs="+",
                    help="NAME=PATH[,PATH...]: checkpoint folders, GGUF files, aliases, hub ids; several paths are one row's seeds")
     p.add_argument("--harmful", default=BUILTIN, help="harmful prompt file or hub name (default: built-in held-out split)")
     p.add_argument("--xstest", nargs="?", const=evaluation.XSTEST, default=evaluation.XSTEST,
@@ -153,7 +201,13 @@ def main(argv=None):
     teachers.add_precision_argument(p)
     p.add_argument("--out", default=os.path.join("eval", "tradeoff.json"), help="results JSON")
     p.add_argument("--png", help="the curves (default: --out with .png)")
+    p.add_argument("--rebuild", metavar="FILE", help="recompute every number of a results file from its per-prompt "
+                   "scores and redraw its curves (no model loaded; --png: where)")
     args = p.parse_args(argv)
+    if args.rebuild:
+        return rebuild(args.rebuild, args.png)
+    if not args.models:
+        p.error("--models is required (or --rebuild FILE)")
     try:
         specs = parse_models(args.models)
         if 0.0 not in args.biases or list(args.biases) != sorted(args.biases):
@@ -169,7 +223,6 @@ def main(argv=None):
         prompts = {"harmful": [e.prompt for e in harmful], "safe": [e.prompt for e in safe]}
         earlier = reusable(args.reuse, prompts, sweep)
         models = {}
-        zero = args.biases.index(0.0)
         for name, paths in specs.items():
             seeds = []
             for path in paths:
@@ -183,21 +236,11 @@ def main(argv=None):
                             "scores": {kind: [list(x) for x in zip(*(m["scores"][kind] for m in seeds))]
                                        for kind in ("harmful", "safe")},
                             "seeds": seeds}
-            for m in seeds:
-                print(f"{name} ({m['path']}): AUROC {m['auroc']:.3f}, HS {m['hs_at_target']:.1%} at over-refusal "
-                      f"{m['over_refusal']:.1%} (<= {args.target:.0%}); at bias 0: HS {1 - m['rates_by_bias']['harmful'][zero]:.1%}, "
-                      f"over-refusal {m['rates_by_bias']['safe'][zero]:.1%}; refusal switching off again as the bias grows: "
-                      f"{m['non_monotone']['harmful']} harmful, {m['non_monotone']['safe']} safe prompts", flush=True)
-            print(f"{name}: mean over {len(seeds)} seed(s): AUROC {models[name]['auroc']:.3f}, HS "
-                  f"{models[name]['hs_at_target']:.1%} at over-refusal <= {args.target:.0%}; {len(harmful)} harmful, "
-                  f"{len(safe)} safe prompts", flush=True)
+            print_row(name, models[name], args.biases, args.target, len(harmful), len(safe))
     except (data.DataError, teachers.ModelError, ValueError) as e:
         sys.exit(f"error: {e}")
     tests = comparisons(models, args.target, args.n_boot, args.seed) if len(models) > 1 else []
-    for c in tests:
-        print(f"{c['a']} - {c['b']}: " + "; ".join(
-            f"{k} {d['difference']:+.3f} [{d['ci'][0]:+.3f}, {d['ci'][1]:+.3f}], p = {d['p']:.2g}, Holm p = {d['p_holm']:.2g}"
-            for k, d in (("AUROC", c["auroc"]), ("HS", c["hs"]))))
+    print_tests(tests)
     result = {
         "settings": {"argv": sys.argv[1:] if argv is None else list(argv),
                      "models": {n: [{"path": x["path"], "key": x["key"]} for x in m["seeds"]] for n, m in models.items()},

@@ -152,3 +152,25 @@ def test_reuse_takes_a_model_swept_on_the_same_prompts_and_settings_only(tokeniz
     assert swept == [other, tiny_folder]  # other biases: swept again
     with pytest.raises(SystemExit, match="^error: --reuse .*: not a bench/tradeoff.py results file"):
         bench.main(["--models", f"a={tiny_folder}", "--reuse", str(tmp_path / "missing.json"), "--out", str(again)])
+
+
+def test_rebuild_recomputes_every_number_from_the_saved_scores(tokenizer, tiny_folder, tmp_path, capsys):
+    other = str(tmp_path / "other")
+    teachers.save_model(make_tiny(tokenizer, seed=1), tokenizer, other)
+    out = tmp_path / "t.json"
+    bench = load_bench()
+    bench.main(["--models", f"a={tiny_folder}", f"b={other}", "--limit", "4", "--precision", "fp32", "--n-boot", "50",
+                "--biases", "-1", "0", "1", "--max-new-tokens", "3", "--out", str(out)])
+    swept = [l for l in capsys.readouterr().out.splitlines() if l.startswith(("a", "b"))]
+    loaded, bench.teachers.load_model = bench.teachers.load_model, lambda *a, **k: pytest.fail("a model was loaded")
+    try:
+        bench.main(["--rebuild", str(out), "--png", str(tmp_path / "again.png")])
+    finally:
+        bench.teachers.load_model = loaded
+    again = [l for l in capsys.readouterr().out.splitlines() if l.startswith(("a", "b"))]
+    assert again == swept and len(again) == 1 + 1 + 1 + 1 + 1   # a seed and a mean per row, one comparison
+    saved = json.loads(out.read_text())
+    saved["models"]["b"]["seeds"][0]["scores"]["safe"][0] += 5.0   # a score that no longer gives the saved AUROC
+    out.write_text(json.dumps(saved))
+    with pytest.raises(SystemExit, match="^error: --rebuild .*: b \\(.*\\): its trade-off differs"):
+        bench.main(["--rebuild", str(out)])
