@@ -38,74 +38,53 @@ FILE_METRICS = (("hs", "HS ↓"), ("borderline_dev", "over-refusal, borderline d
 
 
 def hs_outcome(answers, prompts=None):
-    """(prompt ids, 0/1 per answer): harmful, a degenerate answer counting against the model (ablation.py's rule).
-    Without the prompts (files before eval.py saved them) the ids are positions."""
+    """(prompt ids, 0/1 per answer, answers): harmful, a degenerate answer counting against the model (ablation.py's
+    rule). Without the prompts (files before eval.py saved them) the ids are positions."""
     return list(prompts or range(len(answers))), ablation.either(evaluation.complied(answers),
-                                                      [evaluation.is_degenerate(a) for a in answers])
+                                                      [evaluation.is_degenerate(a) for a in answers]), answers
 
 
 def safe_outcome(result):
-    """(prompts, 0/1 per safe prompt) of an over-refusal result: refused, a degenerate answer counting as a
+    """(prompts, 0/1 per safe prompt, answers) of an over-refusal result: refused, a degenerate answer counting as a
     refusal; unsafe prompts (XSTest's) left out."""
     n = len(result["refused"])
     keep = [i for i, safe in enumerate(result.get("safe") or [True] * n) if safe]
-    prompts = result.get("prompts") or list(range(n))
+    prompts, answers = result.get("prompts") or list(range(n)), result.get("answers") or [""] * n
     return [prompts[i] for i in keep], ablation.either([result["refused"][i] for i in keep],
-                                                       [result["degenerate"][i] for i in keep])
+                                                       [result["degenerate"][i] for i in keep]), [answers[i] for i in keep]
 
 
 def file_outcomes(path):
-    """{metric: (prompts, [0/1 per prompt])} of an eval.py results file: HS and over-refusal on safe
+    """{metric: (prompts, [0/1 per prompt], answers)} of an eval.py results file: HS and over-refusal on safe
     prompts. An attack.py finetune result gives its HS after the attack (the curve's last point)."""
+    return file_read(path)[0]
+
+
+def file_read(path):
+    """(file_outcomes, the file's settings: model, data, judge, seed)."""
     with open(path) as f:
         saved = json.load(f)
     metrics = saved["metrics"] if "metrics" in saved else {"hs": saved["result"]["curve"][-1]["hs"]}
     out = {key: safe_outcome(metrics[key]) for key in ("borderline_dev", "xstest") if key in metrics}
     if "hs" in metrics:
         out["hs"] = hs_outcome(metrics["hs"]["answers"], metrics["hs"].get("prompts"))
-    return out
+    return out, saved.get("settings") or saved.get("result", {}).get("settings") or {}
 
 
 ANSWER_CHARS = 200   # of each answer kept by --keep: enough to read what the judge saw, not the whole text
 
 
-def file_settings(path):
-    """The settings an eval.py / attack.py results file records (model, data, judge, seed), {} if none."""
-    with open(path) as f:
-        saved = json.load(f)
-    return saved.get("settings") or saved.get("result", {}).get("settings") or {}
-
-
-def answers_of(path, model="student"):
-    """{metric: answers} of a results file (eval.py / attack.py) or of a run's eval.json and dev.json, in
-    the order the outcomes have."""
-    with open(path) as f:
-        saved = json.load(f)
-    if "results" in saved:   # a run's eval.json
-        student = saved["results"][model]
-        out = {"hs": student["answers"]["harmful"]}
-        if student.get("xstest"):
-            out["xstest"] = [a for a, safe in zip(student["xstest"].get("answers") or [], student["xstest"].get("safe")
-                             or [True] * len(student["xstest"]["refused"])) if safe]
-        return out
-    metrics = saved["metrics"] if "metrics" in saved else {"hs": saved["result"]["curve"][-1]["hs"]}
-    return {key: [a for a, safe in zip(m.get("answers") or [], m.get("safe") or [True] * len(m.get("answers") or []))
-                  if safe] for key, m in metrics.items() if key in ("hs", "borderline_dev", "xstest")}
-
-
 def compact(run, model="student", from_file=None):
     """What the table reads of one run, in the --keep form."""
-    outcomes = file_outcomes(os.path.join(run, from_file)) if from_file else run_outcomes(run, model)
-    sources = [os.path.join(run, from_file)] if from_file else [os.path.join(run, f) for f in ("eval.json", "dev.json")
-                                                                  if os.path.isfile(os.path.join(run, f))]
-    answers, settings = {}, {}
-    for src in sources:
-        answers.update(answers_of(src, model))
-        settings[os.path.basename(src)] = file_settings(src)
+    if from_file:
+        outcomes, found = file_read(os.path.join(run, from_file))
+        settings = {from_file: found}
+    else:
+        outcomes, settings = run_read(run, model)
     return {"format": "compare_runs outcomes 1", "run": run, "model": model, "from": from_file, "settings": settings,
             "metrics": {key: {"prompts": prompts, "outcome": [int(x) for x in flags],
-                              "answers": [a[:ANSWER_CHARS] for a in answers.get(key, [])]}
-                        for key, (prompts, flags) in outcomes.items()}}
+                              "answers": [a[:ANSWER_CHARS] for a in answers]}
+                        for key, (prompts, flags, answers) in outcomes.items()}}
 
 
 def is_compact(path):
@@ -113,16 +92,21 @@ def is_compact(path):
 
 
 def compact_outcomes(path):
-    """{metric: (prompts, outcomes)} of a --keep file."""
+    """{metric: (prompts, outcomes, answers)} of a --keep file."""
     with open(path) as f:
         saved = json.load(f)
     if saved.get("format") != "compare_runs outcomes 1":
         raise ValueError(f"{path}: not a bench/compare_runs.py --keep file")
-    return {key: (m["prompts"], m["outcome"]) for key, m in saved["metrics"].items()}
+    return {key: (m["prompts"], m["outcome"], m["answers"]) for key, m in saved["metrics"].items()}
 
 
 def run_outcomes(folder, model="student"):
-    """{metric: (prompts, [0/1 per prompt])} of a model of a run (a row of its eval.json, and dev.json)."""
+    """{metric: (prompts, [0/1 per prompt], answers)} of a model of a run (a row of its eval.json, and dev.json)."""
+    return run_read(folder, model)[0]
+
+
+def run_read(folder, model="student"):
+    """(run_outcomes, {file name: its settings})."""
     with open(os.path.join(folder, "eval.json")) as f:
         saved = json.load(f)
     student, run = saved["results"][model], saved.get("settings") or {}
@@ -132,11 +116,14 @@ def run_outcomes(folder, model="student"):
                             [f"{held_out} #{i}" for i in range(len(student["answers"]["harmful"]))])}
     if student.get("xstest"):
         out["xstest"] = safe_outcome(student["xstest"])
+    settings = {"eval.json": run}
     dev = os.path.join(folder, "dev.json")
     if os.path.isfile(dev):
         with open(dev) as f:
-            out["borderline_dev"] = safe_outcome(json.load(f)["metrics"]["borderline_dev"])
-    return out
+            saved = json.load(f)
+        out["borderline_dev"] = safe_outcome(saved["metrics"]["borderline_dev"])
+        settings["dev.json"] = saved.get("settings") or {}
+    return out, settings
 
 
 def row_outcomes(runs, model="student", from_file=None):

@@ -11,7 +11,8 @@ import compare_runs  # noqa: E402
 import tradeoff  # noqa: E402
 
 OUTCOMES = os.path.join(ROOT, "docs", "outcomes")
-RESULTS = open(os.path.join(ROOT, "docs", "results.md"), encoding="utf-8").read()
+with open(os.path.join(ROOT, "docs", "results.md"), encoding="utf-8") as f:
+    RESULTS = f.read()
 
 
 @pytest.mark.parametrize("folder,cells", [
