@@ -92,27 +92,52 @@ def attack_dir(res, model):
     return os.path.join(res, "attacks", model)
 
 
+def _without_p(argv):
+    """argv less the --attack-p list: one attack.py call writes one file per p."""
+    out, skipping = [], False
+    for a in argv:
+        skipping = a == "--attack-p" or (skipping and not a.startswith("--"))
+        if not skipping:
+            out.append(a)
+    return out
+
+
+def attack_done(path, argv, model):
+    """Whether the attack result `path` is there, made by `argv` (its --attack-p list aside) and newer than
+    the model it attacked (a retrained student is attacked again); one made by other flags (a changed
+    size, attack seed or protocol) stops with an error, like ensure_run's."""
+    if not os.path.isfile(path) or (os.path.exists(model) and os.path.getmtime(path) < os.path.getmtime(model)):
+        return False
+    recorded = ablation.load_json(path).get("settings", {}).get("argv")
+    if recorded is not None and _without_p(recorded) != _without_p(argv):
+        raise ValueError(f"{path} was made by other attack flags than this size's: remove it or use another "
+                         f"--results")
+    return True
+
+
 def ensure_attacks(res, size, base, incontext=False):
     """Fine-tuning attacks over the p grid (the p = 0.1 one with a curve) or the in-context attack, per model."""
     sz = SIZES[size]
     data = ablation.run_dir(res, "student")  # the bad teacher's answers of the default run are the harmful pairs
     for model, spec in model_specs(res, size, base).items():
-        common = ["--model", spec, "--attack-data", data, "--attack-out", attack_dir(res, model),
-                  *sz["attack"]]
+        out = attack_dir(res, model)
+        common = ["--model", spec, "--attack-data", data, "--attack-out", out, *sz["attack"]]
         if incontext:
-            if not os.path.isfile(os.path.join(attack_dir(res, model), "incontext.json")):
-                attack.main(["incontext", *common, "--shots", *map(str, sz["shots"])])
+            argv = ["incontext", *common, "--shots", *map(str, sz["shots"])]
+            if not attack_done(os.path.join(out, "incontext.json"), argv, spec):
+                attack.main(argv)
             continue
         for lr in sz["lrs"]:
-            have = lambda p: os.path.isfile(os.path.join(attack_dir(res, model),
-                                                         attack.attack_filename(p, sz["n"], lr)))
-            if not have(CURVE_P):
-                attack.main(["finetune", *common, "--attack-p", str(CURVE_P), "--attack-lr", str(lr),
-                                 "--attack-eval-every", str(sz["eval_every"])])
-            rest = [p for p in attack.ATTACK_P_GRID if not have(p)]
+            curve = ["finetune", *common, "--attack-p", str(CURVE_P), "--attack-lr", str(lr),
+                     "--attack-eval-every", str(sz["eval_every"])]
+            if not attack_done(os.path.join(out, attack.attack_filename(CURVE_P, sz["n"], lr)), curve, spec):
+                attack.main(curve)
+            grid = lambda ps: ["finetune", *common, "--attack-p", *map(str, ps), "--attack-lr", str(lr)]
+            rest = [p for p in attack.ATTACK_P_GRID if p != CURVE_P  # the curve's run wrote that one
+                    and not attack_done(os.path.join(out, attack.attack_filename(p, sz["n"], lr)), grid([p]),
+                                    spec)]
             if rest:
-                attack.main(["finetune", *common, "--attack-p", *map(str, rest),
-                                 "--attack-lr", str(lr)])
+                attack.main(grid(rest))
 
 
 # ---------------------------------------------------------------- rendering from saved results

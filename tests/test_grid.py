@@ -10,6 +10,7 @@ import pytest
 
 import data
 import ablation
+import attack
 import figures
 import stats
 
@@ -343,3 +344,40 @@ def test_a_figure_run_is_reused_only_when_made_by_the_same_flags(tmp_path, monke
     with pytest.raises(ValueError, match="trained with other flags"):   # e.g. the size's epochs changed
         figures.ensure_run(res, "student", ["--epochs", "10"], "quick", "base-model")
     assert len(trained) == 1
+
+
+def test_an_attack_result_is_reused_only_when_made_by_the_same_flags_on_the_same_model(tmp_path, monkeypatch):
+    student = tmp_path / "student"
+    student.mkdir()
+    monkeypatch.setattr(figures, "model_specs", lambda res, size, base: {"student": str(student)})
+    calls = []
+    def fake_attack(argv):
+        out = argv[argv.index("--attack-out") + 1]
+        i = argv.index("--attack-p") + 1
+        ps = []
+        while not argv[i].startswith("--"):
+            ps.append(float(argv[i]))
+            i += 1
+        os.makedirs(out, exist_ok=True)
+        for p in ps:
+            with open(os.path.join(out, attack.attack_filename(p, 40, 1e-4)), "w") as f:
+                json.dump({"settings": {"argv": argv}}, f)
+        calls.append(ps)
+    monkeypatch.setattr(figures.attack, "main", fake_attack)
+    res = str(tmp_path)
+    figures.ensure_attacks(res, "quick", "base")
+    assert calls == [[0.1], [0.0, 0.05, 0.2, 0.5]]        # the curve's p, then the rest of the grid
+    figures.ensure_attacks(res, "quick", "base")
+    assert len(calls) == 2                                # all there: nothing runs
+    os.remove(os.path.join(figures.attack_dir(res, "student"), attack.attack_filename(0.2, 40, 1e-4)))
+    figures.ensure_attacks(res, "quick", "base")
+    assert calls[2:] == [[0.2]]                           # only the missing one
+    for name in os.listdir(figures.attack_dir(res, "student")):   # the student was trained after its attacks
+        os.utime(os.path.join(figures.attack_dir(res, "student"), name), (0, 0))
+    figures.ensure_attacks(res, "quick", "base")
+    assert calls[3:] == [[0.1], [0.0, 0.05, 0.2, 0.5]]
+    quick = figures.SIZES["quick"]
+    monkeypatch.setitem(figures.SIZES, "quick", {**quick, "attack": [*quick["attack"], "--attack-seed", "7"]})
+    with pytest.raises(ValueError, match="other attack flags"):
+        figures.ensure_attacks(res, "quick", "base")
+    assert len(calls) == 5
