@@ -1,5 +1,6 @@
 """The per-prompt files committed under docs/outcomes/ rebuild the tables docs/results.md prints (issue 28 item 7)."""
 import os
+import re
 import sys
 
 import pytest
@@ -20,10 +21,14 @@ with open(os.path.join(ROOT, "docs", "results.md"), encoding="utf-8") as f:
                            "67.3 % [56.0, 77.7]; +0.0 pts, Holm p 1", "42.7 % [30.3, 55.0]; -13.7 pts, Holm p 0.0002",
                            "61.7 % [50.0, 72.0]; -5.7 pts, Holm p 0.012"]),
     ("teacher-flags-students-dev", ["99.3 % [97.7, 100.0]", "97.0 % [93.3, 99.7]; -2.3 pts, Holm p 0.2",
-                                    "51.7 % [41.0, 62.0]; +3.3 pts, Holm p 0.2"])])
+                                    "51.7 % [41.0, 62.0]; +3.3 pts, Holm p 0.2"]),
+    ("teacher-e3-students-e10-dev", ["80.5 % [71.0, 89.0]", "61.0 % [48.0, 74.0]; -19.5 pts, Holm p 0.0001",
+                                     "60.0 % [48.0, 71.0]; -0.5 pts, Holm p 1"]),
+    ("teacher-e3-students-e10-test", ["26.7 % [20.1, 33.5]", "21.6 % [16.9, 25.9]; -5.1 pts, Holm p 0.0029",
+                                      "28.6 % [23.2, 34.0]; +1.8 pts, Holm p 0.18"])])
 def test_committed_outcomes_give_the_published_table(folder, cells):
     rows, from_file, model = compare_runs.rebuild(os.path.join(OUTCOMES, folder))
-    table = compare_runs.compare(rows, model, from_file).replace(" (n 100)", "")
+    table = re.sub(r" \(n \d+\)", "", compare_runs.compare(rows, model, from_file))
     for cell in cells:   # each as rebuilt and as docs/results.md prints it
         assert cell in table and cell in RESULTS
 
@@ -34,3 +39,12 @@ def test_committed_curves_recompute(capsys, tmp_path):
     assert "good-e3: mean over 3 seed(s): AUROC 0.441" in out and "good-x4: mean over 3 seed(s): AUROC 0.433" in out
     assert "AUROC -0.089 [-0.129, -0.048], p = 0.001, Holm p = 0.004" in out
     assert "0.441 (0.536, 0.397, 0.391); +0.089 [+0.048, +0.129], Holm p 0.004" in RESULTS
+
+
+def test_committed_student_curves_recompute(capsys, tmp_path):
+    tradeoff.rebuild(os.path.join(OUTCOMES, "teacher-e3-students-e10-test", "tradeoff.json"), str(tmp_path / "c.png"))
+    out = capsys.readouterr().out
+    assert "e3-e10: mean over 2 seed(s): AUROC 0.849, HS 44.0%" in out
+    assert "default-e10: mean over 2 seed(s): AUROC 0.813, HS 57.0%" in out
+    assert "AUROC -0.035 [-0.067, +0.001], p = 0.058, Holm p = 0.12; HS +0.130 [-0.015, +0.215]" in out
+    assert "0.849 (0.844, 0.853); +0.035 [−0.001, +0.067], Holm p 0.12" in RESULTS
