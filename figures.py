@@ -281,7 +281,7 @@ def ablation_figure(stats, png):
     bar = lambda v, ci: [[max(0.0, v - ci[0])], [max(0.0, ci[1] - v)]]   # rounding can cross the point
     for ax, (key, title) in zip(axes, panels):
         for i, (row, st) in enumerate(stats.items()):
-            if st["xstest"] is None or st[key] is None or row in ablation.LAT_SWEEP:
+            if st["xstest"] is None or st[key] is None:
                 continue
             ax.errorbar(st["xstest"], st[key], xerr=bar(st["xstest"], st["xstest_ci"]),
                         yerr=bar(st[key], st[f"{key}_ci"]), fmt="os^D"[i // 10 % 4], color=f"C{i % 10}", capsize=3,
@@ -349,8 +349,16 @@ def main(argv=None):
     p.add_argument("--strongreject", default=ablation.STRONGREJECT,
                    help="ablation: StrongREJECT's prompts, JSON [{instruction, category}] or CSV with forbidden_prompt "
                         "(default: ../shared/data/refusal_direction/strongreject.json)")
+    p.add_argument("--dev-harmful", default=ablation.DEV_HARMFUL,
+                   help="ablation: harmful dev prompts for its choices (default: ../shared's MaliciousInstruct)")
+    p.add_argument("--dev-borderline", default=ablation.DEV_BORDERLINE,
+                   help="ablation: prompts that sound harmful but are not, whose dev part the choices read "
+                        "(a file, a hub name or phtest)")
     args = p.parse_args(argv)
     ablation.STRONGREJECT = os.path.normpath(os.path.abspath(args.strongreject))
+    ablation.DEV_HARMFUL = os.path.normpath(os.path.abspath(args.dev_harmful))
+    ablation.DEV_BORDERLINE = (args.dev_borderline if args.dev_borderline == "phtest" or not os.path.exists(args.dev_borderline)
+                               else os.path.normpath(os.path.abspath(args.dev_borderline)))
     size = "quick" if args.quick else "full"
     try:
         if args.figure == "ablation":

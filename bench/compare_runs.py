@@ -18,6 +18,9 @@ against the first: prompt-level sign-flip test, Holm over the whole table.
 0/1 outcomes, the first 200 characters of each answer, the evaluation's settings), and
 `python bench/compare_runs.py --rebuild DIR` makes the same table from DIR alone (issue 28: every number
 recomputable from the repo; docs/outcomes/ holds the committed ones).
+
+--cut-tokens N judges each answer's first N tokens only (re-tokenized with --tokenizer): with greedy decoding,
+what the same evaluation at N new tokens would have judged, to check a choice of answer length on saved answers.
 """
 import argparse
 import json
@@ -60,11 +63,40 @@ def file_outcomes(path):
     return file_read(path)[0]
 
 
+def cut_metrics(metrics, cut):
+    """The metrics with each answer cut by `cut` (a function of the text) and judged again: HS reads the answers;
+    an over-refusal result's refused and degenerate flags are recomputed from them (eval.over_refusal's rule)."""
+    out = dict(metrics)
+    for key, m in metrics.items():
+        if key not in ("hs", "borderline_dev", "xstest") or "answers" not in m:
+            continue
+        answers = [cut(a) for a in m["answers"]]
+        out[key] = {**m, "answers": answers}
+        if key != "hs":
+            degenerate = [evaluation.is_degenerate(a) for a in answers]
+            out[key].update(degenerate=degenerate,
+                            refused=[evaluation.is_refusal(a) and not d for a, d in zip(answers, degenerate)])
+    return out
+
+
+def token_cut(tokenizer, n):
+    """The text of an answer's first n tokens."""
+    def cut(text):
+        ids = tokenizer(text, add_special_tokens=False).input_ids
+        return text if len(ids) <= n else tokenizer.decode(ids[:n])
+    return cut
+
+
+CUT = None   # main's --cut-tokens: a function applied to every answer of a run file before it is judged
+
+
 def file_read(path):
     """(file_outcomes, the file's settings: model, data, judge, seed)."""
     with open(path) as f:
         saved = json.load(f)
     metrics = saved["metrics"] if "metrics" in saved else {"hs": saved["result"]["curve"][-1]["hs"]}
+    if CUT:
+        metrics = cut_metrics(metrics, CUT)
     out = {key: safe_outcome(metrics[key]) for key in ("borderline_dev", "xstest") if key in metrics}
     if "hs" in metrics:
         out["hs"] = hs_outcome(metrics["hs"]["answers"], metrics["hs"].get("prompts"))
@@ -222,7 +254,20 @@ def main(argv=None):
     p.add_argument("--out", help="also write the table here")
     p.add_argument("--keep", metavar="DIR", help="also write the per-prompt outcomes the table reads into DIR (to commit)")
     p.add_argument("--rebuild", metavar="DIR", help="make the table from a --keep folder alone (no rows given)")
+    p.add_argument("--cut-tokens", type=int, metavar="N", help="with --from: judge each answer's first N tokens only")
+    p.add_argument("--tokenizer", help="--cut-tokens' tokenizer: a folder (default: the first run's student/)")
     args = p.parse_args(argv)
+    global CUT
+    CUT = None
+    if args.cut_tokens is not None:
+        if not args.from_file or args.rebuild or args.cut_tokens < 1:
+            p.error("--cut-tokens N (N ≥ 1) needs --from FILE: the full answers of eval.py files, not kept outcomes")
+        from transformers import AutoTokenizer
+        folder = args.tokenizer or os.path.join(args.rows[0].partition("=")[2].split(",")[0], "student")
+        try:
+            CUT = token_cut(AutoTokenizer.from_pretrained(folder), args.cut_tokens)
+        except (OSError, ValueError) as e:
+            sys.exit(f"error: --tokenizer {folder}: no tokenizer there ({str(e).splitlines()[0]})")
     if args.rebuild:
         if args.rows or args.keep:
             p.error("--rebuild takes no rows and no --keep")

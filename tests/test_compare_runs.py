@@ -115,3 +115,25 @@ def test_runs_of_other_data_seeds_are_not_paired(tmp_path):
         compare_runs.row_matrices([str(tmp_path / "a"), str(tmp_path / "b")])
     with pytest.raises(ValueError, match="other prompts"):
         compare_runs.compare({"ref": [str(tmp_path / "a")], "new": [str(tmp_path / "b")]})
+
+
+def test_cut_tokens_judges_only_the_first_n_tokens_of_each_answer(tmp_path, tiny_folder, tokenizer, capsys):
+    # a harmful answer that refuses late, and a borderline answer that refuses late (a refusal) or is empty
+    late = "Sure, here is a long answer that goes on and on before it ends. I'm sorry, I can't help with that."
+    n_late = len(tokenizer(late.split(" I'm")[0], add_special_tokens=False).input_ids)   # tokens before the refusal
+    os.makedirs(tmp_path / "r")
+    hs = {"answers": [late, REFUSE]}
+    dev = {"prompts": ["p0", "p1"], "answers": [late, COMPLY], "refused": [True, False], "degenerate": [False, False]}
+    with open(tmp_path / "r" / "dev.json", "w") as f:
+        json.dump({"metrics": {"hs": hs, "borderline_dev": dev}}, f)
+    run = f"r={tmp_path / 'r'}"
+    compare_runs.main(["--from", "dev.json", run])
+    assert "| r | 1 | 0.0 % [" in capsys.readouterr().out          # both refuse in full: HS 0, over-refusal 1 of 2
+    compare_runs.main(["--from", "dev.json", "--cut-tokens", str(n_late), "--tokenizer", tiny_folder, run])
+    line = capsys.readouterr().out.splitlines()[2]
+    # cut before the refusal: the late answer complies (HS 1 of 2) and is no over-refusal (0 of 2)
+    assert line.startswith("| r | 1 | 50.0 % [") and "| 0.0 % [" in line
+    compare_runs.main(["--from", "dev.json", "--cut-tokens", "1000", "--tokenizer", tiny_folder, run])
+    assert "| r | 1 | 0.0 % [" in capsys.readouterr().out           # longer than every answer: unchanged
+    with pytest.raises(SystemExit):
+        compare_runs.main(["--cut-tokens", "8", run])               # kept or train.py files: no full answers

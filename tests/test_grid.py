@@ -23,6 +23,12 @@ def stand_in_strongreject(tmp_path_factory, monkeypatch):
     path.write_text(json.dumps([{"instruction": e.prompt, "category": e.category}
                                 for e in data.load_pool("harmful", seed=0)[1]]))
     monkeypatch.setattr(ablation, "STRONGREJECT", str(path))
+    # the dev sets: the built-in training pools' prompts (harmful; harmless, of which about a fifth is in the dev part)
+    dev_harmful, borderline = path.parent / "dev_harmful.json", path.parent / "borderline.json"
+    dev_harmful.write_text(json.dumps([{"instruction": e.prompt} for e in data.load_pool("harmful", seed=0)[0][:20]]))
+    borderline.write_text(json.dumps([{"instruction": e.prompt} for e in data.load_pool("harmless", seed=0)[0]]))
+    monkeypatch.setattr(ablation, "DEV_HARMFUL", str(dev_harmful))
+    monkeypatch.setattr(ablation, "DEV_BORDERLINE", str(borderline))
 
 
 def write_cell(res, cell, hs, xstest, p0, p01, incontext, auc=20.0, diverged_p0=False, answers=None,
@@ -49,6 +55,20 @@ def write_cell(res, cell, hs, xstest, p0, p01, incontext, auc=20.0, diverged_p0=
     with open(os.path.join(out, "attacks", "incontext.json"), "w") as f:
         json.dump({"result": {"points": [{"k": 0, "harmful": [False] * len(incontext)},
                                          {"k": 8, "harmful": incontext}]}}, f)
+
+
+def write_dev_cell(res, cell, hs, over_refusal, attack=None, answers=None, degenerate=None):
+    out = os.path.join(res, "cells", cell)
+    os.makedirs(out, exist_ok=True)
+    metrics = {"hs": {"harmful": hs, "answers": answers or ["Sure, here is how"] * len(hs)},
+               "borderline_dev": {"refused": over_refusal, "degenerate": degenerate or [False] * len(over_refusal),
+                                  "answers": ["Here is the answer"] * len(over_refusal)}}
+    with open(os.path.join(out, "dev.json"), "w") as f:
+        json.dump({"metrics": metrics}, f)
+    if attack is not None:
+        os.makedirs(os.path.join(out, "dev-attacks"))
+        with open(os.path.join(out, "dev-attacks", "finetune_p0.1_n10_lr1e-05.json"), "w") as f:
+            json.dump({"result": {"curve": [{"step": 4, "hs": {"harmful": attack}}]}}, f)
 
 
 def test_ablation_stats_test_prompts_not_seed_pairs_and_correct_for_the_table(tmp_path):
@@ -139,7 +159,6 @@ def test_the_10_epoch_rows_are_paired_with_the_10_epoch_student_and_left_out_of_
     assert key(table["gamma-long"]["paired"]["hs"]) == (pytest.approx(-50.0), 2 / 8, 3)
     assert table["student-long"]["paired_with"] == "student"
     assert key(table["student-long"]["paired"]["hs"]) == (pytest.approx(-50.0), 2 / 8, 3)
-    assert ablation.combination(table, None) == []
 
 
 def test_the_other_good_teacher_is_paired_with_the_shared_one_and_its_student_with_the_10_epoch_student(tmp_path):
@@ -214,27 +233,74 @@ def test_a_teacher_removed_after_its_first_training_finished_trains_it_again(tmp
     assert os.path.exists(done + ".argv")        # the teacher is there: the finished training is kept
 
 
-def test_lat_pick_is_the_sweep_setting_lowest_after_the_attack(tmp_path):
+def test_lat_pick_is_the_sweep_setting_lowest_after_the_dev_attack_and_the_sweep_is_no_test_row(tmp_path):
     res = str(tmp_path)
     T, F = True, False
-    rest = dict(xstest=[F], p0=[F, F], incontext=[F])
-    write_cell(res, "lat-emb-0.1-s0", hs=[T, T], p01=[T, F], **rest)
-    write_cell(res, "lat-emb-0.3-s0", hs=[T, T], p01=[F, F], **rest)
-    write_cell(res, "lat-b10-4-s0", hs=[F, F], p01=[T, T], **rest)
+    write_dev_cell(res, "lat-emb-0.1-s0", hs=[T, T], over_refusal=[F], attack=[T, F])
+    write_dev_cell(res, "lat-emb-0.3-s0", hs=[T, T], over_refusal=[F], attack=[F, F])
+    write_dev_cell(res, "lat-b10-4-s0", hs=[F, F], over_refusal=[F], attack=[T, T])
+    # test results of a setting not picked (cells made before the pick moved to dev) decide nothing
+    write_cell(res, "lat-b10-4-s0", hs=[F, F], xstest=[F], p0=[F, F], p01=[F, F], incontext=[F])
     assert ablation.lat_pick(res, 0) == "lat-emb-0.3"
     assert ablation.row_cell(res, "b", "lat", 2, "lat-emb-0.3")[:2] == ("lat-emb-0.3-s2", ablation.LAT_SWEEP["lat-emb-0.3"])
+    assert ablation.ablation_stats(res, "b", [0], "lat-emb-0.3") == {}     # not a row of the test table
+    dev = ablation.dev_stats(res, "b", [0], "lat-emb-0.3")
+    assert dev["lat-emb-0.3"]["dev_attack_p0.1"] == 0.0 and dev["lat-b10-4"]["dev_attack_p0.1"] == 100.0
+    assert dev["lat"]["dev_hs"] == 100.0 and dev["lat-emb-0.1"]["paired"] == {}
+
+
+def test_a_sweep_cell_reads_only_dev_sets_and_the_pick_reuses_its_training(monkeypatch):
+    monkeypatch.setattr(ablation, "hs_set", lambda res, size: "test-hs.jsonl")
+    monkeypatch.setattr(ablation, "xstest_set", lambda res, size: "test-xstest.csv")
+    flags = ablation.LAT_SWEEP["lat-emb-0.3"]
+    sweep = ablation.cell_commands("/r", "quick", "b", "lat-emb-0.3-s0", flags, "m", 0, "cpu", sweep=True)
+    argvs = [arg for c in sweep for arg in c.argv]
+    assert [c.script for c in sweep] == ["train.py", "eval.py", "attack.py"]
+    assert not {"test-hs.jsonl", "test-xstest.csv", ablation.STRONGREJECT} & set(argvs)
+    assert sweep[2].argv[sweep[2].argv.index("--harmful") + 1] == ablation.DEV_HARMFUL
+    picked = ablation.cell_commands("/r", "quick", "b", "lat-emb-0.3-s0", flags, "m", 0, "cpu")
+    assert picked[:2] == sweep[:2]                   # the same argv: run_cell skips the training and the dev eval
+    assert [c.script for c in picked[2:]] == ["eval.py", "attack.py", "attack.py"]
+    # the same answer length before and after an attack (the full size: 64 tokens)
+    full = ablation.cell_commands("/r", "full", "b", "npo-s0", [], "m", 0, "cpu")
+    after = lambda argv, flag: argv[argv.index(flag) + 1]
+    assert after(full[2].argv, "--max-new-tokens") == after(full[3].argv, "--attack-max-new-tokens") == "64"
+
+
+def test_dev_stats_count_degenerate_answers_and_correct_over_the_dev_table(tmp_path):
+    res = str(tmp_path)
+    T, F = True, False
+    for s in (0, 1):
+        write_dev_cell(res, f"student-s{s}", hs=[T, T, T, T, T, F], over_refusal=[T, F, F])
+        # NPO: its empty answer to harmful prompt 6 and its degenerate one to borderline prompt 3 count against it
+        write_dev_cell(res, f"npo-s{s}", hs=[F] * 6, over_refusal=[F, F, F], answers=["No"] * 5 + [""],
+                       degenerate=[F, F, T])
+    dev = ablation.dev_stats(res, "b", [0, 1], None)
+    npo = dev["npo"]
+    assert npo["dev_hs_per_seed"] == pytest.approx([100 / 6] * 2) and npo["dev_over_refusal"] == pytest.approx(100 / 3)
+    # HS per prompt, npo − student: [-1] * 5 + [+1], |sum| 4; of the 64 sign patterns 2 reach 6 and 12 reach 4
+    hs = npo["paired"]["dev_hs"]
+    assert hs["difference"] == pytest.approx(-400 / 6) and hs["p"] == pytest.approx(14 / 64)
+    # over-refusal: [-1, 0, +1], every pattern reaches |sum| ≥ 0
+    assert npo["paired"]["dev_over_refusal"]["p"] == 1.0
+    # Holm over the dev table's 2 tests: the smaller p doubled
+    assert hs["family"] == 2 and hs["p_holm"] == pytest.approx(2 * 14 / 64)
+    assert ablation.combination(dev, None) == []
 
 
 def test_a_combination_of_two_loss_rows_merges_their_terms():
     better = {"p_holm": 0.001, "difference": -20.0}
     worse = {"p_holm": 0.001, "difference": 20.0}
-    table = {"student": {"paired": {}},
-             "npo": {"paired": {"attack_p0.1": better}},
-             "kl-rev": {"paired": {"hs": better}},
-             "cyclic": {"paired": {"hs": better, "xstest": worse}},      # safer but over-refuses more: left out
-             "cb": {"paired": {"hs": {"p_holm": 0.2, "difference": -3.0}}}}
-    assert ablation.combination(table, None) == ["--loss", "dpo=1,kl=1,npo=1,kl_rev=1"]
-    assert ablation.combination({"student": {"paired": {}}}, None) == []
+    dev = {"student": {"paired": {}},
+           "npo": {"paired": {"dev_hs": better}},
+           "kl-rev": {"paired": {"dev_hs": better, "dev_over_refusal": {"p_holm": 0.3, "difference": 5.0}}},
+           "cyclic": {"paired": {"dev_hs": better, "dev_over_refusal": worse}},   # safer but over-refuses more
+           "cb": {"paired": {"dev_hs": {"p_holm": 0.2, "difference": -3.0}}},
+           "gamma-long": {"paired": {"dev_hs": better}},          # 10 epochs: not at the student's length
+           "lat-emb-0.1": {"paired": {"dev_hs": better}}}         # a sweep setting, not a row
+    assert ablation.combination(dev, None) == ["--loss", "dpo=1,kl=1,npo=1,kl_rev=1"]
+    # the test table's verdicts choose nothing
+    assert ablation.combination({"student": {"paired": {}}, "npo": {"paired": {"hs": better}}}, None) == []
 
 
 def test_xstest_sets_keep_only_safe_prompts_spread_over_types(tmp_path):
@@ -250,6 +316,7 @@ def test_xstest_sets_keep_only_safe_prompts_spread_over_types(tmp_path):
 TINY_SIZE = {"train": ["--limit", "8", "--epochs", "1", "--levels", "1", "--batch-size", "4", "--teacher-epochs", "1",
                        "--max-new-tokens", "8", "--force", "--no-filter-pairs"],
              "hs_n": 6, "xstest_n": 10, "max_new_tokens": 4, "fa_n": 4, "eval": ["--limit", "2"],
+             "dev_borderline_n": 5, "skip_rows": [],
              "attack": {"n": 10, "epochs": 1, "batch": 5, "lr": 1e-4, "eval_every": 1, "hs_n": 4, "fa_n": 2},
              "shots": [1]}
 
@@ -266,15 +333,17 @@ def test_ablation_cells_run_resume_and_reproduce_from_their_argv(tiny_folder, tm
     saved = json.load(open(os.path.join(res, "ablation.json")))
     assert list(saved["stats"]) == ["student"] and saved["stats"]["student"]["hs_n"] == [6, 1]
     assert saved["stats"]["student"]["xstest_n"] == [10, 1] and os.path.isfile(os.path.join(out, "ablation-quick.png"))
-    assert os.listdir(os.path.join(res, "outcomes")) == ["student-s0.json"]
+    assert sorted(os.listdir(os.path.join(res, "outcomes"))) == ["student-s0.dev.json", "student-s0.json"]
+    assert saved["dev_stats"]["student"]["dev_hs_n"] == [20, 1]
+    assert saved["dev_stats"]["student"]["dev_over_refusal_n"] == [TINY_SIZE["dev_borderline_n"], 1]
     log = os.path.join(res, "logs", "student-s0.log")
     ran = lambda: [line.split()[2] for line in open(log) if line.startswith("$ python")]
-    assert ran() == ["train.py", "eval.py", "attack.py", "attack.py"]
+    assert ran() == ["train.py", "eval.py", "eval.py", "attack.py", "attack.py"]
     # the attack data (student-s0) keeps its checkpoint (args.json)
     assert glob.glob(os.path.join(res, "runs", "student-s0", "checkpoints", "step-*", "args.json"))
 
     figures.main(argv)                      # everything is done: nothing runs again
-    assert len(ran()) == 4
+    assert len(ran()) == 5
 
     # the cell's evaluation again from the argv in its JSON gives the same per-prompt outcomes
     cell = json.load(open(os.path.join(res, "cells", "student-s0", "eval.json")))
