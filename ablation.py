@@ -583,9 +583,8 @@ def dev_stats(res, base, seeds, pick):
     for row, found in outcomes.items():
         reference = PAIRED_WITH.get(row, "student")
         st = {"seeds": [s for s, _ in found], "label": ABLATION_ROWS.get(row, (row,))[0], "paired_with": reference}
-        for key in (*DEV_KEYS, DEV_ATTACK_KEY):
-            if any(key in o for _, o in found):
-                st.update(rate_fields(found, key))
+        for key in (*DEV_KEYS, *([DEV_ATTACK_KEY] if row in LAT_SWEEP else [])):   # attacked on dev: the sweep only
+            st.update(rate_fields(found, key))
         # a sweep setting is compared by its dev attack (lat_pick), not tested
         st["paired"] = (paired_fields(found, outcomes[reference], DEV_KEYS)
                         if row not in LAT_SWEEP and row != reference and reference in outcomes else {})

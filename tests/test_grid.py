@@ -247,6 +247,10 @@ def test_lat_pick_is_the_sweep_setting_lowest_after_the_dev_attack_and_the_sweep
     dev = ablation.dev_stats(res, "b", [0], "lat-emb-0.3")
     assert dev["lat-emb-0.3"]["dev_attack_p0.1"] == 0.0 and dev["lat-b10-4"]["dev_attack_p0.1"] == 100.0
     assert dev["lat"]["dev_hs"] == 100.0 and dev["lat-emb-0.1"]["paired"] == {}
+    # the picked row reuses the sweep cell at the first seed, but its other seeds were not attacked on dev
+    assert "dev_attack_p0.1" not in dev["lat"]
+    assert "| + LAT (sweep's pick) (lat-emb-0.3) | 1 | 100.0 % [100.0, 100.0] | 0.0 % [0.0, 0.0] | — | — |" \
+        in ablation.dev_markdown(dev, "lat-emb-0.3", [])
 
 
 def test_a_sweep_cell_reads_only_dev_sets_and_the_pick_reuses_its_training(monkeypatch):
