@@ -272,7 +272,7 @@ def cell_commands(res, size, base, cell, flags, model, seed, device, sweep=False
     common = ["--model", model, "--device", device]
     tokens = ["--max-new-tokens", str(sz["max_new_tokens"])]
     cmds.append(CellCommand("eval.py", [*common, "--hs-set", dev_hs_set(), *tokens, "--borderline-dev", DEV_BORDERLINE,
-                                        "--borderline-dev-n", str(sz["dev_borderline_n"]),
+                                        "--borderline-dev-n", str(sz["dev_borderline_n"]), *sz["eval"],
                                         "--out", os.path.join(out, "dev.json")], os.path.join(out, "dev.json")))
     # the same answer length before and after an attack
     attack_common = [*common, "--attack-data", run_dir(res, ATTACK_DATA_CELL), "--limit", str(a["hs_n"]),
@@ -576,16 +576,19 @@ DEV_ATTACK_KEY = f"dev_attack_p{DEV_ATTACK_P:g}"
 def dev_stats(res, base, seeds, pick):
     """{row: numbers} on the dev sets, what the grid's choices read: HS on the harmful dev prompts and
     over-refusal of the borderline dev prompts, clustered intervals, paired against the row's reference as
-    in ablation_stats and Holm-corrected over this table; the LAT sweep's settings (first seed) with HS
-    after the dev attack."""
-    outcomes = row_outcomes(res, base, seeds, pick, [*ABLATION_ROWS, *LAT_SWEEP, "combination"], dev_outcomes)
+    in ablation_stats and Holm-corrected over this table (what the table shows; the combination's own
+    family is its candidates: combination_rows); the LAT sweep's settings at the first seed with HS after
+    the dev attack, not tested."""
+    outcomes = {**row_outcomes(res, base, seeds, pick, [*ABLATION_ROWS, "combination"], dev_outcomes),
+                **row_outcomes(res, base, seeds[:1], pick, LAT_SWEEP, dev_outcomes)}
     table = {}
     for row, found in outcomes.items():
         reference = PAIRED_WITH.get(row, "student")
         st = {"seeds": [s for s, _ in found], "label": ABLATION_ROWS.get(row, (row,))[0], "paired_with": reference}
-        for key in (*DEV_KEYS, *([DEV_ATTACK_KEY] if row in LAT_SWEEP else [])):   # attacked on dev: the sweep only
+        for key in DEV_KEYS:
             st.update(rate_fields(found, key))
-        # a sweep setting is compared by its dev attack (lat_pick), not tested
+        if row in LAT_SWEEP and all(DEV_ATTACK_KEY in o for _, o in found):   # absent: not attacked yet
+            st.update(rate_fields(found, DEV_ATTACK_KEY))
         st["paired"] = (paired_fields(found, outcomes[reference], DEV_KEYS)
                         if row not in LAT_SWEEP and row != reference and reference in outcomes else {})
         table[row] = st
@@ -600,29 +603,48 @@ def verdict(paired):
     return "better" if paired["difference"] < 0 else "worse"
 
 
+def worse_uncorrected(paired):
+    """A guard, so stricter than a verdict: worse at an uncorrected p < 0.05."""
+    return bool(paired) and paired["p"] < 0.05 and paired["difference"] > 0
+
+
 def lat_pick(res, seed):
-    """The LAT sweep's setting with the lowest HS after the dev attack (p = 0.1), then lowest dev HS, at one
-    seed: dev prompts only."""
+    """The LAT sweep's setting with the lowest HS after the dev attack (p = 0.1), then the lowest dev HS, among
+    those whose dev over-refusal is not worse than the student's at that seed (worse_uncorrected): dev prompts
+    only. None until the student's dev evaluation and a sweep cell's dev attack are there."""
+    student = dev_outcomes(res, f"student-s{seed}")
+    if student is None:
+        return None
     scored = []
     for name in LAT_SWEEP:
         o = dev_outcomes(res, f"{name}-s{seed}")
-        if o and o.get(DEV_ATTACK_KEY) is not None:
+        if not o or o.get(DEV_ATTACK_KEY) is None:
+            continue
+        t = stats.paired_test(np.array([o["dev_over_refusal"]], dtype=int).T,
+                              np.array([student["dev_over_refusal"]], dtype=int).T, seed=0)
+        if not worse_uncorrected({"p": t.p, "difference": t.difference}):
             scored.append((sum(o[DEV_ATTACK_KEY]), sum(o["dev_hs"]), name))
     return min(scored)[2] if scored else None
 
 
+def combination_rows(dev):
+    """{row: Holm-corrected p} of the mechanisms the combination takes: better than the student on dev HS,
+    Holm over the candidates' dev-HS tests alone (every mechanism at the student's length: a family that does
+    not change when fixed rows or the combination itself finish), and not worse on dev over-refusal
+    (worse_uncorrected)."""
+    candidates = [row for row, st in dev.items()
+                  if not (row in FIXED_ROWS or row in LAT_SWEEP or row == "combination"
+                          or PAIRED_WITH.get(row, "student") != "student") and "dev_hs" in st["paired"]]
+    corrected = stats.holm([dev[row]["paired"]["dev_hs"]["p"] for row in candidates])
+    return {row: p for row, p in zip(candidates, corrected)
+            if p < 0.05 and dev[row]["paired"]["dev_hs"]["difference"] < 0
+            and not worse_uncorrected(dev[row]["paired"].get("dev_over_refusal"))}
+
+
 def combination(dev, pick):
-    """train.py flags of every mechanism that is better than the student row on dev HS (Holm-corrected
-    p < 0.05 in dev_stats) and not worse on dev over-refusal; [] when none is. The quick attack cannot rank
+    """train.py flags of the mechanisms of combination_rows, merged; [] when none. The quick attack cannot rank
     the rows (all reach 80–90 % HS), so HS after it is not a criterion."""
-    chosen = []
-    for row, st in dev.items():
-        if (row in FIXED_ROWS or row in LAT_SWEEP or row == "combination"
-                or PAIRED_WITH.get(row, "student") != "student"):   # the combination is built at the student's length
-            continue
-        if (verdict(st["paired"].get("dev_hs")) == "better"
-                and verdict(st["paired"].get("dev_over_refusal")) != "worse"):
-            chosen.append(row)
+    chosen = combination_rows(dev)
     losses, flags = {}, {}
     for row in chosen:
         row_flags = LAT_SWEEP[pick] if row == "lat" else ABLATION_ROWS[row][1]

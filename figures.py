@@ -299,6 +299,9 @@ def ablation_grid(res, out, size, base, seeds, jobs, device, run_missing, rows=N
     """`figures.py ablation`: the experiment (ablation.grid), then its figure."""
     stats = ablation.grid(res, size, base, seeds, jobs, device, run_missing, rows)
     png = os.path.join(out, "ablation-quick.png" if size == "quick" else "ablation.png")
+    if not stats:   # dev cells only (the LAT sweep): nothing to draw, and a committed figure is left as it is
+        print(f"no finished test cell: {png} not drawn")
+        return None
     ablation_figure(stats, png)
     return png
 
@@ -345,7 +348,8 @@ def main(argv=None):
     p.add_argument("--jobs", type=schedule.positive, default=1, help="ablation: cells run at a time")
     p.add_argument("--device", default="cpu", help="ablation: device of every run (cpu, cuda, auto)")
     p.add_argument("--rows", nargs="+", choices=(*ablation.ABLATION_ROWS, "combination"),
-                   help="ablation: run only these rows (default: all); the table shows every finished cell")
+                   help="ablation: run only these rows (default: all but the size's skip_rows in ablation.py); the table "
+                        "shows every finished cell")
     p.add_argument("--strongreject", default=ablation.STRONGREJECT,
                    help="ablation: StrongREJECT's prompts, JSON [{instruction, category}] or CSV with forbidden_prompt "
                         "(default: ../shared/data/refusal_direction/strongreject.json)")

@@ -245,6 +245,12 @@ def rebuild(folder):
     return rows, layout.get("from"), layout.get("model", "student")
 
 
+def positive(text):
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number ≥ 1, got {text!r}")
+    return int(text)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("rows", nargs="*", metavar="NAME=RUN,RUN", help="a row and its runs (seeds); the first is the reference")
@@ -254,20 +260,14 @@ def main(argv=None):
     p.add_argument("--out", help="also write the table here")
     p.add_argument("--keep", metavar="DIR", help="also write the per-prompt outcomes the table reads into DIR (to commit)")
     p.add_argument("--rebuild", metavar="DIR", help="make the table from a --keep folder alone (no rows given)")
-    p.add_argument("--cut-tokens", type=int, metavar="N", help="with --from: judge each answer's first N tokens only")
+    p.add_argument("--cut-tokens", type=positive, metavar="N", help="with --from: judge each answer's first N tokens only")
     p.add_argument("--tokenizer", help="--cut-tokens' tokenizer: a folder (default: the first run's student/)")
     args = p.parse_args(argv)
     global CUT
     CUT = None
-    if args.cut_tokens is not None:
-        if not args.from_file or args.rebuild or args.cut_tokens < 1:
-            p.error("--cut-tokens N (N ≥ 1) needs --from FILE: the full answers of eval.py files, not kept outcomes")
-        from transformers import AutoTokenizer
-        folder = args.tokenizer or os.path.join(args.rows[0].partition("=")[2].split(",")[0], "student")
-        try:
-            CUT = token_cut(AutoTokenizer.from_pretrained(folder), args.cut_tokens)
-        except (OSError, ValueError) as e:
-            sys.exit(f"error: --tokenizer {folder}: no tokenizer there ({str(e).splitlines()[0]})")
+    if args.cut_tokens is not None and (not args.from_file or args.rebuild or args.keep):
+        p.error("--cut-tokens needs --from FILE (the full answers of eval.py files) and no --keep or --rebuild "
+                "(kept outcomes do not record the cut)")
     if args.rebuild:
         if args.rows or args.keep:
             p.error("--rebuild takes no rows and no --keep")
@@ -291,6 +291,13 @@ def main(argv=None):
             sys.exit(f"error: {missing[0]}: no {need} (" + ("an eval.py --out file" if args.from_file else
                      "a train.py run folder that ran its evaluation") + ")")
         rows[name] = runs.split(",")
+    if args.cut_tokens:
+        from transformers import AutoTokenizer
+        folder = args.tokenizer or os.path.join(next(iter(rows.values()))[0], "student")
+        try:
+            CUT = token_cut(AutoTokenizer.from_pretrained(folder), args.cut_tokens)
+        except (OSError, ValueError) as e:
+            sys.exit(f"error: --tokenizer {folder}: no tokenizer there ({str(e).splitlines()[0]})")
     table = compare(rows, args.model, args.from_file)
     if args.keep:
         kept = compare(keep(rows, args.keep, args.model, args.from_file), args.model, args.from_file)
