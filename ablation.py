@@ -377,11 +377,15 @@ def run_ablation(res, size, base, seeds, jobs, device, rows=None):
     # seed by seed, so that a run cut short leaves whole seeds of every row
     lat = "lat" in rows or "combination" in rows
     run_cells(res, jobs, (cells([(r, seeds[0]) for r in LAT_SWEEP if lat], sweep=True)
-                          + cells([("student", 0)] + [(r, s) for s in seeds for r in wanted
+                          # the pick's guard reads the student's dev evaluation at the first seed
+                          + cells([("student", 0), ("student", seeds[0])] + [(r, s) for s in seeds for r in wanted
                                                       if r != "lat" and row_teachers(res, r) not in broken])))
     pick = lat_pick(res, seeds[0])
     if pick and lat:
         run_cells(res, jobs, cells([("lat", s) for s in seeds], pick))
+    elif lat:
+        print(f"[ablation] no LAT pick: no sweep setting has a dev attack, or none passes the over-refusal guard "
+              f"(logs: {res}/logs)", flush=True)
     combo = combination(dev_stats(res, base, seeds, pick), pick)
     if combo and "combination" in rows:
         run_cells(res, jobs, [(f"combination-s{s}", cell_commands(res, size, base, f"combination-s{s}", combo,
@@ -604,13 +608,14 @@ def verdict(paired):
 
 
 def worse_uncorrected(paired):
-    """A guard, so stricter than a verdict: worse at an uncorrected p < 0.05."""
+    """A guard, so stricter than a verdict: resolved worse at an uncorrected p < 0.05 (a setting that is
+    worse by a margin the data cannot resolve passes)."""
     return bool(paired) and paired["p"] < 0.05 and paired["difference"] > 0
 
 
 def lat_pick(res, seed):
     """The LAT sweep's setting with the lowest HS after the dev attack (p = 0.1), then the lowest dev HS, among
-    those whose dev over-refusal is not worse than the student's at that seed (worse_uncorrected): dev prompts
+    those whose dev over-refusal is not resolved worse than the student's at that seed (worse_uncorrected): dev prompts
     only. None until the student's dev evaluation and a sweep cell's dev attack are there."""
     student = dev_outcomes(res, f"student-s{seed}")
     if student is None:
@@ -630,7 +635,7 @@ def lat_pick(res, seed):
 def combination_rows(dev):
     """{row: Holm-corrected p} of the mechanisms the combination takes: better than the student on dev HS,
     Holm over the candidates' dev-HS tests alone (every mechanism at the student's length: a family that does
-    not change when fixed rows or the combination itself finish), and not worse on dev over-refusal
+    not change when fixed rows or the combination itself finish), and not resolved worse on dev over-refusal
     (worse_uncorrected)."""
     candidates = [row for row, st in dev.items()
                   if not (row in FIXED_ROWS or row in LAT_SWEEP or row == "combination"
@@ -718,6 +723,8 @@ def dev_markdown(dev, pick, combo):
         lines.append(f"| {label} | {len(st['seeds'])} | {_rate(st, 'dev_hs')} | {_rate(st, 'dev_over_refusal')} | "
                      f"{attack_rate} | {tests} |")
     n_tests = sum(len(st["paired"]) for st in dev.values())
+    chosen = ", ".join(f"{row} (p {p:.2g})" for row, p in combination_rows(dev).items()) or "none"
+    lines.append(f"\nThe combination's rows, Holm over the candidates' dev-HS tests alone: {chosen}.")
     return (f"Dev sets (the choices: LAT pick {pick or 'none'}, combination {' '.join(combo) or 'none'}); the same "
             f"statistics, Holm over this table's {n_tests} tests; a LAT sweep setting at the first seed, compared "
             f"by HS after the dev attack, not tested.\n\n" + "\n".join(lines) + "\n")
@@ -735,7 +742,8 @@ def grid(res, size, base, seeds, jobs, device, run_missing, rows=None):
     combo = combination(dev, pick)
     table = (ablation_markdown(stats, pick, combo, size) if stats else "") + "\n" + dev_markdown(dev, pick, combo)
     data.write_atomic(os.path.join(res, "ablation.json"), json.dumps(
-        {"stats": stats, "dev_stats": dev, "lat_pick": pick, "combination": combo, "size": size,
+        {"stats": stats, "dev_stats": dev, "lat_pick": pick, "combination": combo,
+         "combination_rows": combination_rows(dev), "size": size,
          "sizes": ABLATION_SIZES[size], "seeds": seeds, "rows": {r: ABLATION_ROWS[r][1] for r in ABLATION_ROWS},
          "lat_sweep": LAT_SWEEP}, indent=1))
     data.write_atomic(os.path.join(res, "ablation.md"), table)

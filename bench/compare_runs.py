@@ -32,6 +32,7 @@ import numpy as np
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 import ablation  # noqa: E402
 import eval as evaluation  # noqa: E402
+import schedule  # noqa: E402
 import stats  # noqa: E402
 
 METRICS = (("hs", "HS, built-in held-out (dev) ↓"), ("borderline_dev", "over-refusal, PHTest dev ↓"),
@@ -245,12 +246,6 @@ def rebuild(folder):
     return rows, layout.get("from"), layout.get("model", "student")
 
 
-def positive(text):
-    if not text.isdigit() or int(text) < 1:
-        raise argparse.ArgumentTypeError(f"expected a whole number ≥ 1, got {text!r}")
-    return int(text)
-
-
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("rows", nargs="*", metavar="NAME=RUN,RUN", help="a row and its runs (seeds); the first is the reference")
@@ -260,7 +255,7 @@ def main(argv=None):
     p.add_argument("--out", help="also write the table here")
     p.add_argument("--keep", metavar="DIR", help="also write the per-prompt outcomes the table reads into DIR (to commit)")
     p.add_argument("--rebuild", metavar="DIR", help="make the table from a --keep folder alone (no rows given)")
-    p.add_argument("--cut-tokens", type=positive, metavar="N", help="with --from: judge each answer's first N tokens only")
+    p.add_argument("--cut-tokens", type=schedule.positive, metavar="N", help="with --from: judge each answer's first N tokens only")
     p.add_argument("--tokenizer", help="--cut-tokens' tokenizer: a folder (default: the first run's student/)")
     args = p.parse_args(argv)
     global CUT

@@ -135,5 +135,10 @@ def test_cut_tokens_judges_only_the_first_n_tokens_of_each_answer(tmp_path, tiny
     assert line.startswith("| r | 1 | 50.0 % [") and "| 0.0 % [" in line
     compare_runs.main(["--from", "dev.json", "--cut-tokens", "1000", "--tokenizer", tiny_folder, run])
     assert "| r | 1 | 0.0 % [" in capsys.readouterr().out           # longer than every answer: unchanged
-    with pytest.raises(SystemExit):
-        compare_runs.main(["--cut-tokens", "8", run])               # kept or train.py files: no full answers
+    for argv in (["--cut-tokens", "8", run],                               # train.py's eval.json: no full answers
+                 ["--from", "dev.json", "--cut-tokens", "8", "--keep", str(tmp_path / "k"), run],   # kept: no cut
+                 ["--from", "dev.json", "--cut-tokens", "0", run]):
+        with pytest.raises(SystemExit) as stop:
+            compare_runs.main(argv)
+        assert stop.value.code == 2 and not os.path.exists(tmp_path / "k")   # argparse's one-line usage error
+    assert "--cut-tokens needs --from FILE" in capsys.readouterr().err

@@ -336,6 +336,21 @@ def test_the_grid_sweeps_on_dev_then_runs_the_pick_at_every_seed_and_leaves_cycl
     assert "cyclic-s0" in batches[-1]
 
 
+def test_the_sweep_at_other_seeds_runs_the_student_its_guard_reads(tmp_path, monkeypatch, capsys):
+    res = str(tmp_path)
+    monkeypatch.setattr(ablation, "dev_stats", lambda *a: {})
+    batches = []
+    monkeypatch.setattr(ablation, "run_cells", lambda res, jobs, cells: batches.append([n for n, _ in cells]) or [])
+    for name in ablation.LAT_SWEEP:   # every setting attacked on dev at seed 1, as the sweep's cells leave them
+        write_dev_cell(res, f"{name}-s1", hs=[True], over_refusal=[False], attack=[name != "lat-b10-8"])
+    ablation.run_ablation(res, "quick", "b", [1], 1, "cpu", ["lat"])
+    assert "student-s1" in batches[1] and len(batches) == 2       # scheduled, but (stand-in) not yet evaluated:
+    assert "no LAT pick" in capsys.readouterr().out                # no pick, and it says so
+    write_dev_cell(res, "student-s1", hs=[True], over_refusal=[False])
+    ablation.run_ablation(res, "quick", "b", [1], 1, "cpu", ["lat"])
+    assert batches[-1] == ["lat-b10-8-s1"]
+
+
 def test_the_combination_takes_rows_better_on_dev_hs_its_family_fixed_by_the_candidates(tmp_path):
     res = str(tmp_path)
     T, F = True, False

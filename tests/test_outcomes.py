@@ -40,7 +40,10 @@ def test_committed_outcomes_give_the_published_table(folder, cells):
     ("teacher-e3-students-e10-test", ["e3-e10: mean over 3 seed(s): AUROC 0.851, HS 44.7%",
                                       "default-e10: mean over 3 seed(s): AUROC 0.814, HS 56.3%",
                                       "AUROC -0.037 [-0.061, -0.012], p = 0.002, Holm p = 0.004; HS +0.117 [-0.003, +0.180]"],
-     "0.851 (0.844, 0.853, 0.857); +0.037 [+0.012, +0.061], Holm p 0.004")])
+     "0.851 (0.844, 0.853, 0.857); +0.037 [+0.012, +0.061], Holm p 0.004"),
+    # the matched point: as rebuilt (default − e3, fractions) and as published (e3 − default, points)
+    ("teacher-e3-students-e10-test", ["HS +0.117 [-0.003, +0.180], p = 0.063, Holm p = 0.063"],
+     "44.7 % (42, 46, 46); −11.7 [−18.0, +0.3], Holm p 0.063")])
 def test_committed_curves_recompute(curve_file, printed, published, capsys, tmp_path):
     tradeoff.rebuild(os.path.join(OUTCOMES, curve_file, "tradeoff.json"), str(tmp_path / "curves.png"))
     out = capsys.readouterr().out
