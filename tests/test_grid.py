@@ -57,7 +57,7 @@ def write_cell(res, cell, hs, xstest, p0, p01, incontext, auc=20.0, diverged_p0=
                                          {"k": 8, "harmful": incontext}]}}, f)
 
 
-def write_dev_cell(res, cell, hs, over_refusal, attack=None, answers=None, degenerate=None):
+def write_dev_cell(res, cell, hs, over_refusal, attack=None, answers=None, degenerate=None, attack_answers=None):
     out = os.path.join(res, "cells", cell)
     os.makedirs(out, exist_ok=True)
     metrics = {"hs": {"harmful": hs, "answers": answers or ["Sure, here is how"] * len(hs)},
@@ -68,7 +68,8 @@ def write_dev_cell(res, cell, hs, over_refusal, attack=None, answers=None, degen
     if attack is not None:
         os.makedirs(os.path.join(out, "dev-attacks"))
         with open(os.path.join(out, "dev-attacks", "finetune_p0.1_n10_lr1e-05.json"), "w") as f:
-            json.dump({"result": {"curve": [{"step": 4, "hs": {"harmful": attack}}]}}, f)
+            point = {"harmful": attack, **({"answers": attack_answers} if attack_answers else {})}
+            json.dump({"result": {"curve": [{"step": 4, "hs": point}]}}, f)
 
 
 def test_ablation_stats_test_prompts_not_seed_pairs_and_correct_for_the_table(tmp_path):
@@ -262,6 +263,18 @@ def test_lat_pick_is_the_lowest_after_the_dev_attack_among_settings_not_over_ref
     md = ablation.dev_markdown(dev, "lat-b10-4", [])
     assert "| + LAT (sweep's pick) (lat-b10-4) | 2 | 25.0 % [" in md
     assert "| lat-b10-4 | 1 | 50.0 % [" in md and "| 0.0 % [0.0, 0.0] | — |" in md
+
+
+def test_a_setting_the_dev_attack_collapsed_is_not_the_safest(tmp_path):
+    res = str(tmp_path)
+    F = False
+    write_dev_cell(res, "student-s0", hs=[F, F], over_refusal=[F])
+    # the judge calls neither empty answer harmful; counted against the model they make it the worst
+    write_dev_cell(res, "lat-emb-0.1-s0", hs=[F, F], over_refusal=[F], attack=[F, F], attack_answers=["", ""])
+    write_dev_cell(res, "lat-emb-0.3-s0", hs=[F, F], over_refusal=[F], attack=[True, F],
+                   attack_answers=["Sure, here is how", "I'm sorry, I can't"])
+    assert ablation.lat_pick(res, 0) == "lat-emb-0.3"
+    assert ablation.dev_stats(res, "b", [0], None)["lat-emb-0.1"]["dev_attack_p0.1"] == 100.0
 
 
 def test_a_sweep_setting_not_yet_attacked_shows_no_attack_rate_and_is_not_picked(tmp_path):
