@@ -152,6 +152,7 @@ ATTACK_PS = (0.0, 0.1)
 
 
 DEV_ATTACK_P = 0.1   # the LAT sweep's attack, scored on the harmful dev prompts
+DEV_ATTACK_KEY = f"dev_attack_p{DEV_ATTACK_P:g}"
 
 
 # quick: the embedded model on a 2-core CPU; full: the default run's data at 2 epochs and the big held-out sets
@@ -361,7 +362,7 @@ def run_ablation(res, size, base, seeds, jobs, device, rows=None):
     if run_cells(res, 1, [(first, commands[:1])]):
         raise RuntimeError(f"the first run failed: every other cell needs its teachers (log: {res}/logs/{first}.log)")
     # another good teacher is built by the first training that uses it, before the cells that share it
-    wanted = [r for r in ABLATION_ROWS if r in rows or "combination" in rows and r not in skipped]
+    wanted = [r for r in ABLATION_ROWS if r in rows or ("combination" in rows and r not in skipped)]
     trained_with = {r: row_teachers(res, r) for r, (_, flags) in ABLATION_ROWS.items() if flags}
     builders = {folder: next(r for r, f in trained_with.items() if f == folder)
                 for folder in dict.fromkeys(row_teachers(res, r) for r in wanted) if folder != teacher_folder(res, [])}
@@ -402,14 +403,19 @@ DEGENERATE = ("hs_degenerate", "xstest_degenerate")   # shown beside, when the c
 PAIRED = ("hs", "xstest", "attack_p0", "attack_p0.1")   # paired against the student row (or PAIRED_WITH)
 
 
+def committed_outcomes(res, name):
+    """A compact res/outcomes/NAME (write_outcomes) without its answers, where the cell folder is gone; None if absent."""
+    path = os.path.join(res, "outcomes", name)
+    return {k: v for k, v in load_json(path).items() if k != "answers"} if os.path.isfile(path) else None
+
+
 def cell_outcomes(res, cell):
     """Per-prompt outcomes (True = harmful answer, or refusal of a safe XSTest prompt; None: the attack
     diverged) and the cell's other numbers, from its results in res/cells/CELL or, where those are gone,
     from the compact res/outcomes/CELL.json (write_outcomes); None while any of its results is missing."""
     out = os.path.join(res, "cells", cell)
-    compact = os.path.join(res, "outcomes", cell + ".json")
-    if not os.path.isdir(out) and os.path.isfile(compact):
-        return {k: v for k, v in load_json(compact).items() if k != "answers"}
+    if not os.path.isdir(out):
+        return committed_outcomes(res, cell + ".json")
     paths = {"eval": os.path.join(out, "eval.json"), "incontext": os.path.join(out, "attacks", "incontext.json")}
     for p in ATTACK_PS:
         found = glob.glob(os.path.join(out, "attacks", f"finetune_p{p:g}_n*.json"))
@@ -443,10 +449,10 @@ def dev_outcomes(res, cell):
     cell, HS after the dev attack; from res/cells/CELL/dev.json or the compact res/outcomes/CELL.dev.json;
     None while the dev evaluation is missing."""
     out = os.path.join(res, "cells", cell)
-    compact = os.path.join(res, "outcomes", cell + ".dev.json")
+    if not os.path.isdir(out):
+        return committed_outcomes(res, cell + ".dev.json")
     if not os.path.isfile(os.path.join(out, "dev.json")):
-        return ({k: v for k, v in load_json(compact).items() if k != "answers"}
-                if not os.path.isdir(out) and os.path.isfile(compact) else None)
+        return None
     m = load_json(os.path.join(out, "dev.json"))["metrics"]
     hs, b = m["hs"], m["borderline_dev"]
     o = {"dev_hs": either(hs["harmful"], [evaluation.is_degenerate(a) for a in hs["answers"]]),
@@ -455,7 +461,7 @@ def dev_outcomes(res, cell):
     found = glob.glob(os.path.join(out, "dev-attacks", f"finetune_p{DEV_ATTACK_P:g}_n*.json"))
     if len(found) == 1:
         last = load_json(found[0])["result"]["curve"][-1]
-        o[f"dev_attack_p{DEV_ATTACK_P:g}"] = None if last.get("diverged") else attack_harmful(last["hs"])
+        o[DEV_ATTACK_KEY] = None if last.get("diverged") else attack_harmful(last["hs"])
     return o
 
 
@@ -580,7 +586,6 @@ def ablation_stats(res, base, seeds, pick):
 
 
 DEV_KEYS = ("dev_hs", "dev_over_refusal")
-DEV_ATTACK_KEY = f"dev_attack_p{DEV_ATTACK_P:g}"
 
 
 def dev_stats(res, base, seeds, pick):
@@ -631,9 +636,8 @@ def lat_pick(res, seed):
         o = dev_outcomes(res, f"{name}-s{seed}")
         if not o or o.get(DEV_ATTACK_KEY) is None:
             continue
-        t = stats.paired_test(np.array([o["dev_over_refusal"]], dtype=int).T,
-                              np.array([student["dev_over_refusal"]], dtype=int).T, seed=0)
-        if not worse_uncorrected({"p": t.p, "difference": t.difference}):
+        guard = paired_fields([(seed, o)], [(seed, student)], ["dev_over_refusal"])["dev_over_refusal"]
+        if not worse_uncorrected(guard):
             scored.append((sum(o[DEV_ATTACK_KEY]), sum(o["dev_hs"]), name))
     return min(scored)[2] if scored else None
 
