@@ -213,8 +213,11 @@ def compare(rows, model="student", from_file=None):
                 text += f"; {diff:+.1f} pts, Holm p {holm[(n, key)]:.2g}"
             cells.append(text)
         lines.append(f"| {n} | {len(rows[n])} | " + " | ".join(cells) + " |")
+    per_seed = [f"{n}: " + "; ".join(f"{key} " + " / ".join(f"{100 * c:.1f}" for c in mats[n][key].mean(axis=0))
+                                      for key, _ in metrics if key in mats[n]) for n in names]
     return "\n".join(lines) + (f"\n\nAgainst `{names[0]}`: sign-flip test on the per-prompt difference averaged "
-                               f"over seeds, Holm over the table's {len(tests)} tests.")
+                               f"over seeds, Holm over the table's {len(tests)} tests.\n\n"
+                               "Per seed (%, runs in the order given): " + " · ".join(per_seed))
 
 
 def keep(rows, folder, model="student", from_file=None):
