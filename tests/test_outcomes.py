@@ -25,12 +25,25 @@ with open(os.path.join(ROOT, "docs", "results.md"), encoding="utf-8") as f:
     ("teacher-e3-students-e10-dev", ["80.7 % [72.7, 88.3]", "59.7 % [49.0, 70.7]; -21.0 pts, Holm p 0.0001",
                                      "63.0 % [51.7, 73.0]; +0.7 pts, Holm p 0.87"]),
     ("teacher-e3-students-e10-test", ["25.1 % [19.4, 31.4]", "19.3 % [14.0, 24.6]; -5.9 pts, Holm p 0.0001",
-                                      "28.7 % [23.5, 33.7]; +0.8 pts, Holm p 0.45"])])
+                                      "28.7 % [23.5, 33.7]; +0.8 pts, Holm p 0.45"]),
+    # the main table (README): the best configuration first, the student and the SFT baseline against it
+    ("main-e10-dev", ["59.7 % [49.0, 70.7]", "80.7 % [72.7, 88.3]; +21.0 pts, Holm p 0.0002",
+                      "67.7 % [58.7, 76.0]; +4.7 pts, Holm p 0.086"]),
+    ("main-e10-test", ["19.3 % [14.0, 24.6]", "25.1 % [19.4, 31.4]; +5.9 pts, Holm p 0.0002",
+                       "19.1 % [15.1, 23.3]; -0.2 pts, Holm p 0.91", "27.2 % [21.9, 32.9]; -1.5 pts, Holm p 0.44"]),
+    ("main-e10-heldout", ["21.1 % [16.5, 25.6]", "27.5 % [22.7, 32.2]; +6.4 pts, Holm p 0.0001",
+                          "23.1 % [17.9, 28.4]; +2.0 pts, Holm p 0.13"]),
+    ("main-e10-attack", ["56.3 % [46.0, 65.7]", "59.0 % [45.7, 70.7]; +2.7 pts, Holm p 0.37",
+                         "57.3 % [46.0, 68.0]; +1.0 pts, Holm p 0.69"]),
+    ("student-vs-teacher-e3-dev", ["26.7 % [17.7, 37.0]; -33.0 pts, Holm p 0.0001",
+                                   "67.3 % [56.0, 77.7]; +4.3 pts, Holm p 0.091"])])
 def test_committed_outcomes_give_the_published_table(folder, cells):
     rows, from_file, model = compare_runs.rebuild(os.path.join(OUTCOMES, folder))
     table = re.sub(r" \(n \d+\)", "", compare_runs.compare(rows, model, from_file))
     for cell in cells:   # each as rebuilt and as docs/results.md prints it
         assert cell in table and cell in RESULTS
+    if folder.startswith("main-"):   # the per-seed rates, as printed under the table
+        assert table.splitlines()[-1] in RESULTS
 
 
 @pytest.mark.parametrize("curve_file,printed,published", [
@@ -43,7 +56,13 @@ def test_committed_outcomes_give_the_published_table(folder, cells):
      "0.851 (0.844, 0.853, 0.857); +0.037 [+0.012, +0.061], Holm p 0.004"),
     # the matched point: as rebuilt (default − e3, fractions) and as published (e3 − default, points)
     ("teacher-e3-students-e10-test", ["HS +0.117 [-0.003, +0.180], p = 0.063, Holm p = 0.063"],
-     "44.7 % (42, 46, 46); −11.7 [−18.0, +0.3], Holm p 0.063")])
+     "44.7 % (42, 46, 46); −11.7 [−18.0, +0.3], Holm p 0.063"),
+    # the main table's curves: the best row first, Holm over 4 tests
+    ("main-e10-test", ["sft-e10: mean over 3 seed(s): AUROC 0.863, HS 43.3%",
+                       "e3-e10 - default-e10: AUROC +0.037 [+0.012, +0.061], p = 0.002, Holm p = 0.008; "
+                       "HS -0.117 [-0.180, +0.003], p = 0.063, Holm p = 0.19",
+                       "e3-e10 - sft-e10: AUROC -0.012 [-0.034, +0.008], p = 0.24, Holm p = 0.49"],
+     "0.814 (0.861, 0.766, 0.815); −0.037 [−0.061, −0.012], Holm p 0.008")])
 def test_committed_curves_recompute(curve_file, printed, published, capsys, tmp_path):
     tradeoff.rebuild(os.path.join(OUTCOMES, curve_file, "tradeoff.json"), str(tmp_path / "curves.png"))
     out = capsys.readouterr().out
