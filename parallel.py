@@ -182,6 +182,11 @@ def from_main(value):
     return box[0]
 
 
+def barrier():
+    if dist.is_initialized():
+        dist.barrier()
+
+
 def teardown():
     if dist.is_initialized():
         dist.destroy_process_group()

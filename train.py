@@ -825,7 +825,11 @@ def evaluate_run(args, student, student_dir, base, found, prompts, report, t_sta
 def main(argv=None):
     args = build_parser().parse_args(argv)
     try:
-        return run(args)
+        payload = run(args)
+        # the other ranks return while rank 0 saves: a rank destroying its gloo group before the others
+        # are done aborted at exit (SIGABRT) in ~1 run of 5; on an error no barrier (it could hang)
+        parallel.barrier()
+        return payload
     except (data.DataError, teachers.ModelError, ValueError) as e:
         sys.exit(f"error: {e}")
     finally:
