@@ -81,3 +81,23 @@ def test_two_processes_resume_a_one_process_run(one_process, tiny_folder, tmp_pa
     assert sorted(os.listdir(tmp_path / "checkpoints")) == ["step-3"]
     torchrun(tiny_folder, tmp_path, *shared, "--resume")
     assert_same_run(one_process, tmp_path)
+
+
+def test_ranks_meet_at_a_barrier_before_teardown_only_when_the_run_succeeds(monkeypatch):
+    """A rank that destroys its gloo group while rank 0 still saves aborted at exit; on an error a barrier
+    could hang the ranks that did not fail, so there is none."""
+    calls = []
+    monkeypatch.setattr(train.parallel, "barrier", lambda: calls.append("barrier"))
+    monkeypatch.setattr(train.parallel, "teardown", lambda: calls.append("teardown"))
+    monkeypatch.setattr(train, "run", lambda args: calls.append("run"))
+    train.main([])
+    assert calls == ["run", "barrier", "teardown"]
+    calls.clear()
+
+    def fail(args):
+        calls.append("run")
+        raise ValueError("--lr: must be positive")
+    monkeypatch.setattr(train, "run", fail)
+    with pytest.raises(SystemExit, match="error: --lr: must be positive"):
+        train.main([])
+    assert calls == ["run", "teardown"]
