@@ -294,12 +294,19 @@ class FirstTokenBias(transformers.LogitsProcessor):
 
     def __init__(self, token_ids, bias, width):
         self.token_ids, self.bias, self.width = list(token_ids), float(bias), width
+        self.unbiased = None   # the first position's scores before the bias
 
     def __call__(self, input_ids, scores):
         if input_ids.shape[1] == self.width:
-            scores = scores.clone()
-            scores[:, self.token_ids] += self.bias
+            self.unbiased = scores
+            scores = add_first_token_bias(scores, self.token_ids, self.bias)
         return scores
+
+
+def add_first_token_bias(scores, token_ids, bias):
+    scores = scores.clone()
+    scores[:, list(token_ids)] += float(bias)
+    return scores
 
 
 @torch.inference_mode()
@@ -307,7 +314,8 @@ def generate(model, tokenizer, prompts, max_new_tokens=MAX_NEW_TOKENS, token_bud
              max_prompt_tokens=MAX_PROMPT_TOKENS, histories=None, desc="answers", prefill="", first_token_bias=None):
     """Greedy answers to `prompts`, in their order. Returns (texts, report). `prefill` opens every
     answer (a prefilling attack); the texts are what the model wrote after it. first_token_bias
-    (token ids, b): b added to those tokens' logits at the answer's first position only.
+    (token ids, b): b added to those tokens' logits at the answer's first position only; the report
+    then holds each answer's first token and its first position's scores before the bias.
 
     Prompts are sorted by length (longest first, so an out-of-memory error comes early) and
     batched so that rows × (prompt + new tokens) ≤ token_budget; an over-long prompt keeps its
@@ -323,15 +331,15 @@ def generate(model, tokenizer, prompts, max_new_tokens=MAX_NEW_TOKENS, token_bud
     device = next(model.parameters()).device
     pad = data.pad_id(tokenizer)
     texts, start, retries = [None] * len(prompts), 0, 0
+    first_tokens, first_scores = [None] * len(prompts), [None] * len(prompts)
     cap = len(prompts)
     bar = tqdm(total=len(prompts), desc=desc, unit="answer", leave=False)
     while start < len(order):
         rows = max(1, min(cap, token_budget // (len(encoded[order[start]]) + max_new_tokens)))
         chunk = order[start:start + rows]
         batch = data.collate([{"input_ids": encoded[i]} for i in chunk], pad, side="left")
-        extra = ({"logits_processor": transformers.LogitsProcessorList([FirstTokenBias(*first_token_bias,
-                                                                                       batch["input_ids"].shape[1])])}
-                 if first_token_bias else {})
+        bias = FirstTokenBias(*first_token_bias, batch["input_ids"].shape[1]) if first_token_bias else None
+        extra = {"logits_processor": transformers.LogitsProcessorList([bias])} if bias else {}
         try:
             out = model.generate(input_ids=batch["input_ids"].to(device),
                                  attention_mask=batch["attention_mask"].to(device),
@@ -346,10 +354,15 @@ def generate(model, tokenizer, prompts, max_new_tokens=MAX_NEW_TOKENS, token_bud
         width = batch["input_ids"].shape[1]
         for row, i in enumerate(chunk):
             texts[i] = tokenizer.decode(out[row, width:], skip_special_tokens=True).strip()
+            if bias:
+                first_tokens[i], first_scores[i] = int(out[row, width]), bias.unbiased[row].cpu()
         start += len(chunk)
         bar.update(len(chunk))
     bar.close()
-    return texts, {"prompts": len(prompts), "truncated_prompts": truncated, "oom_retries": retries}
+    report = {"prompts": len(prompts), "truncated_prompts": truncated, "oom_retries": retries}
+    if first_token_bias:
+        report.update(first_tokens=first_tokens, first_scores=torch.stack(first_scores) if prompts else None)
+    return texts, report
 
 
 def generation_settings(**extra):

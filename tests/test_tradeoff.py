@@ -47,17 +47,77 @@ def test_a_first_token_bias_changes_only_the_first_choice(tokenizer, bias):
 
 
 def test_refusals_under_bias_count_degenerate_answers_against_the_model(tokenizer, monkeypatch):
-    # canned answers per bias: prompt 0 refuses from b = 0 on, prompt 1 is degenerate at b = 0
-    canned = {-1.0: ["Sure.", "Sure."], 0.0: ["I'm sorry, I can't.", ""], 1.0: ["I'm sorry, I can't.", "I cannot help with that."]}
-    seen = []
-    monkeypatch.setattr(evaluation, "generate", lambda m, t, prompts, n, first_token_bias, desc:
-                        seen.append(first_token_bias) or (canned[first_token_bias[1]], {}))
+    # canned answers per bias: prompt 0 refuses at b = 1, prompt 1 is degenerate at b = -1
+    canned = {-1.0: ["Sure.", ""], 1.0: ["I'm sorry, I can't.", "I cannot help with that."]}
+    monkeypatch.setattr(evaluation, "answers_under_bias", lambda m, t, prompts, biases, n: [canned[b] for b in biases])
     model = make_tiny(tokenizer)
-    harmful = evaluation.refusals_under_bias(model, tokenizer, PROMPTS, (-1.0, 0.0, 1.0))
-    safe = evaluation.refusals_under_bias(model, tokenizer, PROMPTS, (-1.0, 0.0, 1.0), safe=True)
-    assert harmful == [[False, True, True], [False, False, True]]   # degenerate: no refusal of a harmful prompt
-    assert safe == [[False, True, True], [False, True, True]]       # ...but a failure on a safe one
-    assert seen[0][0] == evaluation.refusal_opening_ids(tokenizer) and [b for _, b in seen[:3]] == [-1.0, 0.0, 1.0]
+    harmful = evaluation.refusals_under_bias(model, tokenizer, PROMPTS, (-1.0, 1.0))
+    safe = evaluation.refusals_under_bias(model, tokenizer, PROMPTS, (-1.0, 1.0), safe=True)
+    assert harmful == [[False, True], [False, True]]   # degenerate: no refusal of a harmful prompt
+    assert safe == [[False, True], [True, True]]       # ...but a failure on a safe one
+
+
+SWEEP_PROMPTS = [*PROMPTS, "What is the capital of France?", "Write a haiku about rain.", "Why is the sky blue?",
+                 "List three uses of vinegar."]
+
+
+def first_position_gaps(model, tokenizer, ids):
+    """Brute force, per prompt: the best non-opening token's logit minus the best opening token's."""
+    gaps = []
+    for prompt in SWEEP_PROMPTS:
+        x = tokenizer(data.prompt_text(tokenizer, prompt), add_special_tokens=False, return_tensors="pt").input_ids
+        with torch.no_grad():
+            logits = model(x).logits[0, -1]
+        mask = torch.zeros_like(logits, dtype=torch.bool)
+        mask[ids] = True
+        gaps.append(float(logits[~mask].max() - logits[mask].max()))
+    return gaps
+
+
+def counted_generate(monkeypatch):
+    calls, real = [], evaluation.generate
+    monkeypatch.setattr(evaluation, "generate", lambda *a, **k: calls.append(k["first_token_bias"][1]) or real(*a, **k))
+    return calls, real
+
+
+def test_the_two_run_sweep_gives_the_answers_of_one_generation_per_bias(tokenizer, monkeypatch):
+    model = make_tiny(tokenizer, seed=3)
+    ids = evaluation.refusal_opening_ids(tokenizer)
+    gaps = sorted(first_position_gaps(model, tokenizer, ids))
+    # biases between the prompts' switch points: each middle bias has prompts on both sides of it
+    middle = [(a + b) / 2 for a, b in zip(gaps, gaps[1:])]
+    biases = (gaps[0] - 1, *middle, gaps[-1] + 1)
+    calls, real = counted_generate(monkeypatch)
+    got = evaluation.answers_under_bias(model, tokenizer, SWEEP_PROMPTS, biases, max_new_tokens=4)
+    assert calls == [biases[0], biases[-1]]   # two generations for len(biases) = 7 biases
+    want = [real(model, tokenizer, SWEEP_PROMPTS, 4, first_token_bias=(ids, b))[0] for b in biases]
+    assert got == want
+    assert all(len(set(column)) == 2 for column in zip(*want))   # every prompt's answer switches once
+
+
+def test_a_bias_with_an_unexpected_first_token_is_generated(tokenizer, monkeypatch):
+    model = make_tiny(tokenizer, seed=3)
+    ids = evaluation.refusal_opening_ids(tokenizer)
+    real_picks = evaluation.first_token_picks
+    # as if rounding made bias 0 pick a third token for prompt 1
+    monkeypatch.setattr(evaluation, "first_token_picks",
+                        lambda s, t, b: [p if i != 1 or b != 0.0 else -1 for i, p in enumerate(real_picks(s, t, b))])
+    calls, real = counted_generate(monkeypatch)
+    got = evaluation.answers_under_bias(model, tokenizer, SWEEP_PROMPTS, (-50.0, -1.0, 0.0, 50.0), max_new_tokens=4)
+    assert calls == [-50.0, 50.0, 0.0]
+    assert got[2] == real(model, tokenizer, SWEEP_PROMPTS, 4, first_token_bias=(ids, 0.0))[0]
+
+
+def test_the_sweep_stops_when_decoding_is_not_greedy(tokenizer, monkeypatch):
+    model = make_tiny(tokenizer, seed=3)
+    real = evaluation.generate
+
+    def sampled(*a, **k):   # a first token that is not the argmax of its scores
+        texts, report = real(*a, **k)
+        return texts, {**report, "first_tokens": [t + 1 for t in report["first_tokens"]]}
+    monkeypatch.setattr(evaluation, "generate", sampled)
+    with pytest.raises(RuntimeError, match="at bias -1 are not the argmax"):
+        evaluation.answers_under_bias(model, tokenizer, PROMPTS, (-1.0, 0.0, 1.0), max_new_tokens=2)
 
 
 def test_bias_scores_on_hand_made_sweeps():
