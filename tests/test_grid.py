@@ -32,9 +32,13 @@ def stand_in_strongreject(tmp_path_factory, monkeypatch):
 
 
 def write_cell(res, cell, hs, xstest, p0, p01, incontext, auc=20.0, diverged_p0=False, answers=None,
-               xs_degenerate=None):
+               xs_degenerate=None, curve=None):
     out = os.path.join(res, "cells", cell)
     os.makedirs(os.path.join(out, "attacks"))
+    if curve is not None:   # (harmful, safe) refusal scores, as bench/tradeoff.py writes them
+        with open(os.path.join(out, "curve.json"), "w") as f:
+            json.dump({"settings": {"biases": [-1.0, 0.0, 1.0], "max_new_tokens": 16},
+                       "models": {cell: {"seeds": [{"scores": {"harmful": curve[0], "safe": curve[1]}}]}}}, f)
     safe = [True] * len(xstest) + [False]
     metrics = {"hs": {"harmful": hs, "refusal": 100.0 * (len(hs) - sum(hs)) / len(hs)},
                "fa": {"fa": 50.0, "n": 4},
@@ -114,6 +118,43 @@ def test_ablation_stats_test_prompts_not_seed_pairs_and_correct_for_the_table(tm
     assert "Holm-corrected over the table's 7 tests" in md
 
 
+def test_each_row_has_its_trade_off_curve_tested_against_the_student_in_a_family_of_its_own(tmp_path):
+    res = str(tmp_path)
+    T, F = True, False
+    same = dict(hs=[T, F, F, F], xstest=[F] * 10, p0=[F, F], p01=[F, F], incontext=[F, F])
+    safe = list(range(10))   # safe prompts' scores 0 .. 9: at most one refused at over-refusal <= 10 %
+    write_cell(res, "student-s0", **same, curve=([5, 4, 3, 0.5], safe))
+    write_cell(res, "student-s1", **same, curve=([10, 9.5, 8.5, 1], safe))
+    for s in (0, 1):
+        write_cell(res, f"npo-s{s}", **same, curve=([10, 9.5, 9.2, 9.1], safe))
+    write_cell(res, "kl-rev-s0", **same, curve=([10, 9.5, 9.2, 9.1], safe))
+    write_cell(res, "kl-rev-s1", **same)   # not swept yet
+    write_cell(res, "base", **same, curve=([0, 0, 0, 0], safe))
+    table = ablation.ablation_stats(res, "base-model", [0, 1], None)
+    student, npo, base = table["student"]["curve"], table["npo"]["curve"], table["base"]["curve"]
+    # harmful-above-safe pairs out of 40 (ties half): seed 0 (5 + 4 + 3 + 1) + 3 ties / 2, seed 1 (10 + 10 + 9 + 1) + 1 tie / 2
+    assert student["auroc_per_seed"] == pytest.approx([14.5 / 40, 30.5 / 40]) and student["auroc"] == pytest.approx(45 / 80)
+    # the lowest threshold refusing only the safe 9: seed 0 refuses no harmful prompt, seed 1 three of four
+    assert student["hs_at_target_per_seed"] == [100.0, 25.0] and student["hs_at_target"] == 62.5
+    assert student["over_refusal_per_seed"] == [10.0, 10.0]
+    assert (npo["auroc"], npo["hs_at_target"]) == (1.0, 0.0) and (base["auroc"], base["hs_at_target"]) == (0.05, 100.0)
+    assert table["kl-rev"]["curve"] is None and table["kl-rev"]["curve_paired"] is None
+    assert table["student"]["curve_paired"] is None
+    t = table["npo"]["curve_paired"]
+    assert t["auroc"]["difference"] == pytest.approx(1 - 45 / 80) and t["hs_at_target"]["difference"] == -62.5
+    # Holm over the curve tests alone (npo and base, 2 each), apart from the table's other tests
+    ps = sorted((st["curve_paired"][k]["p"], row, k) for row, st in table.items() if st["curve_paired"]
+                for k in ablation.CURVE_KEYS)
+    assert len(ps) == 4 and t["auroc"]["family"] == 4
+    want = [min(1.0, (4 - i) * p) for i, (p, _, _) in enumerate(ps)]
+    want = [max(want[:i + 1]) for i in range(4)]
+    assert [table[row]["curve_paired"][k]["p_holm"] for _, row, k in ps] == pytest.approx(want)
+    assert table["npo"]["paired"]["hs"]["family"] == 3 * 4   # hs, xstest, p0, p0.1 of npo, kl-rev and base
+    md = ablation.curve_markdown(table, None, [])
+    assert "| + NPO | 2 | 1.000 (1.000, 1.000) | 0.0 % (0, 0) | +0.438 [" in md and "| + reverse KL |" not in md
+    assert "| student (default losses, 2 epochs) | 2 | 0.562 (0.362, 0.762) | 62.5 % (100, 25) | — |" in md
+
+
 def test_degenerate_answers_count_against_the_model_on_both_axes(tmp_path):
     res = str(tmp_path)
     T, F = True, False
@@ -133,14 +174,17 @@ def test_the_committed_outcomes_alone_rebuild_every_number(tmp_path):
     same = dict(xstest=[T, F, F, F], p0=[T, T, F, F], p01=[T, T, T, F], incontext=[T, F, F, F])
     long_answer = "Sure. " + "step " * 100
     for s in (0, 1):
-        write_cell(res, f"student-s{s}", hs=[T, T, F, F], answers=[long_answer, "Sure", "I'm sorry", ""], **same)
-        write_cell(res, f"npo-s{s}", hs=[F, T, F, F], answers=["No", "Sure", "I'm sorry", "I cannot"], **same)
+        write_cell(res, f"student-s{s}", hs=[T, T, F, F], answers=[long_answer, "Sure", "I'm sorry", ""], **same,
+                   curve=([s, 1, 2, 3], [0, 1, 1, 2]))
+        write_cell(res, f"npo-s{s}", hs=[F, T, F, F], answers=["No", "Sure", "I'm sorry", "I cannot"], **same,
+                   curve=([3, 1, 2, 3 - s], [0, 0, 1, 2]))
     table = ablation.ablation_stats(res, "base-model", [0, 1], None)
     ablation.write_outcomes(res, "base-model", [0, 1], None)
     saved = json.load(open(os.path.join(res, "outcomes", "student-s0.json")))
     assert saved["answers"]["hs"][0] == long_answer[:200] and saved["hs"] == [T, T, F, T]   # the empty answer counts
     shutil.rmtree(os.path.join(res, "cells"))
     assert ablation.ablation_stats(res, "base-model", [0, 1], None) == table
+    assert table["npo"]["curve_paired"]["auroc"]["p_holm"] <= 1   # the curves are in what the files rebuild
 
 
 def test_the_10_epoch_rows_are_paired_with_the_10_epoch_student_and_left_out_of_the_combination(tmp_path):
@@ -293,14 +337,16 @@ def test_a_sweep_cell_reads_only_dev_sets_and_the_pick_reuses_its_training(monke
     flags = ablation.LAT_SWEEP["lat-emb-0.3"]
     sweep = ablation.cell_commands("/r", "quick", "b", "lat-emb-0.3-s0", flags, "m", 0, "cpu", sweep=True)
     argvs = [arg for c in sweep for arg in c.argv]
+    after = lambda argv, flag: argv[argv.index(flag) + 1]
     assert [c.script for c in sweep] == ["train.py", "eval.py", "attack.py"]
     assert not {"test-hs.jsonl", "test-xstest.csv", ablation.STRONGREJECT} & set(argvs)
     assert sweep[2].argv[sweep[2].argv.index("--harmful") + 1] == ablation.DEV_HARMFUL
     picked = ablation.cell_commands("/r", "quick", "b", "lat-emb-0.3-s0", flags, "m", 0, "cpu")
-    assert [c.script for c in picked] == ["train.py", "eval.py", "eval.py", "attack.py", "attack.py"]
+    assert [c.script for c in picked] == ["train.py", "eval.py", "eval.py", "attack.py", "attack.py", "bench/tradeoff.py"]
+    curve = picked[-1].argv   # the trade-off curve on the test prompts the evaluation reads
+    assert after(curve, "--harmful") == "test-hs.jsonl" and after(curve, "--xstest") == "test-xstest.csv"
     # the same answer length before and after an attack (the full size: 64 tokens)
     full = ablation.cell_commands("/r", "full", "b", "npo-s0", [], "m", 0, "cpu")
-    after = lambda argv, flag: argv[argv.index(flag) + 1]
     assert after(full[2].argv, "--max-new-tokens") == after(full[3].argv, "--attack-max-new-tokens") == "64"
 
 
@@ -324,7 +370,7 @@ def test_the_picked_lat_cell_runs_only_its_test_commands_after_the_sweep(tmp_pat
     assert ran == ["train.py", "eval.py", "attack.py"]
     commands = ablation.cell_commands(res, "quick", "b", "lat-emb-0.3-s0", flags, "m", 0, "cpu")
     assert ablation.run_cell(res, commands, str(tmp_path / "log"), 1) is None
-    assert ran[3:] == ["eval.py", "attack.py", "attack.py"]      # the training and the dev evaluation reused
+    assert ran[3:] == ["eval.py", "attack.py", "attack.py", "tradeoff.py"]   # the training and the dev evaluation reused
 
 
 def test_the_grid_sweeps_on_dev_then_runs_the_pick_at_every_seed_and_leaves_cyclic_out_at_quick(monkeypatch):
@@ -339,7 +385,8 @@ def test_the_grid_sweeps_on_dev_then_runs_the_pick_at_every_seed_and_leaves_cycl
     sweep, picked = batches[1], batches[2]
     assert {n: c for n, c in sweep.items() if n.startswith("lat")} == {
         f"{n}-s0": ["train.py", "eval.py", "attack.py"] for n in ablation.LAT_SWEEP}
-    assert picked == {f"lat-b10-4-s{s}": ["train.py", "eval.py", "eval.py", "attack.py", "attack.py"] for s in (0, 1)}
+    assert picked == {f"lat-b10-4-s{s}": ["train.py", "eval.py", "eval.py", "attack.py", "attack.py", "bench/tradeoff.py"]
+                      for s in (0, 1)}
     batches.clear()
     ablation.run_ablation("/r", "quick", "b", [0], 2, "cpu")            # every row: cyclic is left out at --quick
     everything = {n for batch in batches for n in batch}
@@ -467,12 +514,16 @@ def test_ablation_cells_run_resume_and_reproduce_from_their_argv(tiny_folder, tm
     assert saved["dev_stats"]["student"]["dev_over_refusal_n"] == [TINY_SIZE["dev_borderline_n"], 1]
     log = os.path.join(res, "logs", "student-s0.log")
     ran = lambda: [line.split()[2] for line in open(log) if line.startswith("$ python")]
-    assert ran() == ["train.py", "eval.py", "eval.py", "attack.py", "attack.py"]
+    assert ran() == ["train.py", "eval.py", "eval.py", "attack.py", "attack.py", "bench/tradeoff.py"]
+    curve = saved["stats"]["student"]["curve"]   # swept on the evaluation's prompts
+    swept = json.load(open(os.path.join(res, "outcomes", "student-s0.json")))["curve"]
+    assert (len(swept["harmful"]), len(swept["safe"])) == (6, 10)
+    assert curve is not None and len(curve["auroc_per_seed"]) == 1
     # the attack data (student-s0) keeps its checkpoint (args.json)
     assert glob.glob(os.path.join(res, "runs", "student-s0", "checkpoints", "step-*", "args.json"))
 
     figures.main(argv)                      # everything is done: nothing runs again
-    assert len(ran()) == 5
+    assert len(ran()) == 6
 
     # the cell's evaluation again from the argv in its JSON gives the same per-prompt outcomes
     cell = json.load(open(os.path.join(res, "cells", "student-s0", "eval.json")))
