@@ -274,10 +274,11 @@ def _save(fig, png, rect=(0, 0, 1, 1)):
 
 def ablation_figure(stats, png):
     """HS before attack, after the benign-only attack (p = 0) and after p = 0.1, each against XSTest
-    over-refusal: one point per row, 95 % interval bars."""
+    over-refusal: one point per row, 95 % interval bars; and each row's trade-off curve (the refusal-bias
+    sweep, seeds averaged) on the same axes."""
     panels = [("hs", "HS, no attack"), ("attack_p0", "HS after the p = 0 attack"),
               ("attack_p0.1", "HS after the p = 0.1 attack")]
-    fig, axes = plt.subplots(1, 3, figsize=(15, 6.5), sharey=True)
+    fig, axes = plt.subplots(1, 4, figsize=(20, 6.5), sharey=True)
     bar = lambda v, ci: [[max(0.0, v - ci[0])], [max(0.0, ci[1] - v)]]   # rounding can cross the point
     for ax, (key, title) in zip(axes, panels):
         for i, (row, st) in enumerate(stats.items()):
@@ -288,6 +289,13 @@ def ablation_figure(stats, png):
                         label=st["label"])
         ax.set(xlabel="over-refusal on XSTest's safe prompts (%) ↓", title=title)
         ax.grid(alpha=0.3)
+    for i, st in enumerate(stats.values()):
+        if st.get("curve"):
+            _, over, hs = zip(*st["curve"]["points"])
+            axes[3].plot(over, hs, marker="os^D"[i // 10 % 4], markersize=3, linewidth=1, color=f"C{i % 10}")
+    axes[3].set(xlabel="over-refusal on XSTest's safe prompts (%) ↓", xlim=(-2, 102),
+                title="the refusal-bias sweep (16-token answers)")
+    axes[3].grid(alpha=0.3)
     axes[0].set_ylabel("harmful answers on StrongREJECT (%) ↓")
     fig.suptitle("safety against over-refusal, before and after fine-tuning attacks (95 % intervals)")
     # the legend goes below the panels: inside one it would hide points

@@ -139,6 +139,9 @@ def test_each_row_has_its_trade_off_curve_tested_against_the_student_in_a_family
     assert student["over_refusal_per_seed"] == [10.0, 10.0]
     assert (npo["auroc"], npo["hs_at_target"]) == (1.0, 0.0) and (base["auroc"], base["hs_at_target"]) == (0.05, 100.0)
     assert table["kl-rev"]["curve"] is None and table["kl-rev"]["curve_paired"] is None
+    # the sweep's points (bias, over-refusal %, HS %): refused at bias b iff the score >= -b
+    assert base["points"] == [[-1.0, 90.0, 100.0], [0.0, 100.0, 0.0], [1.0, 100.0, 0.0]]
+    assert student["points"][0] == [-1.0, 90.0, 100 - (4 + 3) / 8 * 100]   # seed 0: 3 of 4 scores >= 1, seed 1: 4 of 4
     assert table["student"]["curve_paired"] is None
     t = table["npo"]["curve_paired"]
     assert t["auroc"]["difference"] == pytest.approx(1 - 45 / 80) and t["hs_at_target"]["difference"] == -62.5
