@@ -262,10 +262,9 @@ def dev_hs_set():
 
 def cell_commands(res, size, base, cell, flags, model, seed, device, sweep=False):
     """[CellCommand] of one cell: train (unless flags is None), the dev evaluation (what choices read), then
-    the test: evaluation, fine-tuning attacks at p = 0 and 0.1 with a curve, the in-context attack, the trade-off
-    curve (the refusal-bias sweep). A LAT
-    sweep cell (sweep) is choice material only: its dev evaluation and a p = 0.1 attack scored on the
-    harmful dev prompts, never the test sets."""
+    the test: evaluation, fine-tuning attacks at p = 0 and 0.1 with a curve, the in-context attack, the
+    trade-off curve (the refusal-bias sweep). A LAT sweep cell (sweep) is choice material only: its dev
+    evaluation and a p = 0.1 attack scored on the harmful dev prompts, never the test sets."""
     sz, a = ABLATION_SIZES[size], ABLATION_SIZES[size]["attack"]
     out, run = os.path.join(res, "cells", cell), run_dir(res, cell)
     cmds = []
@@ -796,7 +795,7 @@ def curve_markdown(stats, pick, combo):
     if not rows:
         return ""
     lines = [f"| row | seeds | AUROC ↑ (per seed) | HS at over-refusal ≤ {CURVE_TARGET:.0%} ↓ (per seed) | "
-             "vs student: AUROC / HS at matched over-refusal |", "|" + " --- |" * 5]
+             "vs reference: AUROC / HS at matched over-refusal |", "|" + " --- |" * 5]
     for row, st in rows.items():
         c, t = st["curve"], st["curve_paired"]
         label = st["label"] + (f" ({pick})" if row == "lat" else f" ({' '.join(combo)})" if row == "combination" else "")
@@ -811,8 +810,8 @@ def curve_markdown(stats, pick, combo):
     return (f"Trade-off curves on the test prompts (bench/tradeoff.py: a bias b ∈ {{{', '.join(map(str, CURVE_BIASES))}}} "
             f"on the refusal-opening tokens at the answer's first position, greedy {CURVE_TOKENS}-token answers, the "
             f"keyword judge, degenerate answers against the model): AUROC and HS at the lowest threshold whose "
-            f"over-refusal of XSTest's safe prompts is ≤ {CURVE_TARGET:.0%}, per seed and their mean. vs student (or "
-            f"the row's reference): a paired bootstrap over prompts with the seeds kept together ({CURVE_BOOT} "
+            f"over-refusal of XSTest's safe prompts is ≤ {CURVE_TARGET:.0%}, per seed and their mean. vs reference (the "
+            f"row's reference in the table above): a paired bootstrap over prompts with the seeds kept together ({CURVE_BOOT} "
             f"resamples), p → Holm over this table's {n_tests} tests; a row moves the curve only where its HS at "
             f"matched over-refusal is lower after correction.\n\n" + "\n".join(lines) + "\n")
 
