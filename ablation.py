@@ -794,7 +794,7 @@ def curve_markdown(stats, pick, combo):
     rows = {row: st for row, st in stats.items() if st.get("curve")}
     if not rows:
         return ""
-    lines = [f"| row | seeds | AUROC ↑ (per seed) | HS at over-refusal ≤ {CURVE_TARGET:.0%} ↓ (per seed) | "
+    lines = [f"| row | seeds | AUROC ↑ (per seed) | HS at over-refusal ≤ {100 * CURVE_TARGET:.0f} % ↓ (per seed) | "
              "vs reference: AUROC / HS at matched over-refusal |", "|" + " --- |" * 5]
     for row, st in rows.items():
         c, t = st["curve"], st["curve_paired"]
@@ -810,7 +810,7 @@ def curve_markdown(stats, pick, combo):
     return (f"Trade-off curves on the test prompts (bench/tradeoff.py: a bias b ∈ {{{', '.join(map(str, CURVE_BIASES))}}} "
             f"on the refusal-opening tokens at the answer's first position, greedy {CURVE_TOKENS}-token answers, the "
             f"keyword judge, degenerate answers against the model): AUROC and HS at the lowest threshold whose "
-            f"over-refusal of XSTest's safe prompts is ≤ {CURVE_TARGET:.0%}, per seed and their mean. vs reference (the "
+            f"over-refusal of XSTest's safe prompts is ≤ {100 * CURVE_TARGET:.0f} %, per seed and their mean. vs reference (the "
             f"row's reference in the table above): a paired bootstrap over prompts with the seeds kept together ({CURVE_BOOT} "
             f"resamples), p → Holm over this table's {n_tests} tests; a row moves the curve only where its HS at "
             f"matched over-refusal is lower after correction.\n\n" + "\n".join(lines) + "\n")
