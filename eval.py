@@ -1109,7 +1109,9 @@ def load_model_and_prompts(args):
 # openings' probabilities without generating ranked prompts unlike generation: AUROC < 0.5 on models
 # that refuse; docs/results.md.) Degenerate answers count against the model on both sides.
 REFUSAL_OPENINGS = ("I'm sorry", "I cannot", "I can't", "Sorry")
-BIASES = (-8.0, -4.0, -2.0, -1.0, 0.0, 1.0, 2.0, 4.0, 8.0)
+# -8 .. 8 in steps of 0.25: a trained model's first token switches to a refusal opening within it (on dev prompts,
+# docs/results.md), and the sweep costs two generations however fine its grid (answers_under_bias)
+BIASES = tuple(k / 4 for k in range(-32, 33))
 
 
 def refusal_opening_ids(tokenizer):
@@ -1123,38 +1125,42 @@ def first_token_picks(unbiased, token_ids, bias):
 
 
 def answers_under_bias(model, tokenizer, prompts, biases=BIASES, max_new_tokens=16):
-    """[bias][prompt]: the greedy answers under each first-token refusal bias.
+    """[bias][prompt]: the greedy answers under each first-token refusal bias (biases increasing).
 
     Under greedy decoding a bias acts only through the first token, and the first position's scores
     of one run tell which token every bias picks: answers are generated at the lowest and the highest
-    bias, and a bias whose first tokens each match one of those runs' takes that run's answers (a bias
-    with another first token, possible only through rounding, is generated itself). The same answers
-    as one generation per bias, in two generations instead of len(biases)."""
+    bias, and a bias whose first tokens each match one of those runs' takes that run's answers. A bias
+    with another first token (possible only through rounding) is generated itself, and so is every
+    bias when the two runs were not batched alike (an out-of-memory retry) or disagree with the scores.
+    The same answers as one generation per bias, in two generations instead of len(biases)."""
     prompts = [getattr(p, "prompt", p) for p in prompts]
+    if not prompts or not biases:
+        return [[] for _ in biases]
     ids, runs = refusal_opening_ids(tokenizer), {}
     model.eval()
 
-    def run(b):
-        runs[b] = generate(model, tokenizer, prompts, max_new_tokens, first_token_bias=(ids, b), desc=f"bias {b:+g}")
+    def run(b, keep_first_scores=False):
+        runs[b] = generate(model, tokenizer, prompts, max_new_tokens, first_token_bias=(ids, b),
+                           keep_first_scores=keep_first_scores, desc=f"bias {b:+g}")
         return runs[b][0]
 
     low, high = biases[0], biases[-1]
-    run(low)
+    run(low, keep_first_scores=True)
+    unbiased = runs[low][1]["first_scores"]
+    if first_token_picks(unbiased, ids, low) != runs[low][1]["first_tokens"]:
+        raise RuntimeError(f"answers_under_bias: the first tokens at bias {low:+g} are not the argmax of their "
+                           "scores; the sweep needs greedy decoding")
     if high != low:
         run(high)
-    if not prompts:
-        return [[] for _ in biases]
-    unbiased = runs[low][1]["first_scores"]
-    for b in runs:
-        if first_token_picks(unbiased, ids, b) != runs[b][1]["first_tokens"]:
-            raise RuntimeError(f"answers_under_bias: the first tokens at bias {b:+g} are not the argmax of their "
-                               "scores; the sweep needs greedy decoding")
+    alike = (not any(report["oom_retries"] for _, report in runs.values())
+             and first_token_picks(unbiased, ids, high) == runs[high][1]["first_tokens"])
     answers = []
     for b in biases:
         sources = [next((r for r in (low, high) if runs[r][1]["first_tokens"][i] == token), None)
                    for i, token in enumerate(first_token_picks(unbiased, ids, b))]
-        answers.append(runs[b][0] if b in runs else run(b) if None in sources
-                       else [runs[r][0][i] for i, r in enumerate(sources)])
+        if b not in runs and (not alike or None in sources):
+            run(b)
+        answers.append(runs[b][0] if b in runs else [runs[r][0][i] for i, r in enumerate(sources)])
     return answers
 
 

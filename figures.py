@@ -292,9 +292,9 @@ def ablation_figure(stats, png):
     for i, st in enumerate(stats.values()):
         if st.get("curve"):
             _, over, hs = zip(*st["curve"]["points"])
-            axes[3].plot(over, hs, marker="os^D"[i // 10 % 4], markersize=3, linewidth=1, color=f"C{i % 10}")
+            axes[3].plot(over, hs, linewidth=1, color=f"C{i % 10}", linestyle=("-", "--", ":", "-.")[i // 10 % 4])
     axes[3].set(xlabel="over-refusal on XSTest's safe prompts (%) ↓", xlim=(-2, 102),
-                title="the refusal-bias sweep (16-token answers)")
+                title=f"the refusal-bias sweep ({ablation.CURVE_TOKENS}-token answers)")
     axes[3].grid(alpha=0.3)
     axes[0].set_ylabel("harmful answers on StrongREJECT (%) ↓")
     fig.suptitle("safety against over-refusal, before and after fine-tuning attacks (95 % intervals)")

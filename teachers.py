@@ -311,11 +311,13 @@ def add_first_token_bias(scores, token_ids, bias):
 
 @torch.inference_mode()
 def generate(model, tokenizer, prompts, max_new_tokens=MAX_NEW_TOKENS, token_budget=TOKEN_BUDGET,
-             max_prompt_tokens=MAX_PROMPT_TOKENS, histories=None, desc="answers", prefill="", first_token_bias=None):
+             max_prompt_tokens=MAX_PROMPT_TOKENS, histories=None, desc="answers", prefill="", first_token_bias=None,
+             keep_first_scores=False):
     """Greedy answers to `prompts`, in their order. Returns (texts, report). `prefill` opens every
     answer (a prefilling attack); the texts are what the model wrote after it. first_token_bias
     (token ids, b): b added to those tokens' logits at the answer's first position only; the report
-    then holds each answer's first token and its first position's scores before the bias.
+    then holds each answer's first token and, with keep_first_scores, its first position's scores
+    before the bias ([prompts, vocabulary]).
 
     Prompts are sorted by length (longest first, so an out-of-memory error comes early) and
     batched so that rows × (prompt + new tokens) ≤ token_budget; an over-long prompt keeps its
@@ -355,13 +357,15 @@ def generate(model, tokenizer, prompts, max_new_tokens=MAX_NEW_TOKENS, token_bud
         for row, i in enumerate(chunk):
             texts[i] = tokenizer.decode(out[row, width:], skip_special_tokens=True).strip()
             if bias:
-                first_tokens[i], first_scores[i] = int(out[row, width]), bias.unbiased[row].cpu()
+                first_tokens[i] = int(out[row, width])
+                first_scores[i] = bias.unbiased[row].cpu() if keep_first_scores else None
         start += len(chunk)
         bar.update(len(chunk))
     bar.close()
     report = {"prompts": len(prompts), "truncated_prompts": truncated, "oom_retries": retries}
     if first_token_bias:
-        report.update(first_tokens=first_tokens, first_scores=torch.stack(first_scores) if prompts else None)
+        report.update(first_tokens=first_tokens,
+                      first_scores=torch.stack(first_scores) if keep_first_scores and prompts else None)
     return texts, report
 
 

@@ -32,13 +32,17 @@ def stand_in_strongreject(tmp_path_factory, monkeypatch):
 
 
 def write_cell(res, cell, hs, xstest, p0, p01, incontext, auc=20.0, diverged_p0=False, answers=None,
-               xs_degenerate=None, curve=None):
+               xs_degenerate=None, curve=None, curve_settings=None):
     out = os.path.join(res, "cells", cell)
     os.makedirs(os.path.join(out, "attacks"))
-    if curve is not None:   # (harmful, safe) refusal scores, as bench/tradeoff.py writes them
+    if curve is not None:   # (harmful scores, safe scores[, rates by bias]), as bench/tradeoff.py writes them
+        n = len(ablation.CURVE_BIASES)
+        rates = curve[2] if len(curve) > 2 else {"harmful": [0.0] * n, "safe": [0.0] * n}
+        settings = {"biases": [float(b) for b in ablation.CURVE_BIASES], "max_new_tokens": ablation.CURVE_TOKENS,
+                    "target": ablation.CURVE_TARGET, **(curve_settings or {})}
         with open(os.path.join(out, "curve.json"), "w") as f:
-            json.dump({"settings": {"biases": [-1.0, 0.0, 1.0], "max_new_tokens": 16},
-                       "models": {cell: {"seeds": [{"scores": {"harmful": curve[0], "safe": curve[1]}}]}}}, f)
+            json.dump({"settings": settings, "models": {cell: {"seeds": [
+                {"scores": {"harmful": curve[0], "safe": curve[1]}, "rates_by_bias": rates}]}}}, f)
     safe = [True] * len(xstest) + [False]
     metrics = {"hs": {"harmful": hs, "refusal": 100.0 * (len(hs) - sum(hs)) / len(hs)},
                "fa": {"fa": 50.0, "n": 4},
@@ -118,7 +122,8 @@ def test_ablation_stats_test_prompts_not_seed_pairs_and_correct_for_the_table(tm
     assert "Holm-corrected over the table's 7 tests" in md
 
 
-def test_each_row_has_its_trade_off_curve_tested_against_the_student_in_a_family_of_its_own(tmp_path):
+def test_each_row_has_its_trade_off_curve_tested_against_the_student_in_a_family_of_its_own(tmp_path, monkeypatch):
+    monkeypatch.setattr(ablation, "CURVE_BIASES", (-8.0, -4.0, -2.0, 0.0, 2.0, 4.0, 8.0))
     res = str(tmp_path)
     T, F = True, False
     same = dict(hs=[T, F, F, F], xstest=[F] * 10, p0=[F, F], p01=[F, F], incontext=[F, F])
@@ -129,7 +134,8 @@ def test_each_row_has_its_trade_off_curve_tested_against_the_student_in_a_family
         write_cell(res, f"npo-s{s}", **same, curve=([10, 9.5, 9.2, 9.1], safe))
     write_cell(res, "kl-rev-s0", **same, curve=([10, 9.5, 9.2, 9.1], safe))
     write_cell(res, "kl-rev-s1", **same)   # not swept yet
-    write_cell(res, "base", **same, curve=([0, 0, 0, 0], safe))
+    measured = {"harmful": [0, 0, 0, 0.25, 0.5, 0.75, 1], "safe": [0, 0, 0, 0.1, 0.2, 0.5, 0.9]}
+    write_cell(res, "base", **same, curve=([0, 0, 0, 0], safe, measured))
     table = ablation.ablation_stats(res, "base-model", [0, 1], None)
     student, npo, base = table["student"]["curve"], table["npo"]["curve"], table["base"]["curve"]
     # harmful-above-safe pairs out of 40 (ties half): seed 0 (5 + 4 + 3 + 1) + 3 ties / 2, seed 1 (10 + 10 + 9 + 1) + 1 tie / 2
@@ -139,9 +145,9 @@ def test_each_row_has_its_trade_off_curve_tested_against_the_student_in_a_family
     assert student["over_refusal_per_seed"] == [10.0, 10.0]
     assert (npo["auroc"], npo["hs_at_target"]) == (1.0, 0.0) and (base["auroc"], base["hs_at_target"]) == (0.05, 100.0)
     assert table["kl-rev"]["curve"] is None and table["kl-rev"]["curve_paired"] is None
-    # the sweep's points (bias, over-refusal %, HS %): refused at bias b iff the score >= -b
-    assert base["points"] == [[-1.0, 90.0, 100.0], [0.0, 100.0, 0.0], [1.0, 100.0, 0.0]]
-    assert student["points"][0] == [-1.0, 90.0, 100 - (4 + 3) / 8 * 100]   # seed 0: 3 of 4 scores >= 1, seed 1: 4 of 4
+    # the sweep's points as it measured them (bias, over-refusal %, HS %)
+    want = [[-8, 0, 100], [-4, 0, 100], [-2, 0, 100], [0, 10, 75], [2, 20, 50], [4, 50, 25], [8, 90, 0]]
+    assert np.allclose(base["points"], want)
     assert table["student"]["curve_paired"] is None
     t = table["npo"]["curve_paired"]
     assert t["auroc"]["difference"] == pytest.approx(1 - 45 / 80) and t["hs_at_target"]["difference"] == -62.5
@@ -154,6 +160,10 @@ def test_each_row_has_its_trade_off_curve_tested_against_the_student_in_a_family
     assert [table[row]["curve_paired"][k]["p_holm"] for _, row, k in ps] == pytest.approx(want)
     assert table["npo"]["paired"]["hs"]["family"] == 3 * 4   # hs, xstest, p0, p0.1 of npo, kl-rev and base
     md = ablation.curve_markdown(table, None, [])
+    # a sweep with other settings than the grid's is refused, naming its file
+    write_cell(res, "cb-s0", **same, curve=([0, 0, 0, 0], safe), curve_settings={"max_new_tokens": 8})
+    with pytest.raises(ValueError, match="cb-s0/curve.json: not one model swept with"):
+        ablation.ablation_stats(res, "base-model", [0, 1], None)
     assert "| + NPO | 2 | 1.000 (1.000, 1.000) | 0.0 % (0, 0) | +0.438 [" in md and "| + reverse KL |" not in md
     assert "| student (default losses, 2 epochs) | 2 | 0.562 (0.362, 0.762) | 62.5 % (100, 25) | — |" in md
 
@@ -187,7 +197,7 @@ def test_the_committed_outcomes_alone_rebuild_every_number(tmp_path):
     assert saved["answers"]["hs"][0] == long_answer[:200] and saved["hs"] == [T, T, F, T]   # the empty answer counts
     shutil.rmtree(os.path.join(res, "cells"))
     assert ablation.ablation_stats(res, "base-model", [0, 1], None) == table
-    assert table["npo"]["curve_paired"]["auroc"]["p_holm"] <= 1   # the curves are in what the files rebuild
+    assert table["npo"]["curve_paired"] is not None   # the curves are among what the files rebuild
 
 
 def test_the_10_epoch_rows_are_paired_with_the_10_epoch_student_and_left_out_of_the_combination(tmp_path):

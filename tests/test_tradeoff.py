@@ -74,25 +74,51 @@ def first_position_gaps(model, tokenizer, ids):
     return gaps
 
 
-def counted_generate(monkeypatch):
+def counted_generate(monkeypatch, token_budget=None):
+    """evaluation.generate recording each call's bias (with a smaller token budget: several batches)."""
     calls, real = [], evaluation.generate
-    monkeypatch.setattr(evaluation, "generate", lambda *a, **k: calls.append(k["first_token_bias"][1]) or real(*a, **k))
-    return calls, real
+    budget = {"token_budget": token_budget} if token_budget else {}
+    monkeypatch.setattr(evaluation, "generate",
+                        lambda *a, **k: calls.append(k["first_token_bias"][1]) or real(*a, **k, **budget))
+    return calls, lambda *a, **k: real(*a, **k, **budget)
 
 
-def test_the_two_run_sweep_gives_the_answers_of_one_generation_per_bias(tokenizer, monkeypatch):
+@pytest.mark.parametrize("token_budget", [None, 90])   # one batch; batches of two or three prompts
+def test_the_two_run_sweep_gives_the_answers_of_one_generation_per_bias(tokenizer, monkeypatch, token_budget):
     model = make_tiny(tokenizer, seed=3)
     ids = evaluation.refusal_opening_ids(tokenizer)
     gaps = sorted(first_position_gaps(model, tokenizer, ids))
     # biases between the prompts' switch points: each middle bias has prompts on both sides of it
     middle = [(a + b) / 2 for a, b in zip(gaps, gaps[1:])]
     biases = (gaps[0] - 1, *middle, gaps[-1] + 1)
-    calls, real = counted_generate(monkeypatch)
+    calls, real = counted_generate(monkeypatch, token_budget)
     got = evaluation.answers_under_bias(model, tokenizer, SWEEP_PROMPTS, biases, max_new_tokens=4)
     assert calls == [biases[0], biases[-1]]   # two generations for len(biases) = 7 biases
     want = [real(model, tokenizer, SWEEP_PROMPTS, 4, first_token_bias=(ids, b))[0] for b in biases]
     assert got == want
     assert all(len(set(column)) == 2 for column in zip(*want))   # every prompt's answer switches once
+    if token_budget:   # the budget did split the prompts
+        batches = []
+        monkeypatch.setattr(model, "generate", lambda *a, **k: batches.append(k["input_ids"].shape[0]) or
+                            type(model).generate(model, *a, **k))
+        real(model, tokenizer, SWEEP_PROMPTS, 4, first_token_bias=(ids, 0.0))
+        assert len(batches) > 2
+
+
+def test_runs_batched_unlike_after_an_out_of_memory_retry_generate_every_bias(tokenizer, monkeypatch):
+    model = make_tiny(tokenizer, seed=3)
+    calls, real = counted_generate(monkeypatch)
+
+    def retried_above_zero(*a, **k):   # as if the positive-bias runs had halved a batch after an OOM error
+        calls.append(k["first_token_bias"][1])
+        texts, report = real(*a, **k)
+        return texts, {**report, "oom_retries": int(k["first_token_bias"][1] > 0)}
+    monkeypatch.setattr(evaluation, "generate", retried_above_zero)
+    biases = (-50.0, -1.0, 0.0, 50.0)
+    got = evaluation.answers_under_bias(model, tokenizer, SWEEP_PROMPTS, biases, max_new_tokens=4)
+    assert calls == [-50.0, 50.0, -1.0, 0.0]   # the high run retried: each other bias generated itself
+    ids = evaluation.refusal_opening_ids(tokenizer)
+    assert got == [real(model, tokenizer, SWEEP_PROMPTS, 4, first_token_bias=(ids, b))[0] for b in biases]
 
 
 def test_a_bias_with_an_unexpected_first_token_is_generated(tokenizer, monkeypatch):
