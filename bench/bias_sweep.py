@@ -19,12 +19,13 @@ import data  # noqa: E402
 import eval as evaluation  # noqa: E402
 import schedule  # noqa: E402
 import teachers  # noqa: E402
+from tradeoff import BUILTIN, load_prompts  # noqa: E402  (bench/, the script's own folder)
 
 
 def main(argv=None):
     p = evaluation.OneLineParser(description=__doc__, formatter_class=evaluation.argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="smollm2-135m", help="checkpoint folder, GGUF file, alias or hub id")
-    p.add_argument("--harmful", default="builtin", help="harmful prompt file or hub name (default: built-in held-out split)")
+    p.add_argument("--harmful", default=BUILTIN, help="harmful prompt file or hub name (default: built-in held-out split)")
     p.add_argument("--limit", type=schedule.positive, help="a seeded sample of N prompts of each set, stratified")
     p.add_argument("--biases", type=float, nargs="+", default=[-8, -4, -2, 0, 2, 4, 8], help="increasing biases")
     p.add_argument("--max-new-tokens", type=schedule.positive, default=16)
@@ -32,12 +33,10 @@ def main(argv=None):
     p.add_argument("--switch-only", action="store_true", help="only the switch biases, no sweeps")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
     teachers.add_precision_argument(p)
+    p.set_defaults(seed=0, xstest=evaluation.XSTEST)   # what load_prompts reads: bench/tradeoff.py's defaults
     args = p.parse_args(argv)
     try:
-        harmful = (data.load_pool("harmful", seed=0)[1] if args.harmful == "builtin"
-                   else data.load_examples(args.harmful, "harmful"))
-        safe = (data.load_borderline(args.borderline_dev, "dev") if args.borderline_dev
-                else [e for e in evaluation.load_xstest() if e.safe])
+        harmful, safe = load_prompts(args)   # each a stratified sample of --limit
         device = teachers.compute_device(args.device)
         dtype, line = teachers.apply_precision(args, device)
         model, tokenizer, _ = teachers.load_model(args.model, dtype=dtype, device=device)
@@ -46,7 +45,7 @@ def main(argv=None):
     print(line, f"torch threads {torch.get_num_threads()}", sep="; ")
     ids = evaluation.refusal_opening_ids(tokenizer)
     for name, examples in (("harmful", harmful), ("borderline dev" if args.borderline_dev else "XSTest safe", safe)):
-        prompts = [e.prompt for e in data.stratified_sample(examples, args.limit, 0)]
+        prompts = [e.prompt for e in examples]
         # the bias at which a prompt's greedy first token turns into a refusal opening
         scores = teachers.generate(model, tokenizer, prompts, 1, first_token_bias=(ids, 0.0), keep_first_scores=True)[1]
         opening = torch.zeros(scores["first_scores"].shape[1], dtype=torch.bool)
