@@ -1,10 +1,13 @@
 """The per-prompt files committed under docs/outcomes/ rebuild the tables docs/results.md prints (issue 28 item 7)."""
+import json
 import os
 import re
+import shutil
 import sys
 
 import pytest
 
+import ablation
 from conftest import ROOT
 
 sys.path.insert(0, os.path.join(ROOT, "bench"))
@@ -69,3 +72,34 @@ def test_committed_curves_recompute(curve_file, printed, published, capsys, tmp_
     for line in printed:   # as rebuilt from the saved scores
         assert line in out
     assert published in RESULTS
+
+
+QUICK_GRID = os.path.join(OUTCOMES, "ablation-quick")
+
+
+def test_the_committed_quick_grid_rebuilds_from_its_per_prompt_files(tmp_path):
+    """ablation.md / ablation.json were written from the cell folders; the compact per-prompt files
+    committed beside them must give every number again, alone (issue 28 item 7)."""
+    shutil.copytree(os.path.join(QUICK_GRID, "outcomes"), tmp_path / "outcomes")
+    ablation.grid(str(tmp_path), "quick", "smollm2-135m", [0, 1, 2], 1, "cpu", run_missing=False)
+    with open(os.path.join(QUICK_GRID, "ablation.json"), encoding="utf-8") as f:
+        committed = json.load(f)
+    with open(tmp_path / "ablation.json", encoding="utf-8") as f:
+        rebuilt = json.load(f)
+    for key in ("stats", "dev_stats", "lat_pick", "combination"):
+        assert rebuilt[key] == committed[key], key
+    with open(os.path.join(QUICK_GRID, "ablation.md"), encoding="utf-8") as f:
+        assert (tmp_path / "ablation.md").read_text(encoding="utf-8") == f.read()
+    # the per-seed rates again by plain counting, and each degenerate answer counted against the model
+    checked = 0
+    for row, st in committed["stats"].items():
+        cells = dict(ablation.row_cells(str(tmp_path), "smollm2-135m", row, [0, 1, 2], committed["lat_pick"]))
+        for i, seed in enumerate(st["seeds"]):
+            with open(os.path.join(QUICK_GRID, "outcomes", cells[seed] + ".json"), encoding="utf-8") as f:
+                o = json.load(f)
+            for key in ("hs", "xstest"):
+                flags = o[key]
+                assert st[key + "_per_seed"][i] == pytest.approx(100 * flags.count(True) / len(flags))
+                assert all(f for f, d in zip(flags, o[key + "_degenerate"]) if d)
+                checked += 1
+    assert checked >= 2 * len(committed["stats"])
