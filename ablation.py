@@ -409,11 +409,14 @@ def run_ablation(res, size, base, seeds, jobs, device, rows=None):
     return pick
 
 
-BINARY = ("hs", "xstest", "attack_p0", "attack_p0.1", "incontext")   # per-prompt outcomes
+# per-prompt outcomes; attack_before: HS on the attack's own prompts (a subset of HS's) before its first step
+BINARY = ("hs", "xstest", "attack_before", "attack_p0", "attack_p0.1", "incontext")
 DEGENERATE = ("hs_degenerate", "xstest_degenerate")   # shown beside, when the cell's results hold the answers
 
 
 PAIRED = ("hs", "xstest", "attack_p0", "attack_p0.1")   # paired against the student row (or PAIRED_WITH)
+# an attack that diverged has no outcomes and no HS-AUC; any other number missing was not measured
+DIVERGES = tuple(f"{k}_p{p:g}" for k in ("attack", "auc") for p in ATTACK_PS)
 
 
 def committed_outcomes(res, name):
@@ -447,7 +450,9 @@ def cell_outcomes(res, cell):
          "xstest": either([x["refused"][i] for i in safe], xs_degenerate), "xstest_degenerate": xs_degenerate}
     for p in ATTACK_PS:
         r = load_json(paths[f"attack_p{p:g}"])["result"]
-        last = r["curve"][-1]
+        first, last = r["curve"][0], r["curve"][-1]
+        if p == ATTACK_PS[0] and first["step"] == 0:   # before the attack: the same prompts and answer length as after
+            o["attack_before"] = attack_harmful(first["hs"])
         o[f"attack_p{p:g}"] = None if last.get("diverged") else attack_harmful(last["hs"])
         o[f"auc_p{p:g}"] = r["hs_auc"]
     point = load_json(paths["incontext"])["result"]["points"][-1]
@@ -748,7 +753,7 @@ def combination(dev, pick):
 
 def _rate(st, key):
     if st.get(key) is None:
-        return "diverged" if any(v is None for v in st.get(key + "_per_seed") or []) and "attack" in key else "—"
+        return "diverged" if any(v is None for v in st.get(key + "_per_seed") or []) and key in DIVERGES else "—"
     return evaluation.cell(st[key], st[key + "_ci"], 1)
 
 
@@ -768,24 +773,25 @@ def ablation_markdown(stats, pick, combo, size):
     repaired = [f"{row}: vs {st['paired_with']}" for row, st in stats.items() if st["paired_with"] != "student"]
     others = f" ({'; '.join(repaired)})" if repaired else ""
     head = ("| row | seeds | HS ↓ | refusal ↑ | over-refusal XSTest ↓ | degenerate: HS / XSTest | FA ↑ | "
-            f"HS after attack p=0 ↓ | HS after attack p=0.1 ↓ | HS-AUC p=0.1 ↓ | in-context HS k={k} ↓ | "
+            f"HS before attack, its prompts ↓ | HS after attack p=0 ↓ | HS after attack p=0.1 ↓ | HS-AUC p=0.1 ↓ | "
+            f"in-context HS k={k} ↓ | "
             f"vs student{others}: HS / XSTest / p=0 / p=0.1 |")
-    lines = [head, "|" + " --- |" * 12]
+    lines = [head, "|" + " --- |" * 13]
     for row, st in stats.items():
         label = st["label"] + (f" ({pick})" if row == "lat" else f" ({' '.join(combo)})" if row == "combination" else "")
         mean = lambda key: "—" if st[key] is None else f"{st[key]:.1f}"
         lines.append(f"| {label} | {len(st['seeds'])} | {_rate(st, 'hs')} | {mean('refusal')} | "
                      f"{_rate(st, 'xstest')} | {_rate(st, 'hs_degenerate')} / {_rate(st, 'xstest_degenerate')} | "
-                     f"{mean('fa')} | {_rate(st, 'attack_p0')} | {_rate(st, 'attack_p0.1')} | "
+                     f"{mean('fa')} | {_rate(st, 'attack_before')} | {_rate(st, 'attack_p0')} | {_rate(st, 'attack_p0.1')} | "
                      f"{mean('auc_p0.1')} | {_rate(st, 'incontext')} | "
                      + " / ".join(_p(st, key) for key in PAIRED) + " |")
-    seeds = ["| row | seed | HS | over-refusal | FA | after p=0 | after p=0.1 | AUC p=0.1 | in-context |",
-             "|" + " --- |" * 9]
-    fmt = lambda v: "diverged" if v is None else f"{v:.1f}"
+    seeds = ["| row | seed | HS | over-refusal | FA | before attack | after p=0 | after p=0.1 | AUC p=0.1 | in-context |",
+             "|" + " --- |" * 10]
+    fmt = lambda v, key: ("diverged" if key in DIVERGES else "—") if v is None else f"{v:.1f}"
     for row, st in stats.items():
         for i, seed in enumerate(st["seeds"]):
-            seeds.append(f"| {row} | {seed} | " + " | ".join(fmt(st[key + "_per_seed"][i]) for key in
-                         ("hs", "xstest", "fa", "attack_p0", "attack_p0.1", "auc_p0.1", "incontext")) + " |")
+            seeds.append(f"| {row} | {seed} | " + " | ".join(fmt(st[key + "_per_seed"][i], key) for key in
+                         ("hs", "xstest", "fa", "attack_before", "attack_p0", "attack_p0.1", "auc_p0.1", "incontext")) + " |")
     n_tests = sum(len(st["paired"]) for st in stats.values())
     return (f"Ablation ({size} size); rates in % over prompts × seeds with 95 % intervals from a bootstrap that "
             f"resamples prompts (and seeds) with the seeds kept inside each prompt; HS and over-refusal count "

@@ -32,7 +32,7 @@ def stand_in_strongreject(tmp_path_factory, monkeypatch):
 
 
 def write_cell(res, cell, hs, xstest, p0, p01, incontext, auc=20.0, diverged_p0=False, answers=None,
-               xs_degenerate=None, curve=None, curve_settings=None):
+               xs_degenerate=None, curve=None, curve_settings=None, before=None):
     out = os.path.join(res, "cells", cell)
     os.makedirs(os.path.join(out, "attacks"))
     if curve is not None:   # (harmful scores, safe scores[, rates by bias]), as bench/tradeoff.py writes them
@@ -58,7 +58,9 @@ def write_cell(res, cell, hs, xstest, p0, p01, incontext, auc=20.0, diverged_p0=
         if p == 0.0 and diverged_p0:
             last["diverged"] = True
         with open(os.path.join(out, "attacks", f"finetune_p{p:g}_n10_lr1e-05.json"), "w") as f:
-            json.dump({"result": {"curve": [{"step": 0, "hs": {"harmful": [False] * len(flags)}}, last],
+            # before=False: the file's curve starts after step 0 (no HS before the attack)
+            first = [] if before is False else [{"step": 0, "hs": {"harmful": before if before and p == 0.0 else [False] * len(flags)}}]
+            json.dump({"result": {"curve": [*first, last],
                                   "hs_auc": None if p == 0.0 and diverged_p0 else auc}}, f)
     with open(os.path.join(out, "attacks", "incontext.json"), "w") as f:
         json.dump({"result": {"points": [{"k": 0, "harmful": [False] * len(incontext)},
@@ -84,11 +86,11 @@ def test_ablation_stats_test_prompts_not_seed_pairs_and_correct_for_the_table(tm
     res = str(tmp_path)
     T, F = True, False
     same = dict(xstest=[T, F, F, F], p0=[T, T, F, F], p01=[T, T, T, F], incontext=[T, F, F, F])
-    write_cell(res, "student-s0", hs=[T, T, T, T, F, F], **same, auc=30.0)
-    write_cell(res, "student-s1", hs=[T, T, T, F, F, F], **same, auc=40.0)
+    write_cell(res, "student-s0", hs=[T, T, T, T, F, F], **same, auc=30.0, before=[T, F, F, F])
+    write_cell(res, "student-s1", hs=[T, T, T, F, F, F], **same, auc=40.0, before=[T, T, F, F])
     write_cell(res, "npo-s0", hs=[F] * 6, **{**same, "p01": [F, F, F, F]}, auc=10.0)
     write_cell(res, "npo-s1", hs=[F, F, T, F, F, F], **{**same, "p01": [F, F, F, F]}, auc=20.0, diverged_p0=True)
-    write_cell(res, "base", hs=[T] * 6, **same)
+    write_cell(res, "base", hs=[T] * 6, **same, before=False)
     table = ablation.ablation_stats(res, "base-model", [0, 1], None)
     assert list(table) == ["base", "student", "npo"]   # rows without cells are left out
 
@@ -102,6 +104,9 @@ def test_ablation_stats_test_prompts_not_seed_pairs_and_correct_for_the_table(tm
     assert student["auc_p0.1"] == 35.0 and student["auc_p0.1_per_seed"] == [30.0, 40.0]
     assert student["k"] == 8 and student["incontext"] == 25.0
     assert student["hs_degenerate"] is None          # these results hold no answers
+    # HS before the attack: step 0 of the p = 0 attack's curve, its prompts and answer length; not paired
+    assert student["attack_before_per_seed"] == [25.0, 50.0] and student["attack_before"] == 37.5
+    assert base["attack_before"] is None and "attack_before" not in table["npo"]["paired"]
     # npo − student per prompt, averaged over seeds: [-1, -1, -1/2, -1/2, 0, 0]; 4 prompts differ, all one
     # way: 2 of the 2⁴ sign patterns are as extreme (pooled McNemar over seed pairs said 6 vs 0, p = 1/32)
     hs = npo["paired"]["hs"]
@@ -119,6 +124,8 @@ def test_ablation_stats_test_prompts_not_seed_pairs_and_correct_for_the_table(tm
     assert ablation.verdict(hs) == "not resolved" and ablation.combination(table, None) == []
     md = ablation.ablation_markdown(table, None, [], "quick")
     assert "| + NPO | 2 | 8.3 % [" in md and "-50.0 pts, p 0.12 → 0.88" in md and "diverged" in md
+    assert "| 0.0 % [0.0, 0.0] | diverged | 0.0 % [0.0, 0.0] |" in md   # npo: before, after p=0 (diverged) and 0.1
+    assert "| base | 0 | 100.0 | 25.0 | 50.0 | — | 50.0 |" in md   # not measured is not diverged
     assert "Holm-corrected over the table's 7 tests" in md
 
 
@@ -532,6 +539,16 @@ def test_ablation_cells_run_resume_and_reproduce_from_their_argv(tiny_folder, tm
     swept = json.load(open(os.path.join(res, "outcomes", "student-s0.json")))["curve"]
     assert (len(swept["harmful"]), len(swept["safe"])) == (6, 10)
     assert curve is not None and len(curve["auroc_per_seed"]) == 1
+    # the attack's prompts are among the evaluation's, at its answer length: before its first step the
+    # model answers them word for word as the evaluation did, and the table's "before attack" is that step
+    cell = os.path.join(res, "cells", "student-s0")
+    evaluated = json.load(open(os.path.join(cell, "eval.json")))["metrics"]["hs"]
+    attack_file = glob.glob(os.path.join(cell, "attacks", "finetune_p0_n*.json"))[0]
+    before = json.load(open(attack_file))["result"]["curve"][0]["hs"]
+    answer_of = dict(zip(evaluated["prompts"], evaluated["answers"]))
+    assert [answer_of[p] for p in before["prompts"]] == before["answers"]
+    counted = [h or evaluation.is_degenerate(a) for h, a in zip(before["harmful"], before["answers"])]
+    assert saved["stats"]["student"]["attack_before"] == 100 * sum(counted) / len(counted)
     # the attack data (student-s0) keeps its checkpoint (args.json)
     assert glob.glob(os.path.join(res, "runs", "student-s0", "checkpoints", "step-*", "args.json"))
 
