@@ -116,6 +116,25 @@ def paired_test(a, b, n_boot=2000, n_perm=20000, seed=0, alpha=0.05, max_exact=2
     return Paired(float(d.mean()), _interval(boot, alpha), float(p), n, m, method)
 
 
+def sign_flip_bound(rate_a, rate_b, n):
+    """An upper bound on paired_test's two-sided p from the two rates alone (fractions over n prompts,
+    each a mean over its seeds), for tables whose per-prompt outcomes were not kept.
+
+    The statistic is S = sum_i eps_i d_i with random signs eps_i; Hoeffding: P(|S| >= t) <= 2 exp(-t^2 /
+    (2 sum d_i^2)). With t = n |rate_a - rate_b| and, since |d_i| <= 1, |d_i| <= a_i + b_i and
+    |d_i| <= (1 - a_i) + (1 - b_i): sum d_i^2 <= sum |d_i| <= n min(1, rate_a + rate_b, 2 - rate_a - rate_b).
+    Whatever the per-prompt pattern behind the rates, the test's p is at most this.
+    """
+    for name, r in (("rate_a", rate_a), ("rate_b", rate_b)):
+        if not 0.0 <= r <= 1.0:
+            raise ValueError(f"{name} {r}: a rate is a fraction in [0, 1]")
+    if n < 1:
+        raise ValueError(f"n {n}: at least one prompt")
+    t = n * abs(rate_a - rate_b)
+    spread = n * min(1.0, rate_a + rate_b, 2.0 - rate_a - rate_b)
+    return 1.0 if t == 0 else min(1.0, 2.0 * float(np.exp(-t * t / (2.0 * spread))))
+
+
 def _adjust(pvalues, step_down):
     p = list(pvalues)
     where = [i for i, x in enumerate(p) if x is not None]

@@ -4,6 +4,7 @@ import os
 import re
 import shutil
 import sys
+import textwrap
 
 import pytest
 
@@ -103,3 +104,29 @@ def test_the_committed_quick_grid_rebuilds_from_its_per_prompt_files(tmp_path):
                 assert all(f for f, d in zip(flags, o[key + "_degenerate"]) if d)
                 checked += 1
     assert checked >= 2 * len(committed["stats"])
+
+
+def test_the_full_size_bounds_give_the_published_table(capsys):
+    """docs/results.md's re-read of the full-size tables: its command, run as printed, gives each
+    cell of the table below it (difference, Holm-corrected bound, and a verdict only under 0.05)."""
+    section = RESULTS[RESULTS.index("### Full size, re-read with a bound"):]
+    command = re.search(r"<<'PY'\n(.*?)\n    PY\n", section, re.S).group(1)
+    exec(textwrap.dedent(command), {})
+    computed = {}
+    for line in capsys.readouterr().out.splitlines():
+        m = re.match(r"(.+?)\s{2,}(HS|XSTest|after p=0\.1|after p=0)\s+([+-][\d.]+) pts  p <= \S+  Holm <= (\S+)", line)
+        computed[(m.group(1), m.group(2))] = (float(m.group(3)), float(m.group(4)))
+    names = {"base − student (2 epochs)": "base vs student", "good teacher − student": "good teacher vs student",
+             "SFT baseline − student": "SFT baseline vs student", "student 10 epochs − 2 epochs": "student 10 epochs vs 2",
+             "SFT 10 epochs − student 10 epochs": "SFT 10 epochs vs student 10 epochs"}
+    rows = [line.split(" | ") for line in section.splitlines() if line.startswith(tuple(f"| {n} |" for n in names))]
+    assert len(rows) == 5
+    for row in rows:
+        for key, cell in zip(("HS", "XSTest", "after p=0", "after p=0.1"), row[1:]):
+            difference, holm = computed[(names[row[0].strip("| ")], key)]
+            printed = re.match(r"([+−-][\d.]+), (?:Holm )?≤ ([\d.e-]+)( \((better|worse)\))?", cell.strip(" |"))
+            assert float(printed.group(1).replace("−", "-")) == difference
+            digits = len(printed.group(2).split("e")[0].replace(".", "").lstrip("0"))
+            assert float(f"{holm:.{digits}g}") == float(printed.group(2)), (row[0], key)
+            verdict = None if holm >= 0.05 else "better" if difference < 0 else "worse"
+            assert printed.group(4) == verdict, (row[0], key)

@@ -33,6 +33,33 @@ def test_exact_sign_flip_by_hand():
     assert r.ci[0] <= r.difference <= r.ci[1]
 
 
+def exact_sign_flip_p(a, b):
+    """All 2**n sign patterns of d_i = mean_a - mean_b, counted by brute force."""
+    d = [Fraction(sum(x), len(x)) - Fraction(sum(y), len(y)) for x, y in zip(a, b)]
+    observed = abs(sum(d))
+    extreme = sum(abs(sum(s * x for s, x in zip(signs, d))) >= observed
+                  for signs in itertools.product((1, -1), repeat=len(d)))
+    return extreme / 2 ** len(d)
+
+
+def test_sign_flip_bound_holds_over_random_tables_and_by_hand():
+    # every prompt one way: exact p = 2 / 2**4; the bound 2 exp(-4**2 / (2 * 4 * min(1, 1, 1)))
+    assert exact_sign_flip_p([[1]] * 4, [[0]] * 4) == 1 / 8
+    assert stats.sign_flip_bound(1.0, 0.0, 4) == pytest.approx(2 * math.exp(-2))
+    # 100 prompts at 10 % against 50 %: t = 40, sum d_i^2 <= 100 * 0.6
+    assert stats.sign_flip_bound(0.1, 0.5, 100) == pytest.approx(2 * math.exp(-1600 / 120))
+    # near 100 % the complements bound the spread: 0.95 and 0.75, t = 20, sum d_i^2 <= 100 * 0.3
+    assert stats.sign_flip_bound(0.95, 0.75, 100) == pytest.approx(2 * math.exp(-400 / 60))
+    assert stats.sign_flip_bound(0.3, 0.3, 50) == 1.0
+    rng = np.random.default_rng(0)
+    for _ in range(300):   # never below the exact p, whatever the pattern behind the rates
+        n, ka, kb = int(rng.integers(3, 11)), int(rng.integers(1, 4)), int(rng.integers(1, 4))
+        a = (rng.random((n, ka)) < rng.random()).astype(int)
+        b = (rng.random((n, kb)) < rng.random()).astype(int)
+        bound = stats.sign_flip_bound(a.mean(), b.mean(), n)
+        assert bound >= exact_sign_flip_p(a.tolist(), b.tolist()) - 1e-12
+
+
 # --- (b) pooled McNemar significant, prompt-level test not ------------------------------------------
 
 def test_pooled_mcnemar_vs_prompt_level():
@@ -266,6 +293,8 @@ def test_cohen_kappa_by_hand():
     lambda: stats.compare_tradeoff([1.0, 2.0], [0.0], [1.0], [0.0]),
     lambda: stats.cohen_kappa([1, 2], [1]),
     lambda: stats.cohen_kappa([], []),
+    lambda: stats.sign_flip_bound(1.2, 0.5, 10),
+    lambda: stats.sign_flip_bound(0.2, 0.5, 0),
 ])
 def test_bad_input_raises_value_error(call):
     with pytest.raises(ValueError):
