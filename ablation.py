@@ -19,6 +19,7 @@ from typing import NamedTuple
 import numpy as np
 
 import attack
+import checkpoint
 import data
 import eval as evaluation
 import stats
@@ -251,6 +252,7 @@ class CellCommand(NamedTuple):
     done: str                     # the output that marks it done
     remove_when_done: str = None  # a folder it leaves that the cell does not need
     read_later: bool = False      # the later commands read its output (the training: its student)
+    resume_dir: str = None        # a training's --out: a run cut off there resumes from its last checkpoint
 
 
 def dev_hs_set():
@@ -277,7 +279,8 @@ def cell_commands(res, size, base, cell, flags, model, seed, device, sweep=False
                      os.path.join(run, "student", "config.json"),
                      # the cell needs only the student (a checkpoint also holds the Adam moments: 3× the weights);
                      # the attack data's run keeps its checkpoint for its args.json
-                     None if cell == ATTACK_DATA_CELL else os.path.join(run, "checkpoints"), read_later=True))
+                     None if cell == ATTACK_DATA_CELL else os.path.join(run, "checkpoints"), read_later=True,
+                     resume_dir=run))
     common = ["--model", model, "--device", device]
     tokens = ["--max-new-tokens", str(sz["max_new_tokens"])]
     cmds.append(CellCommand("eval.py", [*common, "--hs-set", dev_hs_set(), *tokens, "--borderline-dev", DEV_BORDERLINE,
@@ -312,22 +315,36 @@ def cell_commands(res, size, base, cell, flags, model, seed, device, sweep=False
     return cmds
 
 
+# a cell's training checkpoints this often when it runs (a flag that does not change the result, so not
+# in its recorded argv): a grid cut off mid-training loses at most these steps
+CELL_SAVE_EVERY = 10
+
+
 def run_cell(res, commands, log_path, threads):
     """Run a cell's commands in order as subprocesses (each result's JSON holds its argv), skipping one
     whose output exists and whose argv is the one recorded when it finished (changed sizes or flags run
     again, and so does one older than a student it reads: a training re-run by an earlier call) and
-    removing what a finished command leaves that is not needed; output goes to log_path. Returns None
-    or the failure."""
+    removing what a finished command leaves that is not needed; output goes to log_path. A training
+    cut off before it finished resumes from its last checkpoint (train.py resumes exactly, and refuses
+    a checkpoint made with other flags: then it starts over). Returns None or the failure."""
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "TOKENIZERS_PARALLELISM": "false"}
     here = os.path.dirname(os.path.abspath(__file__))
     input_made = 0.0   # when the newest output that later commands read was written
     with open(log_path, "a") as log_file:
-        for script, argv, done, remove_when_done, read_later in commands:
+        for script, argv, done, remove_when_done, read_later, resume_dir in commands:
             if run_status(done, [script, *argv], input_made) != "done":
-                log_file.write(f"$ python {script} {' '.join(argv)}\n")
-                log_file.flush()
-                proc = subprocess.run([sys.executable, os.path.join(here, script), *argv], stdout=log_file,
-                                      stderr=subprocess.STDOUT, env=env)
+                runs = [argv]
+                if resume_dir:
+                    runs = [[*argv, "--save-every", str(CELL_SAVE_EVERY)]]
+                    if checkpoint.latest(resume_dir):
+                        runs.insert(0, ["--resume" if a == "--overwrite" else a for a in runs[0]])
+                for run in runs:
+                    log_file.write(f"$ python {script} {' '.join(run)}\n")
+                    log_file.flush()
+                    proc = subprocess.run([sys.executable, os.path.join(here, script), *run], stdout=log_file,
+                                          stderr=subprocess.STDOUT, env=env)
+                    if not proc.returncode:
+                        break
                 if proc.returncode:
                     return f"python {script} exited {proc.returncode} (log: {log_path})"
                 if remove_when_done:

@@ -608,6 +608,51 @@ def test_a_cell_runs_again_what_changed_and_all_that_reads_a_new_student(tmp_pat
     assert ran[9:] == ["attack.py"] and [l.split()[3] for l in open(log)][-1] == "incontext"
 
 
+def test_a_cut_off_training_resumes_from_its_checkpoint_and_starts_over_when_refused(tmp_path, monkeypatch):
+    """A cell's training runs with a checkpoint every CELL_SAVE_EVERY steps; where a cut-off run left one it
+    is resumed (--resume for --overwrite), and where train.py refuses it (other flags) it starts over. The
+    argv recorded, which decides whether it runs again, stays the cell's own. (train.py's resume equals
+    an uninterrupted run: tests/test_train.py, tests/test_kill.py.)"""
+    ran, exits = [], []
+    def fake_run(cmd, **kwargs):
+        ran.append(cmd[2:])
+        code = exits.pop(0)
+        if not code:
+            open(cmd[2:][cmd[2:].index("--done") + 1], "w").write("{}")
+        return type("Done", (), {"returncode": code})()
+    monkeypatch.setattr(ablation.subprocess, "run", fake_run)
+    run, done = str(tmp_path / "run"), str(tmp_path / "student.json")
+    argv = ["--out", run, "--overwrite", "--done", done]
+    cell = [ablation.CellCommand("train.py", argv, done, read_later=True, resume_dir=run)]
+    log = str(tmp_path / "cell.log")
+    every = ["--save-every", str(ablation.CELL_SAVE_EVERY)]
+
+    exits[:] = [0]                                          # nothing to resume: a new run
+    assert ablation.run_cell(str(tmp_path), cell, log, 1) is None
+    assert ran == [[*argv, *every]] and ablation.recorded_argv(done) == ["train.py", *argv]
+    assert ablation.run_cell(str(tmp_path), cell, log, 1) is None and len(ran) == 1   # done
+
+    os.remove(done)
+    step = tmp_path / "run" / "checkpoints" / "step-20"    # a run cut off after step 20
+    step.mkdir(parents=True)
+    (step / "trainer_state.pt").write_bytes(b"")
+    exits[:] = [0]
+    assert ablation.run_cell(str(tmp_path), cell, log, 1) is None
+    assert ran[1:] == [["--out", run, "--resume", "--done", done, *every]]
+    assert ablation.recorded_argv(done) == ["train.py", *argv]
+
+    os.remove(done)
+    exits[:] = [1, 0]                                       # its checkpoint has other flags: start over
+    assert ablation.run_cell(str(tmp_path), cell, log, 1) is None
+    assert ran[2:] == [["--out", run, "--resume", "--done", done, *every], [*argv, *every]]
+
+    os.remove(done)
+    exits[:] = [1, 1]                                       # and a run that fails either way is reported
+    assert "exited 1" in ablation.run_cell(str(tmp_path), cell, log, 1) and not os.path.exists(done)
+    assert [line.split()[3:6] for line in open(log) if line.startswith("$ python")][-2:] == [
+        ["--out", run, "--resume"], ["--out", run, "--overwrite"]]
+
+
 def test_a_figure_run_is_reused_only_when_made_by_the_same_flags(tmp_path, monkeypatch):
     trained = []
     def fake_train(argv):
