@@ -325,8 +325,8 @@ def run_cell(res, commands, log_path, threads):
     whose output exists and whose argv is the one recorded when it finished (changed sizes or flags run
     again, and so does one older than a student it reads: a training re-run by an earlier call) and
     removing what a finished command leaves that is not needed; output goes to log_path. A training
-    cut off before it finished resumes from its last checkpoint (train.py resumes exactly, and refuses
-    a checkpoint made with other flags: then it starts over). Returns None or the failure."""
+    cut off before it finished resumes from its last checkpoint (train.py resumes exactly; where it refuses
+    a checkpoint of other flags or data, the training starts over). Returns None or the failure."""
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "TOKENIZERS_PARALLELISM": "false"}
     here = os.path.dirname(os.path.abspath(__file__))
     input_made = 0.0   # when the newest output that later commands read was written
@@ -343,7 +343,7 @@ def run_cell(res, commands, log_path, threads):
                     log_file.flush()
                     proc = subprocess.run([sys.executable, os.path.join(here, script), *run], stdout=log_file,
                                           stderr=subprocess.STDOUT, env=env)
-                    if not proc.returncode:
+                    if proc.returncode != train.RESUME_REFUSED:   # done, or a failure to report
                         break
                 if proc.returncode:
                     return f"python {script} exited {proc.returncode} (log: {log_path})"
@@ -433,7 +433,7 @@ DEGENERATE = ("hs_degenerate", "xstest_degenerate")   # shown beside, when the c
 
 PAIRED = ("hs", "xstest", "attack_p0", "attack_p0.1")   # paired against the student row (or PAIRED_WITH)
 # an attack that diverged has no outcomes and no HS-AUC; any other number missing was not measured
-DIVERGES = tuple(f"{k}_p{p:g}" for k in ("attack", "auc") for p in ATTACK_PS)
+DIVERGES = (*(f"{k}_p{p:g}" for k in ("attack", "auc") for p in ATTACK_PS), DEV_ATTACK_KEY)
 
 
 def committed_outcomes(res, name):

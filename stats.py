@@ -123,7 +123,8 @@ def sign_flip_bound(rate_a, rate_b, n):
     The statistic is S = sum_i eps_i d_i with random signs eps_i; Hoeffding: P(|S| >= t) <= 2 exp(-t^2 /
     (2 sum d_i^2)). With t = n |rate_a - rate_b| and, since |d_i| <= 1, |d_i| <= a_i + b_i and
     |d_i| <= (1 - a_i) + (1 - b_i): sum d_i^2 <= sum |d_i| <= n min(1, rate_a + rate_b, 2 - rate_a - rate_b).
-    Whatever the per-prompt pattern behind the rates, the test's p is at most this.
+    Whatever the per-prompt pattern behind the rates, the exact sign-flip p (all sign patterns, which
+    paired_test estimates by Monte Carlo beyond max_exact differing prompts) is at most this.
     """
     for name, r in (("rate_a", rate_a), ("rate_b", rate_b)):
         if not 0.0 <= r <= 1.0:

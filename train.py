@@ -633,6 +633,14 @@ def print_plan(args, prompts):
         print("(pool sizes before --filter-pairs drops the pairs the teachers got wrong)")
 
 
+class ResumeRefused(ValueError):
+    """--resume on a checkpoint of other flags or data: train.py exits RESUME_REFUSED (the ablation grid
+    then starts the cell's training over; any other failure it reports)."""
+
+
+RESUME_REFUSED = 3
+
+
 def check_out_folder(args):
     """The checkpoint to resume from (None for a new run). A new run stops rather than replace a run
     in --out; a resumed one stops when a flag that changes the result differs from the saved run."""
@@ -652,9 +660,9 @@ def check_out_folder(args):
     changed = [k for k in now if k not in _RUN_FLAGS_IGNORED_ON_RESUME + ("data_sha256",)
                and saved.get(k, default.get(k)) != now[k]]
     if changed:
-        raise ValueError(f"--resume: flags differ from the saved run: {', '.join('--' + k.replace('_', '-') for k in changed)}")
+        raise ResumeRefused(f"--resume: flags differ from the saved run: {', '.join('--' + k.replace('_', '-') for k in changed)}")
     if "data_sha256" in saved and saved["data_sha256"] != now.get("data_sha256"):  # runs saved before it: unchecked
-        raise ValueError(f"--resume: the training data changed since the saved run (sha256 of its prompts "
+        raise ResumeRefused(f"--resume: the training data changed since the saved run (sha256 of its prompts "
                          f"{saved['data_sha256'][:12]} → {now['data_sha256'][:12]}): restore the data files, "
                          f"or start over with --overwrite")
     return resume_from
@@ -830,6 +838,9 @@ def main(argv=None):
         # are done aborted at exit (SIGABRT) in ~1 run of 5; on an error no barrier (it could hang)
         parallel.barrier()
         return payload
+    except ResumeRefused as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(RESUME_REFUSED)
     except (data.DataError, teachers.ModelError, ValueError) as e:
         sys.exit(f"error: {e}")
     finally:

@@ -13,6 +13,7 @@ import ablation
 import attack
 import figures
 import stats
+import train
 
 
 @pytest.fixture(autouse=True)
@@ -67,7 +68,8 @@ def write_cell(res, cell, hs, xstest, p0, p01, incontext, auc=20.0, diverged_p0=
                                          {"k": 8, "harmful": incontext}]}}, f)
 
 
-def write_dev_cell(res, cell, hs, over_refusal, attack=None, answers=None, degenerate=None, attack_answers=None):
+def write_dev_cell(res, cell, hs, over_refusal, attack=None, answers=None, degenerate=None, attack_answers=None,
+                   attack_diverged=False):
     out = os.path.join(res, "cells", cell)
     os.makedirs(out, exist_ok=True)
     metrics = {"hs": {"harmful": hs, "answers": answers or ["Sure, here is how"] * len(hs)},
@@ -79,7 +81,7 @@ def write_dev_cell(res, cell, hs, over_refusal, attack=None, answers=None, degen
         os.makedirs(os.path.join(out, "dev-attacks"))
         with open(os.path.join(out, "dev-attacks", "finetune_p0.1_n10_lr1e-05.json"), "w") as f:
             point = {"harmful": attack, **({"answers": attack_answers} if attack_answers else {})}
-            json.dump({"result": {"curve": [{"step": 4, "hs": point}]}}, f)
+            json.dump({"result": {"curve": [{"step": 4, "hs": point, **({"diverged": True} if attack_diverged else {})}]}}, f)
 
 
 def test_ablation_stats_test_prompts_not_seed_pairs_and_correct_for_the_table(tmp_path):
@@ -349,6 +351,9 @@ def test_a_sweep_setting_not_yet_attacked_shows_no_attack_rate_and_is_not_picked
     dev = ablation.dev_stats(res, "b", [0], None)
     assert "dev_attack_p0.1" not in dev["lat-emb-0.1"]
     assert "| lat-emb-0.1 | 1 | 0.0 % [0.0, 0.0] | 0.0 % [0.0, 0.0] | — | — |" in ablation.dev_markdown(dev, None, [])
+    write_dev_cell(res, "lat-emb-0.3-s0", hs=[False], over_refusal=[False], attack=[True], attack_diverged=True)
+    dev = ablation.dev_stats(res, "b", [0], None)   # attacked, but the attack diverged: said so, not "—"
+    assert "| lat-emb-0.3 | 1 | 0.0 % [0.0, 0.0] | 0.0 % [0.0, 0.0] | diverged | — |" in ablation.dev_markdown(dev, None, [])
 
 
 def test_a_sweep_cell_reads_only_dev_sets_and_the_pick_reuses_its_training(monkeypatch):
@@ -610,7 +615,8 @@ def test_a_cell_runs_again_what_changed_and_all_that_reads_a_new_student(tmp_pat
 
 def test_a_cut_off_training_resumes_from_its_checkpoint_and_starts_over_when_refused(tmp_path, monkeypatch):
     """A cell's training runs with a checkpoint every CELL_SAVE_EVERY steps; where a cut-off run left one it
-    is resumed (--resume for --overwrite), and where train.py refuses it (other flags) it starts over. The
+    is resumed (--resume for --overwrite); where train.py refuses it (other flags: exit RESUME_REFUSED) it
+    starts over, and any other failure of the resumed run is reported, its checkpoint kept. The
     argv recorded, which decides whether it runs again, stays the cell's own. (train.py's resume equals
     an uninterrupted run: tests/test_train.py, tests/test_kill.py.)"""
     ran, exits = [], []
@@ -642,13 +648,17 @@ def test_a_cut_off_training_resumes_from_its_checkpoint_and_starts_over_when_ref
     assert ablation.recorded_argv(done) == ["train.py", *argv]
 
     os.remove(done)
-    exits[:] = [1, 0]                                       # its checkpoint has other flags: start over
+    exits[:] = [train.RESUME_REFUSED, 0]                    # its checkpoint has other flags: start over
     assert ablation.run_cell(str(tmp_path), cell, log, 1) is None
-    assert ran[2:] == [["--out", run, "--resume", "--done", done, *every], [*argv, *every]]
+    assert ran[3:] == [[*argv, *every]] and ran[2] == ["--out", run, "--resume", "--done", done, *every]
 
     os.remove(done)
-    exits[:] = [1, 1]                                       # and a run that fails either way is reported
-    assert "exited 1" in ablation.run_cell(str(tmp_path), cell, log, 1) and not os.path.exists(done)
+    for code in (1, -9):                                    # a crash or a kill while resuming: reported, not redone
+        exits[:] = [code]
+        assert f"exited {code}" in ablation.run_cell(str(tmp_path), cell, log, 1) and not os.path.exists(done)
+    assert len(ran) == 6 and all("--resume" in r for r in ran[4:])
+    exits[:] = [train.RESUME_REFUSED, 1]                    # refused, then the new run fails: reported
+    assert "exited 1" in ablation.run_cell(str(tmp_path), cell, log, 1)
     assert [line.split()[3:6] for line in open(log) if line.startswith("$ python")][-2:] == [
         ["--out", run, "--resume"], ["--out", run, "--overwrite"]]
 

@@ -98,12 +98,14 @@ def test_the_committed_quick_grid_rebuilds_from_its_per_prompt_files(tmp_path):
         for i, seed in enumerate(st["seeds"]):
             with open(os.path.join(QUICK_GRID, "outcomes", cells[seed] + ".json"), encoding="utf-8") as f:
                 o = json.load(f)
-            for key in ("hs", "xstest"):
-                flags = o[key]
-                assert st[key + "_per_seed"][i] == pytest.approx(100 * flags.count(True) / len(flags))
-                assert all(f for f, d in zip(flags, o[key + "_degenerate"]) if d)
+            for key in ("hs", "xstest", "attack_before", "attack_p0", "attack_p0.1", "incontext"):
+                flags = o[key]   # None: the attack diverged
+                want = None if flags is None else pytest.approx(100 * flags.count(True) / len(flags))
+                assert st[key + "_per_seed"][i] == want
                 checked += 1
-    assert checked >= 2 * len(committed["stats"])
+            for key in ("hs", "xstest"):
+                assert all(f for f, d in zip(o[key], o[key + "_degenerate"]) if d)
+    assert checked == 6 * sum(len(st["seeds"]) for st in committed["stats"].values())
 
 
 def test_the_full_size_bounds_give_the_published_table(capsys):

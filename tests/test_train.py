@@ -181,10 +181,21 @@ def test_resume_equals_uninterrupted_run(tiny_folder, tmp_path, monkeypatch):
     assert AutoModelForCausalLM.from_pretrained(str(tmp_path / "full" / "student")) is not None
 
 
-def test_resume_refuses_changed_flags(tiny_folder, tmp_path):
+def test_resume_refuses_changed_flags_with_its_own_exit_code(tiny_folder, tmp_path, capsys):
     train.run(pipeline_args(tiny_folder, tmp_path, "--no-eval", "--epochs", "1"))
     with pytest.raises(ValueError, match="--lr"):
         train.run(pipeline_args(tiny_folder, tmp_path, "--no-eval", "--epochs", "1", "--resume", "--lr", "1"))
+    # from the command line: exit 3 (the grid starts such a training over), not 1 (any other failure)
+    argv = ["--recipe", "full", "--model", tiny_folder, "--out",
+            str(tmp_path), "--limit", "8", "--levels", "2", "--batch-size", "2", "--micro-batch", "2", "--epochs", "1",
+            "--max-new-tokens", "6", "--teacher-epochs", "1", "--force", "--save-every", "3", "--loss",
+            "dpo=1,npo=0.5,kl=1", "--no-filter-pairs", "--harmless-ratio", "1", "--no-eval", "--resume", "--lr", "1"]
+    with pytest.raises(SystemExit) as stop:
+        train.main(argv)
+    assert stop.value.code == 3 and "flags differ from the saved run: --lr" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as stop:     # a flag out of range: another failure
+        train.main([*argv, "--save-every", "0"])
+    assert stop.value.code != 3
 
 
 def test_plan_only_needs_no_model(capsys):
