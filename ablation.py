@@ -137,6 +137,7 @@ TEACHER_ROWS = {"good-teacher": [], "good-teacher-helpful": HELPFUL_TEACHER,   #
 
 
 FIXED_ROWS = ("base", *TEACHER_ROWS, "sft-baseline", "student", "student-long", "sft-long")   # not mechanisms
+ONE_MODEL_ROWS = ("base", *TEACHER_ROWS)   # a model evaluated as it is: one cell, attacked at every seed
 
 
 # every row is paired with the student row, except the 10-epoch rows: with the student trained as long;
@@ -199,12 +200,13 @@ assert ({row_teachers("", r) for r in TEACHER_ROWS} <= {row_teachers("", r) for 
     "a teacher of TEACHER_ROWS is built by no training row (run_ablation)"
 
 
-def row_cell(res, base, row, seed, lat_pick=None):
-    """(cell name, train.py flags or None for a model evaluated as it is, the model evaluated)."""
-    if row == "base":
-        return "base", None, base
-    if row in TEACHER_ROWS:
-        return row, None, os.path.join(teacher_folder(res, TEACHER_ROWS[row]), "good")
+def row_cell(res, base, row, seed, lat_pick=None, first_seed=0):
+    """(cell name, train.py flags or None for a model evaluated as it is, the model evaluated). A model
+    evaluated as it is (ONE_MODEL_ROWS) is one cell, named as its row, at the first seed; at each other
+    seed a cell ROW-sS only attacks it, with that seed's attack draws (attack_only_of)."""
+    if row in ONE_MODEL_ROWS:
+        model = base if row == "base" else os.path.join(teacher_folder(res, TEACHER_ROWS[row]), "good")
+        return (row if seed == first_seed else f"{row}-s{seed}"), None, model
     name = lat_pick if row == "lat" else row
     flags = LAT_SWEEP[name] if name in LAT_SWEEP else ABLATION_ROWS[name][1]
     cell = f"{name}-s{seed}"
@@ -262,11 +264,19 @@ def dev_hs_set():
     return DEV_HARMFUL
 
 
+def attack_only_of(cell):
+    """The one-model row whose attack-only cell this is ("good-teacher-s1" → "good-teacher"), else None."""
+    row, _, seed = cell.rpartition("-s")
+    return row if row in ONE_MODEL_ROWS and seed.isdigit() else None
+
+
 def cell_commands(res, size, base, cell, flags, model, seed, device, sweep=False):
     """[CellCommand] of one cell: train (unless flags is None), the dev evaluation (what choices read), then
     the test: evaluation, fine-tuning attacks at p = 0 and 0.1 with a curve, the in-context attack, the
     trade-off curve (the refusal-bias sweep). A LAT sweep cell (sweep) is choice material only: its dev
-    evaluation and a p = 0.1 attack scored on the harmful dev prompts, never the test sets."""
+    evaluation and a p = 0.1 attack scored on the harmful dev prompts, never the test sets. A one-model
+    row's cell at a later seed (attack_only_of) runs the attacks only: its evaluations would repeat the
+    first seed's word for word (greedy decoding, the same model)."""
     sz, a = ABLATION_SIZES[size], ABLATION_SIZES[size]["attack"]
     out, run = os.path.join(res, "cells", cell), run_dir(res, cell)
     cmds = []
@@ -312,7 +322,7 @@ def cell_commands(res, size, base, cell, flags, model, seed, device, sweep=False
                                                   "--max-new-tokens", str(CURVE_TOKENS), "--target", str(CURVE_TARGET),
                                                   "--device", device, "--out", os.path.join(out, "curve.json")],
                             os.path.join(out, "curve.json")))
-    return cmds
+    return [c for c in cmds if c.script == "attack.py"] if attack_only_of(cell) else cmds
 
 
 # a cell's training checkpoints this often when it runs (a flag that does not change the result, so not
@@ -385,7 +395,7 @@ def run_ablation(res, size, base, seeds, jobs, device, rows=None):
     def cells(rows_seeds, pick=None, sweep=False):
         out = {}
         for row, seed in rows_seeds:
-            cell, flags, model = row_cell(res, base, row, seed, pick)
+            cell, flags, model = row_cell(res, base, row, seed, pick, seeds[0])
             out[cell] = cell_commands(res, size, base, cell, flags, model, seed, device, sweep)
         return list(out.items())
     (first, commands), = cells([("student", 0)])
@@ -445,11 +455,14 @@ def committed_outcomes(res, name):
 def cell_outcomes(res, cell):
     """Per-prompt outcomes (True = harmful answer, or refusal of a safe XSTest prompt; None: the attack
     diverged) and the cell's other numbers, from its results in res/cells/CELL or, where those are gone,
-    from the compact res/outcomes/CELL.json (write_outcomes); None while any of its results is missing."""
+    from the compact res/outcomes/CELL.json (write_outcomes); None while any of its results is missing. A
+    one-model row's attack-only cell (attack_only_of) takes the rest from its row's cell."""
     out = os.path.join(res, "cells", cell)
     if not os.path.isdir(out):
         return committed_outcomes(res, cell + ".json")
-    paths = {"eval": os.path.join(out, "eval.json"), "incontext": os.path.join(out, "attacks", "incontext.json")}
+    model_cell = attack_only_of(cell)
+    evaluated = os.path.join(res, "cells", model_cell) if model_cell else out
+    paths = {"eval": os.path.join(evaluated, "eval.json"), "incontext": os.path.join(out, "attacks", "incontext.json")}
     for p in ATTACK_PS:
         found = glob.glob(os.path.join(out, "attacks", f"finetune_p{p:g}_n*.json"))
         paths[f"attack_p{p:g}"] = found[0] if len(found) == 1 else ""
@@ -474,8 +487,8 @@ def cell_outcomes(res, cell):
         o[f"auc_p{p:g}"] = r["hs_auc"]
     point = load_json(paths["incontext"])["result"]["points"][-1]
     o["incontext"], o["k"] = point["harmful"], point["k"]
-    if os.path.isfile(os.path.join(out, "curve.json")):   # per-prompt refusal scores; absent until swept
-        o["curve"] = cell_curve(os.path.join(out, "curve.json"), len(o["hs"]), len(o["xstest"]))
+    if os.path.isfile(os.path.join(evaluated, "curve.json")):   # per-prompt refusal scores; absent until swept
+        o["curve"] = cell_curve(os.path.join(evaluated, "curve.json"), len(o["hs"]), len(o["xstest"]))
     o["answers"] = {"hs": m["hs"].get("answers"), "xstest": [x["answers"][i] for i in safe] if "answers" in x else None}
     return o
 
@@ -547,10 +560,7 @@ def row_cells(res, base, row, seeds, pick):
         return [(s, f"combination-s{s}") for s in seeds]
     if row == "lat" and not pick:
         return []
-    cells = {}
-    for s in seeds:   # base and good teacher: one cell, listed under the first seed
-        cells.setdefault(row_cell(res, base, row, s, pick)[0], s)
-    return [(s, c) for c, s in cells.items()]
+    return [(s, row_cell(res, base, row, s, pick, seeds[0])[0]) for s in seeds]
 
 
 def row_outcomes(res, base, seeds, pick, rows, read=None):
@@ -588,12 +598,22 @@ def rate_fields(found, key):
             key + "_n": list(m.shape)}
 
 
-def paired_fields(found, reference_found, keys=None):
+# what is measured at every seed of a one-model row (its attacks); the rest is measured once (measured)
+ATTACKED = (*(f"{k}_p{p:g}" for k in ("attack", "auc") for p in ATTACK_PS), "incontext")
+
+
+def measured(row, found, key):
+    """The cells of a row that measured `key`: a one-model row's evaluations once (its first cell, whose
+    evaluation its attack-only cells repeat), its attacks at every seed; every cell of any other row."""
+    return found[:1] if row in ONE_MODEL_ROWS and key not in ATTACKED else found
+
+
+def paired_fields(found, reference_found, keys=None, row=None, reference=None):
     """Prompt-level paired tests against the reference row (keys: PAIRED): per-prompt outcome averaged over
-    each row's seeds, exact / Monte-Carlo sign-flip test of the mean difference (row − reference)."""
+    each row's seeds (measured), exact / Monte-Carlo sign-flip test of the mean difference (row − reference)."""
     out = {}
     for key in keys or PAIRED:   # a diverged attack on either side: no test
-        a, b = matrix(found, key), matrix(reference_found, key)
+        a, b = matrix(measured(row, found, key), key), matrix(measured(reference, reference_found, key), key)
         if a is None or b is None:
             continue
         if len(a) != len(b):
@@ -665,17 +685,19 @@ def ablation_stats(res, base, seeds, pick):
         reference = PAIRED_WITH.get(row, "student")
         st = {"seeds": [s for s, _ in found], "label": ABLATION_ROWS.get(row, (row,))[0], "paired_with": reference}
         for key in (*BINARY, *DEGENERATE):
-            st.update(rate_fields(found, key))
+            st.update(rate_fields(measured(row, found, key), key))
         for key in ("fa", "refusal", *(f"auc_p{p:g}" for p in ATTACK_PS)):
-            values = [o[key] for _, o in found]
+            values = [o[key] for _, o in measured(row, found, key)]
             st[key + "_per_seed"] = values
             st[key] = None if None in values else sum(values) / len(values)
         st["k"] = found[0][1]["k"]
-        st["paired"] = (paired_fields(found, outcomes[reference])
+        st["paired"] = (paired_fields(found, outcomes[reference], row=row, reference=reference)
                         if row != reference and reference in outcomes else {})
-        st["curve"] = curve_fields(found)
-        st["curve_paired"] = (curve_test(found, outcomes[reference]) if st["curve"] and row != reference
-                              and reference in outcomes and curve_fields(outcomes[reference]) else None)
+        curves = measured(row, found, "curve")
+        reference_curves = measured(reference, outcomes.get(reference, []), "curve")
+        st["curve"] = curve_fields(curves)
+        st["curve_paired"] = (curve_test(curves, reference_curves) if st["curve"] and row != reference
+                              and reference_curves and curve_fields(reference_curves) else None)
         table[row] = st
     return holm_over_curves(holm_over_table(table))
 
@@ -783,6 +805,11 @@ def _p(st, key):
         "" if v == "not resolved" else f" ({v})")
 
 
+def _seeds(row, st):
+    n = len(st["seeds"])
+    return f"1 (attacked at {n})" if row in ONE_MODEL_ROWS and n > 1 else str(n)
+
+
 def ablation_markdown(stats, pick, combo, size):
     """The ablation table (rates with clustered 95 % intervals, prompt-level paired tests against the
     student, Holm-corrected) and the per-seed table."""
@@ -797,17 +824,19 @@ def ablation_markdown(stats, pick, combo, size):
     for row, st in stats.items():
         label = st["label"] + (f" ({pick})" if row == "lat" else f" ({' '.join(combo)})" if row == "combination" else "")
         mean = lambda key: "—" if st[key] is None else f"{st[key]:.1f}"
-        lines.append(f"| {label} | {len(st['seeds'])} | {_rate(st, 'hs')} | {mean('refusal')} | "
+        lines.append(f"| {label} | {_seeds(row, st)} | {_rate(st, 'hs')} | {mean('refusal')} | "
                      f"{_rate(st, 'xstest')} | {_rate(st, 'hs_degenerate')} / {_rate(st, 'xstest_degenerate')} | "
                      f"{mean('fa')} | {_rate(st, 'attack_before')} | {_rate(st, 'attack_p0')} | {_rate(st, 'attack_p0.1')} | "
                      f"{mean('auc_p0.1')} | {_rate(st, 'incontext')} | "
                      + " / ".join(_p(st, key) for key in PAIRED) + " |")
     seeds = ["| row | seed | HS | over-refusal | FA | before attack | after p=0 | after p=0.1 | AUC p=0.1 | in-context |",
              "|" + " --- |" * 10]
-    fmt = lambda v, key: ("diverged" if key in DIVERGES else "—") if v is None else f"{v:.1f}"
+    def fmt(values, i, key):   # a one-model row's evaluations: at its first seed only
+        v = values[i] if i < len(values) else None
+        return ("diverged" if i < len(values) and key in DIVERGES else "—") if v is None else f"{v:.1f}"
     for row, st in stats.items():
         for i, seed in enumerate(st["seeds"]):
-            seeds.append(f"| {row} | {seed} | " + " | ".join(fmt(st[key + "_per_seed"][i], key) for key in
+            seeds.append(f"| {row} | {seed} | " + " | ".join(fmt(st[key + "_per_seed"], i, key) for key in
                          ("hs", "xstest", "fa", "attack_before", "attack_p0", "attack_p0.1", "auc_p0.1", "incontext")) + " |")
     n_tests = sum(len(st["paired"]) for st in stats.values())
     return (f"Ablation ({size} size); rates in % over prompts × seeds with 95 % intervals from a bootstrap that "
@@ -840,7 +869,7 @@ def curve_markdown(stats, pick, combo):
             f"{d['difference']:+{fmt}} [{d['difference_ci'][0]:+{fmt}}, {d['difference_ci'][1]:+{fmt}}]{unit}, "
             f"p {d['p']:.2g} → {d['p_holm']:.2g}{curve_verdict(d, key == 'auroc')}"
             for key, fmt, unit in (("auroc", ".3f", ""), ("hs_at_target", ".1f", " pts")) for d in [t[key]])
-        lines.append(f"| {label} | {len(st['seeds'])} | {auroc} | {hs} | {tests} |")
+        lines.append(f"| {label} | {len(st['curve']['auroc_per_seed'])} | {auroc} | {hs} | {tests} |")
     n_tests = sum(len(CURVE_KEYS) for st in rows.values() if st["curve_paired"])
     step = CURVE_BIASES[1] - CURVE_BIASES[0]
     return (f"Trade-off curves on the test prompts (bench/tradeoff.py: a bias b from {CURVE_BIASES[0]:g} to "

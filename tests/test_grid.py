@@ -33,7 +33,7 @@ def stand_in_strongreject(tmp_path_factory, monkeypatch):
 
 
 def write_cell(res, cell, hs, xstest, p0, p01, incontext, auc=20.0, diverged_p0=False, answers=None,
-               xs_degenerate=None, curve=None, curve_settings=None, before=None):
+               xs_degenerate=None, curve=None, curve_settings=None, before=None, attacks_only=False):
     out = os.path.join(res, "cells", cell)
     os.makedirs(os.path.join(out, "attacks"))
     if curve is not None:   # (harmful scores, safe scores[, rates by bias]), as bench/tradeoff.py writes them
@@ -52,8 +52,9 @@ def write_cell(res, cell, hs, xstest, p0, p01, incontext, auc=20.0, diverged_p0=
         metrics["hs"]["answers"] = answers
     if xs_degenerate is not None:
         metrics["xstest"]["degenerate"] = xs_degenerate + [False]
-    with open(os.path.join(out, "eval.json"), "w") as f:
-        json.dump({"metrics": metrics}, f)
+    if not attacks_only:   # a one-model row's cell at a later seed holds its attacks only
+        with open(os.path.join(out, "eval.json"), "w") as f:
+            json.dump({"metrics": metrics}, f)
     for p, flags in ((0.0, p0), (0.1, p01)):
         last = {"step": 4, "hs": {"harmful": flags}}
         if p == 0.0 and diverged_p0:
@@ -129,6 +130,35 @@ def test_ablation_stats_test_prompts_not_seed_pairs_and_correct_for_the_table(tm
     assert "| 0.0 % [0.0, 0.0] | diverged | 0.0 % [0.0, 0.0] |" in md   # npo: before, after p=0 (diverged) and 0.1
     assert "| base | 0 | 100.0 | 25.0 | 50.0 | — | 50.0 |" in md   # not measured is not diverged
     assert "Holm-corrected over the table's 7 tests" in md
+
+
+def test_a_one_model_row_is_evaluated_once_and_attacked_at_every_seed(tmp_path):
+    res = str(tmp_path)
+    T, F = True, False
+    for s, hs in ((0, [T, T, F, F]), (1, [T, F, F, F])):
+        write_cell(res, f"student-s{s}", hs=hs, xstest=[F, F], p0=[T, T, F, F], p01=[T, T, T, F], incontext=[T, F, F, F])
+    write_cell(res, "base", hs=[T, T, T, F], xstest=[F, T], p0=[T, T, T, T], p01=[T] * 4, incontext=[T, T, F, F], auc=50.0)
+    # seed 1's attack of the same model: other draws, so other outcomes; its folder holds no evaluation
+    write_cell(res, "base-s1", hs=[F] * 4, xstest=[T, T], p0=[F, F, T, T], p01=[T] * 4, incontext=[T, F, F, F],
+               auc=30.0, attacks_only=True)
+    assert ablation.attack_only_of("base-s1") == "base" and ablation.attack_only_of("good-teacher-helpful-s2") == "good-teacher-helpful"
+    assert ablation.attack_only_of("student-s1") is None and ablation.attack_only_of("base") is None
+    base = ablation.ablation_stats(res, "b", [0, 1], None)["base"]
+    assert base["seeds"] == [0, 1]
+    # its evaluation counted once: seed 0's cell (the attack-only cell's own flags above are never read)
+    assert base["hs_per_seed"] == [75.0] and base["hs_n"] == [4, 1] and base["xstest_per_seed"] == [50.0]
+    # its attacks at both seeds: [prompts, 2] matrices
+    assert base["attack_p0_per_seed"] == [100.0, 50.0] and base["attack_p0"] == 75.0 and base["attack_p0_n"] == [4, 2]
+    assert base["incontext_per_seed"] == [50.0, 25.0] and base["auc_p0.1"] == 40.0
+    # paired with the student: base − student per prompt, the attack averaged over base's two seeds:
+    # [½−1, ½−1, 1−0, 1−0] = [−½, −½, 1, 1], sum 1: 12 of the 16 sign patterns reach |sum| >= 1;
+    # HS from its one evaluation against the student's mean, [1−1, 1−½, 1−0, 0−0]
+    assert base["paired"]["attack_p0"]["seeds"] == [2, 2] and base["paired"]["attack_p0"]["p"] == 12 / 16
+    assert base["paired"]["attack_p0"]["difference"] == pytest.approx(25.0)
+    assert base["paired"]["hs"]["seeds"] == [1, 2] and base["paired"]["hs"]["difference"] == pytest.approx(37.5)
+    md = ablation.ablation_markdown({"base": base}, None, [], "quick")
+    assert "| base model | 1 (attacked at 2) | 75.0 % [" in md
+    assert "| base | 1 | — | — | — | — | 50.0 | 100.0 | 30.0 | 25.0 |" in md   # seed 1: its attacks only
 
 
 def test_each_row_has_its_trade_off_curve_tested_against_the_student_in_a_family_of_its_own(tmp_path, monkeypatch):
@@ -270,7 +300,15 @@ def test_a_row_with_another_good_teacher_builds_it_in_its_own_folder_before_the_
     ablation.run_ablation(res, "quick", "b", [0, 1], 2, "cpu", ["good-teacher-helpful", "student-long-helpful"])
     assert batches[:2] == [[("student-s0", ["train.py"])], [("student-long-helpful-s0", ["train.py"])]]
     assert [name for name, _ in batches[2]] == ["student-s0", "good-teacher-helpful", "student-long-helpful-s0",
-                                                 "student-long-helpful-s1"]
+                                                 "good-teacher-helpful-s1", "student-long-helpful-s1"]
+    # the teacher, one model, is evaluated once and attacked at each seed with that seed's draws
+    evaluated, attacked = dict(batches[2])["good-teacher-helpful"], dict(batches[2])["good-teacher-helpful-s1"]
+    assert evaluated == ["eval.py", "eval.py", "attack.py", "attack.py", "bench/tradeoff.py"]
+    assert attacked == ["attack.py", "attack.py"]
+    cell, flags, model = ablation.row_cell(res, "b", "good-teacher-helpful", 1)
+    argv = ablation.cell_commands(res, "quick", "b", cell, flags, model, 1, "cpu")[0].argv
+    assert (cell, flags, model) == ("good-teacher-helpful-s1", None, "/r/teachers/teacher-harmless-repeat-4/good")
+    assert argv[argv.index("--attack-seed") + 1] == "1" and argv[argv.index("--model") + 1] == model
     batches.clear()
     ablation.run_ablation(res, "quick", "b", [0], 2, "cpu", ["npo"])   # the shared teachers only: nothing in between
     assert [[name for name, _ in batch] for batch in batches] == [["student-s0"], ["student-s0", "npo-s0"]]
@@ -382,7 +420,7 @@ def test_the_picked_lat_cell_runs_only_its_test_commands_after_the_sweep(tmp_pat
         ran.append(os.path.basename(cmd[1]))
         if ran[-1] == "train.py":   # the checkpoints a finished training leaves, which the cell removes
             os.makedirs(os.path.join(res, "runs", "lat-emb-0.3-s0", "checkpoints"))
-        done = next(c.done for c in commands if c.argv == cmd[2:])
+        done = next(c.done for c in commands if cmd[2:2 + len(c.argv)] == c.argv)   # + a training's --save-every
         os.makedirs(os.path.dirname(done), exist_ok=True)
         open(done, "w").write("{}")
         os.utime(done, (1_000_000 + len(ran), 1_000_000 + len(ran)))

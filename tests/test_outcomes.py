@@ -95,17 +95,18 @@ def test_the_committed_quick_grid_rebuilds_from_its_per_prompt_files(tmp_path):
     checked = 0
     for row, st in committed["stats"].items():
         cells = dict(ablation.row_cells(str(tmp_path), "smollm2-135m", row, [0, 1, 2], committed["lat_pick"]))
-        for i, seed in enumerate(st["seeds"]):
-            with open(os.path.join(QUICK_GRID, "outcomes", cells[seed] + ".json"), encoding="utf-8") as f:
-                o = json.load(f)
-            for key in ("hs", "xstest", "attack_before", "attack_p0", "attack_p0.1", "incontext"):
+        for key in ("hs", "xstest", "attack_before", "attack_p0", "attack_p0.1", "incontext"):
+            # a one-model row's evaluations are its first cell's; its attacks, one cell a seed
+            for i, seed in enumerate(st["seeds"][:len(st[key + "_per_seed"])]):
+                with open(os.path.join(QUICK_GRID, "outcomes", cells[seed] + ".json"), encoding="utf-8") as f:
+                    o = json.load(f)
                 flags = o[key]   # None: the attack diverged
                 want = None if flags is None else pytest.approx(100 * flags.count(True) / len(flags))
                 assert st[key + "_per_seed"][i] == want
                 checked += 1
-            for key in ("hs", "xstest"):
-                assert all(f for f, d in zip(o[key], o[key + "_degenerate"]) if d)
-    assert checked == 6 * sum(len(st["seeds"]) for st in committed["stats"].values())
+                if key in ("hs", "xstest"):
+                    assert all(f for f, d in zip(o[key], o[key + "_degenerate"]) if d)
+    assert checked >= 6 * len(committed["stats"])
 
 
 def test_the_full_size_bounds_give_the_published_table(capsys):
