@@ -330,6 +330,16 @@ def cell_commands(res, size, base, cell, flags, model, seed, device, sweep=False
 CELL_SAVE_EVERY = 10
 
 
+def _line_start(path):
+    """A newline where a killed command's last output (a progress bar) left the log mid-line."""
+    with open(path, "rb") as f:
+        f.seek(0, os.SEEK_END)
+        if not f.tell():
+            return ""
+        f.seek(-1, os.SEEK_END)
+        return "" if f.read(1) == b"\n" else "\n"
+
+
 def run_cell(res, commands, log_path, threads):
     """Run a cell's commands in order as subprocesses (each result's JSON holds its argv), skipping one
     whose output exists and whose argv is the one recorded when it finished (changed sizes or flags run
@@ -349,7 +359,7 @@ def run_cell(res, commands, log_path, threads):
                     if checkpoint.latest(resume_dir):
                         runs.insert(0, ["--resume" if a == "--overwrite" else a for a in runs[0]])
                 for run in runs:
-                    log_file.write(f"$ python {script} {' '.join(run)}\n")
+                    log_file.write(f"{_line_start(log_path)}$ python {script} {' '.join(run)}\n")
                     log_file.flush()
                     proc = subprocess.run([sys.executable, os.path.join(here, script), *run], stdout=log_file,
                                           stderr=subprocess.STDOUT, env=env)

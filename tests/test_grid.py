@@ -671,9 +671,11 @@ def test_a_cut_off_training_resumes_from_its_checkpoint_and_starts_over_when_ref
     log = str(tmp_path / "cell.log")
     every = ["--save-every", str(ablation.CELL_SAVE_EVERY)]
 
+    open(log, "w").write("student:  52%|#####     | 26/50\r")   # a killed run's progress bar, mid-line
     exits[:] = [0]                                          # nothing to resume: a new run
     assert ablation.run_cell(str(tmp_path), cell, log, 1) is None
     assert ran == [[*argv, *every]] and ablation.recorded_argv(done) == ["train.py", *argv]
+    assert open(log, newline="").read().split("\n")[1].startswith("$ python train.py --out")   # on a line of its own
     assert ablation.run_cell(str(tmp_path), cell, log, 1) is None and len(ran) == 1   # done
 
     os.remove(done)
