@@ -147,6 +147,10 @@ PAIRED_WITH = {**{row: "student-long" for row in ("sft-long", "gamma-long", "lat
                "good-teacher-helpful": "good-teacher", "good-teacher-short": "good-teacher"}
 
 
+# the rows the combination may take: every mechanism at the student's length
+COMBINATION_CANDIDATES = tuple(r for r in ABLATION_ROWS if r not in FIXED_ROWS and PAIRED_WITH.get(r, "student") == "student")
+
+
 ATTACK_DATA_CELL = "student-s0"   # its run's bad-teacher answers are every cell's harmful attack data
 
 
@@ -412,7 +416,9 @@ def run_ablation(res, size, base, seeds, jobs, device, rows=None):
     if run_cells(res, 1, [(first, commands[:1])]):
         raise RuntimeError(f"the first run failed: every other cell needs its teachers (log: {res}/logs/{first}.log)")
     # another good teacher is built by the first training that uses it, before the cells that share it
-    wanted = [r for r in ABLATION_ROWS if r in rows or ("combination" in rows and r not in skipped)]
+    # the combination reads the dev cells of its candidates and of the student they are tested against
+    needed = (*COMBINATION_CANDIDATES, "student") if "combination" in rows else ()
+    wanted = [r for r in ABLATION_ROWS if r in rows or (r in needed and r not in skipped)]
     trained_with = {r: row_teachers(res, r) for r, (_, flags) in ABLATION_ROWS.items() if flags}
     builders = {folder: next(r for r, f in trained_with.items() if f == folder)
                 for folder in dict.fromkeys(row_teachers(res, r) for r in wanted) if folder != teacher_folder(res, [])}
@@ -774,9 +780,7 @@ def combination_rows(dev):
     Holm over the candidates' dev-HS tests alone (every mechanism at the student's length: a family that does
     not change when fixed rows or the combination itself finish), and not resolved worse on dev over-refusal
     (worse_uncorrected)."""
-    candidates = [row for row, st in dev.items()
-                  if not (row in FIXED_ROWS or row in LAT_SWEEP or row == "combination"
-                          or PAIRED_WITH.get(row, "student") != "student") and "dev_hs" in st["paired"]]
+    candidates = [row for row in COMBINATION_CANDIDATES if row in dev and "dev_hs" in dev[row]["paired"]]
     corrected = stats.holm([dev[row]["paired"]["dev_hs"]["p"] for row in candidates])
     return {row: p for row, p in zip(candidates, corrected)
             if p < 0.05 and dev[row]["paired"]["dev_hs"]["difference"] < 0

@@ -459,6 +459,19 @@ def test_the_grid_sweeps_on_dev_then_runs_the_pick_at_every_seed_and_leaves_cycl
     assert "cyclic-s0" in batches[-1]
 
 
+def test_the_combination_runs_its_candidates_and_the_student_not_the_10_epoch_or_teacher_rows(monkeypatch):
+    monkeypatch.setattr(ablation, "hs_set", lambda res, size: "hs.jsonl")
+    monkeypatch.setattr(ablation, "xstest_set", lambda res, size: "xstest.csv")
+    batches = []
+    monkeypatch.setattr(ablation, "run_cells", lambda res, jobs, cells: batches.append([n for n, _ in cells]) or [])
+    monkeypatch.setattr(ablation, "lat_pick", lambda res, seed: "lat-emb-0.1")
+    monkeypatch.setattr(ablation, "dev_stats", lambda *a: {})
+    ablation.run_ablation("/r", "quick", "b", [0], 2, "cpu", ["combination"])
+    mechanisms = ("npo", "kl-rev", "difficulty", "mixed", "gamma", "cb", "canary-focus", "canary-protect", "harmless-dpo")
+    assert {n for batch in batches for n in batch} == {
+        "student-s0", *(f"{r}-s0" for r in mechanisms), "lat-emb-0.1-s0", "lat-emb-0.3-s0", "lat-b10-4-s0", "lat-b10-8-s0"}
+
+
 def test_the_sweep_at_other_seeds_runs_the_student_its_guard_reads(tmp_path, monkeypatch, capsys):
     res = str(tmp_path)
     monkeypatch.setattr(ablation, "dev_stats", lambda *a: {})
