@@ -506,7 +506,43 @@ def cell_outcomes(res, cell):
     if os.path.isfile(os.path.join(evaluated, "curve.json")):   # per-prompt refusal scores; absent until swept
         o["curve"] = cell_curve(os.path.join(evaluated, "curve.json"), len(o["hs"]), len(o["xstest"]))
     o["answers"] = {"hs": m["hs"].get("answers"), "xstest": [x["answers"][i] for i in safe] if "answers" in x else None}
+    o["made_with"] = made_with(load_json(paths["eval"]).get("settings"))
     return o
+
+
+def made_with(settings):
+    """What a cell's numbers were computed with, from its evaluation's settings (eval.settings); None where
+    they were not recorded."""
+    if not settings:
+        return None
+    return {"precision": settings.get("precision"), "device": settings.get("device"), "cpu": settings.get("cpu"),
+            "torch": settings.get("versions", {}).get("torch"), "model_key": settings.get("model_key")}
+
+
+def made_with_counts(outcomes):
+    """{"bf16 on cpu (AVX512; avx512_bf16), torch 2.13.0": cells} over the outcomes: one entry unless the grid's
+    cells were computed on other machines or precisions (their last bits differ)."""
+    counts = {}
+    for o in outcomes:
+        m = o.get("made_with")
+        if m:
+            cpu = m.get("cpu") or {}
+            flags = cpu.get("bf16_flags")
+            flags = "bf16 flags unread" if flags is None else ", ".join(flags) or "no bf16 flags"
+            where = m["device"] + (f" ({cpu.get('torch_capability')}; {flags})" if cpu and m["device"] == "cpu" else "")
+            label = f"{m['precision']} on {where}, torch {m['torch']}"
+        else:
+            label = "not recorded"
+        counts[label] = counts.get(label, 0) + 1
+    return counts
+
+
+def made_with_line(counts):
+    if len(counts) == 1:
+        (label, n), = counts.items()
+        return f"\nComputed with {label} (all {n} cell results).\n"
+    return ("\nComputed with more than one setting (numbers differ in their last bits across them): "
+            + "; ".join(f"{label} ({n} cell results)" for label, n in counts.items()) + ".\n")
 
 
 def cell_curve(path, n_harmful, n_safe):
@@ -536,7 +572,8 @@ def dev_outcomes(res, cell):
     hs, b = m["hs"], m["borderline_dev"]
     o = {"dev_hs": attack_harmful(hs),   # the same rule: a degenerate answer counts as harmful
          "dev_over_refusal": either(b["refused"], b["degenerate"]),
-         "answers": {"dev_hs": hs["answers"], "dev_over_refusal": b["answers"]}}
+         "answers": {"dev_hs": hs["answers"], "dev_over_refusal": b["answers"]},
+         "made_with": made_with(load_json(os.path.join(out, "dev.json")).get("settings"))}
     found = glob.glob(os.path.join(out, "dev-attacks", f"finetune_p{DEV_ATTACK_P:g}_n*.json"))
     if len(found) == 1:
         last = load_json(found[0])["result"]["curve"][-1]
@@ -924,13 +961,15 @@ def grid(res, size, base, seeds, jobs, device, run_missing, rows=None):
         raise FileNotFoundError(f"no finished ablation cell in {res}/cells or {res}/outcomes")
     write_outcomes(res, base, seeds, pick)
     combo = combination(dev, pick)
+    made = made_with_counts(o for read in (cell_outcomes, dev_outcomes) for found in row_outcomes(
+        res, base, seeds, pick, [*ABLATION_ROWS, *LAT_SWEEP, "combination"], read).values() for _, o in found)
     table = ((ablation_markdown(stats, pick, combo, size) + "\n" + curve_markdown(stats, pick, combo) if stats else "")
-             + "\n" + dev_markdown(dev, pick, combo))
+             + "\n" + dev_markdown(dev, pick, combo) + "\n" + made_with_line(made))
     data.write_atomic(os.path.join(res, "ablation.json"), json.dumps(
         {"stats": stats, "dev_stats": dev, "lat_pick": pick, "combination": combo,
          "combination_rows": combination_rows(dev), "size": size,
          "sizes": ABLATION_SIZES[size], "seeds": seeds, "rows": {r: ABLATION_ROWS[r][1] for r in ABLATION_ROWS},
-         "lat_sweep": LAT_SWEEP}, indent=1))
+         "lat_sweep": LAT_SWEEP, "made_with": made}, indent=1))
     data.write_atomic(os.path.join(res, "ablation.md"), table)
     print(table)
     return stats

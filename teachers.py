@@ -376,6 +376,8 @@ def generation_settings(**extra):
             "max_prompt_tokens": MAX_PROMPT_TOKENS,
             "versions": {"python": platform.python_version(), "torch": torch.__version__,
                          "transformers": transformers.__version__},
+            # numbers differ in their last bits between CPU kernels (and between precisions)
+            "cpu": {"torch_capability": torch.backends.cpu.get_cpu_capability(), "bf16_flags": cpu_bf16_flags()},
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), **extra}
 
 

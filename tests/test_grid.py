@@ -33,7 +33,7 @@ def stand_in_strongreject(tmp_path_factory, monkeypatch):
 
 
 def write_cell(res, cell, hs, xstest, p0, p01, incontext, auc=20.0, diverged_p0=False, answers=None,
-               xs_degenerate=None, curve=None, curve_settings=None, before=None, attacks_only=False):
+               xs_degenerate=None, curve=None, curve_settings=None, before=None, attacks_only=False, settings=None):
     out = os.path.join(res, "cells", cell)
     os.makedirs(os.path.join(out, "attacks"))
     if curve is not None:   # (harmful scores, safe scores[, rates by bias]), as bench/tradeoff.py writes them
@@ -54,7 +54,7 @@ def write_cell(res, cell, hs, xstest, p0, p01, incontext, auc=20.0, diverged_p0=
         metrics["xstest"]["degenerate"] = xs_degenerate + [False]
     if not attacks_only:   # a one-model row's cell at a later seed holds its attacks only
         with open(os.path.join(out, "eval.json"), "w") as f:
-            json.dump({"metrics": metrics}, f)
+            json.dump({"metrics": metrics, **({"settings": settings} if settings else {})}, f)
     for p, flags in ((0.0, p0), (0.1, p01)):
         last = {"step": 4, "hs": {"harmful": flags}}
         if p == 0.0 and diverged_p0:
@@ -205,6 +205,21 @@ def test_each_row_has_its_trade_off_curve_tested_against_the_student_in_a_family
         ablation.ablation_stats(res, "base-model", [0, 1], None)
     assert "| + NPO | 2 | 1.000 (1.000, 1.000) | 0.0 % (0, 0) | +0.438 [" in md and "| + reverse KL |" not in md
     assert "| student (default losses, 2 epochs) | 2 | 0.562 (0.362, 0.762) | 62.5 % (100, 25) | — |" in md
+
+
+def test_the_table_says_what_its_cells_were_computed_with_and_when_that_differs(tmp_path):
+    res = str(tmp_path)
+    same = dict(hs=[True, False], xstest=[False], p0=[True], p01=[True], incontext=[True])
+    fast = {"precision": "bf16", "device": "cpu", "versions": {"torch": "2.13.0"},
+            "cpu": {"torch_capability": "AVX512", "bf16_flags": ["avx512_bf16"]}}
+    slow = {**fast, "precision": "fp32", "cpu": {"torch_capability": "AVX2", "bf16_flags": []}}
+    for cell, settings in (("student-s0", fast), ("student-s1", fast), ("npo-s0", slow), ("npo-s1", None)):
+        write_cell(res, cell, **same, settings=settings)
+    counts = ablation.made_with_counts(ablation.cell_outcomes(res, c) for c in ("student-s0", "student-s1", "npo-s0", "npo-s1"))
+    assert counts == {"bf16 on cpu (AVX512; avx512_bf16), torch 2.13.0": 2,
+                      "fp32 on cpu (AVX2; no bf16 flags), torch 2.13.0": 1, "not recorded": 1}
+    assert "more than one setting" in ablation.made_with_line(counts)
+    assert ablation.made_with_line({"fp32 on cpu": 3}) == "\nComputed with fp32 on cpu (all 3 cell results).\n"
 
 
 def test_degenerate_answers_count_against_the_model_on_both_axes(tmp_path):
