@@ -410,11 +410,17 @@ def run_ablation(res, size, base, seeds, jobs, device, rows=None):
         out = {}
         for row, seed in rows_seeds:
             cell, flags, model = row_cell(res, base, row, seed, pick, seeds[0])
-            out[cell] = cell_commands(res, size, base, cell, flags, model, seed, device, sweep)
+            commands = cell_commands(res, size, base, cell, flags, model, seed, device, sweep)
+            if reused(res, cell, commands, sweep):
+                print(f"[ablation] {cell}: done by an earlier run with these commands and teachers "
+                      f"({res}/outcomes/{cell}{'.dev' if sweep else ''}.json)", flush=True)
+            else:
+                out[cell] = commands
         return list(out.items())
-    (first, commands), = cells([("student", 0)])
-    if run_cells(res, 1, [(first, commands[:1])]):
+    first, flags, model = row_cell(res, base, "student", 0)   # its training builds the teachers: never reused
+    if run_cells(res, 1, [(first, cell_commands(res, size, base, first, flags, model, 0, device)[:1])]):
         raise RuntimeError(f"the first run failed: every other cell needs its teachers (log: {res}/logs/{first}.log)")
+    check_teachers(res)
     # another good teacher is built by the first training that uses it, before the cells that share it
     # the combination reads the dev cells of its candidates and of the student they are tested against
     needed = (*COMBINATION_CANDIDATES, "student") if "combination" in rows else ()
@@ -431,18 +437,17 @@ def run_ablation(res, size, base, seeds, jobs, device, rows=None):
     if broken:
         print(f"[ablation] left out, their good teacher was not built: "
               f"{', '.join(r for r in wanted if row_teachers(res, r) in broken)}", flush=True)
-    # seed by seed, so that a run cut short leaves whole seeds of every row
+    # the sweep and the student whose dev evaluation the pick's guard reads, then the pick
     lat = "lat" in rows or "combination" in rows
-    run_cells(res, jobs, (cells([(r, seeds[0]) for r in LAT_SWEEP if lat], sweep=True)
-                          # the pick's guard reads the student's dev evaluation at the first seed
-                          + cells([("student", 0), ("student", seeds[0])] + [(r, s) for s in seeds for r in wanted
-                                                      if r != "lat" and row_teachers(res, r) not in broken])))
+    if lat:
+        run_cells(res, jobs, cells([(r, seeds[0]) for r in LAT_SWEEP], sweep=True) + cells([("student", seeds[0])]))
     pick = lat_pick(res, seeds[0])
-    if pick and lat:
-        run_cells(res, jobs, cells([("lat", s) for s in seeds], pick))
-    elif lat:
+    if lat and not pick:
         print(f"[ablation] no LAT pick: no sweep setting has a dev attack, or none passes the over-refusal guard "
               f"(logs: {res}/logs)", flush=True)
+    # seed by seed, so that a run cut short leaves whole seeds of every row
+    run_cells(res, jobs, cells([("student", 0), ("student", seeds[0])] + [
+        (r, s) for s in seeds for r in wanted if (r != "lat" or (lat and pick)) and row_teachers(res, r) not in broken], pick))
     combo = combination(dev_stats(res, base, seeds, pick), pick)
     if combo and "combination" in rows:
         run_cells(res, jobs, [(f"combination-s{s}", cell_commands(res, size, base, f"combination-s{s}", combo,
@@ -472,19 +477,27 @@ def cell_outcomes(res, cell):
     """Per-prompt outcomes (True = harmful answer, or refusal of a safe XSTest prompt; None: the attack
     diverged) and the cell's other numbers, from its results in res/cells/CELL or, where those are gone,
     from the compact res/outcomes/CELL.json (write_outcomes); None while any of its results is missing. A
-    one-model row's attack-only cell (attack_only_of) takes the rest from its row's cell."""
+    one-model row's attack-only cell (attack_only_of) takes the rest from its row's cell (its folder, or
+    its compact file where an earlier run's was reused)."""
     out = os.path.join(res, "cells", cell)
     if not os.path.isdir(out):
         return committed_outcomes(res, cell + ".json")
     model_cell = attack_only_of(cell)
-    evaluated = os.path.join(res, "cells", model_cell) if model_cell else out
-    paths = {"eval": os.path.join(evaluated, "eval.json"), "incontext": os.path.join(out, "attacks", "incontext.json")}
-    for p in ATTACK_PS:
-        found = glob.glob(os.path.join(out, "attacks", f"finetune_p{p:g}_n*.json"))
-        paths[f"attack_p{p:g}"] = found[0] if len(found) == 1 else ""
-    if not all(os.path.isfile(p) for p in paths.values()):
+    if model_cell and not os.path.isdir(os.path.join(res, "cells", model_cell)):
+        evaluated = committed_outcomes(res, model_cell + ".json")
+        evaluated = evaluated and {k: v for k, v in evaluated.items() if k not in (*ATTACKED, "attack_before", "k")}
+    else:
+        evaluated = _evaluation_outcomes(os.path.join(res, "cells", model_cell) if model_cell else out)
+    attacks = _attack_outcomes(out)
+    return None if evaluated is None or attacks is None else {**evaluated, **attacks}
+
+
+def _evaluation_outcomes(evaluated):
+    """The outcomes of a cell folder's evaluation (and trade-off curve, once swept); None until evaluated."""
+    if not os.path.isfile(os.path.join(evaluated, "eval.json")):
         return None
-    m = load_json(paths["eval"])["metrics"]
+    saved = load_json(os.path.join(evaluated, "eval.json"))
+    m = saved["metrics"]
     x = m["xstest"]
     # a degenerate answer (empty, repeated) counts against the model on both axes: as a harmful answer
     # to a harmful prompt and as a refusal of a safe one; its share is shown beside
@@ -494,6 +507,22 @@ def cell_outcomes(res, cell):
     o = {"hs": either(m["hs"]["harmful"], hs_degenerate), "hs_degenerate": hs_degenerate,
          "refusal": m["hs"]["refusal"], "fa": m["fa"]["fa"], "fa_n": m["fa"]["n"],
          "xstest": either([x["refused"][i] for i in safe], xs_degenerate), "xstest_degenerate": xs_degenerate}
+    if os.path.isfile(os.path.join(evaluated, "curve.json")):   # per-prompt refusal scores; absent until swept
+        o["curve"] = cell_curve(os.path.join(evaluated, "curve.json"), len(o["hs"]), len(o["xstest"]))
+    o["answers"] = {"hs": m["hs"].get("answers"), "xstest": [x["answers"][i] for i in safe] if "answers" in x else None}
+    o["made_with"] = made_with(saved.get("settings"))
+    return o
+
+
+def _attack_outcomes(out):
+    """HS before and after each fine-tuning attack and after the in-context one; None until all have run."""
+    paths = {"incontext": os.path.join(out, "attacks", "incontext.json")}
+    for p in ATTACK_PS:
+        found = glob.glob(os.path.join(out, "attacks", f"finetune_p{p:g}_n*.json"))
+        paths[f"attack_p{p:g}"] = found[0] if len(found) == 1 else ""
+    if not all(os.path.isfile(p) for p in paths.values()):
+        return None
+    o = {}
     for p in ATTACK_PS:
         r = load_json(paths[f"attack_p{p:g}"])["result"]
         first, last = r["curve"][0], r["curve"][-1]
@@ -503,10 +532,6 @@ def cell_outcomes(res, cell):
         o[f"auc_p{p:g}"] = r["hs_auc"]
     point = load_json(paths["incontext"])["result"]["points"][-1]
     o["incontext"], o["k"] = point["harmful"], point["k"]
-    if os.path.isfile(os.path.join(evaluated, "curve.json")):   # per-prompt refusal scores; absent until swept
-        o["curve"] = cell_curve(os.path.join(evaluated, "curve.json"), len(o["hs"]), len(o["xstest"]))
-    o["answers"] = {"hs": m["hs"].get("answers"), "xstest": [x["answers"][i] for i in safe] if "answers" in x else None}
-    o["made_with"] = made_with(load_json(paths["eval"]).get("settings"))
     return o
 
 
@@ -583,9 +608,14 @@ def dev_outcomes(res, cell):
 
 def write_outcomes(res, base, seeds, pick):
     """res/outcomes/CELL.json (test) and CELL.dev.json (dev) for every finished cell: its per-prompt
-    outcomes (prompt i of the size's sets, in order), its other numbers and the first 200 characters of
-    each answer: small enough to commit, and all that ablation_stats and dev_stats read."""
+    outcomes (prompt i of the size's sets, in order), its other numbers, the first 200 characters of
+    each answer and the commands it ran: small enough to commit, all that ablation_stats and dev_stats
+    read, and what a later run needs to reuse the cell (reused); res/outcomes/teachers.json: the keys
+    of the teachers they were made with."""
     os.makedirs(os.path.join(res, "outcomes"), exist_ok=True)
+    keys = teacher_keys(res)
+    if keys:
+        data.write_atomic(os.path.join(res, "outcomes", TEACHERS_FILE), json.dumps(keys, indent=1))
     for row in [*ABLATION_ROWS, *LAT_SWEEP, "combination"]:
         for _, cell in row_cells(res, base, row, seeds, pick):
             if not os.path.isdir(os.path.join(res, "cells", cell)):
@@ -594,7 +624,63 @@ def write_outcomes(res, base, seeds, pick):
                 o = read(res, cell)
                 if o is not None:
                     o["answers"] = {k: None if v is None else [a[:200] for a in v] for k, v in o["answers"].items()}
+                    o["commands"] = recorded_commands(res, cell)
                     data.write_atomic(os.path.join(res, "outcomes", cell + suffix), json.dumps(o))
+
+
+TEACHERS_FILE = "teachers.json"
+
+
+def teacher_keys(res):
+    """{teacher folder relative to res: content key (teachers.model_key)} of every built teacher in res."""
+    keys = {}
+    for build in sorted(glob.glob(os.path.join(res, "teachers", "**", teachers.BUILD_FILE), recursive=True)):
+        folder = os.path.dirname(build)
+        keys[os.path.relpath(folder, res)] = teachers.model_key(folder)
+    return keys
+
+
+def check_teachers(res):
+    """Set aside res/outcomes (to res/outcomes-other-teachers) when the teachers just built are not the
+    ones its cells were made with (another machine's kernels or precision change their last bits):
+    reused cells must come from the same teachers as the new ones."""
+    path = os.path.join(res, "outcomes", TEACHERS_FILE)
+    if not os.path.isfile(path):
+        return
+    saved, built = load_json(path), teacher_keys(res)
+    differ = sorted(k for k in saved.keys() & built.keys() if saved[k] != built[k])
+    if differ:
+        aside = os.path.join(res, "outcomes-other-teachers")
+        shutil.rmtree(aside, ignore_errors=True)
+        os.rename(os.path.join(res, "outcomes"), aside)
+        print(f"[ablation] the teachers built now differ from those of {res}/outcomes ({', '.join(differ)}): "
+              f"its cells are set aside in {aside} and run again", flush=True)
+
+
+def portable(argv, res):
+    """argv with the results folder written {res}: comparable between runs in other folders."""
+    prefix = os.path.normpath(res) + os.sep
+    return [a.replace(prefix, "{res}" + os.sep) for a in argv]
+
+
+def recorded_commands(res, cell):
+    """The commands that made a cell's results (sorted, portable): the argvs recorded beside its outputs."""
+    records = glob.glob(os.path.join(res, "cells", cell, "**", "*.argv"), recursive=True)
+    records += glob.glob(os.path.join(run_dir(res, cell), "student", "*.argv"))
+    return sorted(portable(load_json(r), res) for r in records)
+
+
+def reused(res, cell, commands, sweep=False):
+    """Whether an earlier run's compact outcomes of `cell` (res/outcomes, its folder gone: a results folder
+    rebuilt from committed files) were made by every one of these commands; their teachers are checked
+    by check_teachers before any cell runs."""
+    if os.path.isdir(os.path.join(res, "cells", cell)) or not os.path.isfile(os.path.join(res, "outcomes", TEACHERS_FILE)):
+        return False
+    files = [cell + ".json"] if attack_only_of(cell) else [cell + ".dev.json"] + ([] if sweep else [cell + ".json"])
+    saved = [load_json(os.path.join(res, "outcomes", f)) for f in files if os.path.isfile(os.path.join(res, "outcomes", f))]
+    if len(saved) < len(files):
+        return False
+    return all(portable([c.script, *c.argv], res) in o.get("commands", []) for o in saved for c in commands)
 
 
 def attack_harmful(hs):

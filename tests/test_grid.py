@@ -4,6 +4,7 @@ the table, degenerate answers, diverged attacks, the LAT pick and the combinatio
 import glob
 import json
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -13,6 +14,7 @@ import ablation
 import attack
 import figures
 import stats
+import teachers
 import train
 
 
@@ -463,8 +465,11 @@ def test_the_grid_sweeps_on_dev_then_runs_the_pick_at_every_seed_and_leaves_cycl
     sweep, picked = batches[1], batches[2]
     assert {n: c for n, c in sweep.items() if n.startswith("lat")} == {
         f"{n}-s0": ["train.py", "eval.py", "attack.py"] for n in ablation.LAT_SWEEP}
-    assert picked == {f"lat-b10-4-s{s}": ["train.py", "eval.py", "eval.py", "attack.py", "attack.py", "bench/tradeoff.py"]
-                      for s in (0, 1)}
+    assert list(sweep) == [*(f"{n}-s0" for n in ablation.LAT_SWEEP), "student-s0"]   # the guard's student beside
+    # then seed by seed, the pick among the rows: a run cut short leaves whole seeds
+    assert list(picked) == ["student-s0", "lat-b10-4-s0", "lat-b10-4-s1"]
+    assert {n: c for n, c in picked.items() if n.startswith("lat")} == {
+        f"lat-b10-4-s{s}": ["train.py", "eval.py", "eval.py", "attack.py", "attack.py", "bench/tradeoff.py"] for s in (0, 1)}
     batches.clear()
     ablation.run_ablation("/r", "quick", "b", [0], 2, "cpu")            # every row: cyclic is left out at --quick
     everything = {n for batch in batches for n in batch}
@@ -495,11 +500,12 @@ def test_the_sweep_at_other_seeds_runs_the_student_its_guard_reads(tmp_path, mon
     for name in ablation.LAT_SWEEP:   # every setting attacked on dev at seed 1, as the sweep's cells leave them
         write_dev_cell(res, f"{name}-s1", hs=[True], over_refusal=[False], attack=[name != "lat-b10-8"])
     ablation.run_ablation(res, "quick", "b", [1], 1, "cpu", ["lat"])
-    assert "student-s1" in batches[1] and len(batches) == 2       # scheduled, but (stand-in) not yet evaluated:
-    assert "no LAT pick" in capsys.readouterr().out                # no pick, and it says so
+    assert "student-s1" in batches[1]                              # scheduled, but (stand-in) not yet evaluated:
+    assert not any(n.startswith("lat") for n in batches[2])       # no pick,
+    assert "no LAT pick" in capsys.readouterr().out                # and it says so
     write_dev_cell(res, "student-s1", hs=[True], over_refusal=[False])
     ablation.run_ablation(res, "quick", "b", [1], 1, "cpu", ["lat"])
-    assert batches[-1] == ["lat-b10-8-s1"]
+    assert batches[-1] == ["student-s0", "student-s1", "lat-b10-8-s1"]
 
 
 def test_the_combination_takes_rows_better_on_dev_hs_its_family_fixed_by_the_candidates(tmp_path):
@@ -580,6 +586,36 @@ def test_xstest_sets_keep_only_safe_prompts_spread_over_types(tmp_path):
     assert sorted(collections.Counter(e.category for e in quick).values()) == [10] * 10 and all(e.safe for e in quick)
 
 
+def test_committed_cells_are_reused_only_when_made_by_the_same_commands_and_teachers(tmp_path, monkeypatch, capsys):
+    res = str(tmp_path)
+    monkeypatch.setattr(ablation, "hs_set", lambda res, size: "hs.jsonl")
+    monkeypatch.setattr(ablation, "xstest_set", lambda res, size: "xstest.csv")
+    for name, weights in (("good", b"good weights"), ("bad", b"bad weights")):
+        os.makedirs(os.path.join(res, "teachers", name))
+        for f, content in (("build.json", b"{}"), ("model.safetensors", weights)):
+            open(os.path.join(res, "teachers", name, f), "wb").write(content)
+    key = lambda w: __import__("hashlib").sha256(w).hexdigest()[:16]   # teachers.fingerprint of one file
+    assert ablation.teacher_keys(res) == {"teachers/bad": f"bad:{key(b'bad weights')}",
+                                          "teachers/good": f"good:{key(b'good weights')}"}
+    cell, flags, model = ablation.row_cell(res, "b", "npo", 1)
+    commands = ablation.cell_commands(res, "quick", "b", cell, flags, model, 1, "cpu")
+    made = [[a.replace(res + "/", "{res}/") for a in [c.script, *c.argv]] for c in commands]   # as recorded elsewhere
+    os.makedirs(os.path.join(res, "outcomes"))
+    for suffix in (".json", ".dev.json"):
+        json.dump({"commands": made}, open(os.path.join(res, "outcomes", cell + suffix), "w"))
+    assert not ablation.reused(res, cell, commands)            # no record of the teachers: run again
+    json.dump(ablation.teacher_keys(res), open(os.path.join(res, "outcomes", "teachers.json"), "w"))
+    assert ablation.reused(res, cell, commands)
+    other = ablation.cell_commands(res, "quick", "b", cell, ["--loss", "dpo=1,kl=1,npo=2"], model, 1, "cpu")
+    assert not ablation.reused(res, cell, other)              # another flag: run again
+    ablation.check_teachers(res)                               # the same teachers: kept
+    assert ablation.reused(res, cell, commands)
+    open(os.path.join(res, "teachers", "good", "model.safetensors"), "wb").write(b"other good weights")
+    ablation.check_teachers(res)                               # rebuilt to other weights: set aside
+    assert not ablation.reused(res, cell, commands) and "teachers/good" in capsys.readouterr().out
+    assert sorted(os.listdir(os.path.join(res, "outcomes-other-teachers"))) == ["npo-s1.dev.json", "npo-s1.json", "teachers.json"]
+
+
 TINY_SIZE = {"train": ["--limit", "8", "--epochs", "1", "--levels", "1", "--batch-size", "4", "--teacher-epochs", "1",
                        "--max-new-tokens", "8", "--force", "--no-filter-pairs"],
              "hs_n": 6, "xstest_n": 10, "max_new_tokens": 4, "fa_n": 4, "eval": ["--limit", "2"],
@@ -600,7 +636,7 @@ def test_ablation_cells_run_resume_and_reproduce_from_their_argv(tiny_folder, tm
     saved = json.load(open(os.path.join(res, "ablation.json")))
     assert list(saved["stats"]) == ["student"] and saved["stats"]["student"]["hs_n"] == [6, 1]
     assert saved["stats"]["student"]["xstest_n"] == [10, 1] and os.path.isfile(os.path.join(out, "ablation-quick.png"))
-    assert sorted(os.listdir(os.path.join(res, "outcomes"))) == ["student-s0.dev.json", "student-s0.json"]
+    assert sorted(os.listdir(os.path.join(res, "outcomes"))) == ["student-s0.dev.json", "student-s0.json", "teachers.json"]
     assert saved["dev_stats"]["student"]["dev_hs_n"] == [20, 1]
     assert saved["dev_stats"]["student"]["dev_over_refusal_n"] == [TINY_SIZE["dev_borderline_n"], 1]
     log = os.path.join(res, "logs", "student-s0.log")
@@ -625,6 +661,17 @@ def test_ablation_cells_run_resume_and_reproduce_from_their_argv(tiny_folder, tm
 
     figures.main(argv)                      # everything is done: nothing runs again
     assert len(ran()) == 6
+
+    # a new results folder holding only the compact files (as committed): the teachers are built again,
+    # the same to the bit on this machine, so the cell is not run again and every number is the same
+    res2 = str(tmp_path / "res2")
+    shutil.copytree(os.path.join(res, "outcomes"), os.path.join(res2, "outcomes"))
+    figures.main([*argv[:3], res2, *argv[4:]])
+    assert [line.split()[2] for line in open(os.path.join(res2, "logs", "student-s0.log")) if line.startswith("$ python")] == ["train.py"]
+    assert json.load(open(os.path.join(res2, "ablation.json")))["stats"] == saved["stats"]
+    # the tiny run builds a good teacher only (its bad teacher is the base); built again to the same weights
+    assert json.load(open(os.path.join(res2, "outcomes", "teachers.json"))) == {
+        "teachers/good": teachers.model_key(os.path.join(res, "teachers", "good"))}
 
     # the cell's evaluation again from the argv in its JSON gives the same per-prompt outcomes
     cell = json.load(open(os.path.join(res, "cells", "student-s0", "eval.json")))
