@@ -440,7 +440,8 @@ def run_ablation(res, size, base, seeds, jobs, device, rows=None):
     # the sweep and the student whose dev evaluation the pick's guard reads, then the pick
     lat = "lat" in rows or "combination" in rows
     if lat:
-        run_cells(res, jobs, cells([(r, seeds[0]) for r in LAT_SWEEP], sweep=True) + cells([("student", seeds[0])]))
+        run_cells(res, jobs, cells([(r, seeds[0]) for r in LAT_SWEEP], sweep=True)
+                  + [(name, commands[:2]) for name, commands in cells([("student", seeds[0])])])   # to its dev evaluation
     pick = lat_pick(res, seeds[0])
     if lat and not pick:
         print(f"[ablation] no LAT pick: no sweep setting has a dev attack, or none passes the over-refusal guard "
