@@ -11,6 +11,7 @@ import glob
 import io
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -274,7 +275,7 @@ def attack_only_of(cell):
     return row if row in ONE_MODEL_ROWS and seed.isdigit() else None
 
 
-def cell_commands(res, size, base, cell, flags, model, seed, device, sweep=False):
+def cell_commands(res, size, base, cell, flags, model, seed, device, sweep=False, dev_attack=False):
     """[CellCommand] of one cell: train (unless flags is None), the dev evaluation (what choices read), then
     the test: evaluation, fine-tuning attacks at p = 0 and 0.1 with a curve, the in-context attack, the
     trade-off curve (the refusal-bias sweep). A LAT sweep cell (sweep) is choice material only: its dev
@@ -307,11 +308,12 @@ def cell_commands(res, size, base, cell, flags, model, seed, device, sweep=False
     finetune = ["--attack-n", str(a["n"]), "--attack-lr", str(a["lr"]), "--attack-epochs", str(a["epochs"]),
                 "--attack-batch", str(a["batch"]), "--attack-eval-every", str(a["eval_every"]),
                 "--attack-fa-n", str(a["fa_n"]), "--attack-micro-tokens", "512"]
-    if sweep:
+    if sweep or dev_attack:   # dev_attack: the sweep's setting picked, at the sweep's seed
         dev_out = os.path.join(out, "dev-attacks")
         cmds.append(CellCommand("attack.py", ["finetune", *attack_common, "--harmful", dev_hs_set(), "--attack-out",
                                               dev_out, "--attack-p", str(DEV_ATTACK_P), *finetune],
                                 os.path.join(dev_out, attack.attack_filename(DEV_ATTACK_P, a["n"], a["lr"]))))
+    if sweep:
         return cmds
     cmds.append(CellCommand("eval.py", [*common, "--hs-set", hs_set(res, size), *tokens,
                              "--xstest", xstest_set(res, size), "--fa-task", "arith", "--fa-n", str(sz["fa_n"]), *sz["eval"],
@@ -410,7 +412,8 @@ def run_ablation(res, size, base, seeds, jobs, device, rows=None):
         out = {}
         for row, seed in rows_seeds:
             cell, flags, model = row_cell(res, base, row, seed, pick, seeds[0])
-            commands = cell_commands(res, size, base, cell, flags, model, seed, device, sweep)
+            commands = cell_commands(res, size, base, cell, flags, model, seed, device, sweep,
+                                     dev_attack=row == "lat" and seed == seeds[0])
             if reused(res, cell, commands, sweep):
                 print(f"[ablation] {cell}: done by an earlier run with these commands and teachers "
                       f"({res}/outcomes/{cell}{'.dev' if sweep else ''}.json)", flush=True)
@@ -428,12 +431,16 @@ def run_ablation(res, size, base, seeds, jobs, device, rows=None):
     trained_with = {r: row_teachers(res, r) for r, (_, flags) in ABLATION_ROWS.items() if flags}
     builders = {folder: next(r for r, f in trained_with.items() if f == folder)
                 for folder in dict.fromkeys(row_teachers(res, r) for r in wanted) if folder != teacher_folder(res, [])}
-    first_trainings = cells([(r, seeds[0]) for r in builders.values()])
+    # never reused: a reused cell would leave its teacher unbuilt
+    first_trainings = [(name, cell_commands(res, size, base, name, flags, model, seeds[0], device))
+                       for name, flags, model in (row_cell(res, base, r, seeds[0]) for r in builders.values())]
     for (name, commands), folder in zip(first_trainings, builders):
         if not os.path.isfile(os.path.join(folder, "good", teachers.BUILD_FILE)) and os.path.isfile(commands[0].done + ".argv"):
             os.remove(commands[0].done + ".argv")   # its teacher went after it finished: train it again
     failed = run_cells(res, jobs, [(name, commands[:1]) for name, commands in first_trainings]) if builders else []
     broken = {folder for folder, row in builders.items() if f"{row}-s{seeds[0]}" in failed}
+    if builders:
+        check_teachers(res)
     if broken:
         print(f"[ablation] left out, their good teacher was not built: "
               f"{', '.join(r for r in wanted if row_teachers(res, r) in broken)}", flush=True)
@@ -451,10 +458,10 @@ def run_ablation(res, size, base, seeds, jobs, device, rows=None):
         (r, s) for s in seeds for r in wanted if (r != "lat" or (lat and pick)) and row_teachers(res, r) not in broken], pick))
     combo = combination(dev_stats(res, base, seeds, pick), pick)
     if combo and "combination" in rows:
-        run_cells(res, jobs, [(f"combination-s{s}", cell_commands(res, size, base, f"combination-s{s}", combo,
-                                                                   os.path.join(run_dir(res, f"combination-s{s}"),
-                                                                                "student"), s, device))
-                              for s in seeds])
+        combined = [(f"combination-s{s}", cell_commands(res, size, base, f"combination-s{s}", combo,
+                                                         os.path.join(run_dir(res, f"combination-s{s}"), "student"), s, device))
+                    for s in seeds]
+        run_cells(res, jobs, [(name, commands) for name, commands in combined if not reused(res, name, commands)])
     return pick
 
 
@@ -485,8 +492,9 @@ def cell_outcomes(res, cell):
         return committed_outcomes(res, cell + ".json")
     model_cell = attack_only_of(cell)
     if model_cell and not os.path.isdir(os.path.join(res, "cells", model_cell)):
-        evaluated = committed_outcomes(res, model_cell + ".json")
-        evaluated = evaluated and {k: v for k, v in evaluated.items() if k not in (*ATTACKED, "attack_before", "k")}
+        path = os.path.join(res, "outcomes", model_cell + ".json")
+        evaluated = {k: v for k, v in load_json(path).items() if k not in (*ATTACKED, "attack_before", "k", "commands")
+                     } if os.path.isfile(path) else None
     else:
         evaluated = _evaluation_outcomes(os.path.join(res, "cells", model_cell) if model_cell else out)
     attacks = _attack_outcomes(out)
@@ -555,7 +563,8 @@ def made_with_counts(outcomes):
             cpu = m.get("cpu") or {}
             flags = cpu.get("bf16_flags")
             flags = "bf16 flags unread" if flags is None else ", ".join(flags) or "no bf16 flags"
-            where = m["device"] + (f" ({cpu.get('torch_capability')}; {flags})" if cpu and m["device"] == "cpu" else "")
+            threads = f", {cpu['threads']} thread(s)" if cpu.get("threads") else ""
+            where = f"{m.get('device')}" + (f" ({cpu.get('torch_capability')}; {flags}{threads})" if cpu and m.get("device") == "cpu" else "")
             label = f"{m['precision']} on {where}, torch {m['torch']}"
         else:
             label = "not recorded"
@@ -563,12 +572,25 @@ def made_with_counts(outcomes):
     return counts
 
 
+def cells_made_with(res, base, seeds, pick):
+    """Each cell's outcomes once (its test results, else its dev results), but a one-model row's attack-only
+    cells, which repeat their row's evaluation."""
+    found = {}
+    for row in [*ABLATION_ROWS, *LAT_SWEEP, "combination"]:
+        for _, cell in row_cells(res, base, row, seeds, pick):
+            if cell not in found and not attack_only_of(cell):
+                o = cell_outcomes(res, cell) or dev_outcomes(res, cell)
+                if o is not None:
+                    found[cell] = o
+    return list(found.values())
+
+
 def made_with_line(counts):
     if len(counts) == 1:
         (label, n), = counts.items()
-        return f"\nComputed with {label} (all {n} cell results).\n"
+        return f"\nComputed with {label} (all {n} cells).\n"
     return ("\nComputed with more than one setting (numbers differ in their last bits across them): "
-            + "; ".join(f"{label} ({n} cell results)" for label, n in counts.items()) + ".\n")
+            + "; ".join(f"{label} ({n} cells)" for label, n in counts.items()) + ".\n")
 
 
 def cell_curve(path, n_harmful, n_safe):
@@ -614,9 +636,10 @@ def write_outcomes(res, base, seeds, pick):
     read, and what a later run needs to reuse the cell (reused); res/outcomes/teachers.json: the keys
     of the teachers they were made with."""
     os.makedirs(os.path.join(res, "outcomes"), exist_ok=True)
-    keys = teacher_keys(res)
+    saved = os.path.join(res, "outcomes", TEACHERS_FILE)
+    keys = {**(load_json(saved) if os.path.isfile(saved) else {}), **teacher_keys(res)}   # check_teachers ran
     if keys:
-        data.write_atomic(os.path.join(res, "outcomes", TEACHERS_FILE), json.dumps(keys, indent=1))
+        data.write_atomic(saved, json.dumps(keys, indent=1))
     for row in [*ABLATION_ROWS, *LAT_SWEEP, "combination"]:
         for _, cell in row_cells(res, base, row, seeds, pick):
             if not os.path.isdir(os.path.join(res, "cells", cell)):
@@ -659,9 +682,10 @@ def check_teachers(res):
 
 
 def portable(argv, res):
-    """argv with the results folder written {res}: comparable between runs in other folders."""
-    prefix = os.path.normpath(res) + os.sep
-    return [a.replace(prefix, "{res}" + os.sep) for a in argv]
+    """argv with the results folder written {res} where a path starts (an element, or after "="):
+    comparable between runs in other folders."""
+    folder = re.escape(os.path.normpath(res))
+    return [re.sub(rf"(^|=){folder}(?=/|$)", lambda m: m.group(1) + "{res}", a) for a in argv]
 
 
 def recorded_commands(res, cell):
@@ -1041,6 +1065,7 @@ def dev_markdown(dev, pick, combo):
 def grid(res, size, base, seeds, jobs, device, run_missing, rows=None):
     """Run the missing cells (unless not run_missing), then ablation.json / ablation.md from every
     finished cell; returns the per-row statistics of the test table."""
+    res = os.path.normpath(res)   # one spelling in every recorded argv
     pick = run_ablation(res, size, base, seeds, jobs, device, rows) if run_missing else lat_pick(res, seeds[0])
     stats = ablation_stats(res, base, seeds, pick)
     dev = dev_stats(res, base, seeds, pick)
@@ -1048,8 +1073,7 @@ def grid(res, size, base, seeds, jobs, device, run_missing, rows=None):
         raise FileNotFoundError(f"no finished ablation cell in {res}/cells or {res}/outcomes")
     write_outcomes(res, base, seeds, pick)
     combo = combination(dev, pick)
-    made = made_with_counts(o for read in (cell_outcomes, dev_outcomes) for found in row_outcomes(
-        res, base, seeds, pick, [*ABLATION_ROWS, *LAT_SWEEP, "combination"], read).values() for _, o in found)
+    made = made_with_counts(cells_made_with(res, base, seeds, pick))
     table = ((ablation_markdown(stats, pick, combo, size) + "\n" + curve_markdown(stats, pick, combo) if stats else "")
              + "\n" + dev_markdown(dev, pick, combo) + "\n" + made_with_line(made))
     data.write_atomic(os.path.join(res, "ablation.json"), json.dumps(

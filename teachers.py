@@ -377,7 +377,8 @@ def generation_settings(**extra):
             "versions": {"python": platform.python_version(), "torch": torch.__version__,
                          "transformers": transformers.__version__},
             # numbers differ in their last bits between CPU kernels (and between precisions)
-            "cpu": {"torch_capability": torch.backends.cpu.get_cpu_capability(), "bf16_flags": cpu_bf16_flags()},
+            "cpu": {"torch_capability": torch.backends.cpu.get_cpu_capability(), "bf16_flags": cpu_bf16_flags(),
+                    "threads": torch.get_num_threads()},
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), **extra}
 
 

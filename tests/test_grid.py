@@ -162,6 +162,14 @@ def test_a_one_model_row_is_evaluated_once_and_attacked_at_every_seed(tmp_path):
     assert "| base model | 1 (attacked at 2) | 75.0 % [" in md
     assert "| base | 1 | — | — | — | — | 50.0 | 100.0 | 30.0 | 25.0 |" in md   # seed 1: its attacks only
 
+    # a later run reused the row's cell (its compact file only) and attacked again at seed 1: the same numbers
+    ablation.write_outcomes(res, "b", [0, 1], None)
+    shutil.rmtree(os.path.join(res, "cells", "base"))
+    ablation.write_outcomes(res, "b", [0, 1], None)
+    again = ablation.ablation_stats(res, "b", [0, 1], None)["base"]
+    assert again["hs_per_seed"] == [75.0] and again["attack_p0_per_seed"] == [100.0, 50.0]
+    assert again["paired"]["attack_p0"]["p"] == 12 / 16
+
 
 def test_each_row_has_its_trade_off_curve_tested_against_the_student_in_a_family_of_its_own(tmp_path, monkeypatch):
     monkeypatch.setattr(ablation, "CURVE_BIASES", (-8.0, -4.0, -2.0, 0.0, 2.0, 4.0, 8.0))
@@ -221,7 +229,8 @@ def test_the_table_says_what_its_cells_were_computed_with_and_when_that_differs(
     assert counts == {"bf16 on cpu (AVX512; avx512_bf16), torch 2.13.0": 2,
                       "fp32 on cpu (AVX2; no bf16 flags), torch 2.13.0": 1, "not recorded": 1}
     assert "more than one setting" in ablation.made_with_line(counts)
-    assert ablation.made_with_line({"fp32 on cpu": 3}) == "\nComputed with fp32 on cpu (all 3 cell results).\n"
+    assert ablation.made_with_counts(ablation.cells_made_with(res, "b", [0, 1], None)) == counts   # each cell once
+    assert ablation.made_with_line({"fp32 on cpu": 3}) == "\nComputed with fp32 on cpu (all 3 cells).\n"
 
 
 def test_degenerate_answers_count_against_the_model_on_both_axes(tmp_path):
@@ -468,8 +477,10 @@ def test_the_grid_sweeps_on_dev_then_runs_the_pick_at_every_seed_and_leaves_cycl
                      "student-s0": ["train.py", "eval.py"]}
     # then seed by seed, the pick among the rows: a run cut short leaves whole seeds
     assert list(picked) == ["student-s0", "lat-b10-4-s0", "lat-b10-4-s1"]
+    # at the sweep's seed its dev attack stays among the cell's commands (a later run's reuse reads them)
     assert {n: c for n, c in picked.items() if n.startswith("lat")} == {
-        f"lat-b10-4-s{s}": ["train.py", "eval.py", "eval.py", "attack.py", "attack.py", "bench/tradeoff.py"] for s in (0, 1)}
+        "lat-b10-4-s0": ["train.py", "eval.py", "attack.py", "eval.py", "attack.py", "attack.py", "bench/tradeoff.py"],
+        "lat-b10-4-s1": ["train.py", "eval.py", "eval.py", "attack.py", "attack.py", "bench/tradeoff.py"]}
     batches.clear()
     ablation.run_ablation("/r", "quick", "b", [0], 2, "cpu")            # every row: cyclic is left out at --quick
     everything = {n for batch in batches for n in batch}
@@ -614,6 +625,32 @@ def test_committed_cells_are_reused_only_when_made_by_the_same_commands_and_teac
     ablation.check_teachers(res)                               # rebuilt to other weights: set aside
     assert not ablation.reused(res, cell, commands) and "teachers/good" in capsys.readouterr().out
     assert sorted(os.listdir(os.path.join(res, "outcomes-other-teachers"))) == ["npo-s1.dev.json", "npo-s1.json", "teachers.json"]
+
+    # the results folder only where a path starts, however it is spelled
+    assert ablation.portable(["/a/R/x", "m=/a/R/y", "/a/R", "/a/Rx", "/b/a/R/x"], "/a/R/") == [
+        "{res}/x", "m={res}/y", "{res}", "/a/Rx", "/b/a/R/x"]
+    assert ablation.portable(["a/x", "/work/shared/data/s.json"], "./a") == ["{res}/x", "/work/shared/data/s.json"]
+
+
+def test_a_teacher_builder_runs_even_where_its_cell_is_reused(tmp_path, monkeypatch):
+    res = str(tmp_path)
+    monkeypatch.setattr(ablation, "hs_set", lambda res, size: "hs.jsonl")
+    monkeypatch.setattr(ablation, "xstest_set", lambda res, size: "xstest.csv")
+    monkeypatch.setattr(ablation, "teacher_keys", lambda res: {"teachers/good": "k"})
+    cell, flags, model = ablation.row_cell(res, "b", "student-long-helpful", 0)
+    made = [[a.replace(res + "/", "{res}/") for a in [c.script, *c.argv]]
+            for c in ablation.cell_commands(res, "quick", "b", cell, flags, model, 0, "cpu")]
+    os.makedirs(os.path.join(res, "outcomes"))
+    for suffix in (".json", ".dev.json"):
+        json.dump({"commands": made}, open(os.path.join(res, "outcomes", cell + suffix), "w"))
+    json.dump({"teachers/good": "k"}, open(os.path.join(res, "outcomes", "teachers.json"), "w"))
+    batches = []
+    monkeypatch.setattr(ablation, "run_cells", lambda res, jobs, cells: batches.append(
+        [(name, [c.script for c in cmds]) for name, cmds in cells]) or [])
+    ablation.run_ablation(res, "quick", "b", [0], 2, "cpu", ["student-long-helpful"])
+    # its training builds the other teacher: it runs; the rest of the cell is reused
+    assert batches[1] == [("student-long-helpful-s0", ["train.py"])]
+    assert [name for name, _ in batches[2]] == ["student-s0"]
 
 
 TINY_SIZE = {"train": ["--limit", "8", "--epochs", "1", "--levels", "1", "--batch-size", "4", "--teacher-epochs", "1",
