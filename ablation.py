@@ -616,12 +616,13 @@ def dev_outcomes(res, cell):
         return committed_outcomes(res, cell + ".dev.json")
     if not os.path.isfile(os.path.join(out, "dev.json")):
         return None
-    m = load_json(os.path.join(out, "dev.json"))["metrics"]
+    saved = load_json(os.path.join(out, "dev.json"))
+    m = saved["metrics"]
     hs, b = m["hs"], m["borderline_dev"]
     o = {"dev_hs": attack_harmful(hs),   # the same rule: a degenerate answer counts as harmful
          "dev_over_refusal": either(b["refused"], b["degenerate"]),
          "answers": {"dev_hs": hs["answers"], "dev_over_refusal": b["answers"]},
-         "made_with": made_with(load_json(os.path.join(out, "dev.json")).get("settings"))}
+         "made_with": made_with(saved.get("settings"))}
     found = glob.glob(os.path.join(out, "dev-attacks", f"finetune_p{DEV_ATTACK_P:g}_n*.json"))
     if len(found) == 1:
         last = load_json(found[0])["result"]["curve"][-1]
