@@ -563,7 +563,7 @@ def made_with_counts(outcomes):
             cpu = m.get("cpu") or {}
             flags = cpu.get("bf16_flags")
             flags = "bf16 flags unread" if flags is None else ", ".join(flags) or "no bf16 flags"
-            threads = f", {cpu['threads']} thread(s)" if cpu.get("threads") else ""
+            threads = f", {cpu['threads']} thread(s)" if cpu.get("threads") else ", threads not recorded"
             where = f"{m.get('device')}" + (f" ({cpu.get('torch_capability')}; {flags}{threads})" if cpu and m.get("device") == "cpu" else "")
             label = f"{m['precision']} on {where}, torch {m['torch']}"
         else:
@@ -589,7 +589,8 @@ def made_with_line(counts):
     if len(counts) == 1:
         (label, n), = counts.items()
         return f"\nComputed with {label} (all {n} cells).\n"
-    return ("\nComputed with more than one setting (numbers differ in their last bits across them): "
+    return ("\nComputed with more than one setting, or with settings not all recorded (cells computed differently "
+            "can differ in their last bits): "
             + "; ".join(f"{label} ({n} cells)" for label, n in counts.items()) + ".\n")
 
 

@@ -226,8 +226,11 @@ def test_the_table_says_what_its_cells_were_computed_with_and_when_that_differs(
     for cell, settings in (("student-s0", fast), ("student-s1", fast), ("npo-s0", slow), ("npo-s1", None)):
         write_cell(res, cell, **same, settings=settings)
     counts = ablation.made_with_counts(ablation.cell_outcomes(res, c) for c in ("student-s0", "student-s1", "npo-s0", "npo-s1"))
-    assert counts == {"bf16 on cpu (AVX512; avx512_bf16), torch 2.13.0": 2,
-                      "fp32 on cpu (AVX2; no bf16 flags), torch 2.13.0": 1, "not recorded": 1}
+    assert counts == {"bf16 on cpu (AVX512; avx512_bf16, threads not recorded), torch 2.13.0": 2,
+                      "fp32 on cpu (AVX2; no bf16 flags, threads not recorded), torch 2.13.0": 1, "not recorded": 1}
+    one_thread = {**fast, "cpu": {**fast["cpu"], "threads": 1}}
+    assert ablation.made_with_counts([{"made_with": ablation.made_with(one_thread)}]) == {
+        "bf16 on cpu (AVX512; avx512_bf16, 1 thread(s)), torch 2.13.0": 1}
     assert "more than one setting" in ablation.made_with_line(counts)
     assert ablation.made_with_counts(ablation.cells_made_with(res, "b", [0, 1], None)) == counts   # each cell once
     assert ablation.made_with_line({"fp32 on cpu": 3}) == "\nComputed with fp32 on cpu (all 3 cells).\n"
