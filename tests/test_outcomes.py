@@ -133,3 +133,25 @@ def test_the_full_size_bounds_give_the_published_table(capsys):
             assert float(f"{holm:.{digits}g}") == float(printed.group(2)), (row[0], key)
             verdict = None if holm >= 0.05 else "better" if difference < 0 else "worse"
             assert printed.group(4) == verdict, (row[0], key)
+
+
+def test_docs_print_the_quick_grid_as_its_committed_files_give_it():
+    """docs/results.md prints the quick grid's tables row for row as ablation.md (rebuilt from the per-prompt
+    files by the test above), and README's summary quotes its rates, intervals and Holm p-values."""
+    with open(os.path.join(QUICK_GRID, "ablation.md"), encoding="utf-8") as f:
+        rows = [line for line in f.read().splitlines() if line.startswith("| ") and not line.startswith("| row ")]
+    assert len(rows) > 3 * 14 and [r for r in rows if r not in RESULTS] == []
+    with open(os.path.join(QUICK_GRID, "ablation.json"), encoding="utf-8") as f:
+        grid = json.load(f)
+    with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:
+        readme = {line.split(" | ")[0][2:]: line for line in f.read().splitlines() if line.startswith("| ")}
+    for row, st in grid["stats"].items():
+        label = st["label"] + (f" ({grid['lat_pick']})" if row == "lat" else "")
+        line = readme[label]
+        for key in ("hs", "xstest", "attack_p0"):
+            lo, hi = st[key + "_ci"]
+            assert f"{st[key]:.1f} % [{lo:.1f}, {hi:.1f}]" in line, (row, key)
+            test = st["paired"].get(key) if st.get("paired") else None
+            if test:
+                assert f"Holm p {test['p_holm']:.2g}" in line, (row, key)
+        assert f"{st['curve']['auroc']:.3f} · {st['curve']['hs_at_target']:.1f} %" in line, row
