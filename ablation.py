@@ -1,4 +1,4 @@
-"""The ablation experiment (docs/results.md#ablation): every mechanism as a row of train.py flags,
+"""The ablation experiment (docs/results.md#the-ablation-issue-17): every mechanism as a row of train.py flags,
 each row at several seeds (cells), each cell trained, evaluated and attacked by subprocesses that
 are skipped when their output exists and was made by the same argv; then per-row statistics paired
 against the student row, the LAT pick, the combination and the table. figures.py draws its figure.

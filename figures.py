@@ -270,7 +270,7 @@ def _save(fig, png, rect=(0, 0, 1, 1)):
     print(f"wrote {png}")
 
 
-# ---------------------------------------------------------------- the ablation (docs/results.md#ablation)
+# ---------------------------------------------------------------- the ablation (docs/results.md#the-ablation-issue-17)
 
 def ablation_figure(stats, png):
     """HS before attack, after the benign-only attack (p = 0) and after p = 0.1, each against XSTest
