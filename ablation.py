@@ -544,6 +544,11 @@ def _attack_outcomes(out):
     return o
 
 
+def row_label(row, st, pick, combo):
+    """A row's name in the tables: the LAT row names its pick, the combination its mechanisms."""
+    return st["label"] + (f" ({pick})" if row == "lat" else f" ({' '.join(combo)})" if row == "combination" else "")
+
+
 def made_with(settings):
     """What a cell's numbers were computed with, from its evaluation's settings (eval.settings); None where
     they were not recorded."""
@@ -986,7 +991,7 @@ def ablation_markdown(stats, pick, combo, size):
             f"vs student{others}: HS / XSTest / p=0 / p=0.1 |")
     lines = [head, "|" + " --- |" * 13]
     for row, st in stats.items():
-        label = st["label"] + (f" ({pick})" if row == "lat" else f" ({' '.join(combo)})" if row == "combination" else "")
+        label = row_label(row, st, pick, combo)
         mean = lambda key: "—" if st[key] is None else f"{st[key]:.1f}"
         lines.append(f"| {label} | {_seeds(row, st)} | {_rate(st, 'hs')} | {mean('refusal')} | "
                      f"{_rate(st, 'xstest')} | {_rate(st, 'hs_degenerate')} / {_rate(st, 'xstest_degenerate')} | "
@@ -1026,7 +1031,7 @@ def curve_markdown(stats, pick, combo):
              "vs reference: AUROC / HS at matched over-refusal |", "|" + " --- |" * 5]
     for row, st in rows.items():
         c, t = st["curve"], st["curve_paired"]
-        label = st["label"] + (f" ({pick})" if row == "lat" else f" ({' '.join(combo)})" if row == "combination" else "")
+        label = row_label(row, st, pick, combo)
         auroc = f"{c['auroc']:.3f} (" + ", ".join(f"{v:.3f}" for v in c["auroc_per_seed"]) + ")"
         hs = f"{c['hs_at_target']:.1f} % (" + ", ".join(f"{v:.0f}" for v in c["hs_at_target_per_seed"]) + ")"
         tests = "—" if not t else " / ".join(
@@ -1051,7 +1056,7 @@ def dev_markdown(dev, pick, combo):
     lines = ["| row | seeds | HS, harmful dev ↓ | over-refusal, borderline dev ↓ | HS after the dev attack p=0.1 ↓ | "
              "vs reference: HS / over-refusal |", "|" + " --- |" * 6]
     for row, st in dev.items():
-        label = st["label"] + (f" ({pick})" if row == "lat" else f" ({' '.join(combo)})" if row == "combination" else "")
+        label = row_label(row, st, pick, combo)
         attack_rate = _rate(st, DEV_ATTACK_KEY) if DEV_ATTACK_KEY + "_per_seed" in st else "—"
         tests = " / ".join(_p(st, key) for key in DEV_KEYS) if st["paired"] else "—"
         lines.append(f"| {label} | {len(st['seeds'])} | {_rate(st, 'dev_hs')} | {_rate(st, 'dev_over_refusal')} | "

@@ -146,8 +146,7 @@ def test_docs_print_the_quick_grid_as_its_committed_files_give_it():
     with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:
         readme = {line.split(" | ")[0][2:]: line for line in f.read().splitlines() if line.startswith("| ")}
     for row, st in grid["stats"].items():
-        label = st["label"] + (f" ({grid['lat_pick']})" if row == "lat" else "")
-        line = readme[label]
+        line = readme[ablation.row_label(row, st, grid["lat_pick"], grid["combination"])]
         for key in ("hs", "xstest", "attack_p0"):
             lo, hi = st[key + "_ci"]
             assert f"{st[key]:.1f} % [{lo:.1f}, {hi:.1f}]" in line, (row, key)
