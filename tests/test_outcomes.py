@@ -39,6 +39,14 @@ with open(os.path.join(ROOT, "docs", "results.md"), encoding="utf-8") as f:
                           "23.1 % [17.9, 28.4]; +2.0 pts, Holm p 0.13"]),
     ("main-e10-attack", ["56.3 % [46.0, 65.7]", "59.0 % [45.7, 70.7]; +2.7 pts, Holm p 0.37",
                          "57.3 % [46.0, 68.0]; +1.0 pts, Holm p 0.69"]),
+    # issue 13's λ / lr and the pair filter re-checked on dev (README quotes the first comparison)
+    ("lam-lr-dev", ["96.7 % [93.0, 100.0]", "59.7 % [47.0, 72.0]; -37.0 pts, Holm p 0.00025",
+                    "71.3 % [62.0, 80.0]; +24.3 pts, Holm p 0.00025", "90.0 % [84.0, 96.0]; -6.7 pts, Holm p 0.016",
+                    "60.7 % [50.7, 70.0]; +13.7 pts, Holm p 0.00025", "76.3 % [67.3, 85.0]; -20.3 pts, Holm p 0.00025",
+                    "62.7 % [52.7, 72.3]; +15.7 pts, Holm p 1.1e-05"]),
+    ("pair-filter-dev", ["47.0 % [37.0, 56.7]", "96.7 % [93.0, 100.0]; +0.0 pts, Holm p 1",
+                         "47.7 % [37.3, 57.0]; +0.7 pts, Holm p 1"]),
+    ("rerun-dev", ["97.0 % [93.0, 100.0]; +0.0 pts, Holm p 1", "47.0 % [37.0, 57.0]; -1.0 pts, Holm p 1"]),
     ("student-vs-teacher-e3-dev", ["26.7 % [17.7, 37.0]; -33.0 pts, Holm p 0.0001",
                                    "67.3 % [56.0, 77.7]; +4.3 pts, Holm p 0.091"])])
 def test_committed_outcomes_give_the_published_table(folder, cells):
@@ -46,8 +54,15 @@ def test_committed_outcomes_give_the_published_table(folder, cells):
     table = re.sub(r" \(n \d+\)", "", compare_runs.compare(rows, model, from_file))
     for cell in cells:   # each as rebuilt and as docs/results.md prints it
         assert cell in table and cell in RESULTS
-    if folder.startswith("main-"):   # the per-seed rates, as printed under the table
-        assert table.splitlines()[-1] in RESULTS
+    if folder.startswith("main-") or folder in ("lam-lr-dev", "pair-filter-dev"):
+        assert table.splitlines()[-1] in RESULTS   # the per-seed rates, as printed under the table
+    if folder == "lam-lr-dev":   # README rounds the old defaults' differences
+        hs, over = re.findall(r"([+-]\d+\.\d) pts, Holm p (\S+?) ?[|(]",
+                              next(l for l in table.splitlines() if l.startswith("| lam1-lr3e-5 |")))
+        with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:
+            readme = " ".join(f.read().split())
+        assert (f"{-float(hs[0]):.0f} points fewer MaliciousInstruct requests at {float(over[0]):.0f} points more "
+                f"PHTest-dev over-refusal (Holm p {hs[1]} each") in readme and hs[1] == over[1]
 
 
 @pytest.mark.parametrize("curve_file,printed,published", [
