@@ -46,6 +46,7 @@ with open(os.path.join(ROOT, "docs", "results.md"), encoding="utf-8") as f:
                     "62.7 % [52.7, 72.3]; +15.7 pts, Holm p 1.1e-05"]),
     ("pair-filter-dev", ["47.0 % [37.0, 56.7]", "96.7 % [93.0, 100.0]; +0.0 pts, Holm p 1",
                          "47.7 % [37.3, 57.0]; +0.7 pts, Holm p 1"]),
+    ("lam-lr-test", ["12.0 % [5.3, 19.3]; -38.3 pts, Holm p 0.00025", "54.7 % [44.0, 65.0]; +40.3 pts, Holm p 0.00025"]),
     ("rerun-dev", ["97.0 % [93.0, 100.0]; +0.0 pts, Holm p 1", "47.0 % [37.0, 57.0]; -1.0 pts, Holm p 1"]),
     ("student-vs-teacher-e3-dev", ["26.7 % [17.7, 37.0]; -33.0 pts, Holm p 0.0001",
                                    "67.3 % [56.0, 77.7]; +4.3 pts, Holm p 0.091"])])
@@ -56,7 +57,7 @@ def test_committed_outcomes_give_the_published_table(folder, cells):
         assert cell in table and cell in RESULTS
     if folder.startswith("main-"):   # the per-seed rates, as printed under the table
         assert table.splitlines()[-1] in RESULTS
-    if folder in ("lam-lr-dev", "pair-filter-dev", "rerun-dev"):   # printed whole: every row with its label
+    if folder in ("lam-lr-dev", "pair-filter-dev", "rerun-dev", "lam-lr-test"):   # printed whole: every row with its label
         printed = re.sub(r" \(n \d+\)", "", RESULTS).splitlines()
         for line in table.splitlines():
             assert not line.startswith(("|", "Per seed")) or line in printed
@@ -85,7 +86,21 @@ def test_committed_outcomes_give_the_published_table(folder, cells):
                        "e3-e10 - default-e10: AUROC +0.037 [+0.012, +0.061], p = 0.002, Holm p = 0.008; "
                        "HS -0.117 [-0.180, +0.003], p = 0.063, Holm p = 0.19",
                        "e3-e10 - sft-e10: AUROC -0.012 [-0.034, +0.008], p = 0.24, Holm p = 0.49"],
-     "0.814 (0.861, 0.766, 0.815); −0.037 [−0.061, −0.012], Holm p 0.008")])
+     "0.814 (0.861, 0.766, 0.815); −0.037 [−0.061, −0.012], Holm p 0.008"),
+    # issue 13's settings on the test curves, printed as row − default
+    ("lam-lr-test", ["default: mean over 3 seed(s): AUROC 0.763, HS 56.3%", "AUROC 0.748, HS 85.0% at over-refusal 9.0%",
+                     "default - lam1-lr3e-5: AUROC +0.013 [-0.026, +0.056], p = 0.51, Holm p = 1; "
+                     "HS -0.227 [-0.337, -0.010], p = 0.034, Holm p = 0.2"],
+     "| lam1-lr3e-5 | 3 | 0.751 (0.748, 0.758, 0.745); -0.013 [-0.056, +0.026], Holm p 1 | 79.0 % (85, 77, 75); "
+     "+22.7 [+1.0, +33.7], Holm p 0.2 |"),
+    ("lam-lr-test", ["default - lam2-lr3e-5: AUROC +0.033 [-0.005, +0.077], p = 0.091, Holm p = 0.45; "
+                     "HS -0.020 [-0.127, +0.063], p = 0.74, Holm p = 1", "AUROC 0.713, HS 61.0% at over-refusal 10.0%"],
+     "| lam2-lr3e-5 | 3 | 0.730 (0.734, 0.743, 0.713); -0.033 [-0.077, +0.005], Holm p 0.45 | 58.3 % (56, 58, 61); "
+     "+2.0 [-6.3, +12.7], Holm p 1 |"),
+    ("lam-lr-test", ["default - lam1-lr3e-5-bad-dpo: AUROC -0.003 [-0.032, +0.028], p = 0.83, Holm p = 1; "
+                     "HS -0.030 [-0.120, +0.063], p = 0.56, Holm p = 1", "AUROC 0.775, HS 58.0% at over-refusal 8.0%"],
+     "| lam1-lr3e-5-bad-dpo | 3 | 0.767 (0.758, 0.775, 0.767); +0.003 [-0.028, +0.032], Holm p 1 | 59.3 % (59, 58, 61); "
+     "+3.0 [-6.3, +12.0], Holm p 1 |")])
 def test_committed_curves_recompute(curve_file, printed, published, capsys, tmp_path):
     tradeoff.rebuild(os.path.join(OUTCOMES, curve_file, "tradeoff.json"), str(tmp_path / "curves.png"))
     out = capsys.readouterr().out
