@@ -86,27 +86,40 @@ def test_committed_outcomes_give_the_published_table(folder, cells):
                        "e3-e10 - default-e10: AUROC +0.037 [+0.012, +0.061], p = 0.002, Holm p = 0.008; "
                        "HS -0.117 [-0.180, +0.003], p = 0.063, Holm p = 0.19",
                        "e3-e10 - sft-e10: AUROC -0.012 [-0.034, +0.008], p = 0.24, Holm p = 0.49"],
-     "0.814 (0.861, 0.766, 0.815); −0.037 [−0.061, −0.012], Holm p 0.008"),
-    # issue 13's settings on the test curves, printed as row − default
-    ("lam-lr-test", ["default: mean over 3 seed(s): AUROC 0.763, HS 56.3%", "AUROC 0.748, HS 85.0% at over-refusal 9.0%",
-                     "default - lam1-lr3e-5: AUROC +0.013 [-0.026, +0.056], p = 0.51, Holm p = 1; "
-                     "HS -0.227 [-0.337, -0.010], p = 0.034, Holm p = 0.2"],
-     "| lam1-lr3e-5 | 3 | 0.751 (0.748, 0.758, 0.745); -0.013 [-0.056, +0.026], Holm p 1 | 79.0 % (85, 77, 75); "
-     "+22.7 [+1.0, +33.7], Holm p 0.2 |"),
-    ("lam-lr-test", ["default - lam2-lr3e-5: AUROC +0.033 [-0.005, +0.077], p = 0.091, Holm p = 0.45; "
-                     "HS -0.020 [-0.127, +0.063], p = 0.74, Holm p = 1", "AUROC 0.713, HS 61.0% at over-refusal 10.0%"],
-     "| lam2-lr3e-5 | 3 | 0.730 (0.734, 0.743, 0.713); -0.033 [-0.077, +0.005], Holm p 0.45 | 58.3 % (56, 58, 61); "
-     "+2.0 [-6.3, +12.7], Holm p 1 |"),
-    ("lam-lr-test", ["default - lam1-lr3e-5-bad-dpo: AUROC -0.003 [-0.032, +0.028], p = 0.83, Holm p = 1; "
-                     "HS -0.030 [-0.120, +0.063], p = 0.56, Holm p = 1", "AUROC 0.775, HS 58.0% at over-refusal 8.0%"],
-     "| lam1-lr3e-5-bad-dpo | 3 | 0.767 (0.758, 0.775, 0.767); +0.003 [-0.028, +0.032], Holm p 1 | 59.3 % (59, 58, 61); "
-     "+3.0 [-6.3, +12.0], Holm p 1 |")])
+     "0.814 (0.861, 0.766, 0.815); −0.037 [−0.061, −0.012], Holm p 0.008")])
 def test_committed_curves_recompute(curve_file, printed, published, capsys, tmp_path):
     tradeoff.rebuild(os.path.join(OUTCOMES, curve_file, "tradeoff.json"), str(tmp_path / "curves.png"))
     out = capsys.readouterr().out
     for line in printed:   # as rebuilt from the saved scores
         assert line in out
     assert published in RESULTS
+
+
+def test_the_lam_lr_test_curves_print_as_their_file_gives_them(tmp_path):
+    """docs/results.md's curve table of issue 13's settings (row − default) from tradeoff.json, which
+    rebuild first recomputes from its per-prompt scores."""
+    path = os.path.join(OUTCOMES, "lam-lr-test", "tradeoff.json")
+    tradeoff.rebuild(path, str(tmp_path / "curves.png"))
+    with open(path, encoding="utf-8") as f:
+        saved = json.load(f)
+    against = {c["b"]: c for c in saved["comparisons"] if c["a"] == "default"}
+
+    def cell(name, row, key, scale, digits, seed_digits, unit):
+        mean = f"{row[key] * scale:.{digits}f}{unit} (" + ", ".join(f"{m[key] * scale:.{seed_digits}f}" for m in row["seeds"]) + ")"
+        if name == "default":
+            return mean
+        t = against[name]["auroc" if key == "auroc" else "hs"]   # default − row: printed the other way round
+        lo, hi = -t["ci"][1] * scale, -t["ci"][0] * scale
+        return f"{mean}; {-t['difference'] * scale:+.{digits}f} [{lo:+.{digits}f}, {hi:+.{digits}f}], Holm p {t['p_holm']:.2g}"
+
+    for name, row in saved["models"].items():
+        line = (f"| {name} | {len(row['seeds'])} | {cell(name, row, 'auroc', 1, 3, 3, '')} | "
+                f"{cell(name, row, 'hs_at_target', 100, 1, 0, ' %')} |")
+        assert line in RESULTS, line
+    worst = against["lam1-lr3e-5"]["hs"]
+    assert (f"answers {-worst['difference'] * 100:.1f} points more harmful prompts at ≤ 10 % over-refusal, "
+            f"[{-worst['ci'][1] * 100:+.1f}, {-worst['ci'][0] * 100:+.1f}], p {worst['p']:.2g}, Holm p {worst['p_holm']:.2g}"
+            ) in " ".join(RESULTS.split())
 
 
 QUICK_GRID = os.path.join(OUTCOMES, "ablation-quick")
